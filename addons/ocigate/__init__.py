@@ -1,0 +1,1 @@
+"""ocigate: an OCI registry gateway as a mitmproxy addon."""

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# ./run.sh [gateway flags]   start ocigate on 127.0.0.1:8080 with rules/ (installs into .venv first if needed)
+# ./run.sh test [pytest args] install what the tests need and run the whole suite
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+venv="$here/.venv"
+
+say() { printf 'run.sh: %s\n' "$*" >&2; }
+
+# The newest Python >= 3.11 wins: mitmproxy 12 needs >= 3.12. pyenv shims for versions that are not
+# activated fail when run, so every candidate is asked for its version instead of trusted by name.
+pick_python() {
+    local best="" best_version=0 candidate version
+    local candidates=(python3.14 python3.13 python3.12 python3.11 python3)
+    local pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
+    for candidate in "$pyenv_root"/versions/3.*/bin/python3; do
+        [ -x "$candidate" ] && candidates+=("$candidate")
+    done
+    for candidate in "${candidates[@]}"; do
+        version=$("$candidate" -c 'import sys; print(sys.version_info[0] * 100 + sys.version_info[1])' 2>/dev/null) || continue
+        if [ "$version" -ge 311 ] && [ "$version" -gt "$best_version" ]; then
+            best=$candidate best_version=$version
+        fi
+    done
+    [ -n "$best" ] || { say "no Python >= 3.11 found (tried ${candidates[*]})"; exit 1; }
+    command -v "$best" 2>/dev/null || echo "$best"
+}
+
+# Installs into .venv when pyproject.toml or the wanted extras changed since the last install; otherwise
+# does nothing, so a second start is quick.
+ensure_venv() {
+    local extras=$1 stamp="$venv/.ocigate-installed" want
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+        local python
+        python=$(pick_python)
+        say "creating .venv with $python"
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
+    fi
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        say "installing ocigate${extras:+[$extras]} into .venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
+        echo "$want" >"$stamp"
+    fi
+}
+
+# Debian packages the end-to-end tests drive: a real registry (distribution 2.8) and a real client.
+ensure_test_packages() {
+    local missing=() package
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
+    command -v skopeo >/dev/null || missing+=(skopeo)
+    command -v unshare >/dev/null || missing+=(util-linux)
+    command -v ip >/dev/null || missing+=(iproute2)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        say "the tests need the Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})"
+        exit 1
+    fi
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; then
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}"
+    fi
+    for package in "${missing[@]}"; do
+        dpkg -s "$package" >/dev/null 2>&1 || { say "Debian package $package did not install"; exit 1; }
+    done
+}
+
+run_tests() {
+    ensure_venv test
+    ensure_test_packages
+    "$venv/bin/ruff" check addons tests bench
+    "$venv/bin/ruff" format --check addons tests bench
+    # The end-to-end tests use names like upstream.test that must never reach a resolver: as root, the
+    # suite runs in a private network namespace that has nothing but loopback.
+    if [ "$(id -u)" -eq 0 ] && unshare -n true 2>/dev/null; then
+        exec unshare -n sh -c 'ip link set lo up && exec "$0" -m pytest "$@"' "$venv/bin/python" "$@"
+    fi
+    say "not root or no network namespaces: running without a private network namespace"
+    exec "$venv/bin/python" -m pytest "$@"
+}
+
+if [ "${1:-}" = "test" ]; then
+    shift
+    run_tests "$@"
+fi
+
+ensure_venv ""
+exec "$venv/bin/ocigate" --rules "${OCIGATE_RULES:-$here/rules}" \
+    --listen-host "${OCIGATE_HOST:-127.0.0.1}" --listen-port "${OCIGATE_PORT:-8080}" "$@"
