@@ -1,0 +1,122 @@
+"""Working through a plan's hosts in order: the first good answer wins, and every host tried is accounted for."""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .reference import RouteKind
+from .router import Attempt, Plan
+from .upstream import HostFailed, HostResponse, Upstream
+
+# Hop-by-hop headers belong to one connection, never to the message forwarded on another.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    host: str  # the host's URL, never with credentials
+    result: str  # "200", "404", "connection refused", ...
+    fell_through: bool
+
+    def as_dict(self) -> dict[str, str | bool]:
+        return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
+
+
+def falls_through(status: int) -> bool:
+    """Statuses that mean "this host cannot serve it, ask the next": not found, overloaded or broken."""
+    return status == 404 or status == 429 or status >= 500
+
+
+def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Attempt) -> list[tuple[bytes, bytes]]:
+    """The client's header lines as they came (several Accept lines stay several), for one attempt."""
+    dropped = HOP_BY_HOP | {b"host", b"content-length"}
+    if not attempt.forward_authorization:
+        dropped |= {b"authorization"}
+    added = {name.lower().encode() for name, _ in attempt.headers}
+    kept = [(k, v) for k, v in client_headers if k.lower() not in dropped and k.lower() not in added]
+    return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
+
+
+async def first_good(
+    plan: Plan,
+    method: str,
+    client_headers: Sequence[tuple[bytes, bytes]],
+    upstream: Upstream,
+) -> tuple[HostResponse | None, list[Outcome]]:
+    """Asks each host in turn; returns the first answer that does not fall through, with what every host said."""
+    outcomes: list[Outcome] = []
+    for attempt in plan.attempts:
+        try:
+            response = await upstream.send(
+                attempt.host, method, attempt.target, request_headers(client_headers, attempt)
+            )
+        except HostFailed as e:
+            outcomes.append(Outcome(attempt.host.url, str(e), True))
+            continue
+        if falls_through(response.status):
+            outcomes.append(Outcome(attempt.host.url, str(response.status), True))
+            continue
+        outcomes.append(Outcome(attempt.host.url, str(response.status), False))
+        return response, outcomes
+    return None, outcomes
+
+
+async def choose_blob_host(
+    plan: Plan,
+    client_headers: Sequence[tuple[bytes, bytes]],
+    upstream: Upstream,
+) -> tuple[Attempt | None, list[Outcome]]:
+    """The host a blob is streamed from: the first that answers a HEAD for it. The last candidate is taken without
+    asking, since whatever it answers is then the answer."""
+    outcomes: list[Outcome] = []
+    for attempt in plan.attempts[:-1]:
+        try:
+            response = await upstream.send(
+                attempt.host, "HEAD", attempt.target, request_headers(client_headers, attempt)
+            )
+        except HostFailed as e:
+            outcomes.append(Outcome(attempt.host.url, f"probe: {e}", True))
+            continue
+        if falls_through(response.status) or response.status >= 400:
+            outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True))
+            continue
+        return attempt, outcomes
+    return (plan.attempts[-1] if plan.attempts else None), outcomes
+
+
+_NOT_FOUND_CODES = {
+    RouteKind.MANIFEST: "MANIFEST_UNKNOWN",
+    RouteKind.BLOB: "BLOB_UNKNOWN",
+}
+
+
+def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, dict]:
+    """The status and OCI error body when no host could serve the request, naming every host and why."""
+    if not plan.attempts:
+        message = f"no host for {plan.upstream} in {source} has the {plan.capability!r} capability"
+        return 405, error_body("UNSUPPORTED", message)
+    tried = "; ".join(f"{o.host}: {o.result}" for o in outcomes)
+    if all(o.result.endswith("404") for o in outcomes):
+        code = _NOT_FOUND_CODES.get(plan.route.kind, "NAME_UNKNOWN")
+        return 404, error_body(code, f"not found on any host for {plan.upstream} ({tried})")
+    return 502, error_body("UNAVAILABLE", f"no host for {plan.upstream} could answer ({tried})")
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"errors": [{"code": code, "message": message}]}
+
+
+def encode_error(body: dict) -> bytes:
+    return json.dumps(body).encode()

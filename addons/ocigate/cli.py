@@ -1,0 +1,57 @@
+"""The `ocigate` command: mitmdump with the ocigate addons loaded and the settings they depend on."""
+
+import sys
+from collections.abc import Sequence
+
+from mitmproxy.tools import cmdline
+from mitmproxy.tools.dump import DumpMaster
+from mitmproxy.tools.main import run
+
+from .addon import make_addons
+
+USAGE_EXTRA = """
+ocigate takes every mitmdump flag. Its own:
+  --rules DIR      containerd hosts.toml tree (certs.d layout); same as --set ocigate_rules=DIR
+"""
+
+
+class OcigateMaster(DumpMaster):
+    def __init__(self, options, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        self.addons.add(*make_addons())
+
+
+def _mitmdump_filters(args) -> dict:
+    # What mitmdump itself does with trailing filter expressions.
+    if args.filter_args:
+        expression = " ".join(args.filter_args)
+        return {"save_stream_filter": expression, "readfile_filter": expression, "dumper_filter": expression}
+    return {}
+
+
+def translate(argv: Sequence[str]) -> list[str]:
+    """ocigate's command line as mitmdump's: --rules becomes an option, and the connection strategy is fixed."""
+    out = ["--set", "connection_strategy=lazy"]
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--rules":
+            if not args:
+                raise SystemExit("ocigate: --rules needs a directory")
+            out += ["--set", f"ocigate_rules={args.pop(0)}"]
+        elif arg.startswith("--rules="):
+            out += ["--set", f"ocigate_rules={arg.removeprefix('--rules=')}"]
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE_EXTRA)
+    run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Where a connection to a host name may go: a static host map and an address allow-list.
+
+The air-gap box must never reach the internet, and the test gateway must never let a made-up `.test` name reach a
+resolver. Both ask the same question of every connection ocigate or mitmproxy opens: which address does this name
+dial, and is that address allowed?
+"""
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class DestinationError(Exception):
+    """A connection ocigate refuses to open; the message names the destination and the reason."""
+
+
+def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{what} {text!r}: expected [ipv6]:port")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{what} {text!r}: empty host")
+    if not port_text:
+        return host.lower(), None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{what} {text!r}: port must be a number from 1 to 65535")
+    return host.lower(), int(port_text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """The dialling policy: `host_map` sends a name (optionally name:port) to an address (optionally address:port);
+    `allowed` limits every dialled address to these networks (empty: no limit); with `dns` off, a name that is not
+    mapped is refused instead of resolved."""
+
+    host_map: dict[tuple[str, int | None], tuple[str, int | None]] = field(default_factory=dict)
+    allowed: tuple[IPNetwork, ...] = ()
+    dns: bool = True
+
+    @classmethod
+    def from_options(cls, host_map: Iterable[str], allowed: Iterable[str], dns: bool) -> "Destinations":
+        """Raises ValueError naming the offending entry."""
+        mapping: dict[tuple[str, int | None], tuple[str, int | None]] = {}
+        for entry in host_map:
+            name, sep, target = entry.partition("=")
+            if not sep:
+                raise ValueError(f"host map entry {entry!r}: expected NAME[:PORT]=ADDRESS[:PORT]")
+            mapping[_split_host_port(name, "host map name")] = _split_host_port(target, "host map address")
+        networks = []
+        for entry in allowed:
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError as e:
+                raise ValueError(f"allowed destination {entry!r}: {e}") from None
+        return cls(mapping, tuple(networks), dns)
+
+    def mapped(self, host: str, port: int) -> tuple[str, int] | None:
+        host = host.lower().strip("[]")
+        target = self.host_map.get((host, port)) or self.host_map.get((host, None))
+        if target is None:
+            return None
+        return target[0].strip("[]"), target[1] or port
+
+    def check_address(self, host: str, port: int, address: str) -> None:
+        if not self.allowed:
+            return
+        ip = ipaddress.ip_address(address)
+        if not any(ip in network for network in self.allowed):
+            allowed = ", ".join(str(n) for n in self.allowed)
+            raise DestinationError(f"{host}:{port} ({address}) is outside the allowed destinations ({allowed})")
+
+    async def resolve(self, host: str, port: int) -> tuple[str, int]:
+        """The address and port to dial for host:port, resolving names only where the policy allows it."""
+        target_host, target_port = self.mapped(host, port) or (host.strip("[]"), port)
+        if _is_ip(target_host):
+            self.check_address(host, port, target_host)
+            return target_host, target_port
+        if not self.dns:
+            raise DestinationError(f"{host}:{port} is not in the host map and name resolution is off")
+        if not self.allowed:
+            return target_host, target_port
+        # Resolved here once and dialled by address, so the address that was checked is the one connected to.
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(target_host, target_port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise DestinationError(f"{host}:{port}: cannot resolve {target_host}: {e}") from None
+        address = str(infos[0][4][0])
+        self.check_address(host, port, address)
+        return address, target_port

@@ -1,0 +1,72 @@
+"""A host's TLS settings from hosts.toml (`ca`, `client`, `skip_verify`) as contexts for both HTTP stacks.
+
+ocigate's own requests use Python's ssl (httpx); the streamed blob connections mitmproxy opens use pyOpenSSL. Both
+must trust and present exactly the same things for a host, so both contexts are built here from one key.
+"""
+
+import ssl
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import certifi
+from OpenSSL import SSL
+
+from .rules import Host
+
+
+@dataclass(frozen=True)
+class HostTLS:
+    ca: tuple[Path, ...] = ()
+    client: tuple[tuple[Path, Path | None], ...] = ()
+    skip_verify: bool = False
+
+    @classmethod
+    def of(cls, host: Host) -> "HostTLS":
+        return cls(host.ca, host.client, host.skip_verify)
+
+    @property
+    def is_default(self) -> bool:
+        return self == HostTLS()
+
+
+class HostTLSError(Exception):
+    """A `ca` or `client` file of a host that cannot be loaded; the message names the file."""
+
+
+@cache
+def python_context(tls: HostTLS) -> ssl.SSLContext:
+    # Like containerd, a host's `ca` adds to the default roots rather than replacing them.
+    context = ssl.create_default_context(cafile=certifi.where())
+    try:
+        for ca in tls.ca:
+            context.load_verify_locations(cafile=str(ca))
+        for cert, key in tls.client:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as e:
+        raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
+    if tls.skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@cache
+def openssl_context(tls: HostTLS) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    try:
+        context.load_verify_locations(certifi.where())
+        for ca in tls.ca:
+            context.load_verify_locations(str(ca))
+        for cert, key in tls.client:
+            context.use_certificate_chain_file(str(cert))
+            context.use_privatekey_file(str(key or cert))
+    except SSL.Error as e:
+        raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
+    context.set_verify(SSL.VERIFY_NONE if tls.skip_verify else SSL.VERIFY_PEER, None)
+    return context
+
+
+def _files(tls: HostTLS) -> str:
+    paths = [*tls.ca, *(p for pair in tls.client for p in pair if p)]
+    return ", ".join(str(p) for p in paths)

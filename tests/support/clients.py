@@ -1,0 +1,42 @@
+"""Real clients run through the test gateway, with every setting that could leak in from the machine replaced."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from .gateway import Gateway
+
+
+def client_env(gateway: Gateway, home: Path) -> dict[str, str]:
+    """HTTPS_PROXY at the gateway, a private HOME, an empty auth file, and the gateway's CA in every bundle
+    variable this machine exports."""
+    home.mkdir(parents=True, exist_ok=True)
+    auth_file = home / "auth.json"
+    if not auth_file.exists():
+        auth_file.write_text(json.dumps({"auths": {}}))
+    bundle = gateway.ca_bundle(home)
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(
+        HOME=str(home),
+        HTTPS_PROXY=gateway.proxy_url,
+        HTTP_PROXY=gateway.proxy_url,
+        REGISTRY_AUTH_FILE=str(auth_file),
+        DOCKER_CONFIG=str(home / ".docker"),
+        SSL_CERT_FILE=str(bundle),
+        REQUESTS_CA_BUNDLE=str(bundle),
+        CURL_CA_BUNDLE=str(bundle),
+        XDG_RUNTIME_DIR=str(home / "run"),
+    )
+    return env
+
+
+def skopeo(gateway: Gateway, home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Runs skopeo with the gateway as its proxy; the caller asserts on the result."""
+    return subprocess.run(
+        ["skopeo", *args],
+        env=client_env(gateway, home),
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -1,0 +1,271 @@
+"""The addons driven by mitmproxy's own test harness (taddons, tflow), against small local HTTP hosts."""
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions, http, tls
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy.context import Context
+from mitmproxy.test import taddons, tflow, tutils
+
+from ocigate.addon import METADATA_KEY, Dialing, Gateway, Shared
+
+DIGEST = "sha256:" + "b" * 64
+
+
+def write_rules(root: Path, upstream: str, text: str) -> Path:
+    (root / upstream).mkdir(parents=True, exist_ok=True)
+    (root / upstream / "hosts.toml").write_text(text)
+    return root
+
+
+@contextmanager
+def gateway(rules: Path, host_map: list[str] = ()) -> Iterator[tuple[Gateway, taddons.context]]:
+    shared = Shared()
+    dialing, gw = Dialing(shared), Gateway(shared)
+    with taddons.context(dialing, gw) as tctx:
+        tctx.configure(
+            dialing,
+            ocigate_map_hosts=list(host_map),
+            ocigate_allow_destinations=["127.0.0.0/8"],
+            ocigate_dns=False,
+        )
+        tctx.configure(gw, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=5)
+        yield gw, tctx
+
+
+def flow_to(host: str, path: str, method: str = "GET", port: int = 443, headers=()) -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request = tutils.treq(
+        scheme=b"https",
+        host=host.encode(),
+        port=port,
+        path=path.encode(),
+        method=method.encode(),
+        headers=((b"Host", host.encode()), *headers),
+        content=b"",
+    )
+    return flow
+
+
+@contextmanager
+def http_host(answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]) -> Iterator[tuple[int, list]]:
+    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request."""
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            seen.append((self.command, self.path, list(self.headers.items())))
+            status, body = answer(self)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _serve
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_broken_rules_refuse_configuration_naming_the_file(tmp_path: Path) -> None:
+    rules = write_rules(tmp_path, "upstream.test", '[host."https://m.test"]\ncapabilities = ["pul"]\n')
+    with pytest.raises(exceptions.OptionsError, match=r"upstream\.test/hosts\.toml.*pul"), gateway(rules):
+        pass
+
+
+def test_missing_rules_directory_is_an_options_error(tmp_path: Path) -> None:
+    with pytest.raises(exceptions.OptionsError, match="does-not-exist"), gateway(tmp_path / "does-not-exist"):
+        pass
+
+
+def test_connection_strategy_is_forced_lazy(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (_, tctx):
+        tctx.master.addons.add(Proxyserver())
+        tctx.options.update(connection_strategy="eager")
+        assert tctx.options.connection_strategy == "lazy"
+
+
+def test_bad_named_ref_header_name_is_refused(tmp_path: Path) -> None:
+    with (
+        gateway(write_rules(tmp_path, "upstream.test", "")) as (gw, tctx),
+        pytest.raises(exceptions.OptionsError, match="ocigate_named_ref_headers"),
+    ):
+        tctx.configure(gw, ocigate_named_ref_headers=["OCI Named Ref"])
+
+
+async def test_ping_of_a_ruled_upstream_is_answered_by_the_gateway(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/")
+        await gw.requestheaders(flow)
+        assert flow.response.status_code == 200
+        assert flow.response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert flow.metadata[METADATA_KEY]["served_by"] == "gateway"
+
+
+async def test_unruled_host_and_non_registry_paths_pass_untouched(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        other = flow_to("other.test", "/v2/")
+        page = flow_to("upstream.test", "/index.html")
+        for flow in (other, page):
+            await gw.requestheaders(flow)
+            assert flow.response is None and METADATA_KEY not in flow.metadata
+        assert other.request.host == "other.test" and page.request.path == "/index.html"
+
+
+async def test_malformed_route_gets_an_oci_error(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/Team/App/manifests/v1")
+        await gw.requestheaders(flow)
+        assert flow.response.status_code == 400
+        assert json.loads(flow.response.content)["errors"][0]["code"] == "NAME_INVALID"
+
+
+async def test_no_host_with_push_answers_405_naming_the_rule_file(tmp_path: Path) -> None:
+    rules = write_rules(tmp_path, "upstream.test", '[host."https://m.test"]\ncapabilities = ["pull", "resolve"]\n')
+    text = (
+        'server = "https://upstream.test"\ncapabilities = ["pull"]\n'
+        + (rules / "upstream.test" / "hosts.toml").read_text()
+    )
+    (rules / "upstream.test" / "hosts.toml").write_text(text)
+    with gateway(rules) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/blobs/uploads/", method="POST")
+        await gw.requestheaders(flow)
+        assert flow.response.status_code == 405
+        error = json.loads(flow.response.content)["errors"][0]
+        assert error["code"] == "UNSUPPORTED" and "hosts.toml" in error["message"] and "push" in error["message"]
+
+
+async def test_blob_is_repointed_to_the_only_mirror_with_ns_and_without_client_credentials(
+    tmp_path: Path,
+) -> None:
+    # The server keeps only `resolve`, so the mirror is the one host a blob may come from: no probe is needed.
+    rules = write_rules(
+        tmp_path,
+        "upstream.test",
+        'server = "https://upstream.test"\ncapabilities = ["resolve"]\n'
+        '[host."http://mirror.test:5000"]\ncapabilities = ["pull"]\n',
+    )
+    with gateway(rules) as (gw, _):
+        flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"Authorization", b"Bearer client"),))
+        await gw.requestheaders(flow)
+        assert flow.response is None
+        request = flow.request
+        assert (request.scheme, request.host, request.port) == ("http", "mirror.test", 5000)
+        assert request.path == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
+        assert "Authorization" not in request.headers
+        assert request.host_header == "mirror.test:5000"
+        flow.response = tutils.tresp()
+        gw.responseheaders(flow)
+        assert flow.response.stream is True
+
+
+async def test_manifest_falls_through_refused_and_404_hosts_to_the_first_good_one(tmp_path: Path) -> None:
+    manifest = b'{"schemaVersion": 2}'
+    with (
+        http_host(lambda h: (404, b"{}")) as (port_404, seen_404),
+        http_host(lambda h: (200, manifest)) as (port_ok, seen_ok),
+    ):
+        refused_port = port_404 + 1 if port_404 + 1 != port_ok else port_404 + 2
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'[host."http://refused.test:{refused_port}"]\n'
+            f'[host."http://missing.test:{port_404}"]\n'
+            f'[host."http://good.test:{port_ok}"]\n',
+        )
+        host_map = [
+            f"refused.test=127.0.0.1:{refused_port}",
+            "missing.test=127.0.0.1",
+            "good.test=127.0.0.1",
+        ]
+        with gateway(rules, host_map) as (gw, _):
+            accept = (
+                (b"Accept", b"application/vnd.oci.image.index.v1+json"),
+                (b"Accept", b"application/vnd.oci.image.manifest.v1+json"),
+            )
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", headers=accept)
+            await gw.requestheaders(flow)
+        assert flow.response.status_code == 200 and flow.response.content == manifest
+        record = flow.metadata[METADATA_KEY]
+        assert [a["fell_through"] for a in record["attempts"]] == [True, True, False]
+        assert record["attempts"][0]["result"] == "connection refused"
+        assert record["attempts"][1]["result"] == "404"
+        _, path, headers = seen_ok[0]
+        assert path == "/v2/team/app/manifests/v1?ns=upstream.test"
+        assert [v for k, v in headers if k == "Accept"] == [
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+        ]
+        assert ("OCI-Named-Ref", "upstream.test/team/app:v1") in headers
+        assert seen_404 and seen_404[0][1] == "/v2/team/app/manifests/v1?ns=upstream.test"
+
+
+async def test_every_host_404_gives_manifest_unknown_naming_each_host(tmp_path: Path) -> None:
+    with http_host(lambda h: (404, b"{}")) as (port, _):
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'server = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
+        )
+        host_map = ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]
+        with gateway(rules, host_map) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 404
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert f"http://m.test:{port}/v2: 404" in error["message"]
+    assert f"http://upstream.test:{port}/v2: 404" in error["message"]
+
+
+async def test_unmapped_host_is_refused_by_the_guard_and_reported(tmp_path: Path) -> None:
+    rules = write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')
+    with gateway(rules) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+        await gw.requestheaders(flow)
+    assert flow.response.status_code == 502
+    error = json.loads(flow.response.content)["errors"][0]
+    assert "upstream.test:443 is not in the host map" in error["message"]
+
+
+async def test_blob_probe_skips_a_mirror_that_lacks_it(tmp_path: Path) -> None:
+    with http_host(lambda h: (404, b"")) as (missing, _), http_host(lambda h: (200, b"x")) as (has, _):
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'[host."http://a.test:{missing}"]\n[host."http://b.test:{has}"]\n',
+        )
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}")
+            await gw.requestheaders(flow)
+    assert (flow.request.host, flow.request.port) == ("b.test", has)
+    assert flow.metadata[METADATA_KEY]["attempts"][0]["result"] == "probe: 404"
+
+
+def test_tls_to_unruled_hosts_is_not_intercepted(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, tctx):
+        for address, ignored in ((("upstream.test", 443), False), (("other.test", 443), True)):
+            context = Context(tflow.tclient_conn(), tctx.options)
+            context.server.address = address
+            data = tls.ClientHelloData(context, None)  # type: ignore[arg-type]
+            gw.tls_clienthello(data)
+            assert data.ignore_connection is ignored

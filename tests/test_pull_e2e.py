@@ -1,0 +1,193 @@
+"""skopeo pulls `upstream.test/...` through the real gateway from two real registries: A (empty) then B.
+
+upstream.test resolves nowhere: only the gateway's rules know where its content lives. Each mirror sits behind a
+recording hop, because distribution does not log request headers.
+"""
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from tests.support.clients import skopeo
+from tests.support.gateway import Gateway, running_gateway
+from tests.support.images import Image, Index, all_blobs, make_image, make_index, push_image, push_index
+from tests.support.recorder import Recorder, recording_proxy
+from tests.support.registry import Registry, running_registry
+
+UPSTREAM = "upstream.test"
+
+
+@dataclass
+class Mirror:
+    name: str  # the netloc hosts.toml uses for it
+    registry: Registry
+    recorder: Recorder
+
+
+@dataclass
+class World:
+    a: Mirror
+    b: Mirror
+    gateway: Gateway
+    app: Image
+    multi: Index
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("pull")
+    app = make_image("app", layers=4)
+    multi = make_index("multi")
+    with (
+        running_registry(workdir / "registry-a") as registry_a,
+        running_registry(workdir / "registry-b") as registry_b,
+        recording_proxy(registry_a.url) as recorder_a,
+        recording_proxy(registry_b.url) as recorder_b,
+    ):
+        push_image(registry_b.url, "team/app", "v1", app)
+        push_index(registry_b.url, "team/multi", "v1", multi)
+        a = Mirror("mirror-a.test:5000", registry_a, recorder_a)
+        b = Mirror("mirror-b.test:5000", registry_b, recorder_b)
+        rules = workdir / "rules"
+        (rules / UPSTREAM).mkdir(parents=True)
+        (rules / UPSTREAM / "hosts.toml").write_text(
+            f'server = "https://{UPSTREAM}"\n\n'
+            f'[host."http://{a.name}"]\n  capabilities = ["pull", "resolve"]\n\n'
+            f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (a, b)}
+        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
+            yield World(a, b, gateway, app, multi, workdir)
+
+
+@pytest.fixture
+def fresh(world: World) -> World:
+    world.a.recorder.clear()
+    world.b.recorder.clear()
+    return world
+
+
+def _ok(result) -> str:
+    assert result.returncode == 0, f"skopeo failed:\n{result.stderr.decode()}"
+    return result.stdout.decode()
+
+
+def _oci_blobs(layout: Path) -> dict[str, bytes]:
+    return {f"sha256:{p.name}": p.read_bytes() for p in (layout / "blobs" / "sha256").iterdir()}
+
+
+def test_inspect_raw_returns_the_mirror_manifest_bytes(fresh: World, tmp_path: Path) -> None:
+    out = skopeo(
+        fresh.gateway,
+        tmp_path,
+        "inspect",
+        "--raw",
+        "--cert-dir",
+        str(fresh.gateway.cert_dir(tmp_path)),
+        f"docker://{UPSTREAM}/team/app:v1",
+    )
+    assert _ok(out).encode() == fresh.app.manifest.data
+
+
+def test_copy_by_tag_is_served_by_b_after_a_said_404(fresh: World, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    result = skopeo(
+        fresh.gateway,
+        tmp_path,
+        "copy",
+        "--src-cert-dir",
+        str(fresh.gateway.cert_dir(tmp_path)),
+        f"docker://{UPSTREAM}/team/app:v1",
+        f"oci:{layout}:v1",
+    )
+    _ok(result)
+    blobs = _oci_blobs(layout)
+    for digest, data in blobs.items():
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    assert {b.digest for b in all_blobs(fresh.app)} <= set(blobs)
+
+    # A was asked for the tag first, answered 404, and the gateway went on to B.
+    a_manifests = [r for r in fresh.a.recorder.requests if "/manifests/" in r.path]
+    assert a_manifests, "mirror A was never asked"
+    assert any(e.status == 404 and "/manifests/v1" in e.uri for e in fresh.a.registry.access_log())
+    b_uris = [unquote(u) for u in fresh.b.registry.request_uris()]
+    assert any("/v2/team/app/manifests/v1" in u for u in b_uris)
+    for blob in (fresh.app.config, *fresh.app.layers):
+        assert any(f"/blobs/{blob.digest}" in u for u in b_uris), f"{blob.digest} not fetched from B"
+    assert "mirror-a.test:5000/v2: 404" in fresh.gateway.log_text()
+
+
+def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    _ok(
+        skopeo(
+            fresh.gateway,
+            tmp_path,
+            "copy",
+            "--all",
+            "--src-cert-dir",
+            str(fresh.gateway.cert_dir(tmp_path)),
+            f"docker://{UPSTREAM}/team/multi:v1",
+            f"oci:{layout}:v1",
+        )
+    )
+    seen = fresh.a.recorder.requests + fresh.b.recorder.requests
+    assert seen
+    for request in seen:
+        assert request.query().get("ns") == [UPSTREAM], request.target
+    # distribution saw it too: the query reached the registry itself, not just the hop in front of it.
+    assert all("ns=upstream.test" in unquote(u) for u in fresh.b.registry.request_uris()[-3:])
+
+
+def test_manifest_requests_carry_the_named_reference(fresh: World, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    _ok(
+        skopeo(
+            fresh.gateway,
+            tmp_path,
+            "copy",
+            "--all",
+            "--src-cert-dir",
+            str(fresh.gateway.cert_dir(tmp_path)),
+            f"docker://{UPSTREAM}/team/multi:v1",
+            f"oci:{layout}:v1",
+        )
+    )
+    manifests = [r for r in fresh.b.recorder.requests if "/manifests/" in r.path]
+    by_tag = [r for r in manifests if r.path.endswith("/manifests/v1")]
+    assert by_tag and all(r.header_values("OCI-Named-Ref") == [f"{UPSTREAM}/team/multi:v1"] for r in by_tag)
+    children = {image.manifest.digest for image in fresh.multi.images}
+    by_digest = [r for r in manifests if r.path.rsplit("/", 1)[-1] in children]
+    assert {r.path.rsplit("/", 1)[-1] for r in by_digest} == children
+    for request in by_digest:
+        digest = request.path.rsplit("/", 1)[-1]
+        assert request.header_values("OCI-Named-Ref") == [f"{UPSTREAM}/team/multi@{digest}"]
+    # The copied index is the one pushed, and both platforms' blobs arrived.
+    index = json.loads((layout / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == fresh.multi.manifest.digest
+    assert {b.digest for b in all_blobs(fresh.multi)} <= set(_oci_blobs(layout))
+
+
+def test_go_client_accept_lines_reach_the_mirror_as_separate_lines(fresh: World, tmp_path: Path) -> None:
+    _ok(
+        skopeo(
+            fresh.gateway,
+            tmp_path,
+            "inspect",
+            "--raw",
+            "--cert-dir",
+            str(fresh.gateway.cert_dir(tmp_path)),
+            f"docker://{UPSTREAM}/team/multi:v1",
+        )
+    )
+    tag_requests = [r for r in fresh.b.recorder.requests if r.path.endswith("/manifests/v1")]
+    assert tag_requests
+    accept = tag_requests[-1].header_values("Accept")
+    assert len(accept) > 1, accept
+    assert "application/vnd.oci.image.index.v1+json" in accept

@@ -1,0 +1,110 @@
+"""Planning: which hosts are asked, in which order, with which path, ns= and named reference."""
+
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+
+from ocigate.reference import Route, RouteKind
+from ocigate.router import is_proxy_for, make_plan, required_capability
+from ocigate.rules import Host, Rule
+
+DIGEST = "sha256:" + "a" * 64
+ALL = frozenset({"pull", "resolve", "push", "referrers"})
+
+
+def host(netloc: str, capabilities=ALL, *, path: str = "/v2", scheme: str = "https", **kw) -> Host:
+    name, _, port = netloc.partition(":")
+    default = 443 if scheme == "https" else 80
+    return Host(scheme, name, int(port or default), path, frozenset(capabilities), **kw)
+
+
+def plan_for(route: Route, hosts, method: str = "GET", upstream: str = "upstream.test", query: str = ""):
+    rule = Rule(upstream, None, tuple(hosts))
+    return make_plan(route, method, rule, upstream, query, ["OCI-Named-Ref"])
+
+
+def query_of(target: str) -> list[tuple[str, str]]:
+    return parse_qsl(urlsplit(target).query)
+
+
+@pytest.mark.parametrize(
+    ("route", "method", "capability"),
+    [
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "GET", "resolve"),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "HEAD", "resolve"),
+        (Route(RouteKind.MANIFEST, "a/b", digest=DIGEST), "GET", "pull"),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "GET", "pull"),
+        (Route(RouteKind.TAGS, "a/b"), "GET", "resolve"),
+        (Route(RouteKind.REFERRERS, "a/b", digest=DIGEST), "GET", "referrers"),
+        (Route(RouteKind.BLOB_UPLOAD, "a/b"), "POST", "push"),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "PUT", "push"),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "DELETE", "push"),
+    ],
+)
+def test_required_capability(route: Route, method: str, capability: str) -> None:
+    assert required_capability(route, method) == capability
+
+
+def test_tag_manifest_skips_hosts_without_resolve_and_keeps_file_order() -> None:
+    hosts = [host("m1.test", {"pull"}), host("m2.test", {"pull", "resolve"}), host("upstream.test")]
+    plan = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v1"), hosts)
+    assert [a.host.host for a in plan.attempts] == ["m2.test", "upstream.test"]
+
+
+def test_ns_goes_to_every_host_but_the_upstream_itself() -> None:
+    hosts = [host("mirror.test:5000", scheme="http"), host("upstream.test")]
+    plan = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), hosts)
+    mirror, server = plan.attempts
+    assert mirror.target == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
+    assert server.target == f"/v2/team/app/blobs/{DIGEST}"
+    assert not mirror.forward_authorization and server.forward_authorization
+
+
+def test_docker_hub_server_gets_no_ns_but_a_mirror_does() -> None:
+    assert not is_proxy_for(host("registry-1.docker.io"), "docker.io")
+    assert is_proxy_for(host("mirror.gcr.io"), "docker.io")
+    assert is_proxy_for(host("upstream.test:5000"), "upstream.test")
+
+
+def test_client_query_is_kept_and_its_ns_replaced() -> None:
+    plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test")], query="n=10&last=a&ns=evil.test")
+    assert query_of(plan.attempts[0].target) == [("n", "10"), ("last", "a"), ("ns", "upstream.test")]
+
+
+def test_override_path_replaces_v2() -> None:
+    mirror = host("mirror.test", path="/registry/docker", override_path=True)
+    plan = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v1"), [mirror])
+    assert plan.attempts[0].target == "/registry/docker/team/app/manifests/v1?ns=upstream.test"
+
+
+def test_named_reference_on_manifests_by_tag_and_by_digest_but_not_blobs() -> None:
+    by_tag = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v1"), [host("m.test")])
+    by_digest = plan_for(Route(RouteKind.MANIFEST, "team/app", digest=DIGEST), [host("m.test")])
+    blob = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), [host("m.test")])
+    assert by_tag.attempts[0].headers == (("OCI-Named-Ref", "upstream.test/team/app:v1"),)
+    assert by_digest.attempts[0].headers == (("OCI-Named-Ref", f"upstream.test/team/app@{DIGEST}"),)
+    assert blob.attempts[0].headers == ()
+
+
+def test_host_headers_come_first_then_the_named_reference_under_every_configured_name() -> None:
+    mirror = host("m.test", headers=(("X-Team", "a"), ("X-Team", "b")))
+    rule = Rule("upstream.test", None, (mirror,))
+    plan = make_plan(
+        Route(RouteKind.MANIFEST, "team/app", tag="v1"),
+        "GET",
+        rule,
+        "upstream.test",
+        "",
+        ["OCI-Named-Ref", "OCI-Ref"],
+    )
+    assert plan.attempts[0].headers == (
+        ("X-Team", "a"),
+        ("X-Team", "b"),
+        ("OCI-Named-Ref", "upstream.test/team/app:v1"),
+        ("OCI-Ref", "upstream.test/team/app:v1"),
+    )
+
+
+def test_no_host_with_the_capability_gives_an_empty_plan() -> None:
+    plan = plan_for(Route(RouteKind.BLOB_UPLOAD, "team/app"), [host("m.test", {"pull", "resolve"})], method="POST")
+    assert plan.attempts == () and plan.capability == "push"
