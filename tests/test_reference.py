@@ -4,6 +4,7 @@ import time
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+
 from ocigate.reference import (
     MAX_REPOSITORY_LENGTH,
     Route,
@@ -55,9 +56,7 @@ def test_parse_route_recognises_each_route_kind(path: str, expected: Route) -> N
     assert parse_route(path) == expected
 
 
-@pytest.mark.parametrize(
-    "path", ["/", "", "/token", "/v1/_ping", "/v2x", "/v2x/foo/manifests/latest", "/V2/", "v2/"]
-)
+@pytest.mark.parametrize("path", ["/", "", "/token", "/v1/_ping", "/v2x", "/v2x/foo/manifests/latest", "/V2/", "v2/"])
 def test_paths_outside_v2_are_not_routes(path: str) -> None:
     assert parse_route(path) is None
 
@@ -74,9 +73,7 @@ def test_one_trailing_slash_is_tolerated(path: str, expected: Route) -> None:
     assert parse_route(path) == expected
 
 
-@pytest.mark.parametrize(
-    "path", ["/v2/app/manifests/latest//", "/v2//app/manifests/latest", "/v2/a//b/tags/list"]
-)
+@pytest.mark.parametrize("path", ["/v2/app/manifests/latest//", "/v2//app/manifests/latest", "/v2/a//b/tags/list"])
 def test_empty_segments_make_an_invalid_route(path: str) -> None:
     with pytest.raises(RouteError):
         parse_route(path)
@@ -86,9 +83,7 @@ def test_repository_name_ends_at_the_last_route_keyword() -> None:
     assert parse_route("/v2/foo/manifests/bar/manifests/latest") == Route(
         RouteKind.MANIFEST, "foo/manifests/bar", tag="latest"
     )
-    assert parse_route(f"/v2/x/blobs/uploads/blobs/{SHA256}") == Route(
-        RouteKind.BLOB, "x/blobs/uploads", digest=SHA256
-    )
+    assert parse_route(f"/v2/x/blobs/uploads/blobs/{SHA256}") == Route(RouteKind.BLOB, "x/blobs/uploads", digest=SHA256)
     assert parse_route("/v2/x/tags/list/tags/list") == Route(RouteKind.TAGS, "x/tags/list")
 
 
@@ -163,9 +158,7 @@ def test_invalid_digests_are_digest_invalid(digest: str) -> None:
     assert route_error_code(f"/v2/app/manifests/{digest}") == "DIGEST_INVALID"
 
 
-@pytest.mark.parametrize(
-    "digest", [SHA256, SHA512, "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8"]
-)
+@pytest.mark.parametrize("digest", [SHA256, SHA512, "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8"])
 def test_valid_digests(digest: str) -> None:
     assert parse_route(f"/v2/app/blobs/{digest}") == Route(RouteKind.BLOB, "app", digest=digest)
 
@@ -173,9 +166,7 @@ def test_valid_digests(digest: str) -> None:
 def test_percent_encoded_colon_in_digest_is_decoded() -> None:
     encoded = SHA256.replace(":", "%3A")
     assert parse_route(f"/v2/app/manifests/{encoded}") == Route(RouteKind.MANIFEST, "app", digest=SHA256)
-    assert parse_route(f"/v2/app/blobs/{encoded.replace('%3A', '%3a')}") == Route(
-        RouteKind.BLOB, "app", digest=SHA256
-    )
+    assert parse_route(f"/v2/app/blobs/{encoded.replace('%3A', '%3a')}") == Route(RouteKind.BLOB, "app", digest=SHA256)
 
 
 def test_percent_encoding_is_decoded_only_once() -> None:
@@ -193,9 +184,7 @@ def test_encoded_slash_cannot_create_route_keywords() -> None:
     assert route_error_code("/v2/app/blobs%2Fuploads/") == "UNSUPPORTED"
 
 
-@pytest.mark.parametrize(
-    "path", ["/v2/app/manifests/%FF", "/v2/%C3/tags/list", "/v2/app/manifests/\ud800%80"]
-)
+@pytest.mark.parametrize("path", ["/v2/app/manifests/%FF", "/v2/%C3/tags/list", "/v2/app/manifests/\ud800%80"])
 def test_invalid_utf8_after_decoding_is_a_route_error(path: str) -> None:
     with pytest.raises(RouteError):
         parse_route(path)
@@ -280,9 +269,7 @@ def test_named_reference_needs_a_tag_or_digest() -> None:
         ("ubuntu", None, "sha256:abc", "DIGEST_INVALID"),
     ],
 )
-def test_named_reference_validates_its_parts(
-    repository: str, tag: str | None, digest: str | None, code: str
-) -> None:
+def test_named_reference_validates_its_parts(repository: str, tag: str | None, digest: str | None, code: str) -> None:
     with pytest.raises(RouteError) as caught:
         named_reference("docker.io", repository, tag=tag, digest=digest)
     assert caught.value.code == code
@@ -291,9 +278,7 @@ def test_named_reference_validates_its_parts(
 # --- normalize_upstream / normalize_repository ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "host", ["docker.io", "index.docker.io", "registry-1.docker.io", "Registry-1.Docker.IO"]
-)
+@pytest.mark.parametrize("host", ["docker.io", "index.docker.io", "registry-1.docker.io", "Registry-1.Docker.IO"])
 @pytest.mark.parametrize("port", [None, 443])
 def test_docker_hub_aliases_normalize_to_docker_io(host: str, port: int | None) -> None:
     assert normalize_upstream(host, port) == "docker.io"
@@ -452,9 +437,7 @@ def test_generated_repository_names_are_accepted(repository: str) -> None:
 
 
 @given(repositories, st.sampled_from(string.ascii_uppercase), st.data())
-def test_an_uppercase_letter_makes_a_repository_name_invalid(
-    repository: str, letter: str, data: st.DataObject
-) -> None:
+def test_an_uppercase_letter_makes_a_repository_name_invalid(repository: str, letter: str, data: st.DataObject) -> None:
     position = data.draw(st.integers(0, len(repository)))
     with pytest.raises(RouteError) as caught:
         Route(RouteKind.TAGS, repository[:position] + letter + repository[position:])
@@ -462,9 +445,7 @@ def test_an_uppercase_letter_makes_a_repository_name_invalid(
 
 
 path_pieces = st.one_of(
-    st.sampled_from(
-        [*ROUTE_KEYWORDS, "/", "//", "%", "%2F", "%3A", "%FF", "%C3", "_catalog", "sha256:", ".."]
-    ),
+    st.sampled_from([*ROUTE_KEYWORDS, "/", "//", "%", "%2F", "%3A", "%FF", "%C3", "_catalog", "sha256:", ".."]),
     st.text(max_size=8),
 )
 path_like_text = st.lists(path_pieces, max_size=12).map("".join)

@@ -93,9 +93,7 @@ def test_pushed_manifests_and_blobs_read_back(registry: Registry, pushed: tuple[
                 assert len(response.content) == blob.size
 
 
-def test_recorder_keeps_duplicate_accept_lines_and_query(
-    registry: Registry, pushed: tuple[Image, Index]
-) -> None:
+def test_recorder_keeps_duplicate_accept_lines_and_query(registry: Registry, pushed: tuple[Image, Index]) -> None:
     _, index = pushed
     # Two recorders in a row: the second proves the first forwarded both Accept lines separately.
     with recording_proxy(registry.url) as inner, recording_proxy(inner.url) as outer:
@@ -204,9 +202,7 @@ def test_relative_urls_keep_upload_sessions_behind_the_recorder(tmp_path: Path) 
         push_image(recorder.url, "test/relative", "v1", image)
         methods = [r.method for r in recorder.requests]
         assert methods == ["POST", "PUT", "POST", "PUT", "PUT"]
-        assert all(
-            r.query()["digest"] for r in recorder.requests if r.method == "PUT" and "uploads" in r.path
-        )
+        assert all(r.query()["digest"] for r in recorder.requests if r.method == "PUT" and "uploads" in r.path)
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
@@ -237,9 +233,7 @@ def test_recorder_forwards_header_lines_and_rechunks_a_chunked_response() -> Non
     try:
         target_url = f"http://127.0.0.1:{target.server_address[1]}"
         with recording_proxy(target_url) as recorder, httpx.Client(base_url=recorder.url) as client:
-            response = client.get(
-                "/echo", headers=[("Accept", "a"), ("Accept", "b"), ("Connection", "close")]
-            )
+            response = client.get("/echo", headers=[("Accept", "a"), ("Accept", "b"), ("Connection", "close")])
         assert response.status_code == 200
         assert response.headers.get_list("X-Dup") == ["one", "two"]
         assert response.headers["Transfer-Encoding"] == "chunked"

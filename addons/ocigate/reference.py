@@ -115,8 +115,7 @@ def validate_repository(repository: str) -> None:
     if len(repository) > MAX_REPOSITORY_LENGTH:
         raise RouteError(
             "NAME_INVALID",
-            f"repository name {_shown(repository)} is invalid: "
-            f"longer than {MAX_REPOSITORY_LENGTH} characters",
+            f"repository name {_shown(repository)} is invalid: longer than {MAX_REPOSITORY_LENGTH} characters",
         )
     if not _REPOSITORY_PATTERN.fullmatch(repository):
         raise RouteError(
@@ -245,9 +244,7 @@ def format_route(route: Route) -> str:
             return f"/v2/{route.repository}/referrers/{route.digest}"
 
 
-def named_reference(
-    upstream: str, repository: str, *, tag: str | None = None, digest: str | None = None
-) -> str:
+def named_reference(upstream: str, repository: str, *, tag: str | None = None, digest: str | None = None) -> str:
     """The image reference "<upstream>/<repository>[:<tag>][@<digest>]"; at least one of tag and digest.
 
     `upstream` is taken as given (normalize_upstream's result); repository, tag and digest are validated.
@@ -298,9 +295,7 @@ def _split_host_port(host: str, *, original: str) -> tuple[str, int | None]:
         if not rest:
             return hostname, None
         if not rest.startswith(":"):
-            raise RouteError(
-                "NAME_INVALID", f"registry host {_shown(original)} is invalid: unexpected text after ']'"
-            )
+            raise RouteError("NAME_INVALID", f"registry host {_shown(original)} is invalid: unexpected text after ']'")
         return hostname, _parse_port(rest[1:], original)
     colons = host.count(":")
     if colons >= 2:

@@ -129,9 +129,7 @@ def make_image(
         "layers": [layer.descriptor() for layer in layer_blobs],
     }
     manifest = Blob.of(OCI_MANIFEST, _canonical_json(manifest_document))
-    return Image(
-        manifest=manifest, config=config, layers=tuple(layer_blobs), platform=(os_name, architecture)
-    )
+    return Image(manifest=manifest, config=config, layers=tuple(layer_blobs), platform=(os_name, architecture))
 
 
 def make_index(
@@ -142,9 +140,7 @@ def make_index(
     layer_size: int = 64 * 1024,
 ) -> Index:
     """An OCI index over one image per platform; each image has its own layers."""
-    images = tuple(
-        make_image(seed, layers=layers, layer_size=layer_size, platform=platform) for platform in platforms
-    )
+    images = tuple(make_image(seed, layers=layers, layer_size=layer_size, platform=platform) for platform in platforms)
     index_document = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -212,9 +208,7 @@ def push_blob(registry_url: str, repository: str, blob: Blob, client: httpx.Clie
     _expect(finished, (201,), f"finish upload of {blob.digest}")
 
 
-def push_manifest(
-    registry_url: str, repository: str, reference: str, manifest: Blob, client: httpx.Client
-) -> None:
+def push_manifest(registry_url: str, repository: str, reference: str, manifest: Blob, client: httpx.Client) -> None:
     base = registry_url.rstrip("/")
     response = client.put(
         f"{base}/v2/{repository}/manifests/{reference}",

@@ -160,9 +160,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.server.recorder._record(RecordedRequest(self.command, self.path, header_lines))
 
         connection_tokens = {
-            token.strip().lower()
-            for value in self.headers.get_all("Connection", [])
-            for token in value.split(",")
+            token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
         }
         is_chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         content_length = None if is_chunked else self.headers.get("Content-Length")
@@ -170,9 +168,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         upstream = self._open_upstream()
         try:
             try:
-                upstream.putrequest(
-                    self.command, self._origin_form(), skip_host=True, skip_accept_encoding=True
-                )
+                upstream.putrequest(self.command, self._origin_form(), skip_host=True, skip_accept_encoding=True)
                 host_sent = False
                 for name, value in header_lines:
                     lowered = name.lower()
@@ -207,9 +203,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 timeout=_UPSTREAM_TIMEOUT,
                 context=server.upstream_ssl_context,
             )
-        return http.client.HTTPConnection(
-            server.upstream_host, server.upstream_port, timeout=_UPSTREAM_TIMEOUT
-        )
+        return http.client.HTTPConnection(server.upstream_host, server.upstream_port, timeout=_UPSTREAM_TIMEOUT)
 
     def _relay_sized_body(self, upstream: http.client.HTTPConnection, length: int) -> None:
         remaining = length
