@@ -33,7 +33,9 @@ class Shared:
     def __init__(self) -> None:
         self.destinations = Destinations()
         self.rules: RuleSet | None = None
-        self.tls_by_host: dict[tuple[str, int], HostTLS] = {}
+        # The TLS settings a client connection's flows were re-pointed with, by host and port: the same host may
+        # appear in several rules with different settings, and a client connection belongs to one upstream.
+        self.host_tls_by_client: dict[str, dict[tuple[str, int], HostTLS]] = {}
         self.upstream = Upstream(self.destinations, connect_timeout=30, read_timeout=60)
 
     def set_destinations(self, destinations: Destinations) -> None:
@@ -99,6 +101,9 @@ class Dialing:
     def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.asked_for.pop(data.server.id, None)
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.shared.host_tls_by_client.pop(client.id, None)
+
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         # Runs after mitmproxy's own tlsconfig addon built the connection: swapping the context keeps its SNI,
         # hostname check and ALPN, and trusts and presents what the host's hosts.toml entry says instead.
@@ -108,8 +113,8 @@ class Dialing:
         asked = self.asked_for.get(server.id)
         if asked is None:
             return
-        host_tls = self.shared.tls_by_host.get((server.sni or asked[0], asked[1]))
-        if host_tls is None or host_tls.is_default:
+        host_tls = self.shared.host_tls_by_client.get(tls_start.context.client.id, {}).get(asked)
+        if host_tls is None:
             return
         tls_start.ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
@@ -154,7 +159,7 @@ class Gateway:
             log.info("ocigate: setting connection_strategy=lazy")
             ctx.options.update(connection_strategy="lazy")
         if "ocigate_rules" in updated:
-            self.shared.rules, self.shared.tls_by_host = self._load_rules(ctx.options.ocigate_rules)
+            self.shared.rules = self._load_rules(ctx.options.ocigate_rules)
         for name in ("ocigate_connect_timeout", "ocigate_read_timeout"):
             if getattr(ctx.options, name) <= 0:
                 raise exceptions.OptionsError(f"{name} must be a positive number of seconds")
@@ -165,25 +170,23 @@ class Gateway:
         self.shared.upstream.read_timeout = ctx.options.ocigate_read_timeout
 
     @staticmethod
-    def _load_rules(directory: str) -> tuple[RuleSet | None, dict[tuple[str, int], HostTLS]]:
+    def _load_rules(directory: str) -> RuleSet | None:
         if not directory:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
-            return None, {}
+            return None
         try:
             rules = load_rules(Path(directory).expanduser())
         except RulesError as e:
             raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
-        tls_by_host: dict[tuple[str, int], HostTLS] = {}
+        # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
         for rule in rules.rules():
             for host in rule.hosts:
-                host_tls = HostTLS.of(host)
                 try:
-                    python_context(host_tls)
-                    openssl_context(host_tls)
+                    python_context(HostTLS.of(host))
+                    openssl_context(HostTLS.of(host))
                 except HostTLSError as e:
                     raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
-                tls_by_host[(host.host, host.port)] = host_tls
-        return rules, tls_by_host
+        return rules
 
     async def done(self) -> None:
         await self.shared.upstream.aclose()
@@ -252,6 +255,11 @@ class Gateway:
             chosen, outcomes = plan.attempts[0], []
         assert chosen is not None
         _repoint(flow, chosen)
+        host_tls = HostTLS.of(chosen.host)
+        if chosen.host.scheme == "https" and not host_tls.is_default:
+            self.shared.host_tls_by_client.setdefault(flow.client_conn.id, {})[(chosen.host.host, chosen.host.port)] = (
+                host_tls
+            )
         flow.metadata[METADATA_KEY + "_stream"] = True
         request.stream = True
         self._record(flow, upstream, str(rule.source), route, outcomes, chosen.host.url, plan)

@@ -1,0 +1,122 @@
+"""A host's `ca`, `client` and `skip_verify` hold on every connection to it: ocigate's own (manifests) and the ones
+mitmproxy opens for streamed blobs. The mirrors are real registries with TLS from a throwaway CA; one demands a
+client certificate, one has a certificate nobody trusts."""
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+import httpx
+import pytest
+
+from tests.support.clients import skopeo
+from tests.support.gateway import Gateway, running_gateway
+from tests.support.images import Image, all_blobs, make_image, push_image
+from tests.support.registry import Registry, running_registry
+from tests.support.tls import client_ssl_context, issue_client_cert, issue_server_cert, make_ca
+
+
+@dataclass
+class World:
+    gateway: Gateway
+    mutual: Registry  # TLS from our CA, client certificate required
+    self_signed: Registry  # TLS from a CA the gateway is not told about
+    image: Image
+
+
+def _hosts_toml(rules: Path, upstream: str, body: str) -> Path:
+    directory = rules / upstream
+    directory.mkdir(parents=True)
+    (directory / "hosts.toml").write_text(f'server = "https://{upstream}"\n\n{body}')
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    workdir = tmp_path_factory.mktemp("tls")
+    ca = make_ca(workdir / "ca")
+    stranger = make_ca(workdir / "stranger-ca", common_name="nobody trusts this CA")
+    mutual_tls = issue_server_cert(ca, workdir / "mutual-certs", ["mutual.test"], ["127.0.0.1"])
+    stranger_tls = issue_server_cert(stranger, workdir / "stranger-certs", ["stranger.test"], ["127.0.0.1"])
+    client_cert = issue_client_cert(ca, workdir / "client", "ocigate")
+    image = make_image("tls-app", layers=3)
+    with (
+        running_registry(
+            workdir / "mutual",
+            tls=mutual_tls,
+            extra_config={"http": {"tls": {"clientcas": [str(ca.cert_path)]}}},
+        ) as mutual,
+        running_registry(workdir / "stranger", tls=stranger_tls) as self_signed,
+    ):
+        with httpx.Client(verify=client_ssl_context(ca.cert_path, client_cert)) as client:
+            push_image(mutual.url, "team/app", "v1", image, client=client)
+        with httpx.Client(verify=client_ssl_context(stranger.cert_path)) as client:
+            push_image(self_signed.url, "team/app", "v1", image, client=client)
+
+        rules = workdir / "rules"
+        secure = _hosts_toml(
+            rules,
+            "secure.test",
+            '[host."https://mutual.test:5000"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+            '  ca = "ca.pem"\n'
+            '  client = [["client.pem", "client-key.pem"]]\n',
+        )
+        shutil.copy(ca.cert_path, secure / "ca.pem")
+        shutil.copy(client_cert[0], secure / "client.pem")
+        shutil.copy(client_cert[1], secure / "client-key.pem")
+        _hosts_toml(
+            rules,
+            "insecure.test",
+            '[host."https://stranger.test:5000"]\n  capabilities = ["pull", "resolve"]\n  skip_verify = true\n',
+        )
+        _hosts_toml(rules, "verified.test", '[host."https://stranger.test:5000"]\n  capabilities = ["pull", "resolve"]\n')
+        host_map = {
+            "mutual.test:5000": f"127.0.0.1:{mutual.port}",
+            "stranger.test:5000": f"127.0.0.1:{self_signed.port}",
+        }
+        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
+            yield World(gateway, mutual, self_signed, image)
+
+
+def _copy(world: World, tmp_path: Path, upstream: str):
+    layout = tmp_path / "layout"
+    result = skopeo(
+        world.gateway,
+        tmp_path,
+        "copy",
+        "--src-cert-dir",
+        str(world.gateway.cert_dir(tmp_path)),
+        f"docker://{upstream}/team/app:v1",
+        f"oci:{layout}:v1",
+    )
+    return result, layout
+
+
+def _blob_gets(registry: Registry) -> set[str]:
+    return {unquote(e.uri).split("?")[0].rsplit("/", 1)[-1] for e in registry.access_log() if "/blobs/" in e.uri}
+
+
+def test_host_ca_and_client_certificate_serve_manifests_and_streamed_blobs(world: World, tmp_path: Path) -> None:
+    result, layout = _copy(world, tmp_path, "secure.test")
+    assert result.returncode == 0, result.stderr.decode()
+    copied = {f"sha256:{p.name}" for p in (layout / "blobs" / "sha256").iterdir()}
+    assert {b.digest for b in all_blobs(world.image)} <= copied
+    # The blobs came over mitmproxy's own connections, which the registry only accepts with the client certificate.
+    assert {b.digest for b in world.image.layers} <= _blob_gets(world.mutual)
+
+
+def test_skip_verify_accepts_an_untrusted_certificate_on_both_paths(world: World, tmp_path: Path) -> None:
+    result, layout = _copy(world, tmp_path, "insecure.test")
+    assert result.returncode == 0, result.stderr.decode()
+    assert {b.digest for b in world.image.layers} <= _blob_gets(world.self_signed)
+
+
+def test_without_skip_verify_the_untrusted_host_is_refused_and_named(world: World, tmp_path: Path) -> None:
+    result, _ = _copy(world, tmp_path, "verified.test")
+    assert result.returncode != 0
+    log = world.gateway.log_text()
+    assert "https://stranger.test:5000/v2: " in log
+    assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
