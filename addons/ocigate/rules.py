@@ -1,0 +1,639 @@
+"""Routing rules read from containerd's hosts.toml files (the certs.d layout).
+
+A rules root holds one directory per registry (``docker.io``, ``registry.example_5000_``, ``_default``),
+each with a ``hosts.toml`` naming the hosts to try for that registry, in order. ocigate gives every file the
+meaning containerd gives it. References such as "hosts.go:101" point into containerd's
+core/remotes/docker/config/hosts.go (containerd commit 301026e), whose behaviour this module follows.
+
+Where containerd silently ignores or misreads part of a file (unknown keys, a host it never lists, top-level
+settings it overwrites), ocigate refuses the file instead, so a rule never routes other than as it reads.
+"""
+
+import ipaddress
+import json
+import os
+import posixpath
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
+
+# Keys that later ocigate features read from hosts.toml; accepted at the top level and in host tables.
+EXTENSION_KEYS: frozenset[str] = frozenset()
+
+HOSTS_FILE = "hosts.toml"
+DEFAULT_DIRECTORY = "_default"
+
+_CAPABILITY_ORDER = ("pull", "resolve", "push", "referrers")
+_HOST_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path", "dial_timeout"})
+_ROOT_KEYS = _HOST_KEYS | {"server", "host"}
+# containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
+_KEYS_NEEDING_SERVER = ("capabilities", "override_path")
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_UPSTREAM = re.compile(r"(?:\[(?P<bracketed>[^\]]+)\]|(?P<plain>[^:\[\]/\s]+))(?::(?P<port>[0-9]{1,5}))?")
+_PORT_DIRECTORY = re.compile(r"(.+)_([0-9]{1,5})_")
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(r"\+?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")
+# Go's time.Duration is an int64 of nanoseconds; time.ParseDuration rejects anything longer.
+_LONGEST_DURATION_SECONDS = (2**63 - 1) / 1e9
+
+
+class RulesError(Exception):
+    """A hosts.toml that cannot be used. str() names the file, the key and what was expected, e.g.
+    "rules/docker.io/hosts.toml: host.\"https://m.example\".capabilities: unknown capability 'pul'
+    (expected pull, resolve, push, referrers)"."""
+
+    def __init__(self, path: Path, key: str | None, problem: str) -> None:
+        self.path = path
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class Host:
+    scheme: str
+    host: str
+    port: int
+    path: str
+    capabilities: frozenset[str]
+    ca: tuple[Path, ...] = ()
+    client: tuple[tuple[Path, Path | None], ...] = ()
+    skip_verify: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    override_path: bool = False
+    dial_timeout: float | None = None
+    is_server: bool = False
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.path}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    upstream: str
+    source: Path | None
+    hosts: tuple[Host, ...]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What one TOML table (the top level or a [host."..."] table) says about the host it describes."""
+
+    capabilities: frozenset[str] = CAPABILITIES
+    ca: tuple[Path, ...] = ()
+    client: tuple[tuple[Path, Path | None], ...] = ()
+    skip_verify: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    override_path: bool = False
+    dial_timeout: float | None = None
+
+    def host(self, scheme: str, host: str, port: int, path: str, *, is_server: bool) -> Host:
+        return Host(
+            scheme=scheme,
+            host=host,
+            port=port,
+            path=path,
+            capabilities=self.capabilities,
+            ca=self.ca,
+            client=self.client,
+            skip_verify=self.skip_verify,
+            headers=self.headers,
+            override_path=self.override_path,
+            dial_timeout=self.dial_timeout,
+            is_server=is_server,
+        )
+
+
+@dataclass(frozen=True)
+class _RegistryDirectory:
+    """One parsed registry directory. The upstream's own entry is only known per lookup, because `_default`
+    and a port-less directory serve many upstreams."""
+
+    source: Path | None
+    mirrors: tuple[Host, ...]
+    server: Host | None
+    top_level: _Settings
+
+    def hosts_for(self, upstream: str) -> tuple[Host, ...]:
+        return (*self.mirrors, self.server or _upstream_host(upstream, self.top_level))
+
+
+class RuleSet:
+    def __init__(self, root: Path, directories: Mapping[str, _RegistryDirectory]) -> None:
+        self.root = root
+        self._directories = dict(directories)
+
+    def __repr__(self) -> str:
+        return f"RuleSet(root={self.root!r}, directories={sorted(self._directories)!r})"
+
+    def rules(self) -> Iterator[Rule]:
+        """One rule per registry directory, for the registry its name gives ("host_port_" is "host:port").
+        `_default` serves every registry; its rule is given for the placeholder upstream "_default"."""
+        for name, directory in self._directories.items():
+            upstream = _directory_upstream(name)
+            yield Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
+
+    def lookup(self, upstream: str) -> Rule | None:
+        """The rule for a normalized upstream ("docker.io", "host", "host:port"), or None when no directory
+        matches. Raises ValueError for a string that is not a registry host[:port]."""
+        for name in _directory_candidates(upstream):
+            directory = self._directories.get(name)
+            if directory is not None:
+                return Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
+        return None
+
+
+def load_rules(root: Path) -> RuleSet:
+    """Read and validate every <root>/<registry>/hosts.toml, so that one broken file refuses start-up."""
+    root = Path(root).absolute()
+    if not root.is_dir():
+        problem = "is not a directory" if root.exists() else "does not exist"
+        raise RulesError(root, None, f"rules directory {problem}")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        raise RulesError(root, None, f"cannot list the rules directory: {error.strerror or error}") from None
+    directories: dict[str, _RegistryDirectory] = {}
+    for entry in entries:
+        if entry.name == HOSTS_FILE:
+            raise RulesError(
+                entry,
+                None,
+                f"never read here: a hosts.toml belongs in a registry directory, "
+                f"{root}/<registry>/{HOSTS_FILE} or {root}/{DEFAULT_DIRECTORY}/{HOSTS_FILE}",
+            )
+        if entry.is_dir():
+            try:
+                _directory_upstream(entry.name)
+            except ValueError:
+                raise RulesError(
+                    entry, None, "directory name is not a registry (host, host:port, host_port_ or _default)"
+                ) from None
+            directories[entry.name] = _load_directory(entry)
+    return RuleSet(root, directories)
+
+
+def parse_hosts_toml(text: str, *, upstream: str, path: Path) -> tuple[Host, ...]:
+    """The hosts for `upstream` that a hosts.toml with this text, read from `path`, describes; in containerd's
+    order, the server last."""
+    return _parse_hosts_file(text, path).hosts_for(upstream)
+
+
+def _directory_candidates(upstream: str) -> list[str]:
+    _, port = _split_upstream(upstream)
+    # containerd's hostPaths (config_unix.go) and hostDirectory (hosts.go:307-313): "host:port" is first
+    # looked up as "host_port_" (the last colon replaced), then as written, then _default.
+    candidates: list[str] = []
+    colon = upstream.rfind(":")
+    if colon > 0:
+        candidates.append(f"{upstream[:colon]}_{upstream[colon + 1 :]}_")
+    candidates.append(upstream)
+    if port is not None:
+        # ocigate's addition: a port-less directory also serves that host on any port.
+        candidates.append(upstream[:colon])
+    candidates.append(DEFAULT_DIRECTORY)
+    return candidates
+
+
+def _directory_upstream(name: str) -> str:
+    port_form = _PORT_DIRECTORY.fullmatch(name)
+    upstream = f"{port_form[1]}:{port_form[2]}" if port_form else name
+    _split_upstream(upstream)
+    return upstream
+
+
+def _split_upstream(upstream: str) -> tuple[str, int | None]:
+    match = _UPSTREAM.fullmatch(upstream)
+    if match is not None:
+        port = int(match["port"]) if match["port"] else None
+        if port is None or 0 < port < 65536:
+            return match["bracketed"] or match["plain"], port
+    if ":" in upstream and _is_ip_address(upstream):
+        return upstream, None
+    raise ValueError(f"not a registry host[:port]: {upstream!r}")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_localhost(host: str) -> bool:
+    # docker.IsLocalhost (core/remotes/docker/resolver.go): "localhost" or a loopback IP.
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _upstream_host(upstream: str, top_level: _Settings) -> Host:
+    """The entry containerd adds for the upstream registry itself when `server` is absent (hosts.go:101-136):
+    the top-level TLS, header and timeout settings apply to it, but the path is /v2 and every capability is
+    granted whatever the file says."""
+    settings = replace(top_level, capabilities=CAPABILITIES, override_path=False)
+    if upstream == "docker.io":
+        return settings.host("https", "registry-1.docker.io", 443, "/v2", is_server=True)
+    host, port = _split_upstream(upstream)
+    scheme = "https"
+    if _is_localhost(host):
+        # containerd talks plain HTTP to a local registry on a port other than 443 and skips TLS verification
+        # unless the port is 80 (hosts.go:105-122).
+        if port not in (None, 443):
+            scheme = "http"
+        if port != 80:
+            settings = replace(settings, skip_verify=True)
+    return settings.host(scheme, host.lower(), port or _DEFAULT_PORTS[scheme], "/v2", is_server=True)
+
+
+def _load_directory(directory: Path) -> _RegistryDirectory:
+    hosts_file = directory / HOSTS_FILE
+    try:
+        content = hosts_file.read_bytes()
+    except FileNotFoundError:
+        content = b""
+    except OSError as error:
+        raise RulesError(hosts_file, None, f"cannot read: {error.strerror or error}") from None
+    if not content:
+        # containerd reads an empty hosts.toml like a missing one (hosts.go:321-326).
+        return _RegistryDirectory(None, (), None, _docker_certificate_files(directory))
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RulesError(hosts_file, None, f"not UTF-8 text (bad byte at offset {error.start})") from None
+    return _parse_hosts_file(text, hosts_file)
+
+
+def _docker_certificate_files(directory: Path) -> _Settings:
+    """containerd's loadCertFiles (hosts.go:622-650), Docker's certs.d layout: *.crt files are CAs, each
+    *.cert a client certificate whose key is in the matching *.key, or else in the .cert itself."""
+    try:
+        files = sorted(entry for entry in directory.iterdir() if not entry.is_dir())
+    except OSError as error:
+        raise RulesError(directory, None, f"cannot list: {error.strerror or error}") from None
+    ca = tuple(file for file in files if file.name.endswith(".crt"))
+    client: list[tuple[Path, Path | None]] = []
+    for file in files:
+        if file.name.endswith(".cert"):
+            key = file.with_name(file.name.removesuffix(".cert") + ".key")
+            client.append((file, key if key.exists() else None))
+    return _Settings(ca=ca, client=tuple(client))
+
+
+def _parse_hosts_file(text: str, path: Path) -> _RegistryDirectory:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RulesError(path, None, f"invalid TOML: {error}") from None
+    except RecursionError:
+        raise RulesError(path, None, "invalid TOML: arrays or tables nested too deeply") from None
+    return _HostsFileParser(path).parse(text, document)
+
+
+class _HostsFileParser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.directory = path.parent.absolute()
+
+    def error(self, key: tuple[str, ...], problem: str) -> RulesError:
+        return RulesError(self.path, _format_key(key), problem)
+
+    def parse(self, text: str, document: dict[str, Any]) -> _RegistryDirectory:
+        self.check_keys(document, _ROOT_KEYS, ())
+        mirrors = self.mirrors(text, document.get("host", {}))
+        top_level = self.settings(document, ())
+        server = document.get("server")
+        if server is None:
+            for key in _KEYS_NEEDING_SERVER:
+                if key in document:
+                    raise self.error(
+                        (key,),
+                        "has no effect without `server`: containerd then uses the upstream registry itself "
+                        "with path /v2 and every capability; set `server` or move it into a host table",
+                    )
+            return _RegistryDirectory(self.path, mirrors, None, top_level)
+        if server == "":
+            raise self.error(
+                ("server",),
+                "empty: containerd then uses the upstream registry itself, as if `server` were absent; "
+                "remove the key or name a URL",
+            )
+        return _RegistryDirectory(self.path, mirrors, self.host(server, ("server",), top_level, True), top_level)
+
+    def mirrors(self, text: str, tables: Any) -> tuple[Host, ...]:
+        if not isinstance(tables, dict):
+            raise self.error(("host",), f'expected tables like [host."https://mirror.example"], got {_kind(tables)}')
+        order = _host_table_order(text)
+        hosts: dict[str, Host] = {}
+        for name, table in tables.items():
+            key = ("host", name)
+            if not isinstance(table, dict):
+                raise self.error(key, f'expected a [host."{name}"] table, got {_kind(table)}')
+            if name not in order:
+                # getSortedHosts (hosts.go:551-585) lists hosts by their table headers only.
+                raise self.error(
+                    key,
+                    f'defined without a [host."{name}"] table header; containerd never uses such a host, '
+                    f'write it as a [host."{name}"] table',
+                )
+            self.check_keys(table, _HOST_KEYS, key)
+            hosts[name] = self.host(name, key, self.settings(table, key), False)
+        return tuple(hosts[name] for name in order)
+
+    def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
+        scheme, host, port, path = self.url(url, key)
+        if settings.override_path:
+            full_path = path
+        elif path.endswith("/v2"):
+            # containerd keeps a path that already ends in /v2 (hosts.go:440-447).
+            full_path = path
+        else:
+            full_path = f"{path}/v2"
+        return settings.host(scheme, host, port, full_path, is_server=is_server)
+
+    def url(self, url: Any, key: tuple[str, ...]) -> tuple[str, str, int, str]:
+        """(scheme, host, port, cleaned path without the /v2 containerd may add)"""
+        if not isinstance(url, str):
+            raise self.error(key, f"expected a URL string like https://mirror.example, got {_kind(url)}")
+        if not url:
+            raise self.error(key, "expected a URL like https://mirror.example, got an empty string")
+        if any(char.isspace() or not char.isprintable() for char in url):
+            raise self.error(key, "URL contains whitespace or control characters")
+        scheme_match = _URL_SCHEME.match(url)
+        if scheme_match is None:
+            # containerd reads a URL without a scheme as https (hosts.go:431-433).
+            url = f"https://{url}"
+        elif scheme_match[1].lower() not in _DEFAULT_PORTS:
+            raise self.error(key, f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as error:
+            raise self.error(key, f"not a valid URL: {error}") from None
+        if "?" in url or "#" in url:
+            raise self.error(key, "URL has a query or fragment, which containerd drops; remove it")
+        if "@" in parts.netloc:
+            raise self.error(key, "URL has credentials, which containerd drops; remove them")
+        host = parts.hostname or ""
+        if not host:
+            raise self.error(key, "URL has no host name")
+        if parts.netloc.startswith("["):
+            if not _is_ip_address(host) or ":" not in host:
+                raise self.error(key, f"invalid IPv6 address {host!r}")
+        elif not _HOST_NAME.fullmatch(host):
+            raise self.error(key, f"invalid host name {host!r}")
+        if parts.netloc.endswith(":"):
+            raise self.error(key, "URL has an empty port")
+        if port == 0:
+            raise self.error(key, "invalid port 0 (expected 1-65535)")
+        scheme = parts.scheme.lower()
+        return scheme, host, port or _DEFAULT_PORTS[scheme], _clean_path(parts.path)
+
+    def check_keys(self, table: dict[str, Any], allowed: frozenset[str], prefix: tuple[str, ...]) -> None:
+        for key in table:
+            if key in allowed or key in EXTENSION_KEYS:
+                continue
+            expected = ", ".join(sorted(allowed | EXTENSION_KEYS))
+            hint = ""
+            if key.lower() in allowed:
+                # go-toml matches struct keys case-insensitively, so containerd would accept it.
+                hint = f"; keys are lower case here: write {key.lower()!r}"
+            raise self.error((*prefix, key), f"unknown key (expected one of {expected}){hint}")
+
+    def settings(self, table: dict[str, Any], prefix: tuple[str, ...]) -> _Settings:
+        return _Settings(
+            capabilities=self.capabilities(table.get("capabilities"), (*prefix, "capabilities")),
+            ca=self.ca(table.get("ca"), (*prefix, "ca")),
+            client=self.client(table.get("client"), (*prefix, "client")),
+            skip_verify=self.boolean(table.get("skip_verify", False), (*prefix, "skip_verify")),
+            headers=self.headers(table.get("header", {}), (*prefix, "header")),
+            override_path=self.boolean(table.get("override_path", False), (*prefix, "override_path")),
+            dial_timeout=self.duration(table.get("dial_timeout"), (*prefix, "dial_timeout")),
+        )
+
+    def capabilities(self, value: Any, key: tuple[str, ...]) -> frozenset[str]:
+        if value is None:
+            return CAPABILITIES
+        names = self.strings(value, key, "an array of capability names")
+        # containerd reads an empty list like an absent one: every capability (hosts.go:453, 468-470).
+        if not names:
+            return CAPABILITIES
+        for name in names:
+            if name.lower() not in CAPABILITIES:
+                raise self.error(key, f"unknown capability {name!r} (expected {', '.join(_CAPABILITY_ORDER)})")
+        return frozenset(name.lower() for name in names)
+
+    def ca(self, value: Any, key: tuple[str, ...]) -> tuple[Path, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (self.file(value, key),)
+        return tuple(self.file(path, key) for path in self.strings(value, key, "a path or an array of paths"))
+
+    def client(self, value: Any, key: tuple[str, ...]) -> tuple[tuple[Path, Path | None], ...]:
+        expected = 'a path, an array of paths, or an array of ["cert", "key"] pairs'
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return ((self.file(value, key), None),)
+        if not isinstance(value, list):
+            raise self.error(key, f"expected {expected}, got {_kind(value)}")
+        pairs: list[tuple[Path, Path | None]] = []
+        for item in value:
+            if isinstance(item, str):
+                pairs.append((self.file(item, key), None))
+            elif isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item):
+                cert, private_key = item
+                # An empty key means the certificate file holds the key too (hosts.go:272-280).
+                pairs.append((self.file(cert, key), self.file(private_key, key) if private_key else None))
+            else:
+                raise self.error(key, f"expected {expected}, found an item that is {_kind(item)}")
+        return tuple(pairs)
+
+    def file(self, value: str, key: tuple[str, ...]) -> Path:
+        if not value:
+            raise self.error(key, "expected a file path, got an empty string")
+        # Relative paths are relative to the hosts.toml's directory (hosts.go:606-611).
+        return Path(os.path.normpath(self.directory / value))
+
+    def boolean(self, value: Any, key: tuple[str, ...]) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def headers(self, value: Any, key: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table of header names, got {_kind(value)}")
+        headers: list[tuple[str, str]] = []
+        for name, values in value.items():
+            header_key = (*key, name)
+            if not _HEADER_NAME.fullmatch(name):
+                raise self.error(header_key, "expected an HTTP header name (letters, digits, and !#$%&'*+-.^_`|~)")
+            if isinstance(values, str):
+                values = [values]
+            for header_value in self.strings(values, header_key, "a string or an array of strings"):
+                if any(char in header_value for char in "\r\n\0"):
+                    raise self.error(header_key, "header value contains a line break or NUL")
+                headers.append((name, header_value))
+        return tuple(headers)
+
+    def duration(self, value: Any, key: tuple[str, ...]) -> float | None:
+        if value is None:
+            return None
+        expected = 'expected a positive duration like "500ms", "3s" or "1m30s"'
+        if not isinstance(value, str):
+            raise self.error(key, f"{expected}, got {_kind(value)}")
+        if not _DURATION.fullmatch(value):
+            raise self.error(key, f"{expected}, got {value!r}")
+        seconds = sum(float(amount) * _DURATION_UNITS[unit] for amount, unit in _DURATION_PART.findall(value))
+        if seconds <= 0:
+            # Go's net.Dialer reads 0 as "no limit"; a rule that wants the default should omit the key.
+            raise self.error(key, f"{expected}, got {value!r}")
+        if seconds > _LONGEST_DURATION_SECONDS:
+            raise self.error(key, f"{expected}, got {value!r}, which is longer than Go's limit of about 292 years")
+        return seconds
+
+    def strings(self, value: Any, key: tuple[str, ...], expected: str) -> list[str]:
+        if not isinstance(value, list):
+            raise self.error(key, f"expected {expected}, got {_kind(value)}")
+        for item in value:
+            if not isinstance(item, str):
+                raise self.error(key, f"expected {expected}, found an item that is {_kind(item)}")
+        return value
+
+
+def _clean_path(path: str) -> str:
+    """Go's path.Clean, as containerd applies it (hosts.go:441), except that the root path becomes "" rather
+    than "/", so no URL ends up with "//v2"."""
+    if not path:
+        return ""
+    cleaned = "/" + posixpath.normpath(path).lstrip("/")
+    return "" if cleaned == "/" else cleaned
+
+
+def _host_table_order(text: str) -> list[str]:
+    """The hosts in containerd's order (getSortedHosts, hosts.go:551-585): one per [host."..."] table header,
+    sub-tables such as [host."...".header] included, unless it names the same host as the host header right
+    before it. A host whose tables another host's split apart is thus listed, and tried, twice, as in
+    containerd."""
+    order: list[str] = []
+    for header in _table_headers(text):
+        parts = _header_key(header)
+        if len(parts) >= 2 and parts[0] == "host" and (not order or order[-1] != parts[1]):
+            order.append(parts[1])
+    return order
+
+
+def _header_key(header: str) -> list[str]:
+    # A lone table header is a document of its own: a chain of single-key tables, one per dotted part.
+    table = tomllib.loads(header)
+    parts: list[str] = []
+    while len(table) == 1:
+        part, table = next(iter(table.items()))
+        parts.append(part)
+    return parts
+
+
+def _table_headers(text: str) -> Iterator[str]:
+    """The standard table headers ([a.b], not [[a.b]], which containerd skips) of a valid TOML document."""
+    position, depth, line_start = 0, 0, True
+    while position < len(text):
+        char = text[position]
+        if char == "#":
+            position = text.find("\n", position)
+            if position == -1:
+                return
+            continue
+        if char == "\n":
+            line_start = True
+        elif char in "\"'":
+            position = _string_end(text, position)
+            line_start = False
+            continue
+        elif char == "[" and line_start and depth == 0:
+            end = _header_end(text, position)
+            if not text.startswith("[[", position):
+                yield text[position:end]
+            position, line_start = end, False
+            continue
+        elif char not in " \t\r":
+            line_start = False
+            if char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+        position += 1
+
+
+def _header_end(text: str, start: int) -> int:
+    closing = "]]" if text.startswith("[[", start) else "]"
+    position = start + len(closing)
+    while not text.startswith(closing, position):
+        position = _string_end(text, position) if text[position] in "\"'" else position + 1
+    return position + len(closing)
+
+
+def _string_end(text: str, start: int) -> int:
+    quote = text[start]
+    escapes = quote == '"'
+    if text.startswith(quote * 3, start):
+        position = start + 3
+        while not text.startswith(quote * 3, position):
+            position += 2 if escapes and text[position] == "\\" else 1
+        # Up to two quotes right before the closing three belong to the string.
+        while position < len(text) and text[position] == quote:
+            position += 1
+        return position
+    position = start + 1
+    while text[position] != quote:
+        position += 2 if escapes and text[position] == "\\" else 1
+    return position + 1
+
+
+def _format_key(parts: tuple[str, ...]) -> str:
+    return ".".join(part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False) for part in parts)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
