@@ -618,10 +618,11 @@ def test_shipped_rules_send_docker_io_to_two_mirrors_then_registry_1() -> None:
     assert [host.capabilities for host in rule.hosts] == [PULL_RESOLVE, PULL, ALL]
 
 
-def test_shipped_default_sends_every_other_registry_to_itself() -> None:
+def test_shipped_tree_leaves_every_other_registry_without_a_rule() -> None:
+    # No shipped _default: registries without a directory pass through the gateway untouched.
     rule_set = load_rules(SHIPPED_RULES)
-    assert rule_set.lookup("quay.io").hosts == (Host("https", "quay.io", 443, "/v2", ALL, is_server=True),)
-    assert urls(rule_set.lookup("localhost:5000").hosts) == ["http://localhost:5000/v2"]
+    assert rule_set.lookup("quay.io") is None
+    assert rule_set.lookup("localhost:5000") is None
 
 
 # Property tests

@@ -72,7 +72,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "insecure.test",
             '[host."https://stranger.test:5000"]\n  capabilities = ["pull", "resolve"]\n  skip_verify = true\n',
         )
-        _hosts_toml(rules, "verified.test", '[host."https://stranger.test:5000"]\n  capabilities = ["pull", "resolve"]\n')
+        _hosts_toml(
+            rules, "verified.test", '[host."https://stranger.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
+        )
         host_map = {
             "mutual.test:5000": f"127.0.0.1:{mutual.port}",
             "stranger.test:5000": f"127.0.0.1:{self_signed.port}",
@@ -109,7 +111,7 @@ def test_host_ca_and_client_certificate_serve_manifests_and_streamed_blobs(world
 
 
 def test_skip_verify_accepts_an_untrusted_certificate_on_both_paths(world: World, tmp_path: Path) -> None:
-    result, layout = _copy(world, tmp_path, "insecure.test")
+    result, _ = _copy(world, tmp_path, "insecure.test")
     assert result.returncode == 0, result.stderr.decode()
     assert {b.digest for b in world.image.layers} <= _blob_gets(world.self_signed)
 
