@@ -38,10 +38,19 @@ ensure_venv() {
         rm -rf "$venv"
         "$python" -m venv "$venv"
     fi
-    want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    local hash installed
+    hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want="$hash $extras"
+    installed=$(cat "$stamp" 2>/dev/null || true)
+    # An install with the test extras serves a plain start too.
+    if [ "$installed" != "$want" ] && [ "$installed" != "$hash test" ]; then
         say "installing ocigate${extras:+[$extras]} into .venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
+        # This machine's pip configuration names package directories that may not exist; those warnings are noise.
+        if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 |
+            { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; then
+            say "pip install failed"
+            exit 1
+        fi
         echo "$want" >"$stamp"
     fi
 }
@@ -91,5 +100,10 @@ if [ "${1:-}" = "test" ]; then
 fi
 
 ensure_venv ""
-exec "$venv/bin/ocigate" --rules "${OCIGATE_RULES:-$here/rules}" \
-    --listen-host "${OCIGATE_HOST:-127.0.0.1}" --listen-port "${OCIGATE_PORT:-8080}" "$@"
+defaults=(--listen-host "${OCIGATE_HOST:-127.0.0.1}" --listen-port "${OCIGATE_PORT:-8080}")
+# mitmproxy refuses an option set twice, so the default rules apply only when the command line names none.
+case " $* " in
+*" --rules"* | *"ocigate_rules="*) ;;
+*) defaults+=(--rules "${OCIGATE_RULES:-$here/rules}") ;;
+esac
+exec "$venv/bin/ocigate" "${defaults[@]}" "$@"

@@ -188,6 +188,20 @@ class Gateway:
                     raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
         return rules
 
+    def running(self) -> None:
+        host = ctx.options.listen_host or "127.0.0.1"
+        proxy = f"http://{host}:{ctx.options.listen_port or 8080}"
+        ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
+        log.info(
+            "ocigate: gateway on %s with rules from %s\n"
+            "  point clients at it: export HTTPS_PROXY=%s\n"
+            "  and make them trust its CA: %s (README: 'Point your client at ocigate')",
+            proxy,
+            ctx.options.ocigate_rules or "(none)",
+            proxy,
+            ca,
+        )
+
     async def done(self) -> None:
         await self.shared.upstream.aclose()
 

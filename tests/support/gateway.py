@@ -57,22 +57,22 @@ def running_gateway(
     rules: Path,
     host_map: Mapping[str, str] = {},
     options: Sequence[str] = (),
+    entry_point: Sequence[str] = (sys.executable, "-m", "ocigate.cli"),
 ) -> Iterator[Gateway]:
-    """Starts `ocigate` (the installed command's entry point) on a free loopback port and stops it afterwards."""
+    """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
+    `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`."""
     workdir.mkdir(parents=True, exist_ok=True)
     confdir = workdir / "mitmproxy-conf"
     log_path = workdir / "gateway.log"
     port = free_port()
     command = [
-        sys.executable,
-        "-m",
-        "ocigate.cli",
+        *entry_point,
         "--listen-host",
         "127.0.0.1",
         "--listen-port",
         str(port),
-        "--rules",
-        str(rules),
+        "--set",
+        f"ocigate_rules={rules}",
         "--set",
         f"confdir={confdir}",
         "--set",
