@@ -25,7 +25,7 @@ def write_rules(root: Path, upstream: str, text: str) -> Path:
 
 
 @contextmanager
-def gateway(rules: Path, host_map: list[str] = ()) -> Iterator[tuple[Gateway, taddons.context]]:
+def gateway(rules: Path, host_map: list[str] = (), read_timeout: int = 5) -> Iterator[tuple[Gateway, taddons.context]]:
     shared = Shared()
     dialing, gw = Dialing(shared), Gateway(shared)
     with taddons.context(dialing, gw) as tctx:
@@ -35,7 +35,7 @@ def gateway(rules: Path, host_map: list[str] = ()) -> Iterator[tuple[Gateway, ta
             ocigate_allow_destinations=["127.0.0.0/8"],
             ocigate_dns=False,
         )
-        tctx.configure(gw, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=5)
+        tctx.configure(gw, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=read_timeout)
         yield gw, tctx
 
 
@@ -217,6 +217,26 @@ async def test_manifest_falls_through_refused_and_404_hosts_to_the_first_good_on
         ]
         assert ("OCI-Named-Ref", "upstream.test/team/app:v1") in headers
         assert seen_404 and seen_404[0][1] == "/v2/team/app/manifests/v1?ns=upstream.test"
+
+
+async def test_a_host_that_does_not_answer_in_time_is_skipped(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def late(handler: BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        release.wait(10)
+        return 200, b"too late"
+
+    with http_host(late) as (slow, _), http_host(lambda h: (200, b"{}")) as (fast, _):
+        rules = write_rules(
+            tmp_path, "upstream.test", f'[host."http://slow.test:{slow}"]\n[host."http://fast.test:{fast}"]\n'
+        )
+        with gateway(rules, ["slow.test=127.0.0.1", "fast.test=127.0.0.1"], read_timeout=1) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/tags/list")
+            await gw.requestheaders(flow)
+        release.set()
+    assert flow.response.status_code == 200 and flow.response.content == b"{}"
+    attempts = flow.metadata[METADATA_KEY]["attempts"]
+    assert attempts[0]["result"].startswith("timed out") and attempts[0]["fell_through"]
 
 
 async def test_every_host_404_gives_manifest_unknown_naming_each_host(tmp_path: Path) -> None:

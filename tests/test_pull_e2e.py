@@ -6,18 +6,20 @@ recording hop, because distribution does not log request headers.
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+import httpx
 import pytest
 
 from tests.support.clients import skopeo
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, Index, all_blobs, make_image, make_index, push_image, push_index
 from tests.support.recorder import Recorder, recording_proxy
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import AccessLogEntry, Registry, running_registry
 
 UPSTREAM = "upstream.test"
 
@@ -27,6 +29,20 @@ class Mirror:
     name: str  # the netloc hosts.toml uses for it
     registry: Registry
     recorder: Recorder
+    log_mark: int = 0
+
+    def mark(self) -> None:
+        self.recorder.clear()
+        self.log_mark = len(self.registry.access_log())
+
+    def served_since_mark(self) -> list[AccessLogEntry]:
+        """What the registry itself logged since mark(): it logs after answering, so wait for the recorded count."""
+        deadline = time.monotonic() + 5
+        while True:
+            entries = self.registry.access_log()[self.log_mark :]
+            if len(entries) >= len(self.recorder.requests) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
 
 
 @dataclass
@@ -68,8 +84,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 @pytest.fixture
 def fresh(world: World) -> World:
-    world.a.recorder.clear()
-    world.b.recorder.clear()
+    world.a.mark()
+    world.b.mark()
     return world
 
 
@@ -141,8 +157,12 @@ def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tm
     assert seen
     for request in seen:
         assert request.query().get("ns") == [UPSTREAM], request.target
-    # distribution saw it too: the query reached the registry itself, not just the hop in front of it.
-    assert all("ns=upstream.test" in unquote(u) for u in fresh.b.registry.request_uris()[-3:])
+    # The registries' own access logs agree: the query reached them, not just the hop in front of them.
+    for mirror in (fresh.a, fresh.b):
+        served = mirror.served_since_mark()
+        assert served, f"{mirror.name} served nothing"
+        for entry in served:
+            assert "ns=upstream.test" in unquote(entry.uri), entry
 
 
 def test_manifest_requests_carry_the_named_reference(fresh: World, tmp_path: Path) -> None:
@@ -191,3 +211,18 @@ def test_go_client_accept_lines_reach_the_mirror_as_separate_lines(fresh: World,
     accept = tag_requests[-1].header_values("Accept")
     assert len(accept) > 1, accept
     assert "application/vnd.oci.image.index.v1+json" in accept
+
+
+def test_plain_http_registry_without_rule_passes_through(fresh: World) -> None:
+    with httpx.Client(proxy=fresh.gateway.proxy_url, trust_env=False) as client:
+        response = client.get(f"http://{fresh.b.name}/v2/team/app/tags/list")
+    assert response.status_code == 200 and response.json()["tags"] == ["v1"]
+    # Untouched: no ns= was added on the way.
+    assert fresh.b.recorder.requests[-1].target == "/v2/team/app/tags/list"
+
+
+def test_gateway_refuses_a_destination_it_may_not_dial(fresh: World) -> None:
+    with httpx.Client(proxy=fresh.gateway.proxy_url, trust_env=False) as client:
+        response = client.get("http://nowhere.test/v2/")
+    assert response.status_code == 502
+    assert "nowhere.test:80 is not in the host map and name resolution is off" in fresh.gateway.log_text()

@@ -15,7 +15,7 @@ from tests.support.clients import skopeo
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, all_blobs, make_image, push_image
 from tests.support.registry import Registry, running_registry
-from tests.support.tls import client_ssl_context, issue_client_cert, issue_server_cert, make_ca
+from tests.support.tls import CA, client_ssl_context, issue_client_cert, issue_server_cert, make_ca
 
 
 @dataclass
@@ -23,6 +23,7 @@ class World:
     gateway: Gateway
     mutual: Registry  # TLS from our CA, client certificate required
     self_signed: Registry  # TLS from a CA the gateway is not told about
+    stranger_ca: CA
     image: Image
 
 
@@ -80,7 +81,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "stranger.test:5000": f"127.0.0.1:{self_signed.port}",
         }
         with running_gateway(workdir / "gateway", rules, host_map) as gateway:
-            yield World(gateway, mutual, self_signed, image)
+            yield World(gateway, mutual, self_signed, stranger, image)
 
 
 def _copy(world: World, tmp_path: Path, upstream: str):
@@ -122,3 +123,15 @@ def test_without_skip_verify_the_untrusted_host_is_refused_and_named(world: Worl
     log = world.gateway.log_text()
     assert "https://stranger.test:5000/v2: " in log
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
+
+
+def test_registry_without_rule_passes_through_undecrypted(world: World) -> None:
+    # stranger.test:5000 is a host of other rules but has no rule of its own: a client that trusts only the
+    # registry's own CA gets through, so the gateway relayed the TLS bytes instead of presenting its own certificate.
+    with httpx.Client(
+        proxy=world.gateway.proxy_url, verify=client_ssl_context(world.stranger_ca.cert_path), trust_env=False
+    ) as client:
+        response = client.get("https://stranger.test:5000/v2/")
+    assert response.status_code == 200
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert any(e.uri == "/v2/" for e in world.self_signed.access_log())
