@@ -239,6 +239,30 @@ async def test_a_host_that_does_not_answer_in_time_is_skipped(tmp_path: Path) ->
     assert attempts[0]["result"].startswith("timed out") and attempts[0]["fell_through"]
 
 
+async def test_a_mirror_asking_for_credentials_is_skipped_but_the_upstreams_challenge_reaches_the_client(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (401, b"{}")) as (port, seen):
+        # The upstream is upstream.test:<port> and its server is itself: the one host the client may authenticate to.
+        rules = write_rules(
+            tmp_path,
+            f"upstream.test:{port}",
+            f'server = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
+        )
+        with gateway(rules, ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port)
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 401
+    assert [(a["result"], a["fell_through"]) for a in flow.metadata[METADATA_KEY]["attempts"]] == [
+        ("401", True),
+        ("401", False),
+    ]
+    assert [path for _, path, _ in seen] == [
+        f"/v2/team/app/manifests/v1?ns=upstream.test%3A{port}",
+        "/v2/team/app/manifests/v1",
+    ]
+
+
 async def test_every_host_404_gives_manifest_unknown_naming_each_host(tmp_path: Path) -> None:
     with http_host(lambda h: (404, b"{}")) as (port, _):
         rules = write_rules(

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
+from OpenSSL import SSL
 
 from .attempt import HOP_BY_HOP, Outcome, choose_blob_host, encode_error, error_body, failure, first_good
 from .destinations import DestinationError, Destinations
@@ -118,8 +119,6 @@ class Dialing:
             return
         tls_start.ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
-            from OpenSSL import SSL
-
             tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
 
 
@@ -172,7 +171,6 @@ class Gateway:
     @staticmethod
     def _load_rules(directory: str) -> RuleSet | None:
         if not directory:
-            log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
             return None
         try:
             rules = load_rules(Path(directory).expanduser())
@@ -189,6 +187,8 @@ class Gateway:
         return rules
 
     def running(self) -> None:
+        if self.shared.rules is None:
+            log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
         host = ctx.options.listen_host or "127.0.0.1"
         proxy = f"http://{host}:{ctx.options.listen_port or 8080}"
         ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"

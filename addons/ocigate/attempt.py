@@ -34,8 +34,11 @@ class Outcome:
         return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
 
 
-def falls_through(status: int) -> bool:
-    """Statuses that mean "this host cannot serve it, ask the next": not found, overloaded or broken."""
+def falls_through(status: int, attempt: Attempt) -> bool:
+    """Statuses that mean "this host cannot serve it, ask the next": not found, overloaded or broken; and for a
+    mirror, refused credentials: the client's own never go to a mirror, so its challenge is of no use to the client."""
+    if status in (401, 403) and not attempt.forward_authorization:
+        return True
     return status == 404 or status == 429 or status >= 500
 
 
@@ -65,7 +68,7 @@ async def first_good(
         except HostFailed as e:
             outcomes.append(Outcome(attempt.host.url, str(e), True))
             continue
-        if falls_through(response.status):
+        if falls_through(response.status, attempt):
             outcomes.append(Outcome(attempt.host.url, str(response.status), True))
             continue
         outcomes.append(Outcome(attempt.host.url, str(response.status), False))
@@ -89,7 +92,7 @@ async def choose_blob_host(
         except HostFailed as e:
             outcomes.append(Outcome(attempt.host.url, f"probe: {e}", True))
             continue
-        if falls_through(response.status) or response.status >= 400:
+        if response.status >= 400:
             outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True))
             continue
         return attempt, outcomes
