@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from tests.support.clients import skopeo
+from tests.support.clients import skopeo_copy_to_layout, skopeo_inspect_raw
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, Index, all_blobs, make_image, make_index, push_image, push_index
 from tests.support.recorder import Recorder, recording_proxy
@@ -99,29 +99,12 @@ def _oci_blobs(layout: Path) -> dict[str, bytes]:
 
 
 def test_inspect_raw_returns_the_mirror_manifest_bytes(fresh: World, tmp_path: Path) -> None:
-    out = skopeo(
-        fresh.gateway,
-        tmp_path,
-        "inspect",
-        "--raw",
-        "--cert-dir",
-        str(fresh.gateway.cert_dir(tmp_path)),
-        f"docker://{UPSTREAM}/team/app:v1",
-    )
+    out = skopeo_inspect_raw(fresh.gateway, tmp_path, f"{UPSTREAM}/team/app:v1")
     assert _ok(out).encode() == fresh.app.manifest.data
 
 
 def test_copy_by_tag_is_served_by_b_after_a_said_404(fresh: World, tmp_path: Path) -> None:
-    layout = tmp_path / "layout"
-    result = skopeo(
-        fresh.gateway,
-        tmp_path,
-        "copy",
-        "--src-cert-dir",
-        str(fresh.gateway.cert_dir(tmp_path)),
-        f"docker://{UPSTREAM}/team/app:v1",
-        f"oci:{layout}:v1",
-    )
+    result, layout = skopeo_copy_to_layout(fresh.gateway, tmp_path, f"{UPSTREAM}/team/app:v1")
     _ok(result)
     blobs = _oci_blobs(layout)
     for digest, data in blobs.items():
@@ -140,19 +123,8 @@ def test_copy_by_tag_is_served_by_b_after_a_said_404(fresh: World, tmp_path: Pat
 
 
 def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tmp_path: Path) -> None:
-    layout = tmp_path / "layout"
-    _ok(
-        skopeo(
-            fresh.gateway,
-            tmp_path,
-            "copy",
-            "--all",
-            "--src-cert-dir",
-            str(fresh.gateway.cert_dir(tmp_path)),
-            f"docker://{UPSTREAM}/team/multi:v1",
-            f"oci:{layout}:v1",
-        )
-    )
+    result, _ = skopeo_copy_to_layout(fresh.gateway, tmp_path, f"{UPSTREAM}/team/multi:v1", "--all")
+    _ok(result)
     seen = fresh.a.recorder.requests + fresh.b.recorder.requests
     assert seen
     for request in seen:
@@ -166,19 +138,8 @@ def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tm
 
 
 def test_manifest_requests_carry_the_named_reference(fresh: World, tmp_path: Path) -> None:
-    layout = tmp_path / "layout"
-    _ok(
-        skopeo(
-            fresh.gateway,
-            tmp_path,
-            "copy",
-            "--all",
-            "--src-cert-dir",
-            str(fresh.gateway.cert_dir(tmp_path)),
-            f"docker://{UPSTREAM}/team/multi:v1",
-            f"oci:{layout}:v1",
-        )
-    )
+    result, layout = skopeo_copy_to_layout(fresh.gateway, tmp_path, f"{UPSTREAM}/team/multi:v1", "--all")
+    _ok(result)
     manifests = [r for r in fresh.b.recorder.requests if "/manifests/" in r.path]
     by_tag = [r for r in manifests if r.path.endswith("/manifests/v1")]
     assert by_tag and all(r.header_values("OCI-Named-Ref") == [f"{UPSTREAM}/team/multi:v1"] for r in by_tag)
@@ -195,17 +156,7 @@ def test_manifest_requests_carry_the_named_reference(fresh: World, tmp_path: Pat
 
 
 def test_go_client_accept_lines_reach_the_mirror_as_separate_lines(fresh: World, tmp_path: Path) -> None:
-    _ok(
-        skopeo(
-            fresh.gateway,
-            tmp_path,
-            "inspect",
-            "--raw",
-            "--cert-dir",
-            str(fresh.gateway.cert_dir(tmp_path)),
-            f"docker://{UPSTREAM}/team/multi:v1",
-        )
-    )
+    _ok(skopeo_inspect_raw(fresh.gateway, tmp_path, f"{UPSTREAM}/team/multi:v1"))
     tag_requests = [r for r in fresh.b.recorder.requests if r.path.endswith("/manifests/v1")]
     assert tag_requests
     accept = tag_requests[-1].header_values("Accept")

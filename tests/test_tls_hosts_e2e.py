@@ -11,7 +11,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 
-from tests.support.clients import skopeo
+from tests.support.clients import skopeo_copy_to_layout
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, all_blobs, make_image, push_image
 from tests.support.registry import Registry, running_registry
@@ -85,17 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def _copy(world: World, tmp_path: Path, upstream: str):
-    layout = tmp_path / "layout"
-    result = skopeo(
-        world.gateway,
-        tmp_path,
-        "copy",
-        "--src-cert-dir",
-        str(world.gateway.cert_dir(tmp_path)),
-        f"docker://{upstream}/team/app:v1",
-        f"oci:{layout}:v1",
-    )
-    return result, layout
+    return skopeo_copy_to_layout(world.gateway, tmp_path, f"{upstream}/team/app:v1")
 
 
 def _blob_gets(registry: Registry) -> set[str]:

@@ -40,3 +40,25 @@ def skopeo(gateway: Gateway, home: Path, *args: str, timeout: float = 180) -> su
         timeout=timeout,
         check=False,
     )
+
+
+def skopeo_copy_to_layout(
+    gateway: Gateway, home: Path, reference: str, *flags: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """`skopeo copy docker://<reference> oci:<home>/layout:copied` through the gateway, trusting its CA."""
+    layout = home / "layout"
+    result = skopeo(
+        gateway,
+        home,
+        "copy",
+        *flags,
+        "--src-cert-dir",
+        str(gateway.cert_dir(home)),
+        f"docker://{reference}",
+        f"oci:{layout}:copied",
+    )
+    return result, layout
+
+
+def skopeo_inspect_raw(gateway: Gateway, home: Path, reference: str) -> subprocess.CompletedProcess:
+    return skopeo(gateway, home, "inspect", "--raw", "--cert-dir", str(gateway.cert_dir(home)), f"docker://{reference}")
