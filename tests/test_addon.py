@@ -216,6 +216,8 @@ async def test_manifest_falls_through_refused_and_404_hosts_to_the_first_good_on
             "application/vnd.oci.image.manifest.v1+json",
         ]
         assert ("OCI-Named-Ref", "upstream.test/team/app:v1") in headers
+        # Nothing the client did not send: no User-Agent of the gateway's HTTP library, no compression asked for.
+        assert "User-Agent" not in dict(headers) and dict(headers)["Accept-Encoding"] == "identity"
         assert seen_404 and seen_404[0][1] == "/v2/team/app/manifests/v1?ns=upstream.test"
 
 

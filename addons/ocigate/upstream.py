@@ -61,6 +61,7 @@ class Upstream:
         extensions = {"sni_hostname": host.host} if host.scheme == "https" else {}
         client = self._client(host)
         request = client.build_request(method, url, headers=request_headers, timeout=timeout, extensions=extensions)
+        _drop_invented_headers(request, headers)
         try:
             response = await client.send(request, stream=True)
             try:
@@ -80,6 +81,18 @@ class Upstream:
     async def aclose(self) -> None:
         clients, self._clients = self._clients, {}
         await asyncio.gather(*(c.aclose() for c in clients.values()))
+
+
+def _drop_invented_headers(request: httpx.Request, sent: list[tuple[bytes, bytes]]) -> None:
+    """httpx adds Accept, Accept-Encoding and User-Agent of its own: a host must see the client's request, not
+    httpx's (distribution answers an Accept of */* differently from none), and an answer the client did not ask to
+    be compressed must not arrive compressed."""
+    names = {name.lower() for name, _ in sent}
+    for name in (b"accept", b"user-agent"):
+        if name not in names:
+            del request.headers[name.decode()]
+    if b"accept-encoding" not in names:
+        request.headers["Accept-Encoding"] = "identity"
 
 
 def _describe(error: httpx.HTTPError) -> str:
