@@ -54,8 +54,11 @@ def flow_to(host: str, path: str, method: str = "GET", port: int = 443, headers=
 
 
 @contextmanager
-def http_host(answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]) -> Iterator[tuple[int, list]]:
-    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request."""
+def http_host(
+    answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]], *, chunked: bool = False
+) -> Iterator[tuple[int, list]]:
+    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request. Its answers
+    carry a Content-Length, or with `chunked` are sent chunked."""
     seen: list = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -66,10 +69,13 @@ def http_host(answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]) -> 
             status, body = answer(self)
             self.send_response(status)
             self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-            self.send_header("Content-Length", str(len(body)))
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(body)
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
 
         do_GET = do_HEAD = _serve
 
@@ -77,7 +83,10 @@ def http_host(answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]) -> 
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # The gateway's pooled keep-alive connections would hold handler threads open at shutdown.
+    server.daemon_threads = True
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server.server_address[1], seen
@@ -315,3 +324,146 @@ def test_tls_to_unruled_hosts_is_not_intercepted(tmp_path: Path) -> None:
             data = tls.ClientHelloData(context, None)  # type: ignore[arg-type]
             gw.tls_clienthello(data)
             assert data.ignore_connection is ignored
+
+
+MANIFEST = b'{"schemaVersion": 2}'
+
+
+def two_hosts(tmp_path: Path, first: int, second: int, upstream: str = "upstream.test") -> tuple[Path, list[str]]:
+    rules = write_rules(
+        tmp_path, upstream, f'[host."http://first.test:{first}"]\n[host."http://second.test:{second}"]\n'
+    )
+    return rules, ["first.test=127.0.0.1", "second.test=127.0.0.1"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+async def test_overloaded_or_broken_host_falls_through(tmp_path: Path, status: int) -> None:
+    with http_host(lambda h: (status, b"{}")) as (broken, _), http_host(lambda h: (200, MANIFEST)) as (good, _):
+        rules, host_map = two_hosts(tmp_path, broken, good)
+        with gateway(rules, host_map) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+    assert flow.metadata[METADATA_KEY]["attempts"][0] == {
+        "host": f"http://first.test:{broken}/v2",
+        "result": str(status),
+        "fell_through": True,
+    }
+
+
+async def test_referrers_fall_through_to_the_next_host(tmp_path: Path) -> None:
+    index = b'{"schemaVersion": 2, "manifests": []}'
+    with http_host(lambda h: (404, b"{}")) as (missing, _), http_host(lambda h: (200, index)) as (good, seen):
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'[host."http://first.test:{missing}"]\n  capabilities = ["referrers"]\n'
+            f'[host."http://second.test:{good}"]\n  capabilities = ["referrers"]\n',
+        )
+        with gateway(rules, ["first.test=127.0.0.1", "second.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/referrers/{DIGEST}")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and flow.response.content == index
+    assert seen[0][1] == f"/v2/team/app/referrers/{DIGEST}?ns=upstream.test"
+
+
+async def test_head_answers_keep_the_hosts_length_and_never_invent_one(tmp_path: Path) -> None:
+    with (
+        http_host(lambda h: (200, MANIFEST)) as (sized, _),
+        http_host(lambda h: (200, MANIFEST), chunked=True) as (chunked, _),
+    ):
+        for port in (sized, chunked):
+            rules = write_rules(tmp_path / str(port), "upstream.test", f'[host."http://m.test:{port}"]\n')
+            with gateway(rules, ["m.test=127.0.0.1"]) as (gw, _):
+                flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", method="HEAD")
+                await gw.requestheaders(flow)
+            assert flow.response.status_code == 200 and flow.response.raw_content == b""
+            expected = str(len(MANIFEST)) if port == sized else None
+            assert flow.response.headers.get("Content-Length") == expected
+
+
+async def test_chunked_get_answer_gets_its_length(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, MANIFEST), chunked=True) as (port, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(flow)
+    assert flow.response.content == MANIFEST
+    assert flow.response.headers["Content-Length"] == str(len(MANIFEST))
+    assert "Transfer-Encoding" not in flow.response.headers
+
+
+async def test_not_found_where_asked_and_down_elsewhere_is_not_found(tmp_path: Path) -> None:
+    with http_host(lambda h: (404, b"{}")) as (missing, _):
+        refused = missing + 1
+        rules, host_map = two_hosts(tmp_path, refused, missing)
+        with gateway(rules, host_map) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/sha256-sig")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 404
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN" and "connection refused" in error["message"]
+
+
+async def test_repointed_blob_carries_the_hosts_headers(tmp_path: Path) -> None:
+    rules = write_rules(
+        tmp_path,
+        "upstream.test",
+        'server = "https://upstream.test"\ncapabilities = ["resolve"]\n'
+        '[host."http://mirror.test:5000"]\n  capabilities = ["pull"]\n'
+        '  [host."http://mirror.test:5000".header]\n    x-mirror-key = ["a", "b"]\n',
+    )
+    with gateway(rules) as (gw, _):
+        flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"X-Mirror-Key", b"client"),))
+        await gw.requestheaders(flow)
+    assert flow.request.headers.get_all("x-mirror-key") == ["a", "b"]
+
+
+async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (port, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
+            tctx.configure(gw, ocigate_named_ref_headers=["OCI-Ref"])
+            await gw.requestheaders(flow_to("upstream.test", "/v2/team/app/manifests/v1"))
+    headers = dict(seen[0][2])
+    assert headers["OCI-Ref"] == "upstream.test/team/app:v1" and "OCI-Named-Ref" not in headers
+
+
+@pytest.mark.parametrize("path", ["/v2/token?scope=repository:team/app:pull", "/v2/auth", "/v2/team/app/other"])
+async def test_other_paths_under_v2_of_a_ruled_upstream_pass_through(tmp_path: Path, path: str) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", path)
+        await gw.requestheaders(flow)
+    assert flow.response is None and flow.request.host == "upstream.test" and flow.request.path == path
+
+
+async def test_request_target_that_is_not_ascii_is_refused(tmp_path: Path) -> None:
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+        flow.request.data.path = b"/v2/team/app/manifests/v1?a=\xff"
+        await gw.requestheaders(flow)
+    assert flow.response.status_code == 400
+    assert "not percent-encoded ASCII" in json.loads(flow.response.content)["errors"][0]["message"]
+
+
+async def test_an_internal_error_answers_500_instead_of_letting_the_request_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("ocigate.addon.make_plan", broken)
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", headers=((b"Authorization", b"Bearer x"),))
+        await gw.requestheaders(flow)
+    assert flow.response.status_code == 500
+    assert flow.request.host == "upstream.test"
+
+
+def test_tls_settings_of_an_address_in_two_rules_that_disagree_are_not_guessed(tmp_path: Path) -> None:
+    write_rules(tmp_path, "a.test", '[host."https://mirror.test"]\n  skip_verify = true\n')
+    write_rules(tmp_path, "b.test", '[host."https://mirror.test"]\n')
+    write_rules(tmp_path, "c.test", '[host."https://only.test"]\n  skip_verify = true\n')
+    with gateway(tmp_path) as (gw, _):
+        assert gw.shared.host_for_connection("client", ("mirror.test", 443)) is None
+        assert gw.shared.host_for_connection("client", ("only.test", 443)).skip_verify

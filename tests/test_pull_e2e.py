@@ -6,6 +6,7 @@ recording hop, because distribution does not log request headers.
 
 import hashlib
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,3 +178,16 @@ def test_gateway_refuses_a_destination_it_may_not_dial(fresh: World) -> None:
         response = client.get("http://nowhere.test/v2/")
     assert response.status_code == 502
     assert "nowhere.test:80 is not in the host map and name resolution is off" in fresh.gateway.log_text()
+
+
+def test_blobs_asked_on_one_client_connection_reuse_one_mirror_connection(fresh: World) -> None:
+    # The host map re-points the dialled address; the connection must still be known by the host's own address,
+    # or mitmproxy opens (and keeps) one per blob.
+    connects = f"server connect 127.0.0.1:{fresh.b.recorder.port}"
+    before = fresh.gateway.log_text().count(connects)
+    context = ssl.create_default_context(cafile=str(fresh.gateway.ca_path))
+    with httpx.Client(proxy=fresh.gateway.proxy_url, verify=context, trust_env=False) as client:
+        for layer in fresh.app.layers:
+            response = client.get(f"https://{UPSTREAM}/v2/team/app/blobs/{layer.digest}")
+            assert response.status_code == 200 and response.content == layer.data
+    assert fresh.gateway.log_text().count(connects) - before == 1

@@ -3,9 +3,11 @@
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ocigate.reference import Route, RouteKind
-from ocigate.router import is_proxy_for, make_plan, required_capability
+from ocigate.router import is_proxy_for, make_plan, required_capabilities
 from ocigate.rules import Host, Rule
 
 DIGEST = "sha256:" + "a" * 64
@@ -28,27 +30,34 @@ def query_of(target: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize(
-    ("route", "method", "capability"),
+    ("route", "method", "capabilities"),
     [
-        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "GET", "resolve"),
-        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "HEAD", "resolve"),
-        (Route(RouteKind.MANIFEST, "a/b", digest=DIGEST), "GET", "pull"),
-        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "GET", "pull"),
-        (Route(RouteKind.TAGS, "a/b"), "GET", "resolve"),
-        (Route(RouteKind.REFERRERS, "a/b", digest=DIGEST), "GET", "referrers"),
-        (Route(RouteKind.BLOB_UPLOAD, "a/b"), "POST", "push"),
-        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "PUT", "push"),
-        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "DELETE", "push"),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "GET", {"pull", "resolve"}),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "HEAD", {"pull", "resolve"}),
+        (Route(RouteKind.MANIFEST, "a/b", digest=DIGEST), "GET", {"pull"}),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "GET", {"pull"}),
+        (Route(RouteKind.TAGS, "a/b"), "GET", {"pull", "resolve"}),
+        (Route(RouteKind.REFERRERS, "a/b", digest=DIGEST), "GET", {"referrers"}),
+        (Route(RouteKind.BLOB_UPLOAD, "a/b"), "POST", {"push"}),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "PUT", {"push"}),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "DELETE", {"push"}),
     ],
 )
-def test_required_capability(route: Route, method: str, capability: str) -> None:
-    assert required_capability(route, method) == capability
+def test_required_capabilities(route: Route, method: str, capabilities: set[str]) -> None:
+    assert required_capabilities(route, method) == capabilities
 
 
-def test_tag_manifest_skips_hosts_without_resolve_and_keeps_file_order() -> None:
-    hosts = [host("m1.test", {"pull"}), host("m2.test", {"pull", "resolve"}), host("upstream.test")]
+def test_tag_manifest_needs_both_pull_and_resolve_and_keeps_file_order() -> None:
+    hosts = [
+        host("pull-only.test", {"pull"}),
+        host("resolve-only.test", {"resolve"}),
+        host("both.test", {"pull", "resolve"}),
+        host("upstream.test"),
+    ]
     plan = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v1"), hosts)
-    assert [a.host.host for a in plan.attempts] == ["m2.test", "upstream.test"]
+    assert [a.host.host for a in plan.attempts] == ["both.test", "upstream.test"]
+    by_digest = plan_for(Route(RouteKind.MANIFEST, "team/app", digest=DIGEST), hosts)
+    assert [a.host.host for a in by_digest.attempts] == ["pull-only.test", "both.test", "upstream.test"]
 
 
 def test_ns_goes_to_every_host_but_the_upstream_itself() -> None:
@@ -69,6 +78,21 @@ def test_docker_hub_server_gets_no_ns_but_a_mirror_does() -> None:
 def test_client_query_is_kept_and_its_ns_replaced() -> None:
     plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test")], query="n=10&last=a&ns=evil.test")
     assert query_of(plan.attempts[0].target) == [("n", "10"), ("last", "a"), ("ns", "upstream.test")]
+
+
+def test_client_query_keeps_its_own_spelling_and_ns_is_encoded_as_containerd_does() -> None:
+    plan = plan_for(
+        Route(RouteKind.TAGS, "team/app"), [host("mirror.test")], upstream="up.test:5000", query="last=a%2Fb&x"
+    )
+    assert plan.attempts[0].target == "/v2/team/app/tags/list?last=a%2Fb&x&ns=up.test%3A5000"
+
+
+@given(st.text())
+def test_any_query_gives_a_target_with_exactly_one_ns(query: str) -> None:
+    plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test")], query=query)
+    target = plan.attempts[0].target
+    assert target.startswith("/v2/team/app/tags/list?")
+    assert [p for p in target.split("?", 1)[1].split("&") if p.partition("=")[0] == "ns"] == ["ns=upstream.test"]
 
 
 def test_override_path_replaces_v2() -> None:
@@ -107,4 +131,4 @@ def test_host_headers_come_first_then_the_named_reference_under_every_configured
 
 def test_no_host_with_the_capability_gives_an_empty_plan() -> None:
     plan = plan_for(Route(RouteKind.BLOB_UPLOAD, "team/app"), [host("m.test", {"pull", "resolve"})], method="POST")
-    assert plan.attempts == () and plan.capability == "push"
+    assert plan.attempts == () and plan.capabilities == {"push"}

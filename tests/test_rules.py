@@ -215,8 +215,11 @@ def test_lookup_reads_nothing_from_disk_after_loading(tmp_path: Path) -> None:
 
 def test_rules_gives_one_rule_per_directory_for_the_registry_it_names(tmp_path: Path) -> None:
     write_hosts(tmp_path, "registry.example_5000_", "")
+    (tmp_path / "registry.example_5000_" / "ca.crt").write_text("")
     write_hosts(tmp_path, "_default", '[host."https://mirror.example"]\n')
+    write_hosts(tmp_path, "inactive.example", "# configures nothing\n")
     by_upstream = {rule.upstream: rule for rule in load_rules(tmp_path).rules()}
+    assert set(by_upstream) == {"registry.example:5000", "_default"}
     assert urls(by_upstream["registry.example:5000"].hosts) == ["https://registry.example:5000/v2"]
     assert urls(by_upstream["_default"].hosts)[0] == "https://mirror.example/v2"
 
@@ -468,11 +471,12 @@ def test_empty_hosts_toml_is_read_like_a_missing_one(tmp_path: Path) -> None:
     assert rule.source is None and rule.hosts[0].ca == (tmp_path / "registry.example" / "ca.crt",)
 
 
-def test_hosts_toml_with_only_comments_is_a_file_with_just_the_upstream(tmp_path: Path) -> None:
-    path = write_hosts(tmp_path, "registry.example", "# nothing\n")
+def test_hosts_toml_with_only_comments_hides_the_cert_files_and_configures_nothing(tmp_path: Path) -> None:
+    # Unlike an empty file, it is read as a hosts.toml, so containerd ignores ca.crt: the registry goes to itself
+    # with default TLS, which for ocigate is no rule at all.
+    write_hosts(tmp_path, "registry.example", "# nothing\n")
     (tmp_path / "registry.example" / "ca.crt").write_text("")
-    rule = load_rules(tmp_path).lookup("registry.example")
-    assert rule.source == path and rule.hosts == (Host("https", "registry.example", 443, "/v2", ALL, is_server=True),)
+    assert load_rules(tmp_path).lookup("registry.example") is None
 
 
 # Broken files: every one names the file and the key
@@ -608,8 +612,17 @@ def test_files_beside_registry_directories_are_ignored(tmp_path: Path) -> None:
 # The shipped example tree
 
 
-def test_shipped_rules_send_docker_io_to_two_mirrors_then_registry_1() -> None:
-    rule = load_rules(SHIPPED_RULES).lookup("docker.io")
+def activated_examples(tmp_path: Path) -> Path:
+    """The shipped tree with every hosts.toml.example copied to the hosts.toml it documents."""
+    tree = tmp_path / "rules"
+    shutil.copytree(SHIPPED_RULES, tree)
+    for example in tree.glob("*/hosts.toml.example"):
+        shutil.copy(example, example.with_name("hosts.toml"))
+    return tree
+
+
+def test_shipped_docker_io_example_sends_docker_io_to_two_mirrors_then_registry_1(tmp_path: Path) -> None:
+    rule = load_rules(activated_examples(tmp_path)).lookup("docker.io")
     assert urls(rule.hosts) == [
         "https://mirror-a.example/v2",
         "https://mirror-b.example/v2",
@@ -618,11 +631,32 @@ def test_shipped_rules_send_docker_io_to_two_mirrors_then_registry_1() -> None:
     assert [host.capabilities for host in rule.hosts] == [PULL_RESOLVE, PULL, ALL]
 
 
-def test_shipped_tree_leaves_every_other_registry_without_a_rule() -> None:
-    # No shipped _default: registries without a directory pass through the gateway untouched.
+def test_shipped_default_example_puts_a_shared_mirror_before_every_registry(tmp_path: Path) -> None:
+    rule = load_rules(activated_examples(tmp_path)).lookup("quay.io")
+    assert urls(rule.hosts) == ["https://mirror-all.example/v2", "https://quay.io/v2"]
+
+
+def test_shipped_tree_as_is_gives_no_registry_a_rule() -> None:
+    # Examples only: out of the box every registry passes through the gateway untouched.
     rule_set = load_rules(SHIPPED_RULES)
-    assert rule_set.lookup("quay.io") is None
-    assert rule_set.lookup("localhost:5000") is None
+    for upstream in ("docker.io", "quay.io", "localhost:5000"):
+        assert rule_set.lookup(upstream) is None
+    assert list(rule_set.rules()) == []
+
+
+def test_a_directory_that_configures_nothing_is_no_rule(tmp_path: Path) -> None:
+    (tmp_path / "registry.example").mkdir()
+    write_hosts(tmp_path, "_default", "# only a comment\n")
+    rule_set = load_rules(tmp_path)
+    assert rule_set.lookup("registry.example") is None
+    assert rule_set.lookup("other.example") is None
+
+
+def test_a_directory_with_only_a_ca_file_is_a_rule(tmp_path: Path) -> None:
+    (tmp_path / "registry.example").mkdir()
+    (tmp_path / "registry.example" / "ca.crt").write_text("")
+    rule = load_rules(tmp_path).lookup("registry.example")
+    assert rule is not None and rule.hosts[-1].ca == (tmp_path / "registry.example" / "ca.crt",)
 
 
 # Property tests

@@ -11,49 +11,54 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .attempt import HOP_BY_HOP, Outcome, choose_blob_host, encode_error, error_body, failure, first_good
 from .destinations import DestinationError, Destinations
-from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
+from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
-from .router import Attempt, Plan, make_plan
-from .rules import Host, RulesError, RuleSet, load_rules
+from .router import PUSH, Attempt, Plan, make_plan
+from .rules import Host, Rule, RulesError, RuleSet, load_rules
 from .upstream import HostResponse, Upstream
 
 log = logging.getLogger("ocigate")
 
 METADATA_KEY = "ocigate"
+_STREAM_KEY = "ocigate_stream"
 _SMALL_ANSWER_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG})
 
 
 class Shared:
-    """What the addons share: the dialling policy and the loaded rules (replaced whole on reconfiguration)."""
+    """What the addons share: the loaded rules, ocigate's own HTTP client, and which host each re-pointed client
+    connection talks to."""
 
     def __init__(self) -> None:
-        self.destinations = Destinations()
         self.rules: RuleSet | None = None
-        # The TLS settings a client connection's flows were re-pointed with, by host and port: the same host may
-        # appear in several rules with different settings, and a client connection belongs to one upstream.
-        self.host_tls_by_client: dict[str, dict[tuple[str, int], HostTLS]] = {}
-        self.upstream = Upstream(self.destinations, connect_timeout=30, read_timeout=60)
+        self.upstream = Upstream()
+        # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
+        # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
+        # tunnel) belongs to one upstream.
+        self.repointed: dict[str, dict[tuple[str, int], Host]] = {}
+        # The one entry for an address that every rule agrees on, for connections no flow was re-pointed to (a
+        # ruled host's token endpoint passing through, say); addresses with conflicting settings are left out.
+        self.hosts_by_address: dict[tuple[str, int], Host] = {}
 
-    def set_destinations(self, destinations: Destinations) -> None:
-        self.destinations = destinations
-        self.upstream.destinations = destinations
+    def host_for_connection(self, client_id: str, address: tuple[str, int]) -> Host | None:
+        return self.repointed.get(client_id, {}).get(address) or self.hosts_by_address.get(address)
 
 
 class Dialing:
-    """Every connection mitmproxy opens goes where the host map says and only to allowed addresses."""
+    """Every connection mitmproxy opens goes where the host map says, only to allowed addresses, and with the TLS
+    settings its host has in hosts.toml."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        # The address a server connection was asked for, before the host map re-pointed it: the TLS settings of a
-        # host belong to its name and port, not to where it happens to be dialled.
-        self.asked_for: dict[str, tuple[str, int]] = {}
+        # The address each connection was asked for, until it is connected (see server_connect).
+        self.asked: dict[str, tuple[str, int]] = {}
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "ocigate_map_hosts",
             Sequence[str],
@@ -77,14 +82,13 @@ class Dialing:
     def configure(self, updated: set[str]) -> None:
         if updated & {"ocigate_map_hosts", "ocigate_allow_destinations", "ocigate_dns"}:
             try:
-                destinations = Destinations.from_options(
+                self.shared.upstream.destinations = Destinations.from_options(
                     ctx.options.ocigate_map_hosts,
                     ctx.options.ocigate_allow_destinations,
                     ctx.options.ocigate_dns,
                 )
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
-            self.shared.set_destinations(destinations)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
@@ -92,30 +96,39 @@ class Dialing:
             return
         host, port = server.address
         try:
-            server.address = await self.shared.destinations.resolve(host, port)
+            server.address = await self.shared.upstream.destinations.resolve(host, port)
         except DestinationError as e:
             server.error = f"ocigate refused the connection: {e}"
             log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
             return
-        self.asked_for[server.id] = (host, port)
+        # Put back once connected: the TLS settings belong to the name, and mitmproxy reuses a connection only
+        # for a request to the address it was opened for.
+        self.asked[server.id] = (host, port)
 
-    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.asked_for.pop(data.server.id, None)
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        asked = self.asked.pop(data.server.id, None)
+        if asked is not None:
+            # Server refuses a new address once open, to keep a connection from being re-targeted; this only
+            # relabels it with the address it was opened for (peername keeps the one dialled).
+            object.__setattr__(data.server, "address", asked)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        self.asked.pop(data.server.id, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.shared.host_tls_by_client.pop(client.id, None)
+        self.shared.repointed.pop(client.id, None)
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         # Runs after mitmproxy's own tlsconfig addon built the connection: swapping the context keeps its SNI,
         # hostname check and ALPN, and trusts and presents what the host's hosts.toml entry says instead.
         server = tls_start.conn
-        if not isinstance(server, connection.Server) or tls_start.ssl_conn is None:
+        if not isinstance(server, connection.Server) or tls_start.ssl_conn is None or server.address is None:
             return
-        asked = self.asked_for.get(server.id)
-        if asked is None:
+        host = self.shared.host_for_connection(tls_start.context.client.id, server.address)
+        if host is None:
             return
-        host_tls = self.shared.host_tls_by_client.get(tls_start.context.client.id, {}).get(asked)
-        if host_tls is None:
+        host_tls = self.shared.upstream.host_tls(host)
+        if host_tls.is_default:
             return
         tls_start.ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
@@ -128,7 +141,7 @@ class Gateway:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
-    def load(self, loader) -> None:
+    def load(self, loader: Loader) -> None:
         loader.add_option(
             "ocigate_rules",
             str,
@@ -150,6 +163,8 @@ class Gateway:
             False,
             "Decrypt connections to hosts no rule names too (for captures); by default they pass through as-is.",
         )
+        # httpx logs every request it sends, with the address dialled: ocigate logs one line per request itself.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def configure(self, updated: set[str]) -> None:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
@@ -157,19 +172,26 @@ class Gateway:
             # resolve at all (an air-gap box, a mirror-only registry).
             log.info("ocigate: setting connection_strategy=lazy")
             ctx.options.update(connection_strategy="lazy")
-        if "ocigate_rules" in updated:
-            self.shared.rules = self._load_rules(ctx.options.ocigate_rules)
         for name in ("ocigate_connect_timeout", "ocigate_read_timeout"):
             if getattr(ctx.options, name) <= 0:
                 raise exceptions.OptionsError(f"{name} must be a positive number of seconds")
         for name in ctx.options.ocigate_named_ref_headers:
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise exceptions.OptionsError(f"ocigate_named_ref_headers: {name!r} is not a header name")
-        self.shared.upstream.connect_timeout = ctx.options.ocigate_connect_timeout
-        self.shared.upstream.read_timeout = ctx.options.ocigate_read_timeout
+        upstream = self.shared.upstream
+        upstream.connect_timeout = ctx.options.ocigate_connect_timeout
+        upstream.read_timeout = ctx.options.ocigate_read_timeout
+        trust = {"ocigate_rules", "ssl_insecure", "ssl_verify_upstream_trusted_ca"}
+        if updated & trust:
+            roots = ctx.options.ssl_verify_upstream_trusted_ca
+            upstream.roots = Path(roots).expanduser() if roots else None
+            upstream.insecure = ctx.options.ssl_insecure
+            forget_contexts()
+            upstream.forget_clients()
+            self.shared.rules = self._load_rules(ctx.options.ocigate_rules)
+            self.shared.hosts_by_address = _hosts_by_address(self.shared.rules)
 
-    @staticmethod
-    def _load_rules(directory: str) -> RuleSet | None:
+    def _load_rules(self, directory: str) -> RuleSet | None:
         if not directory:
             return None
         try:
@@ -179,9 +201,10 @@ class Gateway:
         # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
         for rule in rules.rules():
             for host in rule.hosts:
+                host_tls = self.shared.upstream.host_tls(host)
                 try:
-                    python_context(HostTLS.of(host))
-                    openssl_context(HostTLS.of(host))
+                    python_context(host_tls)
+                    openssl_context(host_tls)
                 except HostTLSError as e:
                     raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
         return rules
@@ -212,7 +235,7 @@ class Gateway:
         if address and self._upstream_rule(address[0], address[1], "https") is None:
             data.ignore_connection = True
 
-    def _upstream_rule(self, host: str, port: int, scheme: str):
+    def _upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
         default_port = 443 if scheme == "https" else 80
         try:
             upstream = normalize_upstream(host, None if port == default_port else port)
@@ -224,17 +247,32 @@ class Gateway:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not self.shared.rules:
             return
-        request = flow.request
-        found = self._upstream_rule(request.host, request.port, request.scheme)
+        found = self._upstream_rule(flow.request.host, flow.request.port, flow.request.scheme)
         if found is None:
             return
         upstream, rule = found
+        try:
+            await self._route(flow, upstream, rule)
+        except Exception:
+            # Fail closed: a flow of a ruled upstream that was not routed must not leave for the upstream as sent.
+            log.exception("ocigate: internal error routing %s %s", flow.request.method, flow.request.pretty_url)
+            self._answer(flow, 500, error_body("UNKNOWN", "ocigate failed on this request: see the gateway log"))
+
+    async def _route(self, flow: http.HTTPFlow, upstream: str, rule: Rule) -> None:
+        request = flow.request
+        source = str(rule.source)
         path, _, query = request.path.partition("?")
+        if not request.path.isascii():
+            # Anything else is not a valid request target (RFC 9112 3.2): it has no one spelling to forward.
+            message = "request target has bytes that are not percent-encoded ASCII"
+            self._answer(flow, 400, error_body("UNSUPPORTED", message))
+            self._record(flow, upstream, source, None, [], "gateway")
+            return
         try:
             route = parse_route(path)
         except RouteError as e:
             self._answer(flow, 400, error_body(e.code, str(e)))
-            self._record(flow, upstream, str(rule.source), None, [], "gateway")
+            self._record(flow, upstream, source, None, [], "gateway")
             return
         if route is None:
             return
@@ -243,43 +281,37 @@ class Gateway:
         if route.kind is RouteKind.PING:
             flow.response = http.Response.make(
                 200,
-                b"{}",
+                b"" if request.method == "HEAD" else b"{}",
                 {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
             )
-            self._record(flow, upstream, str(rule.source), route, [], "gateway")
+            self._record(flow, upstream, source, route, [], "gateway")
             return
         plan = make_plan(route, request.method, rule, upstream, query, ctx.options.ocigate_named_ref_headers)
         if not plan.attempts:
-            self._fail(flow, plan, [], str(rule.source))
+            self._fail(flow, plan, [], source)
             return
         client_headers = list(request.headers.fields)
-        if (route.kind in _SMALL_ANSWER_KINDS and plan.capability != "push") or (
-            route.kind is RouteKind.BLOB and request.method == "HEAD"
-        ):
+        small_answer = route.kind in _SMALL_ANSWER_KINDS and plan.capabilities != PUSH
+        if small_answer or (route.kind is RouteKind.BLOB and request.method == "HEAD"):
             answer, outcomes = await first_good(plan, request.method, client_headers, self.shared.upstream)
             if answer is None:
-                self._fail(flow, plan, outcomes, str(rule.source))
+                self._fail(flow, plan, outcomes, source)
                 return
-            flow.response = _response(answer)
-            self._record(flow, upstream, str(rule.source), route, outcomes, outcomes[-1].host, plan)
+            flow.response = _response(answer, head=request.method == "HEAD")
+            self._record(flow, upstream, source, route, outcomes, outcomes[-1].host, plan)
             return
+        outcomes: list[Outcome] = []
+        chosen = plan.attempts[0]
         if route.kind is RouteKind.BLOB:
             chosen, outcomes = await choose_blob_host(plan, client_headers, self.shared.upstream)
-        else:
-            chosen, outcomes = plan.attempts[0], []
-        assert chosen is not None
         _repoint(flow, chosen)
-        host_tls = HostTLS.of(chosen.host)
-        if chosen.host.scheme == "https" and not host_tls.is_default:
-            self.shared.host_tls_by_client.setdefault(flow.client_conn.id, {})[(chosen.host.host, chosen.host.port)] = (
-                host_tls
-            )
-        flow.metadata[METADATA_KEY + "_stream"] = True
+        self.shared.repointed.setdefault(flow.client_conn.id, {})[(chosen.host.host, chosen.host.port)] = chosen.host
+        flow.metadata[_STREAM_KEY] = True
         request.stream = True
-        self._record(flow, upstream, str(rule.source), route, outcomes, chosen.host.url, plan)
+        self._record(flow, upstream, source, route, outcomes, chosen.host.url, plan)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(METADATA_KEY + "_stream") and flow.response:
+        if flow.metadata.get(_STREAM_KEY) and flow.response:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -320,7 +352,7 @@ class Gateway:
             "route": route.kind.value if route else "invalid",
             "repository": route.repository if route else None,
             "reference": route.reference if route else None,
-            "capability": plan.capability if plan else None,
+            "capabilities": sorted(plan.capabilities) if plan else None,
             "named_reference": plan.named_reference if plan else None,
             "attempts": [o.as_dict() for o in outcomes],
             "served_by": served_by,
@@ -347,6 +379,18 @@ def describe(method: str, record: dict) -> str:
     return line
 
 
+def _hosts_by_address(rules: RuleSet | None) -> dict[tuple[str, int], Host]:
+    entries: dict[tuple[str, int], Host] = {}
+    conflicting: set[tuple[str, int]] = set()
+    for rule in rules.rules() if rules else ():
+        for host in rule.hosts:
+            address = (host.host, host.port)
+            known = entries.setdefault(address, host)
+            if (known.ca, known.client, known.skip_verify) != (host.ca, host.client, host.skip_verify):
+                conflicting.add(address)
+    return {address: host for address, host in entries.items() if address not in conflicting}
+
+
 def _with_repository(route: Route, repository: str) -> Route:
     if route.repository == repository:
         return route
@@ -355,7 +399,7 @@ def _with_repository(route: Route, repository: str) -> Route:
 
 def _repoint(flow: http.HTTPFlow, attempt: Attempt) -> None:
     request = flow.request
-    host: Host = attempt.host
+    host = attempt.host
     request.scheme = host.scheme
     request.host = host.host
     request.port = host.port
@@ -369,12 +413,14 @@ def _repoint(flow: http.HTTPFlow, attempt: Attempt) -> None:
         request.headers.add(name, value)
 
 
-def _response(answer: HostResponse) -> http.Response:
+def _response(answer: HostResponse, *, head: bool) -> http.Response:
     headers = http.Headers([(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP])
-    if b"content-length" not in {k.lower() for k, _ in answer.headers}:
+    # The host sent its body chunked: it goes on with a length. A HEAD answer keeps exactly what the host said,
+    # since a client takes its Content-Length as the size of what a GET would bring.
+    if not head and b"content-length" not in {k.lower() for k, _ in answer.headers}:
         headers["Content-Length"] = str(len(answer.body))
     now = time.time()
-    return http.Response(b"HTTP/1.1", answer.status, b"", headers, answer.body, None, now, now)
+    return http.Response(b"HTTP/1.1", answer.status, answer.reason, headers, answer.body, None, now, now)
 
 
 def make_addons() -> list:

@@ -29,6 +29,7 @@ class Outcome:
     host: str  # the host's URL, never with credentials
     result: str  # "200", "404", "connection refused", ...
     fell_through: bool
+    status: int | None = None  # the host's HTTP status; None when it could not be asked
 
     def as_dict(self) -> dict[str, str | bool]:
         return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
@@ -68,11 +69,10 @@ async def first_good(
         except HostFailed as e:
             outcomes.append(Outcome(attempt.host.url, str(e), True))
             continue
-        if falls_through(response.status, attempt):
-            outcomes.append(Outcome(attempt.host.url, str(response.status), True))
-            continue
-        outcomes.append(Outcome(attempt.host.url, str(response.status), False))
-        return response, outcomes
+        fell_through = falls_through(response.status, attempt)
+        outcomes.append(Outcome(attempt.host.url, str(response.status), fell_through, response.status))
+        if not fell_through:
+            return response, outcomes
     return None, outcomes
 
 
@@ -93,7 +93,7 @@ async def choose_blob_host(
             outcomes.append(Outcome(attempt.host.url, f"probe: {e}", True))
             continue
         if response.status >= 400:
-            outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True))
+            outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True, response.status))
             continue
         return attempt, outcomes
     return (plan.attempts[-1] if plan.attempts else None), outcomes
@@ -108,10 +108,14 @@ _NOT_FOUND_CODES = {
 def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, dict]:
     """The status and OCI error body when no host could serve the request, naming every host and why."""
     if not plan.attempts:
-        message = f"no host for {plan.upstream} in {source} has the {plan.capability!r} capability"
+        wanted = " and ".join(repr(c) for c in sorted(plan.capabilities))
+        message = f"no host for {plan.upstream} in {source} has the capabilities {wanted}"
         return 405, error_body("UNSUPPORTED", message)
     tried = "; ".join(f"{o.host}: {o.result}" for o in outcomes)
-    if all(o.result.endswith("404") for o in outcomes):
+    # "Not found" from every host that could be asked is the answer, though others were down: a client checking
+    # whether something exists (a signature tag, say) must not take an outage of one mirror for an error.
+    answered = [o.status for o in outcomes if o.status is not None]
+    if answered and all(status == 404 for status in answered):
         code = _NOT_FOUND_CODES.get(plan.route.kind, "NAME_UNKNOWN")
         return 404, error_body(code, f"not found on any host for {plan.upstream} ({tried})")
     return 502, error_body("UNAVAILABLE", f"no host for {plan.upstream} could answer ({tried})")

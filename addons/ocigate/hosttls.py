@@ -20,10 +20,15 @@ class HostTLS:
     ca: tuple[Path, ...] = ()
     client: tuple[tuple[Path, Path | None], ...] = ()
     skip_verify: bool = False
+    # Replaces the default roots (the system store and certifi) for every host: mitmproxy's
+    # ssl_verify_upstream_trusted_ca, so that both stacks honour it.
+    roots: Path | None = None
 
     @classmethod
-    def of(cls, host: Host) -> "HostTLS":
-        return cls(host.ca, host.client, host.skip_verify)
+    def of(cls, host: Host, *, roots: Path | None = None, insecure: bool = False) -> "HostTLS":
+        """`insecure` is mitmproxy's ssl_insecure: it turns verification off for every host, as it does for
+        mitmproxy's own connections."""
+        return cls(host.ca, host.client, host.skip_verify or insecure, roots)
 
     @property
     def is_default(self) -> bool:
@@ -36,9 +41,14 @@ class HostTLSError(Exception):
 
 @cache
 def python_context(tls: HostTLS) -> ssl.SSLContext:
-    # Like containerd, a host's `ca` adds to the default roots rather than replacing them.
-    context = ssl.create_default_context(cafile=certifi.where())
     try:
+        if tls.roots:
+            context = ssl.create_default_context(cafile=str(tls.roots))
+        else:
+            # containerd trusts the system store; certifi is what mitmproxy trusts: a host either accepts is valid.
+            context = ssl.create_default_context()
+            context.load_verify_locations(cafile=certifi.where())
+        # Like containerd, a host's `ca` adds to the roots rather than replacing them.
         for ca in tls.ca:
             context.load_verify_locations(cafile=str(ca))
         for cert, key in tls.client:
@@ -55,7 +65,11 @@ def python_context(tls: HostTLS) -> ssl.SSLContext:
 def openssl_context(tls: HostTLS) -> SSL.Context:
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     try:
-        context.load_verify_locations(certifi.where())
+        if tls.roots:
+            context.load_verify_locations(str(tls.roots))
+        else:
+            context.set_default_verify_paths()
+            context.load_verify_locations(certifi.where())
         for ca in tls.ca:
             context.load_verify_locations(str(ca))
         for cert, key in tls.client:
@@ -65,6 +79,12 @@ def openssl_context(tls: HostTLS) -> SSL.Context:
         raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
     context.set_verify(SSL.VERIFY_NONE if tls.skip_verify else SSL.VERIFY_PEER, None)
     return context
+
+
+def forget_contexts() -> None:
+    """Rules were reloaded: a `ca` or `client` file may have changed on disk."""
+    python_context.cache_clear()
+    openssl_context.cache_clear()
 
 
 def _files(tls: HostTLS) -> str:

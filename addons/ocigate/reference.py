@@ -173,9 +173,9 @@ def _decode_segment(segment: str) -> str:
 
 
 def parse_route(path: str) -> Route | None:
-    """The distribution route of a request path (without query string), or None if it is not under /v2.
+    """The distribution route of a request path (without query string), or None if it is not one.
 
-    Raises RouteError for a path under /v2/ that is no valid distribution route.
+    Raises RouteError for a path that has a distribution route's shape but an invalid name, tag, digest or upload id.
     """
     if path in ("/v2", "/v2/"):
         return Route(RouteKind.PING)
@@ -185,10 +185,10 @@ def parse_route(path: str) -> Route | None:
     segments = [_decode_segment(segment) for segment in path.removeprefix("/v2/").split("/")]
     if segments[-1] == "":
         segments.pop()
-    return _route_from_segments(segments, path)
+    return _route_from_segments(segments)
 
 
-def _route_from_segments(segments: list[str], path: str) -> Route:
+def _route_from_segments(segments: list[str]) -> Route | None:
     if segments == ["_catalog"]:
         return Route(RouteKind.CATALOG)
     # The repository name may itself contain the route keywords, so the route is decided from the end of the
@@ -210,7 +210,9 @@ def _route_from_segments(segments: list[str], path: str) -> Route:
             return Route(RouteKind.BLOB, _repository_from(segments[:-2]), digest=last)
         if keyword == "referrers":
             return Route(RouteKind.REFERRERS, _repository_from(segments[:-2]), digest=last)
-    raise RouteError("UNSUPPORTED", f"path {_shown(path)} is not an OCI distribution API route")
+    # Not a distribution route: registries serve other things under /v2/ too (token endpoints such as gcr.io's
+    # /v2/token and quay.io's /v2/auth), and those must reach them untouched.
+    return None
 
 
 def _repository_from(components: list[str]) -> str:

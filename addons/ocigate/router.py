@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import quote
 
 from .reference import Route, RouteKind, format_route, named_reference
 from .rules import Host, Rule
@@ -12,16 +12,22 @@ DOCKER_HUB_SERVER = "registry-1.docker.io"
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def required_capability(route: Route, method: str) -> str:
-    """The hosts.toml capability a host needs to be asked this request."""
+PUSH = frozenset({"push"})
+REFERRERS = frozenset({"referrers"})
+PULL = frozenset({"pull"})
+PULL_AND_RESOLVE = frozenset({"pull", "resolve"})
+
+
+def required_capabilities(route: Route, method: str) -> frozenset[str]:
+    """The hosts.toml capabilities a host needs, all of them, to be asked this request (containerd's filterHosts)."""
     if route.kind in (RouteKind.BLOB_UPLOAD, RouteKind.UPLOAD_SESSION) or method in _WRITE_METHODS:
-        return "push"
+        return PUSH
     if route.kind is RouteKind.REFERRERS:
-        return "referrers"
+        return REFERRERS
     if route.kind is RouteKind.BLOB or (route.kind is RouteKind.MANIFEST and route.digest):
-        return "pull"
-    # Tags are mutable: turning one into a digest, or listing them, is what `resolve` allows.
-    return "resolve"
+        return PULL
+    # Tags are mutable: turning one into a digest, or listing them, is what `resolve` adds to `pull`.
+    return PULL_AND_RESOLVE
 
 
 def is_proxy_for(host: Host, upstream: str) -> bool:
@@ -43,18 +49,20 @@ class Attempt:
 class Plan:
     upstream: str
     route: Route
-    capability: str
+    capabilities: frozenset[str]
     named_reference: str | None
     attempts: tuple[Attempt, ...]
 
 
-def host_target(host: Host, route: Route, query: Sequence[tuple[str, str]], upstream: str) -> str:
+def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
+    """Path and query for one host. The client's query is kept as it was sent (byte for byte, whatever its
+    encoding), but for an `ns` of its own: the gateway knows the upstream, and says it once."""
     # format_route gives "/v2/..."; a host's path replaces "/v2" (containerd appends it unless override_path).
     path = host.path.rstrip("/") + format_route(route)[len("/v2") :]
-    params = [(k, v) for k, v in query if k != "ns"]
+    params = [p for p in query.split("&") if p and p.partition("=")[0] != "ns"]
     if is_proxy_for(host, upstream):
-        params.append(("ns", upstream))
-    return f"{path}?{urlencode(params)}" if params else path
+        params.append("ns=" + quote(upstream, safe=""))
+    return f"{path}?{'&'.join(params)}" if params else path
 
 
 def make_plan(
@@ -65,20 +73,19 @@ def make_plan(
     query: str,
     named_ref_headers: Sequence[str],
 ) -> Plan:
-    capability = required_capability(route, method)
+    capabilities = required_capabilities(route, method)
     named_ref = None
     if route.kind is RouteKind.MANIFEST and route.repository:
         named_ref = named_reference(upstream, route.repository, tag=route.tag, digest=route.digest)
     context = tuple((name, named_ref) for name in named_ref_headers) if named_ref else ()
-    params = parse_qsl(query, keep_blank_values=True)
     attempts = tuple(
         Attempt(
             host=host,
-            target=host_target(host, route, params, upstream),
+            target=host_target(host, route, query, upstream),
             headers=host.headers + context,
             forward_authorization=not is_proxy_for(host, upstream),
         )
         for host in rule.hosts
-        if capability in host.capabilities
+        if capabilities <= host.capabilities
     )
-    return Plan(upstream, route, capability, named_ref, attempts)
+    return Plan(upstream, route, capabilities, named_ref, attempts)

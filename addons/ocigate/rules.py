@@ -144,6 +144,13 @@ class _RegistryDirectory:
     def hosts_for(self, upstream: str) -> tuple[Host, ...]:
         return (*self.mirrors, self.server or _upstream_host(upstream, self.top_level))
 
+    @property
+    def changes_nothing(self) -> bool:
+        """No mirror, no server, no TLS files or headers: containerd would go to the registry itself, just as a
+        registry without a directory does, so for ocigate it is no rule (and its traffic passes through). This is
+        how a directory holding only an example file (hosts.toml.example) stays inactive."""
+        return not self.mirrors and self.server is None and self.top_level == _Settings()
+
 
 class RuleSet:
     def __init__(self, root: Path, directories: Mapping[str, _RegistryDirectory]) -> None:
@@ -157,15 +164,20 @@ class RuleSet:
         """One rule per registry directory, for the registry its name gives ("host_port_" is "host:port").
         `_default` serves every registry; its rule is given for the placeholder upstream "_default"."""
         for name, directory in self._directories.items():
+            if directory.changes_nothing:
+                continue
             upstream = _directory_upstream(name)
             yield Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
 
     def lookup(self, upstream: str) -> Rule | None:
         """The rule for a normalized upstream ("docker.io", "host", "host:port"), or None when no directory
-        matches. Raises ValueError for a string that is not a registry host[:port]."""
+        matches or the first that matches changes nothing. Raises ValueError for a string that is not a registry
+        host[:port]."""
         for name in _directory_candidates(upstream):
             directory = self._directories.get(name)
             if directory is not None:
+                if directory.changes_nothing:
+                    return None
                 return Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
         return None
 

@@ -1,7 +1,8 @@
-"""ocigate's own requests to hosts: one pooled async client per TLS setting, dialled through the destination policy."""
+"""ocigate's own requests to hosts: pooled async clients, dialled through the destination policy."""
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -21,25 +22,42 @@ class HostFailed(Exception):
 @dataclass(frozen=True)
 class HostResponse:
     status: int
+    reason: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes  # as sent on the wire: still content-encoded when Content-Encoding says so
 
 
 class Upstream:
-    def __init__(self, destinations: Destinations, connect_timeout: float, read_timeout: float) -> None:
-        self.destinations = destinations
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self._clients: dict[HostTLS, httpx.AsyncClient] = {}
+    """Timeouts and trust roots are set from the options before the first request."""
+
+    def __init__(self) -> None:
+        self.destinations = Destinations()
+        self.connect_timeout = 30.0
+        self.read_timeout = 60.0
+        self.roots: Path | None = None
+        self.insecure = False
+        self._clients: dict[tuple[HostTLS, str, int], httpx.AsyncClient] = {}
+        self._retired: list[httpx.AsyncClient] = []
+
+    def host_tls(self, host: Host) -> HostTLS:
+        return HostTLS.of(host, roots=self.roots, insecure=self.insecure)
 
     def _client(self, host: Host) -> httpx.AsyncClient:
-        tls = HostTLS.of(host)
-        client = self._clients.get(tls)
+        # Pooled by host name, not by the address dialled: two names on one address must never share a TLS
+        # connection, whose certificate was checked for one of them only.
+        tls = self.host_tls(host)
+        key = (tls, host.host, host.port)
+        client = self._clients.get(key)
         if client is None:
             verify = python_context(tls) if host.scheme == "https" else True
             client = httpx.AsyncClient(verify=verify, follow_redirects=False, trust_env=False)
-            self._clients[tls] = client
+            self._clients[key] = client
         return client
+
+    def forget_clients(self) -> None:
+        """Rules or trust settings changed: new requests get new clients; the old ones close at shutdown."""
+        self._retired += self._clients.values()
+        self._clients = {}
 
     async def send(
         self,
@@ -76,11 +94,13 @@ class Upstream:
             raise HostFailed(f"timed out ({type(e).__name__})") from None
         except httpx.HTTPError as e:
             raise HostFailed(_describe(e)) from None
-        return HostResponse(response.status_code, tuple(response.headers.raw), bytes(body))
+        reason = response.extensions.get("reason_phrase", b"")
+        return HostResponse(response.status_code, reason, tuple(response.headers.raw), bytes(body))
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        await asyncio.gather(*(c.aclose() for c in clients.values()))
+        self.forget_clients()
+        clients, self._retired = self._retired, []
+        await asyncio.gather(*(c.aclose() for c in clients))
 
 
 def _drop_invented_headers(request: httpx.Request, sent: list[tuple[bytes, bytes]]) -> None:
