@@ -49,8 +49,8 @@ async def test_no_limits_passes_names_through_for_the_dialler_to_resolve() -> No
     ("entry", "message"),
     [
         ("mirror.test", "expected NAME"),
-        ("m.test=127.0.0.1:99999", "port must be"),
-        ("=127.0.0.1", "empty host"),
+        ("m.test=127.0.0.1:99999", "bad port"),
+        ("=127.0.0.1", "is invalid"),
     ],
 )
 def test_bad_host_map_entries_are_named(entry: str, message: str) -> None:

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .reference import RouteError, split_host_port
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -19,23 +21,11 @@ class DestinationError(Exception):
 
 
 def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{what} {text!r}: expected [ipv6]:port")
-        port_text = rest[1:] if rest else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ValueError(f"{what} {text!r}: empty host")
-    if not port_text:
-        return host.lower(), None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{what} {text!r}: port must be a number from 1 to 65535")
-    return host.lower(), int(port_text)
+    try:
+        host, port = split_host_port(text.strip())
+    except RouteError as e:
+        raise ValueError(f"{what} {text!r}: {e}") from None
+    return host.strip("[]"), port
 
 
 def _is_ip(host: str) -> bool:

@@ -26,8 +26,9 @@ _HOST_LABEL_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _MAX_HOST_NAME_LENGTH = 253
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
 _DEFAULT_HTTPS_PORT = 443
-_DOCKER_HUB = "docker.io"
-_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_SERVER = "registry-1.docker.io"
+_DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_SERVER})
 
 _SHOWN_VALUE_LIMIT = 80
 
@@ -273,7 +274,7 @@ def normalize_upstream(host: str, port: int | None = None) -> str:
     # Checked before lowercasing: some non-ASCII letters lowercase to ASCII ones (KELVIN SIGN -> "k").
     if not host.isascii():
         raise RouteError("NAME_INVALID", f"registry host {_shown(host)} is invalid: it is not ASCII")
-    hostname, embedded_port = _split_host_port(host.lower(), original=host)
+    hostname, embedded_port = split_host_port(host)
     if embedded_port is not None:
         if port is not None:
             raise RouteError(
@@ -283,12 +284,14 @@ def normalize_upstream(host: str, port: int | None = None) -> str:
     if port is not None and not 1 <= port <= 65535:
         raise RouteError("NAME_INVALID", f"registry port {port} is invalid: it must be 1 to 65535")
     if port is None or port == _DEFAULT_HTTPS_PORT:
-        return _DOCKER_HUB if hostname in _DOCKER_HUB_ALIASES else hostname
+        return DOCKER_HUB if hostname in _DOCKER_HUB_ALIASES else hostname
     return f"{hostname}:{port}"
 
 
-def _split_host_port(host: str, *, original: str) -> tuple[str, int | None]:
-    """(host name or "[ipv6]", port or None) of a lowercased ASCII host string."""
+def split_host_port(original: str) -> tuple[str, int | None]:
+    """(host name or "[ipv6]", port or None) of "host", "host:port", "[ipv6]:port" or a bare IPv6 address,
+    lowercased and checked. Raises RouteError(NAME_INVALID)."""
+    host = original.lower()
     if host.startswith("["):
         address, bracket, rest = host[1:].partition("]")
         if not bracket:
@@ -332,13 +335,13 @@ def _checked_host_name(hostname: str, original: str) -> str:
 
 
 def _parse_port(port_text: str, original: str) -> int:
-    if not _PORT_PATTERN.fullmatch(port_text):
+    if not _PORT_PATTERN.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise RouteError("NAME_INVALID", f"registry host {_shown(original)} is invalid: bad port")
     return int(port_text)
 
 
 def normalize_repository(upstream: str, repository: str) -> str:
     """Docker Hub's single-component names mean "library/<name>"; other names are returned unchanged."""
-    if upstream == _DOCKER_HUB and "/" not in repository:
+    if upstream == DOCKER_HUB and "/" not in repository:
         return f"library/{repository}"
     return repository

@@ -4,11 +4,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .reference import Route, RouteKind, format_route, named_reference
+from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
 from .rules import Host, Rule
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_SERVER = "registry-1.docker.io"
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 

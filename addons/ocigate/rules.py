@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .reference import DOCKER_HUB, DOCKER_HUB_SERVER
+
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
 
 # Keys that later ocigate features read from hosts.toml; accepted at the top level and in host tables.
@@ -275,8 +277,8 @@ def _upstream_host(upstream: str, top_level: _Settings) -> Host:
     the top-level TLS, header and timeout settings apply to it, but the path is /v2 and every capability is
     granted whatever the file says."""
     settings = replace(top_level, capabilities=CAPABILITIES, override_path=False)
-    if upstream == "docker.io":
-        return settings.host("https", "registry-1.docker.io", 443, "/v2", is_server=True)
+    if upstream == DOCKER_HUB:
+        return settings.host("https", DOCKER_HUB_SERVER, 443, "/v2", is_server=True)
     host, port = _split_upstream(upstream)
     scheme = "https"
     if _is_localhost(host):
