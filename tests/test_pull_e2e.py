@@ -7,87 +7,14 @@ recording hop, because distribution does not log request headers.
 import hashlib
 import json
 import ssl
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 import httpx
-import pytest
 
 from tests.support.clients import skopeo_copy_to_layout, skopeo_inspect_raw
-from tests.support.gateway import Gateway, running_gateway
-from tests.support.images import Image, Index, all_blobs, make_image, make_index, push_image, push_index
-from tests.support.recorder import Recorder, recording_proxy
-from tests.support.registry import AccessLogEntry, Registry, running_registry
-
-UPSTREAM = "upstream.test"
-
-
-@dataclass
-class Mirror:
-    name: str  # the netloc hosts.toml uses for it
-    registry: Registry
-    recorder: Recorder
-    log_mark: int = 0
-
-    def mark(self) -> None:
-        self.recorder.clear()
-        self.log_mark = len(self.registry.access_log())
-
-    def served_since_mark(self) -> list[AccessLogEntry]:
-        """What the registry itself logged since mark(): it logs after answering, so wait for the recorded count."""
-        deadline = time.monotonic() + 5
-        while True:
-            entries = self.registry.access_log()[self.log_mark :]
-            if len(entries) >= len(self.recorder.requests) or time.monotonic() > deadline:
-                return entries
-            time.sleep(0.02)
-
-
-@dataclass
-class World:
-    a: Mirror
-    b: Mirror
-    gateway: Gateway
-    app: Image
-    multi: Index
-    workdir: Path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    workdir = tmp_path_factory.mktemp("pull")
-    app = make_image("app", layers=4)
-    multi = make_index("multi")
-    with (
-        running_registry(workdir / "registry-a") as registry_a,
-        running_registry(workdir / "registry-b") as registry_b,
-        recording_proxy(registry_a.url) as recorder_a,
-        recording_proxy(registry_b.url) as recorder_b,
-    ):
-        push_image(registry_b.url, "team/app", "v1", app)
-        push_index(registry_b.url, "team/multi", "v1", multi)
-        a = Mirror("mirror-a.test:5000", registry_a, recorder_a)
-        b = Mirror("mirror-b.test:5000", registry_b, recorder_b)
-        rules = workdir / "rules"
-        (rules / UPSTREAM).mkdir(parents=True)
-        (rules / UPSTREAM / "hosts.toml").write_text(
-            f'server = "https://{UPSTREAM}"\n\n'
-            f'[host."http://{a.name}"]\n  capabilities = ["pull", "resolve"]\n\n'
-            f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
-        host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (a, b)}
-        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
-            yield World(a, b, gateway, app, multi, workdir)
-
-
-@pytest.fixture
-def fresh(world: World) -> World:
-    world.a.mark()
-    world.b.mark()
-    return world
+from tests.support.images import all_blobs
+from tests.support.world import UPSTREAM, World
 
 
 def _ok(result) -> str:

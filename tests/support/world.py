@@ -1,0 +1,73 @@
+"""The pull world the end-to-end tests share: two real registries as mirrors of `upstream.test` behind recording
+hops, mirror A empty and mirror B holding the test images, and a real gateway whose rules send upstream.test to A
+then B. upstream.test resolves nowhere: only the gateway's rules know where its content lives."""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gateway import Gateway, running_gateway
+from .images import Image, Index, make_image, make_index, push_image, push_index
+from .recorder import Recorder, recording_proxy
+from .registry import AccessLogEntry, Registry, running_registry
+
+UPSTREAM = "upstream.test"
+
+
+@dataclass
+class Mirror:
+    name: str  # the netloc hosts.toml uses for it
+    registry: Registry
+    recorder: Recorder
+    log_mark: int = 0
+
+    def mark(self) -> None:
+        self.recorder.clear()
+        self.log_mark = len(self.registry.access_log())
+
+    def served_since_mark(self) -> list[AccessLogEntry]:
+        """What the registry itself logged since mark(): it logs after answering, so wait for the recorded count."""
+        deadline = time.monotonic() + 5
+        while True:
+            entries = self.registry.access_log()[self.log_mark :]
+            if len(entries) >= len(self.recorder.requests) or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
+
+
+@dataclass
+class World:
+    a: Mirror
+    b: Mirror
+    gateway: Gateway
+    app: Image
+    multi: Index
+    workdir: Path
+
+
+@contextmanager
+def pull_world(workdir: Path) -> Iterator[World]:
+    app = make_image("app", layers=4)
+    multi = make_index("multi")
+    with (
+        running_registry(workdir / "registry-a") as registry_a,
+        running_registry(workdir / "registry-b") as registry_b,
+        recording_proxy(registry_a.url) as recorder_a,
+        recording_proxy(registry_b.url) as recorder_b,
+    ):
+        push_image(registry_b.url, "team/app", "v1", app)
+        push_index(registry_b.url, "team/multi", "v1", multi)
+        a = Mirror("mirror-a.test:5000", registry_a, recorder_a)
+        b = Mirror("mirror-b.test:5000", registry_b, recorder_b)
+        rules = workdir / "rules"
+        (rules / UPSTREAM).mkdir(parents=True)
+        (rules / UPSTREAM / "hosts.toml").write_text(
+            f'server = "https://{UPSTREAM}"\n\n'
+            f'[host."http://{a.name}"]\n  capabilities = ["pull", "resolve"]\n\n'
+            f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (a, b)}
+        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
+            yield World(a, b, gateway, app, multi, workdir)
