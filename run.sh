@@ -55,11 +55,15 @@ ensure_venv() {
     fi
 }
 
-# Debian packages the end-to-end tests drive: a real registry (distribution 2.8) and a real client.
+# Debian packages the end-to-end tests drive: a real registry (distribution 2.8) and the real clients.
 ensure_test_packages() {
     local missing=() package
     command -v docker-registry >/dev/null || missing+=(docker-registry)
     command -v skopeo >/dev/null || missing+=(skopeo)
+    command -v containerd >/dev/null || missing+=(containerd)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v podman >/dev/null || missing+=(podman)
+    command -v dockerd >/dev/null || missing+=(docker.io)
     command -v unshare >/dev/null || missing+=(util-linux)
     command -v ip >/dev/null || missing+=(iproute2)
     [ ${#missing[@]} -eq 0 ] && return 0
