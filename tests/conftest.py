@@ -1,9 +1,14 @@
 """Fixtures shared by the end-to-end tests: real registries and gateways are started once per session."""
 
+import platform
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import mitmproxy.version
 import pytest
 
+from tests.support import matrix
 from tests.support import world as worlds
 from tests.support.world import World
 
@@ -20,3 +25,50 @@ def fresh(pull_world: World) -> World:
     pull_world.a.mark()
     pull_world.b.mark()
     return pull_world
+
+
+# The README's client matrix, from this run's results (tests/support/matrix.py).
+_matrix_results: dict[tuple[str, str], matrix.CellResult] = {}
+_matrix_expected: set[tuple[str, str]] = set()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    _matrix_expected.update(_matrix_cell(item) for item in items if _matrix_cell(item))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    cell = report.user_properties and dict(report.user_properties).get("matrix")
+    if not cell or (report.when != "call" and not (report.when == "setup" and report.outcome != "passed")):
+        return
+    outcome = report.outcome
+    reason = ""
+    if hasattr(report, "wasxfail"):
+        outcome = "xfailed" if report.skipped else "xpassed"
+        reason = report.wasxfail
+    _matrix_results[cell] = matrix.CellResult(outcome, reason)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    cell = _matrix_cell(item)
+    if cell:
+        item.user_properties.append(("matrix", cell))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Only a run of every cell speaks for the whole matrix.
+    if not _matrix_expected or set(_matrix_results) != _matrix_expected:
+        return
+    readme = Path(session.config.rootpath) / "README.md"
+    footer = f"Last run: {time.strftime('%Y-%m-%d', time.gmtime())}, Python {platform.python_version()}, " + (
+        f"mitmproxy {mitmproxy.version.VERSION}."
+    )
+    text = readme.read_text()
+    updated = matrix.replace_block(text, matrix.render_table(_matrix_results, footer))
+    if updated != text:
+        readme.write_text(updated)
+
+
+def _matrix_cell(item: pytest.Item) -> tuple[str, str] | None:
+    marker = item.get_closest_marker("matrix")
+    return (marker.args[0], marker.args[1]) if marker else None

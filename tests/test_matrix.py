@@ -1,0 +1,24 @@
+"""The README's client matrix is rendered from results, and only its own block is replaced."""
+
+from tests.support.matrix import BEGIN, CELLS, CLIENTS, END, CellResult, render_table, replace_block
+
+
+def test_each_outcome_has_its_own_words_and_missing_cells_a_dash() -> None:
+    results = {
+        ("docker", "pull by tag"): CellResult("passed"),
+        ("docker", "push"): CellResult("xfailed", "push routing through ocigate is issue 5"),
+        ("ctr", "pull by tag"): CellResult("failed"),
+    }
+    table = render_table(results, "Last run: today.").splitlines()
+    assert table[0] == "| client | " + " | ".join(CELLS) + " |"
+    docker = next(line for line in table if line.startswith("| docker |"))
+    assert docker == "| docker | yes | — | — | not yet (push routing through ocigate is issue 5) |"
+    assert next(line for line in table if line.startswith("| ctr |")).startswith("| ctr | **FAILED** |")
+    assert len([line for line in table if line.startswith("| ") and "client" not in line]) == len(CLIENTS)
+    assert table[-1] == "Last run: today."
+
+
+def test_only_the_block_between_the_markers_changes() -> None:
+    readme = f"intro\n{BEGIN}\nold table\n{END}\noutro\n"
+    assert replace_block(readme, "new table") == f"intro\n{BEGIN}\nnew table\n{END}\noutro\n"
+    assert replace_block("no markers here\n", "new table") == "no markers here\n"
