@@ -173,7 +173,7 @@ async def test_blob_is_repointed_to_the_only_mirror_with_ns_and_without_client_c
         'server = "https://upstream.test"\ncapabilities = ["resolve"]\n'
         '[host."http://mirror.test:5000"]\ncapabilities = ["pull"]\n',
     )
-    with gateway(rules) as (gw, _):
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
         flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"Authorization", b"Bearer client"),))
         await gw.requestheaders(flow)
         assert flow.response is None
@@ -413,7 +413,7 @@ async def test_repointed_blob_carries_the_hosts_headers(tmp_path: Path) -> None:
         '[host."http://mirror.test:5000"]\n  capabilities = ["pull"]\n'
         '  [host."http://mirror.test:5000".header]\n    x-mirror-key = ["a", "b"]\n',
     )
-    with gateway(rules) as (gw, _):
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
         flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"X-Mirror-Key", b"client"),))
         await gw.requestheaders(flow)
     assert flow.request.headers.get_all("x-mirror-key") == ["a", "b"]
@@ -467,3 +467,14 @@ def test_tls_settings_of_an_address_in_two_rules_that_disagree_are_not_guessed(t
     with gateway(tmp_path) as (gw, _):
         assert gw.shared.host_for_connection("client", ("mirror.test", 443)) is None
         assert gw.shared.host_for_connection("client", ("only.test", 443)).skip_verify
+
+
+async def test_a_streamed_request_whose_hosts_the_policy_refuses_gets_an_oci_error_naming_them(tmp_path: Path) -> None:
+    # mitmproxy would answer a connection it cannot open with a page of its own; the gateway answers first.
+    with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/blobs/uploads/", method="POST")
+        await gw.requestheaders(flow)
+    assert flow.response.status_code == 502
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "UNAVAILABLE"
+    assert "https://upstream.test/v2: upstream.test:443 is not in the host map" in error["message"]

@@ -15,7 +15,7 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from .attempt import HOP_BY_HOP, Outcome, choose_blob_host, encode_error, error_body, failure, first_good
+from .attempt import HOP_BY_HOP, Outcome, choose_streamed_host, encode_error, error_body, failure, first_good
 from .destinations import DestinationError, Destinations
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
@@ -300,10 +300,11 @@ class Gateway:
             flow.response = _response(answer, head=request.method == "HEAD")
             self._record(flow, upstream, source, route, outcomes, outcomes[-1].host, plan)
             return
-        outcomes: list[Outcome] = []
-        chosen = plan.attempts[0]
-        if route.kind is RouteKind.BLOB:
-            chosen, outcomes = await choose_blob_host(plan, client_headers, self.shared.upstream)
+        probe = route.kind is RouteKind.BLOB and plan.capabilities != PUSH
+        chosen, outcomes = await choose_streamed_host(plan, client_headers, self.shared.upstream, probe=probe)
+        if chosen is None:
+            self._fail(flow, plan, outcomes, source)
+            return
         _repoint(flow, chosen)
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(chosen.host.host, chosen.host.port)] = chosen.host
         flow.metadata[_STREAM_KEY] = True

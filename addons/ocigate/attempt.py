@@ -4,6 +4,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .destinations import DestinationError
 from .reference import RouteKind
 from .router import Attempt, Plan
 from .upstream import HostFailed, HostResponse, Upstream
@@ -76,15 +77,25 @@ async def first_good(
     return None, outcomes
 
 
-async def choose_blob_host(
+async def choose_streamed_host(
     plan: Plan,
     client_headers: Sequence[tuple[bytes, bytes]],
     upstream: Upstream,
+    *,
+    probe: bool,
 ) -> tuple[Attempt | None, list[Outcome]]:
-    """The host a blob is streamed from: the first that answers a HEAD for it. The last candidate is taken without
-    asking, since whatever it answers is then the answer."""
+    """The host mitmproxy will stream a request to: the first the dialling policy allows and, with `probe`, that
+    answers a HEAD for it (a blob). The last candidate is not probed, since whatever it answers is then the answer.
+    None when no host is left: the gateway answers the client itself, as it cannot once mitmproxy has the flow."""
     outcomes: list[Outcome] = []
-    for attempt in plan.attempts[:-1]:
+    for position, attempt in enumerate(plan.attempts, start=1):
+        try:
+            await upstream.destinations.resolve(attempt.host.host, attempt.host.port)
+        except DestinationError as e:
+            outcomes.append(Outcome(attempt.host.url, str(e), True))
+            continue
+        if not probe or position == len(plan.attempts):
+            return attempt, outcomes
         try:
             response = await upstream.send(
                 attempt.host, "HEAD", attempt.target, request_headers(client_headers, attempt)
@@ -96,7 +107,7 @@ async def choose_blob_host(
             outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True, response.status))
             continue
         return attempt, outcomes
-    return (plan.attempts[-1] if plan.attempts else None), outcomes
+    return None, outcomes
 
 
 _NOT_FOUND_CODES = {
