@@ -17,6 +17,7 @@ Facts about distribution 2.8.2 this module relies on (checked against the Debian
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from .processes import NotReady, stop, wait_until
 from .tls import ServerTLS
 
 REGISTRY_BINARY = "docker-registry"
@@ -137,17 +139,7 @@ class Registry:
         process, self.process = self.process, None
         if process is None:
             return
-        _stop_process(process)
-
-
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=_STOP_TIMEOUT)
+        stop(process, _STOP_TIMEOUT)
 
 
 def free_port() -> int:
@@ -285,24 +277,19 @@ def _start(
                 env=_registry_environment(),
             )
         try:
-            deadline = time.monotonic() + _START_TIMEOUT
-            while time.monotonic() < deadline:
-                if registry.process.poll() is not None:
-                    break
-                if _probe(registry, config):
-                    return registry
-                time.sleep(0.05)
+            wait_until(
+                functools.partial(_probe, registry, config),
+                _START_TIMEOUT,
+                lambda why: f"docker-registry did not answer GET /v2/: {why}",
+                process=registry.process,
+            )
+            return registry
+        except NotReady as not_ready:
+            registry.stop()
+            last_error = f"{not_ready}; log tail:\n{registry.log_tail()}"
         except BaseException:
             registry.stop()
             raise
-        exit_code = registry.process.poll()
-        registry.stop()
-        outcome = (
-            f"exited with code {exit_code}"
-            if exit_code is not None
-            else f"did not answer GET /v2/ within {_START_TIMEOUT}s"
-        )
-        last_error = f"docker-registry {outcome}; log tail:\n{registry.log_tail()}"
         if "address already in use" not in last_error:
             break
     raise RuntimeError(last_error)
