@@ -31,10 +31,8 @@ import math
 import os
 import platform
 import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +44,10 @@ from types import FrameType
 import httpx
 import mitmproxy.version
 
-from tests.support.gateway import running_gateway
+from tests.support.gateway import Gateway, running_gateway, running_mitmproxy
 from tests.support.images import OCI_CONFIG, OCI_MANIFEST, Blob, push_blob, push_manifest
-from tests.support.registry import Registry, free_port, running_registry
+from tests.support.processes import NotReady
+from tests.support.registry import Registry, running_registry
 
 MIB = 1024 * 1024
 UPSTREAM = "upstream.test"
@@ -58,8 +57,6 @@ TAG = "v1"
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"  # the registry does not look inside
 
 REPOINT_ADDON = Path(__file__).with_name("repoint_addon.py")
-PROXY_START_TIMEOUT = 30.0
-PROXY_STOP_TIMEOUT = 10.0
 # Bounds on every load loop, besides their counts.
 BLOB_GET_SECONDS_BASE = 30.0
 BLOB_GET_SECONDS_PER_MIB = 0.5  # a GET slower than ~2 MiB/s is stopped as broken, not measured
@@ -147,21 +144,6 @@ def write_rules(directory: Path) -> Path:
 # --- plain mitmdump ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mitmdump:
-    port: int
-    confdir: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ca_path(self) -> Path:
-        return self.confdir / "mitmproxy-ca-cert.pem"
-
-
 def mitmdump_command() -> list[str]:
     beside = Path(sys.executable).with_name("mitmdump")
     if beside.exists():
@@ -170,60 +152,16 @@ def mitmdump_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def running_mitmdump(workdir: Path, scripts: Sequence[Path] = (), options: Sequence[str] = ()) -> Iterator[Mitmdump]:
-    """mitmdump on a free loopback port, streaming bodies above 1 MiB; stopped on exit, whatever happened."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    confdir = workdir / "mitmproxy-conf"
-    port = free_port()
-    command = [
-        *mitmdump_command(),
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        str(port),
-        "--set",
-        f"confdir={confdir}",
-        "--set",
-        "connection_strategy=lazy",
-        "--set",
-        "stream_large_bodies=1m",
-    ]
+def running_mitmdump(workdir: Path, scripts: Sequence[Path] = (), options: Sequence[str] = ()) -> Iterator[Gateway]:
+    """mitmdump on a free loopback port, streaming bodies above 1 MiB; stopped on exit, whatever happened. Started
+    and stopped as the tests' gateway is (tests/support/gateway.py), with other arguments."""
+    arguments = ["--set", "connection_strategy=lazy", "--set", "stream_large_bodies=1m"]
     for script in scripts:
-        command += ["-s", str(script)]
+        arguments += ["-s", str(script)]
     for option in options:
-        command += ["--set", option]
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    log_path = workdir / "mitmdump.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    proxy = Mitmdump(port, confdir, process)
-    try:
-        wait_listening(process, port, proxy.ca_path, log_path)
+        arguments += ["--set", option]
+    with running_mitmproxy(workdir, mitmdump_command(), arguments, name="mitmdump", log_name="mitmdump.log") as proxy:
         yield proxy
-    finally:
-        stop(process)
-
-
-def wait_listening(process: subprocess.Popen[bytes], port: int, ca_path: Path, log_path: Path) -> None:
-    deadline = time.monotonic() + PROXY_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"mitmdump exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            if ca_path.exists():
-                return
-        time.sleep(0.1)
-    raise BenchError(f"mitmdump did not listen within {PROXY_START_TIMEOUT} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=PROXY_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=PROXY_STOP_TIMEOUT)
 
 
 def memory_mib(pid: int, field_name: str) -> float:
@@ -457,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         run(args)
-    except BenchError as e:
+    except (BenchError, NotReady) as e:
         print(f"bench.pull: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,17 +9,22 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .processes import running, wait_until
 from .registry import free_port
+
+_START_TIMEOUT = 30.0
+_STOP_TIMEOUT = 10.0
 
 
 @dataclass
 class Gateway:
+    """A mitmproxy process on loopback: the gateway, or (in bench/) a plain mitmdump."""
+
     port: int
     confdir: Path
     log_path: Path
@@ -61,20 +66,9 @@ def running_gateway(
 ) -> Iterator[Gateway]:
     """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
     `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    confdir = workdir / "mitmproxy-conf"
-    log_path = workdir / "gateway.log"
-    port = free_port()
-    command = [
-        *entry_point,
-        "--listen-host",
-        "127.0.0.1",
-        "--listen-port",
-        str(port),
+    arguments = [
         "--set",
         f"ocigate_rules={rules}",
-        "--set",
-        f"confdir={confdir}",
         "--set",
         "ocigate_dns=false",
         "--set",
@@ -83,35 +77,51 @@ def running_gateway(
         "termlog_verbosity=info",
     ]
     for name, address in host_map.items():
-        command += ["--set", f"ocigate_map_hosts={name}={address}"]
+        arguments += ["--set", f"ocigate_map_hosts={name}={address}"]
     for option in options:
-        command += ["--set", option]
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    gateway = Gateway(port, confdir, log_path, process)
-    try:
-        _wait_listening(gateway)
+        arguments += ["--set", option]
+    with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log") as gateway:
         yield gateway
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
-def _wait_listening(gateway: Gateway, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            raise RuntimeError(f"ocigate exited with {gateway.process.returncode}:\n{gateway.log_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", gateway.port), timeout=0.5):
-                if gateway.ca_path.exists():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"ocigate did not listen within {timeout} s:\n{gateway.log_text()[-3000:]}")
+@contextmanager
+def running_mitmproxy(
+    workdir: Path, entry_point: Sequence[str], arguments: Sequence[str], *, name: str, log_name: str
+) -> Iterator[Gateway]:
+    """Starts `entry_point` (mitmproxy's mitmdump, or something that runs it, such as `ocigate`) listening on a free
+    loopback port with its confdir (and CA) in `workdir`, followed by `arguments`; waits until it listens and has
+    written its CA, and stops it when the block ends, whatever happened in it. Its output goes to `workdir/log_name`;
+    `name` is what an error calls it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    confdir = workdir / "mitmproxy-conf"
+    log_path = workdir / log_name
+    port = free_port()
+    command = [
+        *entry_point,
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        *arguments,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    with running(command, log_path, env=env, stop_timeout=_STOP_TIMEOUT) as process:
+        proxy = Gateway(port, confdir, log_path, process)
+        wait_until(
+            lambda: _listening(proxy),
+            _START_TIMEOUT,
+            lambda why: f"{name} did not listen on {proxy.proxy_url}: {why}:\n{proxy.log_text()[-3000:]}",
+            process=process,
+            interval=0.1,
+        )
+        yield proxy
+
+
+def _listening(proxy: Gateway) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5):
+            return proxy.ca_path.exists()
+    except OSError:
+        return False
