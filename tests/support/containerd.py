@@ -18,7 +18,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from .clients import client_env
 from .gateway import Gateway
+from .processes import running, wait_until
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
@@ -104,12 +104,15 @@ disabled_plugins = [{disabled}]
 
 
 @contextmanager
-def running_containerd(workdir: Path) -> Iterator[Containerd]:
-    """Starts containerd with all its state under `workdir` and stops it (by PID) when the block ends."""
+def running_containerd(
+    workdir: Path, socket_path: Path | None = None, stop_timeout: float = _STOP_TIMEOUT
+) -> Iterator[Containerd]:
+    """Starts containerd with all its state under `workdir` (its socket too, unless `socket_path` says where), in a
+    private mount namespace and a session of its own; when the block ends, stops it and all its process group."""
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
         raise RuntimeError("containerd and ctr are not installed (Debian package containerd)")
     workdir.mkdir(parents=True, exist_ok=True)
-    socket_path = workdir / "containerd.sock"
+    socket_path = socket_path or workdir / "containerd.sock"
     # The ttrpc socket's name is the longest: "<grpc address>.ttrpc".
     if len(f"{socket_path}.ttrpc") > _SOCKET_PATH_LIMIT:
         raise ValueError(f"{socket_path} is too long for a unix socket: use a shorter work directory")
@@ -121,36 +124,25 @@ def running_containerd(workdir: Path) -> Iterator[Containerd]:
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["TMPDIR"] = str(workdir / "tmp")
     command = ["unshare", "--mount", "--propagation", "private", "containerd", "--config", str(config_path)]
-    with log_path.open("wb") as log:
-        # unshare execs containerd: the PID is the daemon's.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    daemon = Containerd(socket_path, workdir, log_path, process)
-    try:
-        _wait_serving(daemon)
+    # unshare execs containerd: the PID is the daemon's.
+    with running(command, log_path, env=env, stop_timeout=stop_timeout, group=True) as process:
+        daemon = Containerd(socket_path, workdir, log_path, process)
+        wait_until(
+            lambda: _accepts(socket_path),
+            _START_TIMEOUT,
+            lambda why: f"containerd did not serve {socket_path}: {why}:\n{daemon.log_text()[-3000:]}",
+            process=process,
+        )
         yield daemon
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=_STOP_TIMEOUT)
 
 
-def _wait_serving(daemon: Containerd, timeout: float = _START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon.process.poll() is not None:
-            raise RuntimeError(f"containerd exited with {daemon.process.returncode}:\n{daemon.log_text()[-3000:]}")
-        if daemon.socket_path.exists():
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                    probe.settimeout(0.5)
-                    probe.connect(str(daemon.socket_path))
-                return
-            except OSError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"containerd did not serve {daemon.socket_path} within {timeout} s:\n{daemon.log_text()[-3000:]}"
-    )
+def _accepts(socket_path: Path) -> bool:
+    if not socket_path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            probe.connect(str(socket_path))
+        return True
+    except OSError:
+        return False

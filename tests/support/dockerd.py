@@ -10,8 +10,8 @@ Facts about dockerd 20.10 this module relies on:
   configuration leaks in nor anything leaks out; everything else is under flags pointing into the work directory.
 - With `--bridge=none --iptables=false --ip6tables=false` it needs no network but loopback, and with the vfs storage
   driver no kernel overlay support. Images live in dockerd's own store: containerd runs no part of a pull or push,
-  but dockerd will not start without one, so it gets a private containerd (the lines for it are here, on purpose
-  separate from tests/support/containerd.py, until the two are merged).
+  but dockerd will not start without one, so it gets a private containerd (tests/support/containerd.py's, in its
+  own mount namespace too).
 - A failed layer download or upload is tried 5 times, pausing 5, 10, 15 and 20 s: 50 s before a failure shows.
   Downloads get one attempt (`--max-download-attempts 1`: local registries need no second); 20.10 has no such
   flag for uploads, so `Dockerd.push_once` stops the push at the daemon's first "Upload failed, retrying".
@@ -24,23 +24,23 @@ Facts about dockerd 20.10 this module relies on:
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .containerd import running_containerd
 from .gateway import Gateway
+from .processes import running, stop, wait_until
 
 DOCKER_CLI = Path("/usr/bin/docker")  # docker.io's own, the same version as the daemon
 DOCKERD = Path("/usr/sbin/dockerd")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
-_SOCKET_PATH_LIMIT = 107
 
 # Run by `unshare --mount`: the mounts only this process tree sees, then the daemon in place of the shell (so the
 # PID Popen knows is the daemon's). $1 is the directory that stands in for /etc/docker; the rest is the command.
@@ -108,13 +108,7 @@ class Dockerd:
                     raise AssertionError(f"docker push {reference} did not end within {timeout} s")
                 time.sleep(0.1)
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=_STOP_TIMEOUT)
+            stop(process, _STOP_TIMEOUT)
         return PushAttempt(
             returncode=None if first_failure else process.returncode,
             stdout=stdout_path.read_text(errors="replace"),
@@ -165,12 +159,12 @@ def running_dockerd(workdir: Path, gateway: Gateway, registries: Sequence[str]) 
         raise RuntimeError("/etc/docker does not exist (Debian package docker.io ships it)")
     workdir.mkdir(parents=True, exist_ok=True)
     socket_path = workdir / "docker.sock"
+    # A short name: the containerd socket's is the longest of the daemons' unix socket paths (running_containerd
+    # checks it).
     containerd_socket = workdir / "containerd" / "c.sock"
-    if len(f"{containerd_socket}.ttrpc") > _SOCKET_PATH_LIMIT:
-        raise ValueError(f"{workdir} is too long for the daemons' unix sockets: use a shorter work directory")
     etc_docker = workdir / "etc-docker"
-    with _running_containerd(workdir / "containerd", containerd_socket) as containerd_log_path:
-        daemon = Dockerd(workdir, socket_path, etc_docker, workdir / "dockerd.log", containerd_log_path)
+    with running_containerd(workdir / "containerd", containerd_socket, stop_timeout=_STOP_TIMEOUT) as containerd:
+        daemon = Dockerd(workdir, socket_path, etc_docker, workdir / "dockerd.log", containerd.log_path)
         etc_docker.mkdir(exist_ok=True)
         for registry in registries:
             trust_gateway(daemon, gateway, registry)
@@ -211,12 +205,12 @@ def running_dockerd(workdir: Path, gateway: Gateway, registries: Sequence[str]) 
         env = _environment_without_proxies_or_bundles()
         # The one proxy setting the daemon needs. Loopback registries (the push control) are never proxied by Go.
         env["HTTPS_PROXY"] = gateway.proxy_url
-        with _started(command, env, daemon.log_path) as process:
-            _wait_until(
+        with running(command, daemon.log_path, env=env, stop_timeout=_STOP_TIMEOUT, group=True) as process:
+            wait_until(
                 lambda: _answers_ping(socket_path),
-                process,
-                f"dockerd did not answer on {socket_path}",
-                daemon.log_path,
+                _START_TIMEOUT,
+                lambda why: f"dockerd did not answer on {socket_path}: {why}:\n{daemon.log_text()[-3000:]}",
+                process=process,
             )
             yield daemon
 
@@ -237,93 +231,6 @@ def _environment_without_proxies_or_bundles() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.lower().endswith("_proxy") and k not in dropped and not k.startswith("DOCKER_")
     }
-
-
-@contextmanager
-def _running_containerd(workdir: Path, socket_path: Path) -> Iterator[Path]:
-    """A containerd with all its state under `workdir`, for dockerd to connect to; yields its log's path."""
-    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.toml"
-    config_path.write_text(
-        f"""version = 2
-root = "{workdir / "root"}"
-state = "{workdir / "state"}"
-temp = "{workdir / "tmp"}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{socket_path}"
-
-[ttrpc]
-  address = "{socket_path}.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{workdir / "opt"}"
-"""
-    )
-    log_path = workdir / "containerd.log"
-    env = _environment_without_proxies_or_bundles()
-    env["TMPDIR"] = str(workdir / "tmp")
-    # Its own mount namespace too: a snapshotter mount it might leave behind dies with it.
-    command = ["unshare", "--mount", "--propagation", "private", "containerd", "--config", str(config_path)]
-    with _started(command, env, log_path) as process:
-        _wait_until(lambda: _accepts(socket_path), process, f"containerd did not serve {socket_path}", log_path)
-        yield log_path
-
-
-@contextmanager
-def _started(command: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """Starts `command` as the leader of a new process group; on the way out terminates the group, waits, and kills
-    it if it has not ended in time."""
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        _signal_group(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait(timeout=_STOP_TIMEOUT)
-        # Anything the daemon started in its group and left behind.
-        _signal_group(process, signal.SIGKILL)
-
-
-def _signal_group(process: subprocess.Popen, signal_number: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal_number)
-
-
-def _wait_until(
-    ready: Callable[[], bool], process: subprocess.Popen, what: str, log_path: Path, timeout: float = _START_TIMEOUT
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: it exited with {process.returncode}:\n{_tail(log_path)}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} within {timeout} s:\n{_tail(log_path)}")
-
-
-def _tail(log_path: Path, characters: int = 3000) -> str:
-    return log_path.read_text(errors="replace")[-characters:]
-
-
-def _accepts(socket_path: Path) -> bool:
-    if not socket_path.exists():
-        return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(0.5)
-            probe.connect(str(socket_path))
-        return True
-    except OSError:
-        return False
 
 
 def _answers_ping(socket_path: Path) -> bool:
