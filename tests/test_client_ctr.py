@@ -18,8 +18,13 @@ import pytest
 
 from tests.support.containerd import SNAPSHOTTER, Containerd, running_containerd
 from tests.support.images import Image, all_blobs, make_image
-from tests.support.recorder import RecordedRequest
-from tests.support.world import UPSTREAM, Mirror, World
+from tests.support.world import (
+    UPSTREAM,
+    World,
+    assert_every_request_names_the_upstream,
+    assert_manifest_requests_name,
+    blobs_fetched,
+)
 
 CLIENT = "ctr"
 
@@ -87,41 +92,6 @@ def _content_bytes(containerd: Containerd, namespace: str, digest: str) -> bytes
     return result.stdout
 
 
-def _manifest_reference(request: RecordedRequest) -> str | None:
-    """The tag or digest a /v2/<repository>/manifests/<reference> request asked for."""
-    _, separator, reference = request.path.rpartition("/manifests/")
-    return reference if separator else None
-
-
-def _assert_every_request_names_the_upstream(*mirrors: Mirror) -> None:
-    for mirror in mirrors:
-        for request in mirror.recorder.requests:
-            assert request.query().get("ns") == [UPSTREAM], f"{mirror.name}: {request.method} {request.target}"
-
-
-def _assert_manifest_requests_carry_named_refs(mirror: Mirror, repository: str) -> set[str]:
-    """Every manifest request names what was asked (`:tag`, or `@digest`); returns the references asked."""
-    asked = set()
-    for request in mirror.recorder.requests:
-        reference = _manifest_reference(request)
-        if reference is None:
-            continue
-        asked.add(reference)
-        separator = "@" if reference.startswith("sha256:") else ":"
-        expected = f"{UPSTREAM}/{repository}{separator}{reference}"
-        assert request.header_values("OCI-Named-Ref") == [expected], f"{request.method} {request.target}"
-    return asked
-
-
-def _assert_blobs_fetched_from(mirror: Mirror, repository: str, digests: set[str]) -> None:
-    fetched = {
-        request.path.rsplit("/", 1)[-1]
-        for request in mirror.recorder.requests
-        if request.method == "GET" and f"/v2/{repository}/blobs/" in request.path
-    }
-    assert digests <= fetched, f"not fetched from {mirror.name}: {digests - fetched}"
-
-
 @pytest.mark.matrix(CLIENT, "pull by tag")
 def test_ctr_pulls_by_tag(fresh: World, containerd: Containerd, namespace: str, tmp_path: Path) -> None:
     reference = f"{UPSTREAM}/team/app:v1"
@@ -131,11 +101,11 @@ def test_ctr_pulls_by_tag(fresh: World, containerd: Containerd, namespace: str, 
     assert {blob.digest for blob in all_blobs(fresh.app)} <= _content_digests(containerd, namespace)
     assert _content_bytes(containerd, namespace, fresh.app.manifest.digest) == fresh.app.manifest.data
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
-    _assert_manifest_requests_carry_named_refs(fresh.a, "team/app")
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_manifest_requests_name(fresh.a, "team/app")
     # ctr resolves the tag (HEAD by tag), then fetches the manifest by the digest it resolved to.
-    assert _assert_manifest_requests_carry_named_refs(fresh.b, "team/app") == {"v1", fresh.app.manifest.digest}
-    _assert_blobs_fetched_from(fresh.b, "team/app", {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)})
+    assert assert_manifest_requests_name(fresh.b, "team/app") == {"v1", fresh.app.manifest.digest}
+    assert {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)} <= blobs_fetched(fresh.b, "team/app")
 
 
 @pytest.mark.matrix(CLIENT, "pull by digest")
@@ -147,11 +117,11 @@ def test_ctr_pulls_by_digest(fresh: World, containerd: Containerd, namespace: st
     assert _image_targets(containerd, namespace) == {reference: digest}
     assert {blob.digest for blob in all_blobs(fresh.app)} <= _content_digests(containerd, namespace)
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
-    _assert_manifest_requests_carry_named_refs(fresh.a, "team/app")
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_manifest_requests_name(fresh.a, "team/app")
     # No tag anywhere: every manifest request is by digest and names the reference by digest.
-    assert _assert_manifest_requests_carry_named_refs(fresh.b, "team/app") == {digest}
-    _assert_blobs_fetched_from(fresh.b, "team/app", {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)})
+    assert assert_manifest_requests_name(fresh.b, "team/app") == {digest}
+    assert {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)} <= blobs_fetched(fresh.b, "team/app")
 
 
 @pytest.mark.matrix(CLIENT, "multi-platform index")
@@ -164,14 +134,14 @@ def test_ctr_pulls_every_platform_of_an_index(
     assert _image_targets(containerd, namespace) == {reference: fresh.multi.manifest.digest}
     assert {blob.digest for blob in all_blobs(fresh.multi)} <= _content_digests(containerd, namespace)
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
-    _assert_manifest_requests_carry_named_refs(fresh.a, "team/multi")
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_manifest_requests_name(fresh.a, "team/multi")
     # The tag, the index by digest, and both platforms' manifests.
     platform_manifests = {image.manifest.digest for image in fresh.multi.images}
-    asked = _assert_manifest_requests_carry_named_refs(fresh.b, "team/multi")
+    asked = assert_manifest_requests_name(fresh.b, "team/multi")
     assert asked == {"v1", fresh.multi.manifest.digest, *platform_manifests}, asked
     blobs = {blob.digest for image in fresh.multi.images for blob in (image.config, *image.layers)}
-    _assert_blobs_fetched_from(fresh.b, "team/multi", blobs)
+    assert blobs <= blobs_fetched(fresh.b, "team/multi")
 
 
 def _oci_archive(image: Image, name: str) -> bytes:

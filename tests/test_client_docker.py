@@ -18,8 +18,13 @@ import pytest
 
 from tests.support.dockerd import Dockerd, running_dockerd
 from tests.support.images import Image, sha256_digest
-from tests.support.recorder import RecordedRequest
-from tests.support.world import UPSTREAM, Mirror, World
+from tests.support.world import (
+    UPSTREAM,
+    World,
+    assert_every_request_names_the_upstream,
+    assert_manifest_requests_name,
+    blobs_fetched,
+)
 
 CLIENT = "docker"
 _DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -75,40 +80,8 @@ def _assert_daemon_holds(docker: Dockerd, reference: str, image: Image, repo_dig
     return inspected
 
 
-def _manifest_reference(request: RecordedRequest) -> str | None:
-    """The tag or digest a /v2/<repository>/manifests/<reference> request asked for."""
-    _, separator, reference = request.path.rpartition("/manifests/")
-    return reference if separator else None
-
-
-def _assert_every_request_names_the_upstream(*mirrors: Mirror) -> None:
-    for mirror in mirrors:
-        for request in mirror.recorder.requests:
-            assert request.query().get("ns") == [UPSTREAM], f"{mirror.name}: {request.method} {request.target}"
-
-
-def _assert_manifest_requests_carry_named_refs(mirror: Mirror, repository: str) -> set[str]:
-    """Every manifest request names what was asked (`:tag`, or `@digest`); returns the references asked."""
-    asked = set()
-    for request in mirror.recorder.requests:
-        reference = _manifest_reference(request)
-        if reference is None:
-            continue
-        asked.add(reference)
-        separator = "@" if reference.startswith("sha256:") else ":"
-        expected = f"{UPSTREAM}/{repository}{separator}{reference}"
-        assert request.header_values("OCI-Named-Ref") == [expected], f"{request.method} {request.target}"
-    return asked
-
-
-def _assert_blobs_fetched_from(mirror: Mirror, repository: str, image: Image) -> None:
-    fetched = {
-        request.path.rsplit("/", 1)[-1]
-        for request in mirror.recorder.requests
-        if request.method == "GET" and f"/v2/{repository}/blobs/" in request.path
-    }
-    wanted = {image.config.digest, *(layer.digest for layer in image.layers)}
-    assert wanted <= fetched, f"not fetched from {mirror.name}: {wanted - fetched}"
+def _blob_digests(image: Image) -> set[str]:
+    return {image.config.digest, *(layer.digest for layer in image.layers)}
 
 
 def test_the_daemon_carries_the_proxy_and_the_cli_does_not(dockerd: Dockerd, pull_world: World) -> None:
@@ -126,13 +99,13 @@ def test_docker_pulls_by_tag(fresh: World, docker: Dockerd) -> None:
     inspected = _assert_daemon_holds(docker, reference, fresh.app, f"{UPSTREAM}/team/app@{fresh.app.manifest.digest}")
     assert inspected["RepoTags"] == [reference]
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
     # dockerd resolves the tag (HEAD by tag), then fetches the manifest by the digest it resolved to; the gateway asks
     # A (which has nothing) before B for each.
     asked = {"v1", fresh.app.manifest.digest}
-    assert _assert_manifest_requests_carry_named_refs(fresh.b, "team/app") == asked
-    assert _assert_manifest_requests_carry_named_refs(fresh.a, "team/app") <= asked
-    _assert_blobs_fetched_from(fresh.b, "team/app", fresh.app)
+    assert assert_manifest_requests_name(fresh.b, "team/app") == asked
+    assert assert_manifest_requests_name(fresh.a, "team/app") <= asked
+    assert _blob_digests(fresh.app) <= blobs_fetched(fresh.b, "team/app")
 
 
 @pytest.mark.matrix(CLIENT, "pull by digest")
@@ -144,11 +117,11 @@ def test_docker_pulls_by_digest(fresh: World, docker: Dockerd) -> None:
     inspected = _assert_daemon_holds(docker, reference, fresh.app, reference)
     assert inspected["RepoTags"] == []
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
     # No tag anywhere: every manifest request is by digest and names the reference by digest.
-    assert _assert_manifest_requests_carry_named_refs(fresh.b, "team/app") == {digest}
-    assert _assert_manifest_requests_carry_named_refs(fresh.a, "team/app") <= {digest}
-    _assert_blobs_fetched_from(fresh.b, "team/app", fresh.app)
+    assert assert_manifest_requests_name(fresh.b, "team/app") == {digest}
+    assert assert_manifest_requests_name(fresh.a, "team/app") <= {digest}
+    assert _blob_digests(fresh.app) <= blobs_fetched(fresh.b, "team/app")
 
 
 @pytest.mark.matrix(CLIENT, "multi-platform index")
@@ -164,13 +137,13 @@ def test_docker_pulls_each_platform_of_an_index(fresh: World, docker: Dockerd) -
         assert f"Digest: {index_digest}" in output
         _assert_daemon_holds(docker, reference, image, f"{UPSTREAM}/team/multi@{index_digest}")
 
-    _assert_every_request_names_the_upstream(fresh.a, fresh.b)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b)
     # Each pull: the tag (HEAD), the index by its digest, then the platform's manifest by its digest.
     asked = {"v1", index_digest, *(image.manifest.digest for image in fresh.multi.images)}
-    assert _assert_manifest_requests_carry_named_refs(fresh.b, "team/multi") == asked
-    assert _assert_manifest_requests_carry_named_refs(fresh.a, "team/multi") <= asked
+    assert assert_manifest_requests_name(fresh.b, "team/multi") == asked
+    assert assert_manifest_requests_name(fresh.a, "team/multi") <= asked
     for image in fresh.multi.images:
-        _assert_blobs_fetched_from(fresh.b, "team/multi", image)
+        assert _blob_digests(image) <= blobs_fetched(fresh.b, "team/multi")
 
 
 def _pushed_digest(push_output: str, tag: str) -> str:

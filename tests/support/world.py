@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .gateway import Gateway, running_gateway
 from .images import Image, Index, make_image, make_index, push_image, push_index
-from .recorder import Recorder, recording_proxy
+from .recorder import RecordedRequest, Recorder, recording_proxy
 from .registry import AccessLogEntry, Registry, running_registry
 
 UPSTREAM = "upstream.test"
@@ -35,6 +35,47 @@ class Mirror:
             if len(entries) >= len(self.recorder.requests) or time.monotonic() > deadline:
                 return entries
             time.sleep(0.02)
+
+
+def assert_every_request_names_the_upstream(*mirrors: Mirror, some: bool = False) -> None:
+    """Every request the recording hops in front of `mirrors` saw carried ns=upstream.test; with `some`, there was at
+    least one."""
+    seen = [(mirror, request) for mirror in mirrors for request in mirror.recorder.requests]
+    if some:
+        assert seen, f"no request reached {' or '.join(mirror.name for mirror in mirrors)}"
+    for mirror, request in seen:
+        assert request.query().get("ns") == [UPSTREAM], f"{mirror.name}: {request.method} {request.target}"
+
+
+def _manifest_reference(request: RecordedRequest) -> str | None:
+    """The tag or digest a /v2/<repository>/manifests/<reference> request asked for; None for any other request."""
+    _, separator, reference = request.path.rpartition("/manifests/")
+    return reference if separator else None
+
+
+def assert_manifest_requests_name(mirror: Mirror, repository: str) -> set[str]:
+    """Every manifest request that reached `mirror` was for `repository` and carried OCI-Named-Ref naming what it
+    asked for: `upstream.test/<repository>:<tag>`, or `@<digest>`. Returns the tags and digests asked for."""
+    asked = set()
+    for request in mirror.recorder.requests:
+        reference = _manifest_reference(request)
+        if reference is None:
+            continue
+        asked.add(reference)
+        named = request.header_values("OCI-Named-Ref")
+        where = f"{mirror.name}: {request.method} {request.target} with OCI-Named-Ref {named}"
+        assert request.path == f"/v2/{repository}/manifests/{reference}", where
+        separator = "@" if reference.startswith("sha256:") else ":"
+        assert named == [f"{UPSTREAM}/{repository}{separator}{reference}"], where
+    return asked
+
+
+def blobs_fetched(mirror: Mirror, repository: str) -> set[str]:
+    """The digests of the blobs of `repository` that were fetched (GET) from `mirror`."""
+    prefix = f"/v2/{repository}/blobs/"
+    return {
+        r.path.removeprefix(prefix) for r in mirror.recorder.requests if r.method == "GET" and r.path.startswith(prefix)
+    }
 
 
 @dataclass
