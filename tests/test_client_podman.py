@@ -17,11 +17,15 @@ import pytest
 from tests.support.images import Image, all_blobs
 from tests.support.podman import Podman
 from tests.support.recorder import RecordedRequest
-from tests.support.world import UPSTREAM, World
+from tests.support.world import (
+    UPSTREAM,
+    World,
+    assert_every_request_names_the_upstream,
+    assert_manifest_requests_name,
+    blobs_fetched,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these tests run podman rootful (as in ./run.sh test)")
-
-NAMED_REF = "OCI-Named-Ref"
 
 
 @pytest.fixture
@@ -61,24 +65,8 @@ def _assert_stored_layers_are(podman: Podman, reference: str, image: Image, expo
     assert [layer["digest"] for layer in manifest["layers"]] == _diff_ids(image)
 
 
-def _assert_every_request_names_the_upstream(world: World) -> None:
-    seen = world.a.recorder.requests + world.b.recorder.requests
-    assert seen, "no request reached a mirror"
-    for request in seen:
-        assert request.query().get("ns") == [UPSTREAM], f"{request.method} {request.target}"
-
-
 def _manifest_requests(world: World) -> list[RecordedRequest]:
     return [r for r in world.b.recorder.requests if "/manifests/" in r.path]
-
-
-def _fetched_blob_digests(world: World, repository: str) -> set[str]:
-    prefix = f"/v2/{repository}/blobs/"
-    return {
-        r.path.removeprefix(prefix)
-        for r in world.b.recorder.requests
-        if r.method == "GET" and r.path.startswith(prefix)
-    }
 
 
 @pytest.mark.matrix("podman", "pull by tag")
@@ -95,11 +83,11 @@ def test_pull_by_tag(fresh: World, podman: Podman, tmp_path: Path) -> None:
     assert (inspected["Os"], inspected["Architecture"]) == fresh.app.platform
     _assert_stored_layers_are(podman, reference, fresh.app, tmp_path / "export")
 
-    _assert_every_request_names_the_upstream(fresh)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b, some=True)
     manifests = _manifest_requests(fresh)
     assert [r.path for r in manifests] == ["/v2/team/app/manifests/v1"]
-    assert manifests[0].header_values(NAMED_REF) == [reference]
-    assert _fetched_blob_digests(fresh, "team/app") == {b.digest for b in (fresh.app.config, *fresh.app.layers)}
+    assert_manifest_requests_name(fresh.b, "team/app")
+    assert blobs_fetched(fresh.b, "team/app") == {b.digest for b in (fresh.app.config, *fresh.app.layers)}
 
 
 @pytest.mark.matrix("podman", "pull by digest")
@@ -117,11 +105,11 @@ def test_pull_by_digest(fresh: World, podman: Podman, tmp_path: Path) -> None:
     assert inspected["RootFS"]["Layers"] == _diff_ids(fresh.app)
     _assert_stored_layers_are(podman, reference, fresh.app, tmp_path / "export")
 
-    _assert_every_request_names_the_upstream(fresh)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b, some=True)
     manifests = _manifest_requests(fresh)
     assert [r.path for r in manifests] == [f"/v2/team/app/manifests/{digest}"]
-    assert manifests[0].header_values(NAMED_REF) == [reference]
-    assert _fetched_blob_digests(fresh, "team/app") == {b.digest for b in (fresh.app.config, *fresh.app.layers)}
+    assert_manifest_requests_name(fresh.b, "team/app")
+    assert blobs_fetched(fresh.b, "team/app") == {b.digest for b in (fresh.app.config, *fresh.app.layers)}
 
 
 @pytest.mark.matrix("podman", "multi-platform index")
@@ -147,18 +135,17 @@ def test_pull_each_platform_of_an_index(fresh: World, podman: Podman) -> None:
     stored_ids = set(_succeeded(stored, "podman images").split())
     assert {image.config.digest for image in fresh.multi.images} <= stored_ids
 
-    _assert_every_request_names_the_upstream(fresh)
+    assert_every_request_names_the_upstream(fresh.a, fresh.b, some=True)
     manifests = _manifest_requests(fresh)
     by_tag = [r for r in manifests if r.path == "/v2/team/multi/manifests/v1"]
     assert len(by_tag) == 2, "each pull resolves the tag"
-    assert all(r.header_values(NAMED_REF) == [reference] for r in by_tag)
     by_digest = [r for r in manifests if r not in by_tag]
     children = {image.manifest.digest for image in fresh.multi.images}
     assert sorted(r.path.rsplit("/", 1)[-1] for r in by_digest) == sorted(children)
-    for request in by_digest:
-        assert request.header_values(NAMED_REF) == [f"{UPSTREAM}/team/multi@{request.path.rsplit('/', 1)[-1]}"]
+    # Each by tag names upstream.test/team/multi:v1, each by digest upstream.test/team/multi@<digest>.
+    assert_manifest_requests_name(fresh.b, "team/multi")
     expected_blobs = {b.digest for b in all_blobs(fresh.multi)} - children - {index_digest}
-    assert _fetched_blob_digests(fresh, "team/multi") == expected_blobs
+    assert blobs_fetched(fresh.b, "team/multi") == expected_blobs
 
 
 def _write_oci_layout(image: Image, layout: Path, tag: str) -> None:
