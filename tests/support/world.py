@@ -13,6 +13,8 @@ from .images import Image, Index, make_image, make_index, push_image, push_index
 from .recorder import RecordedRequest, Recorder, recording_proxy
 from .registry import AccessLogEntry, Registry, running_registry
 
+RUN_SH = Path(__file__).resolve().parents[2] / "run.sh"
+
 UPSTREAM = "upstream.test"
 
 
@@ -110,5 +112,6 @@ def pull_world(workdir: Path) -> Iterator[World]:
             f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve"]\n'
         )
         host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (a, b)}
-        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
+        # Started the way the README tells a newcomer to start it, so the client matrix speaks for ./run.sh.
+        with running_gateway(workdir / "gateway", rules, host_map, entry_point=(str(RUN_SH),)) as gateway:
             yield World(a, b, gateway, app, multi, workdir)
