@@ -4,11 +4,20 @@ Facts about Debian bookworm's containerd 1.6 this module relies on:
 
 - `ctr images pull` resolves and fetches in the ctr process (only unpacking happens in the daemon), so HTTPS_PROXY
   and the gateway's CA belong in ctr's environment and flags; the daemon gets no proxy at all, which proves it.
+- A CRI (kubelet) pull is the daemon's own: with `cri=True` the CRI plugin is enabled, and with a gateway the daemon
+  gets HTTPS_PROXY and `SSL_CERT_FILE=<system roots + the gateway's CA>` in its environment (the CRI plugin's
+  registry transport takes the environment's proxy; Go's crypto/x509 reads SSL_CERT_FILE). Its registry
+  `config_path` is empty, so the daemon has no hosts.toml and no mirrors of its own: it asks `https://<upstream>`
+  through the proxy.
+- The CRI plugin keeps its state under containerd's root and state (`io.containerd.grpc.v1.cri`) and puts images in
+  the `k8s.io` namespace. Pulls need none of what a pod needs: it runs with cgroups off, an OOM score it may not
+  raise, the native snapshotter and empty CNI directories of its own (the missing network config is logged as an
+  error at start and matters only to pods). Its stream server listens on 127.0.0.1 on a free port.
 - Content is shared between namespaces by default: a pull into a new namespace can succeed without fetching a byte
   if another namespace holds the blobs. `content_sharing_policy = "isolated"` stops that.
-- Everything the daemon writes is under `root`, `state`, `temp` and the opt plugin's `path`; the CRI plugin (which
-  would want CNI, /etc/cni and a sandbox image) is disabled, and so are the snapshotters that need kernel features
-  or devices, so the daemon starts in seconds in a network namespace with only loopback.
+- Everything the daemon writes is under `root`, `state`, `temp` and the opt plugin's `path`; the CRI plugin is
+  disabled unless asked for, and the snapshotters that need kernel features or devices always are, so the daemon
+  starts in seconds in a network namespace with only loopback.
 - The native snapshotter needs no overlay support. It unpacks through bind mounts, so the daemon runs in a private
   mount namespace (`unshare -m`) where a mount it forgets cannot outlive it.
 - A unix socket path is limited to 107 bytes; the socket lives in the (short) work directory.
@@ -25,15 +34,17 @@ from pathlib import Path
 
 from .clients import client_env
 from .gateway import Gateway
-from .processes import running, wait_until
+from .processes import NotReady, running, wait_until
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 _SOCKET_PATH_LIMIT = 107
 # The only snapshotter the tests use; the others want overlay, btrfs, zfs, devmapper or aufs.
 SNAPSHOTTER = "native"
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+# The namespace the CRI plugin keeps the kubelet's images in.
+CRI_NAMESPACE = "k8s.io"
 _DISABLED_PLUGINS = (
-    "io.containerd.grpc.v1.cri",
     "io.containerd.snapshotter.v1.aufs",
     "io.containerd.snapshotter.v1.btrfs",
     "io.containerd.snapshotter.v1.devmapper",
@@ -81,9 +92,10 @@ class Containerd:
         )
 
 
-def config_toml(workdir: Path, socket_path: Path, disabled_plugins: Sequence[str] = _DISABLED_PLUGINS) -> str:
+def config_toml(workdir: Path, socket_path: Path, *, cri: bool = False) -> str:
+    disabled_plugins: Sequence[str] = _DISABLED_PLUGINS if cri else (CRI_PLUGIN, *_DISABLED_PLUGINS)
     disabled = ", ".join(f'"{plugin}"' for plugin in disabled_plugins)
-    return f"""version = 2
+    config = f"""version = 2
 root = "{workdir / "root"}"
 state = "{workdir / "state"}"
 temp = "{workdir / "tmp"}"
@@ -101,14 +113,38 @@ disabled_plugins = [{disabled}]
 [plugins."io.containerd.metadata.v1.bolt"]
   content_sharing_policy = "isolated"
 """
+    if not cri:
+        return config
+    cri_config = f"""
+[plugins."{CRI_PLUGIN}"]
+  disable_cgroup = true
+  restrict_oom_score_adj = true
+  [plugins."{CRI_PLUGIN}".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+  [plugins."{CRI_PLUGIN}".cni]
+    bin_dir = "{workdir / "cni" / "bin"}"
+    conf_dir = "{workdir / "cni" / "conf"}"
+  [plugins."{CRI_PLUGIN}".registry]
+    config_path = ""
+"""
+    return config + cri_config
 
 
 @contextmanager
 def running_containerd(
-    workdir: Path, socket_path: Path | None = None, stop_timeout: float = _STOP_TIMEOUT
+    workdir: Path,
+    socket_path: Path | None = None,
+    stop_timeout: float = _STOP_TIMEOUT,
+    *,
+    cri: bool = False,
+    gateway: Gateway | None = None,
 ) -> Iterator[Containerd]:
     """Starts containerd with all its state under `workdir` (its socket too, unless `socket_path` says where), in a
-    private mount namespace and a session of its own; when the block ends, stops it and all its process group."""
+    private mount namespace and a session of its own; when the block ends, stops it and all its process group.
+
+    With `cri`, the CRI plugin is enabled (and must load). With a `gateway`, the daemon itself reaches registries
+    through it: HTTPS_PROXY at the gateway and its CA after the system roots in SSL_CERT_FILE, in the daemon's own
+    environment, as a containerd.service drop-in would set them; without one it gets no proxy at all."""
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
         raise RuntimeError("containerd and ctr are not installed (Debian package containerd)")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -118,11 +154,17 @@ def running_containerd(
         raise ValueError(f"{socket_path} is too long for a unix socket: use a shorter work directory")
     (workdir / "tmp").mkdir(exist_ok=True)
     config_path = workdir / "config.toml"
-    config_path.write_text(config_toml(workdir, socket_path))
+    if cri:
+        for directory in ("bin", "conf"):
+            (workdir / "cni" / directory).mkdir(parents=True, exist_ok=True)
+    config_path.write_text(config_toml(workdir, socket_path, cri=cri))
     log_path = workdir / "containerd.log"
-    # The daemon fetches nothing itself in these tests; without a proxy it could not even if it tried.
+    # Without a gateway the daemon fetches nothing itself; without a proxy it could not even if it tried.
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["TMPDIR"] = str(workdir / "tmp")
+    if gateway is not None:
+        env["HTTPS_PROXY"] = gateway.proxy_url
+        env["SSL_CERT_FILE"] = str(gateway.ca_bundle(workdir))
     command = ["unshare", "--mount", "--propagation", "private", "containerd", "--config", str(config_path)]
     # unshare execs containerd: the PID is the daemon's.
     with running(command, log_path, env=env, stop_timeout=stop_timeout, group=True) as process:
@@ -133,7 +175,26 @@ def running_containerd(
             lambda why: f"containerd did not serve {socket_path}: {why}:\n{daemon.log_text()[-3000:]}",
             process=process,
         )
+        if cri:
+            _require_plugin(daemon, CRI_PLUGIN)
         yield daemon
+
+
+def _require_plugin(daemon: Containerd, plugin: str) -> None:
+    """Raises NotReady unless `ctr plugins ls` says `plugin` (type.id) loaded. containerd serves its socket only after
+    every plugin has had its go, so the status is final; a plugin that failed says why in the log."""
+    plugin_type, _, plugin_id = plugin.rpartition(".")
+    listing = daemon.ctr("default", "plugins", "ls", timeout=30)
+    # TYPE ID PLATFORMS STATUS; PLATFORMS may be empty.
+    statuses = [
+        fields[-1]
+        for fields in (line.split() for line in listing.stdout.splitlines()[1:])
+        if fields[:2] == [plugin_type, plugin_id]
+    ]
+    if listing.returncode != 0 or statuses != ["ok"]:
+        raise NotReady(
+            f"containerd's {plugin} plugin did not load ({statuses or listing.stderr}):\n{daemon.log_text()[-3000:]}"
+        )
 
 
 def _accepts(socket_path: Path) -> bool:
