@@ -298,7 +298,8 @@ def parse_token_response(status: int, headers: Mapping[str, str], body: bytes, r
     expire before now or live longer than expires_in from now means the two clocks disagree; then the response's
     arrival is the better start, since the server checks the token against its own clock."""
     shown = _without_userinfo(realm)
-    content_type = _header(headers, "content-type").split(";")[0].strip() or "no content type"
+    # Only the media type, and not much of it: parameters and overlong values are the server's free text.
+    content_type = _header(headers, "content-type").split(";")[0].strip()[:60] or "no content type"
     if not 200 <= status < 300:
         raise TokenError(f"token request to {shown} failed: HTTP {status} ({content_type})")
     if not body.strip():
