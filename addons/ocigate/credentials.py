@@ -1,0 +1,601 @@
+"""Registry credentials: where they come from and which one applies to a host, upstream and repository.
+
+Sources, in the order a `CredentialChain` asks them (the first that has a credential wins; a credential that is
+there but invalid is an error, never silently replaced by the next source's):
+
+1. ocigate's own store (`OcigateStore`): a JSON list of entries keyed by host, optionally narrowed by the upstream
+   registry and a repository prefix — the one thing docker's config cannot say (nerdctl#3265: a mirror serving
+   several upstreams through `?ns=` may need a different credential for each);
+2. docker's `config.json` (`DockerConfig`): `auths`, `credHelpers`, `credsStore`;
+3. containers' `auth.json` (`ContainersAuth`), whose keys may name a namespace or repository;
+4. mounted `kubernetes.io/dockerconfigjson` secrets (`KubernetesSecrets`).
+
+Every file is re-read when it changes on disk, so rotated credentials apply without a restart; a file that turns
+unreadable or malformed keeps its last good contents. Secrets never appear in logs, reprs or error messages.
+"""
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("ocigate")
+
+DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
+_DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HELPER_NOT_FOUND = "credentials not found in native keychain"
+_IDENTITY_TOKEN_USERNAME = "<token>"
+DEFAULT_HELPER_TIMEOUT = 10.0
+
+# Keyed per process so that an identity() that ends up in a log or a capture cannot be used to guess a password.
+_IDENTITY_KEY = secrets.token_bytes(32)
+
+
+class CredentialError(Exception):
+    """A credential that exists but cannot be used; the message names its file or helper and never the secret."""
+
+
+@dataclass(frozen=True, repr=False)
+class Credential:
+    """What a registry's token endpoint (or basic auth) needs. `identity_token` is an OAuth2 refresh token (docker's
+    `identitytoken`); `registry_token` is a bearer token sent as is (docker's `registrytoken`)."""
+
+    username: str | None = None
+    password: str | None = None
+    identity_token: str | None = None
+    registry_token: str | None = None
+
+    def __repr__(self) -> str:
+        def shown(value: str | None) -> str:
+            return "None" if value is None else "'<redacted>'"
+
+        return (
+            f"Credential(username={self.username!r}, password={shown(self.password)}, "
+            f"identity_token={shown(self.identity_token)}, registry_token={shown(self.registry_token)})"
+        )
+
+    __str__ = __repr__
+
+    def identity(self) -> str:
+        """A stable (within this process) opaque key for caches: equal credentials, equal identities."""
+        fields = (self.username, self.password, self.identity_token, self.registry_token)
+        encoded = json.dumps(fields).encode()
+        return hashlib.blake2b(encoded, key=_IDENTITY_KEY, digest_size=16).hexdigest()
+
+
+def default_docker_config_dir() -> Path:
+    return Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+
+
+def default_containers_auth_paths() -> list[Path]:
+    """Where podman, skopeo and buildah look for auth.json, in their order (containers-auth.json(5))."""
+    paths = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        paths.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        paths.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    paths.append(Path(config_home) / "containers" / "auth.json")
+    return paths
+
+
+# --- files that are re-read when they change ---------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Malformed(Exception):
+    """A file's contents do not parse; the message says where, never what the value was."""
+
+
+class _WatchedFile(Generic[T]):
+    """A file's parsed contents, re-read whenever it changes on disk. A file that cannot be read or parsed keeps the
+    last good contents and logs one warning; it logs again only after it has recovered and broken again. A missing
+    file is empty (it was never written, or its credentials were deliberately removed)."""
+
+    def __init__(self, path: Path, parse: Callable[[bytes], T], empty: T) -> None:
+        self.path = path
+        self._parse = parse
+        self._empty = empty
+        self._contents = empty
+        self._signature: tuple[int, ...] | None = None
+        self._broken = False
+
+    def contents(self) -> T:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._signature, self._contents, self._broken = None, self._empty, False
+            return self._contents
+        except OSError as e:
+            self._fail(f"cannot be read ({e.strerror})")
+            return self._contents
+        # ctime and inode too: a chmod or an atomic replace with the same size and mtime still counts as a change.
+        signature = (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino)
+        if signature == self._signature:
+            return self._contents
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            self._fail(f"cannot be read ({e.strerror})")  # signature not kept: the next lookup tries again
+            return self._contents
+        self._signature = signature
+        try:
+            contents = self._parse(data)
+        except _Malformed as e:
+            self._fail(f"is malformed ({e})")
+            return self._contents
+        self._contents, self._broken = contents, False
+        return contents
+
+    def _fail(self, reason: str) -> None:
+        if not self._broken:
+            log.warning(f"ocigate: credentials file {self.path} {reason}; keeping its last good contents")
+            self._broken = True
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"not UTF-8 at byte {e.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # e.msg and the position only: str(e) is safe today, but the document itself must never reach a message.
+        raise _Malformed(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+# --- key matching -------------------------------------------------------------------------------------------------
+
+
+def _host_variants(host: str) -> set[str]:
+    """The spellings of one registry host in credential keys: Docker Hub's three names are one registry, and 443 is
+    the port of a host written without one."""
+    host = host.lower()
+    if host in _DOCKER_HUB_HOSTS or host.removesuffix(":443") in _DOCKER_HUB_HOSTS:
+        return {h for name in _DOCKER_HUB_HOSTS for h in (name, f"{name}:443")}
+    bare = host.removesuffix(":443")
+    return {bare, f"{bare}:443"}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(host, path) of an auths key: `host`, `host:port`, `https://host/`, `http://host:port/v1/`, `host/ns/repo`.
+    The `/v1` and `/v2` API paths docker's legacy keys carry are no repository narrowing."""
+    rest = key.strip()
+    scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", rest)
+    if scheme:
+        rest = rest[scheme.end() :]
+    host, _, path = rest.partition("/")
+    path = path.strip("/")
+    if path in ("v1", "v2"):
+        path = ""
+    return host.lower(), path
+
+
+def _matching_keys(keys: Iterable[str], host: str, repository: str, narrow_by_path: bool) -> list[str]:
+    """The keys that apply to host and repository, most specific first.
+
+    Docker compares only the host (with port) of a key, whatever scheme and path it carries; containers' auth.json
+    and kubelet-style secrets also let `host/ns` and `host/ns/repo` narrow a key to a repository prefix, the longest
+    winning. Among equally specific keys, one spelled with the host exactly as asked wins, then Docker Hub's legacy
+    key, then file order."""
+    variants = _host_variants(host)
+    asked = host.lower()
+    ranked = []
+    for position, key in enumerate(keys):
+        key_host, path = _split_key(key)
+        if key_host not in variants:
+            continue
+        if narrow_by_path and path:
+            if repository != path and not repository.startswith(path + "/"):
+                continue
+            depth = path.count("/") + 1
+        else:
+            depth = 0
+        ranked.append(((-depth, key_host != asked, key != DOCKER_HUB_LEGACY_KEY, position), key))
+    return [key for _, key in sorted(ranked)]
+
+
+def _helper_server_url(host: str) -> str:
+    """The server URL docker hands a credential helper: Docker Hub's legacy key, else host[:port]."""
+    return DOCKER_HUB_LEGACY_KEY if host.lower().removesuffix(":443") in _DOCKER_HUB_HOSTS else host.lower()
+
+
+# --- docker's config format (also auth.json's and a dockerconfigjson secret's) ------------------------------------
+
+
+@dataclass(frozen=True)
+class _AuthFile:
+    auths: dict[str, dict[str, Any]]
+    cred_helpers: dict[str, str]
+    creds_store: str | None
+
+
+_EMPTY_AUTH_FILE = _AuthFile({}, {}, None)
+_AUTH_ENTRY_FIELDS = {"auth", "username", "password", "identitytoken", "registrytoken"}
+
+
+def _parse_auth_file(data: bytes) -> _AuthFile:
+    document = _load_json(data)
+    if not isinstance(document, dict):
+        raise _Malformed("expected a JSON object")
+    auths = document.get("auths", {})
+    if not isinstance(auths, dict):
+        raise _Malformed("'auths' is not an object")
+    for key, entry in auths.items():
+        if not isinstance(entry, dict):
+            raise _Malformed(f"auths[{key!r}] is not an object")
+        for field in _AUTH_ENTRY_FIELDS & entry.keys():
+            if not isinstance(entry[field], str):
+                raise _Malformed(f"auths[{key!r}].{field} is not a string")
+    helpers = document.get("credHelpers", {})
+    if not isinstance(helpers, dict):
+        raise _Malformed("'credHelpers' is not an object")
+    for key, name in helpers.items():
+        if not isinstance(name, str) or not _HELPER_NAME.match(name):
+            raise _Malformed(f"credHelpers[{key!r}] is not a helper name")
+    store = document.get("credsStore")
+    if store is not None and (not isinstance(store, str) or not _HELPER_NAME.match(store)):
+        raise _Malformed("'credsStore' is not a helper name")
+    return _AuthFile(auths, helpers, store or None)
+
+
+def _entry_credential(entry: dict[str, Any], where: str) -> Credential | None:
+    """The credential of one auths entry; None for an empty one (`{}`, what docker leaves next to a credsStore)."""
+    username = entry.get("username") or None
+    password = entry.get("password") or None
+    if entry.get("auth"):
+        try:
+            decoded = base64.b64decode(entry["auth"], validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise CredentialError(f"{where}: 'auth' is not base64 of username:password") from None
+        username, colon, password = decoded.partition(":")
+        if not colon:
+            raise CredentialError(f"{where}: 'auth' decodes to no username:password pair")
+    identity_token = entry.get("identitytoken") or None
+    registry_token = entry.get("registrytoken") or None
+    if not (password or identity_token or registry_token):
+        return None
+    return Credential(username or None, password or None, identity_token, registry_token)
+
+
+async def run_credential_helper(
+    name: str, server_url: str, timeout: float = DEFAULT_HELPER_TIMEOUT
+) -> Credential | None:
+    """`docker-credential-<name> get` with server_url on stdin (docker's credential-helper protocol), without blocking
+    the event loop. None when the helper has no credential for server_url."""
+    program = f"docker-credential-{name}"
+    try:
+        process = await asyncio.create_subprocess_exec(
+            program,
+            "get",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a hanging helper is killed with its children
+        )
+    except FileNotFoundError:
+        raise CredentialError(f"credential helper {program} is not on PATH") from None
+    except PermissionError:
+        raise CredentialError(f"credential helper {program} is not executable") from None
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(server_url.encode()), timeout)
+    except TimeoutError:
+        _kill(process)
+        await process.wait()
+        raise CredentialError(f"credential helper {program} did not answer within {timeout:g} s; killed") from None
+    if process.returncode != 0:
+        if _HELPER_NOT_FOUND in stdout.decode(errors="replace") + stderr.decode(errors="replace"):
+            return None
+        # stderr only, and only its last line: stdout might hold half a secret.
+        detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise CredentialError(f"credential helper {program} failed (exit {process.returncode}): {detail[0][:200]}")
+    try:
+        answer = json.loads(stdout)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CredentialError(f"credential helper {program} answered with something that is not JSON") from None
+    if not isinstance(answer, dict) or not all(isinstance(answer.get(k, ""), str) for k in ("Username", "Secret")):
+        raise CredentialError(f"credential helper {program} answered without string Username and Secret")
+    username, secret = answer.get("Username", ""), answer.get("Secret", "")
+    if not secret:
+        return None
+    if username == _IDENTITY_TOKEN_USERNAME:
+        return Credential(identity_token=secret)
+    return Credential(username=username or None, password=secret)
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
+# --- sources --------------------------------------------------------------------------------------------------------
+
+
+class CredentialSource:
+    """A place credentials come from. `locate` also says where exactly (for error messages); `lookup` does not."""
+
+    description: str = "credentials"
+
+    async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        raise NotImplementedError
+
+    async def lookup(self, host: str, upstream: str, repository: str) -> Credential | None:
+        found = await self.locate(host, upstream, repository)
+        return found[0] if found else None
+
+
+class _AuthFileSource(CredentialSource):
+    """What docker's config.json, containers' auth.json and a dockerconfigjson secret share: helpers by host, then
+    auths entries by key."""
+
+    def __init__(self, path: Path, kind: str, narrow_by_path: bool, helpers: bool, helper_timeout: float) -> None:
+        self._file = _WatchedFile(Path(path), _parse_auth_file, _EMPTY_AUTH_FILE)
+        self._narrow_by_path = narrow_by_path
+        self._helpers = helpers
+        self.helper_timeout = helper_timeout
+        self.description = f"{kind} {self._file.path}"
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        config = self._file.contents()
+        if self._helpers:
+            # docker: credHelpers[host] first, else credsStore for every host. Unlike docker, a helper that has
+            # nothing does not hide a real auths entry (a config may mix both after a migration).
+            keys = _matching_keys(config.cred_helpers, host, repository, narrow_by_path=False)
+            helper = config.cred_helpers[keys[0]] if keys else config.creds_store
+            if helper:
+                credential = await run_credential_helper(helper, _helper_server_url(host), self.helper_timeout)
+                if credential:
+                    return credential, f"credential helper docker-credential-{helper} ({self.description})"
+        for key in _matching_keys(config.auths, host, repository, self._narrow_by_path):
+            where = f"{self.description}: auths[{key!r}]"
+            credential = _entry_credential(config.auths[key], where)
+            if credential:
+                return credential, where
+        return None
+
+
+class DockerConfig(_AuthFileSource):
+    """`DIR/config.json` as docker and nerdctl write it (DOCKER_CONFIG, default ~/.docker)."""
+
+    def __init__(self, directory: Path | str | None = None, helper_timeout: float = DEFAULT_HELPER_TIMEOUT) -> None:
+        directory = Path(directory) if directory is not None else default_docker_config_dir()
+        super().__init__(directory / "config.json", "docker config", False, True, helper_timeout)
+
+
+class ContainersAuth(_AuthFileSource):
+    """containers' auth.json (podman, skopeo, buildah): keys `host`, `host/ns`, `host/ns/repo`, most specific wins."""
+
+    def __init__(self, path: Path | str, helper_timeout: float = DEFAULT_HELPER_TIMEOUT) -> None:
+        super().__init__(Path(path), "containers auth", True, True, helper_timeout)
+
+
+class KubernetesSecrets(CredentialSource):
+    """Mounted `kubernetes.io/dockerconfigjson` secrets: DIR/.dockerconfigjson and DIR/*/.dockerconfigjson, in name
+    order. Their keys may narrow by repository path as the kubelet allows; they name no helpers (a secret must not
+    be able to make ocigate run a program)."""
+
+    FILE_NAME = ".dockerconfigjson"
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.description = f"kubernetes secrets {self.directory}"
+        self._files: dict[Path, _AuthFileSource] = {}
+
+    def _secret_files(self) -> list[Path]:
+        paths = [self.directory / self.FILE_NAME]
+        try:
+            # Names starting with "." are skipped: the kubelet's atomic writer keeps its ..data and ..timestamp
+            # directories there, which hold the same files again.
+            names = sorted(e.name for e in os.scandir(self.directory) if not e.name.startswith(".") and e.is_dir())
+        except OSError:
+            names = []
+        paths += [self.directory / name / self.FILE_NAME for name in names]
+        return [p for p in paths if p.exists()]
+
+    async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        paths = self._secret_files()
+        self._files = {p: self._files.get(p) or _AuthFileSource(p, "kubernetes secret", True, False, 0) for p in paths}
+        for source in self._files.values():
+            found = await source.locate(host, upstream, repository)
+            if found:
+                return found
+        return None
+
+
+# --- ocigate's own store -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    host: str
+    credential: Credential
+    upstream: str | None = None
+    repository_prefix: str | None = None
+
+    def applies_to(self, host: str, upstream: str, repository: str) -> bool:
+        if self.host != host.lower():
+            return False
+        if self.upstream is not None and self.upstream != upstream.lower():
+            return False
+        prefix = self.repository_prefix
+        return prefix is None or repository == prefix or repository.startswith(prefix + "/")
+
+    def specificity(self) -> tuple[bool, int]:
+        """Host+upstream+longest prefix, then host+upstream, then host with a prefix, then host only."""
+        depth = self.repository_prefix.count("/") + 1 if self.repository_prefix else 0
+        return self.upstream is not None, depth
+
+    def to_json(self) -> dict[str, str]:
+        fields = {
+            "host": self.host,
+            "upstream": self.upstream,
+            "repository_prefix": self.repository_prefix,
+            "username": self.credential.username,
+            "password": self.credential.password,
+            "identity_token": self.credential.identity_token,
+            "registry_token": self.credential.registry_token,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
+
+_STORE_FIELDS = ("host", "upstream", "repository_prefix", "username", "password", "identity_token", "registry_token")
+
+
+def _parse_store(data: bytes) -> tuple[StoreEntry, ...]:
+    document = _load_json(data)
+    if not isinstance(document, list):
+        raise _Malformed("expected a JSON list of entries")
+    entries = []
+    for index, item in enumerate(document):
+        if not isinstance(item, dict):
+            raise _Malformed(f"entry {index} is not an object")
+        unknown = sorted(set(item) - set(_STORE_FIELDS))
+        if unknown:
+            raise _Malformed(f"entry {index} has unknown field {unknown[0]!r}")
+        for name, value in item.items():
+            if not isinstance(value, str) or not value:
+                raise _Malformed(f"entry {index}: {name} is not a non-empty string")
+        if "host" not in item:
+            raise _Malformed(f"entry {index} has no host")
+        credential = Credential(
+            item.get("username"), item.get("password"), item.get("identity_token"), item.get("registry_token")
+        )
+        if not (credential.password or credential.identity_token or credential.registry_token):
+            raise _Malformed(f"entry {index} ({item['host']}) has no password, identity_token or registry_token")
+        prefix = item.get("repository_prefix")
+        entries.append(
+            StoreEntry(
+                item["host"].lower(),
+                credential,
+                item["upstream"].lower() if "upstream" in item else None,
+                prefix.strip("/") if prefix else None,
+            )
+        )
+    return tuple(entries)
+
+
+class OcigateStore(CredentialSource):
+    """ocigate's own credentials: a JSON list of entries
+
+        [{"host": "mirror.example:5000", "upstream": "docker.io", "repository_prefix": "library",
+          "username": "u", "password": "p"}, {"host": "mirror.example:5000", "identity_token": "t"}]
+
+    `host` (the host ocigate connects to, host[:port]) is required; `upstream` (the registry the repository belongs
+    to, the `ns=` value) and `repository_prefix` (whole path segments) narrow the entry. The most specific entry that
+    applies wins; among equals, the first in the file. Written atomically with mode 0600."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._file = _WatchedFile(Path(path), _parse_store, ())
+        self.description = f"ocigate credentials {self._file.path}"
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def entries(self) -> tuple[StoreEntry, ...]:
+        return self._file.contents()
+
+    async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        applicable = [e for e in self.entries() if e.applies_to(host, upstream, repository)]
+        if not applicable:
+            return None
+        best = max(applicable, key=StoreEntry.specificity)  # max keeps the first of equals
+        return best.credential, f"{self.description} (host {best.host})"
+
+    def save(
+        self, host: str, credential: Credential, upstream: str | None = None, repository_prefix: str | None = None
+    ) -> None:
+        """Adds the entry, or replaces the one with the same host, upstream and prefix."""
+        if not (credential.password or credential.identity_token or credential.registry_token):
+            raise CredentialError(f"{self.path}: a credential for {host} needs a password or a token")
+        entry = StoreEntry(host.lower(), credential, upstream.lower() if upstream else None, repository_prefix or None)
+        if entry.repository_prefix:
+            entry = StoreEntry(entry.host, credential, entry.upstream, entry.repository_prefix.strip("/"))
+        kept = [e for e in self._current_entries() if not self._same_key(e, entry)]
+        self._write([*kept, entry])
+
+    def remove(self, host: str, upstream: str | None = None, repository_prefix: str | None = None) -> bool:
+        """Removes the entry with exactly this host, upstream and prefix; False if there was none."""
+        key = StoreEntry(host.lower(), Credential(), upstream.lower() if upstream else None, repository_prefix or None)
+        if key.repository_prefix:
+            key = StoreEntry(key.host, key.credential, key.upstream, key.repository_prefix.strip("/"))
+        entries = self._current_entries()
+        kept = [e for e in entries if not self._same_key(e, key)]
+        if len(kept) == len(entries):
+            return False
+        self._write(kept)
+        return True
+
+    @staticmethod
+    def _same_key(a: StoreEntry, b: StoreEntry) -> bool:
+        return (a.host, a.upstream, a.repository_prefix) == (b.host, b.upstream, b.repository_prefix)
+
+    def _current_entries(self) -> list[StoreEntry]:
+        """The file as it is now: a malformed file is not overwritten (its other entries would be lost)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise CredentialError(f"{self.path}: cannot be read ({e.strerror})") from None
+        try:
+            return list(_parse_store(data))
+        except _Malformed as e:
+            raise CredentialError(f"{self.path} is malformed ({e}); not overwriting it") from None
+
+    def _write(self, entries: Sequence[StoreEntry]) -> None:
+        text = json.dumps([e.to_json() for e in entries], indent=2) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file 0600 from the start: the secret is never readable by others, not even briefly.
+        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temporary, 0o600)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+
+
+# --- the chain ----------------------------------------------------------------------------------------------------
+
+
+class CredentialChain:
+    """The sources in order; the first that has a credential wins. A CredentialError (a credential that is there but
+    unusable, a helper that fails) stops the lookup: falling through to another source would hide it."""
+
+    def __init__(self, sources: Sequence[CredentialSource]) -> None:
+        self.sources = list(sources)
+
+    async def lookup(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        for source in self.sources:
+            found = await source.locate(host, upstream, repository)
+            if found:
+                return found
+        return None
