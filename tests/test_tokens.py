@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ocigate.credentials import Credential
 from ocigate.tokens import (
     ANONYMOUS,
     DEFAULT_EXPIRES_IN,
     Challenge,
-    Credential,
     Token,
     TokenCache,
     TokenError,
@@ -181,7 +181,7 @@ def test_identity_is_opaque_and_tells_credentials_apart():
     assert credential_identity(alice) != credential_identity(Credential("alice", "other"))
     assert credential_identity(alice) != credential_identity(Credential("", "", "hunter2"))
     assert "hunter2" not in credential_identity(alice)
-    assert "hunter2" not in repr(alice) and "tok" not in repr(Credential("", "", "tok"))
+    assert "hunter2" not in repr(alice) and "refresh-xyzzy" not in repr(Credential("", "", "refresh-xyzzy"))
 
 
 # -- token responses ---------------------------------------------------------------------------------------------

@@ -11,19 +11,17 @@ carries an HMAC of the credential under a key that lives only in this process.
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import json
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
+
+from .credentials import Credential
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
@@ -51,9 +49,7 @@ _RFC3339_PATTERN = re.compile(
     r"(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d+))?(?P<zone>[Zz]|[+-]\d{2}:\d{2})"
 )
 
-# Cache keys carry a keyed hash of the credential, never the credential. The key is per process, so a key that
-# ends up in a log cannot be checked against guessed passwords.
-_IDENTITY_HASH_KEY = secrets.token_bytes(32)
+# Cache keys carry the credential's keyed hash (Credential.identity), never the credential itself.
 ANONYMOUS = "anonymous"
 
 
@@ -170,30 +166,12 @@ def preferred_challenge(challenges: Sequence[Challenge]) -> Challenge | None:
 # -- credentials and token requests ------------------------------------------------------------------------------
 
 
-class CredentialLike(Protocol):
-    @property
-    def username(self) -> str: ...
-    @property
-    def password(self) -> str: ...
-    @property
-    def identity_token(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class Credential:
-    """What a registry login gives: a username and password, or an identity (refresh) token."""
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-
-
-def credential_identity(credential: CredentialLike | None) -> str:
-    """An opaque name for a credential, to key cached tokens by: equal credentials give equal names."""
+def credential_identity(credential: Credential | None) -> str:
+    """An opaque name for a credential, to key cached tokens by: equal credentials give equal names, and every
+    credential without a secret is the anonymous one."""
     if credential is None or not (credential.password or credential.identity_token):
         return ANONYMOUS
-    material = "\0".join((credential.username, credential.password, credential.identity_token)).encode()
-    return "hmac-sha256:" + hmac.new(_IDENTITY_HASH_KEY, material, hashlib.sha256).hexdigest()[:32]
+    return credential.identity()
 
 
 def _without_userinfo(url: str) -> str:
@@ -216,7 +194,7 @@ class TokenRequest:
 
     @classmethod
     def for_challenge(
-        cls, challenge: Challenge, required_scopes: Iterable[str], credential: CredentialLike | None
+        cls, challenge: Challenge, required_scopes: Iterable[str], credential: Credential | None
     ) -> "TokenRequest":
         """The token a Bearer challenge asks for, covering the challenge's own scope and the ones the request
         needs (repository:<name>:pull, ...)."""
@@ -409,7 +387,7 @@ def token_get_url(request: TokenRequest) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def oauth_form(request: TokenRequest, credential: CredentialLike, client_id: str) -> bytes:
+def oauth_form(request: TokenRequest, credential: Credential, client_id: str) -> bytes:
     """The OAuth2 POST body (fetch.go, FetchTokenWithOAuth): an identity token is a refresh_token grant,
     a password a password grant."""
     form = []
@@ -419,13 +397,17 @@ def oauth_form(request: TokenRequest, credential: CredentialLike, client_id: str
     if credential.identity_token:
         form += [("grant_type", "refresh_token"), ("refresh_token", credential.identity_token)]
     else:
-        form += [("grant_type", "password"), ("username", credential.username), ("password", credential.password)]
+        form += [
+            ("grant_type", "password"),
+            ("username", credential.username or ""),
+            ("password", credential.password or ""),
+        ]
     return urlencode(form).encode("ascii")
 
 
 async def fetch_token(
     request: TokenRequest,
-    credential: CredentialLike | None,
+    credential: Credential | None,
     send: Send,
     *,
     client_id: str = DEFAULT_CLIENT_ID,
@@ -445,7 +427,7 @@ async def fetch_token(
     username = ""
     if credential is not None:
         secret = credential.identity_token or credential.password
-        username = "" if credential.identity_token else credential.username
+        username = "" if credential.identity_token else credential.username or ""
     accept = {"Accept": "application/json"}
     if credential is not None and secret:
         status, headers, body = await send(
