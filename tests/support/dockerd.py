@@ -9,9 +9,11 @@ Facts about dockerd 20.10 this module relies on:
   where a temp directory is bind-mounted on /etc/docker and a tmpfs covers /run, so neither the machine's
   configuration leaks in nor anything leaks out; everything else is under flags pointing into the work directory.
 - With `--bridge=none --iptables=false --ip6tables=false` it needs no network but loopback, and with the vfs storage
-  driver no kernel overlay support. Images live in dockerd's own store: containerd runs no part of a pull or push,
-  but dockerd will not start without one, so it gets a private containerd (tests/support/containerd.py's, in its
-  own mount namespace too).
+  driver no kernel overlay support. Images live in dockerd's own store, but dockerd will not start without a
+  containerd, so it gets a private one (tests/support/containerd.py's, in its own mount namespace too).
+- dockerd keeps every manifest it fetched in that containerd's content store (namespace `moby`) and reads a manifest
+  it is asked for by digest from there instead of the registry. Removing the image only drops the lease; the
+  content stays until containerd's garbage collector gets to it, so `Dockerd.remove_all_images` deletes it too.
 - A failed layer download or upload is tried 5 times, pausing 5, 10, 15 and 20 s: 50 s before a failure shows.
   Downloads get one attempt (`--max-download-attempts 1`: local registries need no second); 20.10 has no such
   flag for uploads, so `Dockerd.push_once` stops the push at the daemon's first "Upload failed, retrying".
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .containerd import running_containerd
+from .containerd import Containerd, running_containerd
 from .gateway import Gateway
 from .processes import running, stop, wait_until
 
@@ -41,6 +43,8 @@ DOCKER_CLI = Path("/usr/bin/docker")  # docker.io's own, the same version as the
 DOCKERD = Path("/usr/sbin/dockerd")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
+# The containerd namespace dockerd keeps its content in.
+_MOBY = "moby"
 
 # Run by `unshare --mount`: the mounts only this process tree sees, then the daemon in place of the shell (so the
 # PID Popen knows is the daemon's). $1 is the directory that stands in for /etc/docker; the rest is the command.
@@ -72,7 +76,7 @@ class Dockerd:
     socket_path: Path
     etc_docker: Path
     log_path: Path
-    containerd_log_path: Path
+    containerd: Containerd
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -145,6 +149,13 @@ class Dockerd:
             removed = self.docker("image", "rm", "--force", *image_ids)
             if removed.returncode != 0:
                 raise AssertionError(f"docker image rm failed:\n{removed.stderr}")
+        cached = self.containerd.ctr(_MOBY, "content", "ls", "--quiet")
+        if cached.returncode != 0:
+            raise AssertionError(f"ctr content ls in dockerd's containerd failed:\n{cached.stderr}")
+        if digests := cached.stdout.split():
+            deleted = self.containerd.ctr(_MOBY, "content", "rm", *digests)
+            if deleted.returncode != 0:
+                raise AssertionError(f"ctr content rm in dockerd's containerd failed:\n{deleted.stderr}")
 
 
 @contextmanager
@@ -164,7 +175,7 @@ def running_dockerd(workdir: Path, gateway: Gateway, registries: Sequence[str]) 
     containerd_socket = workdir / "containerd" / "c.sock"
     etc_docker = workdir / "etc-docker"
     with running_containerd(workdir / "containerd", containerd_socket, stop_timeout=_STOP_TIMEOUT) as containerd:
-        daemon = Dockerd(workdir, socket_path, etc_docker, workdir / "dockerd.log", containerd.log_path)
+        daemon = Dockerd(workdir, socket_path, etc_docker, workdir / "dockerd.log", containerd)
         etc_docker.mkdir(exist_ok=True)
         for registry in registries:
             trust_gateway(daemon, gateway, registry)
