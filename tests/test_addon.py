@@ -13,7 +13,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow, tutils
 
-from ocigate.addon import METADATA_KEY, Dialing, Gateway, Shared
+from ocigate.addon import METADATA_KEY, Credentials, Dialing, Gateway, Shared
 
 DIGEST = "sha256:" + "b" * 64
 
@@ -26,14 +26,18 @@ def write_rules(root: Path, upstream: str, text: str) -> Path:
 
 @contextmanager
 def gateway(rules: Path, host_map: list[str] = (), read_timeout: int = 5) -> Iterator[tuple[Gateway, taddons.context]]:
+    """The addons as the gateway runs them; credentials only from ocigate's own store, `<rules>/credentials.json`."""
     shared = Shared()
-    dialing, gw = Dialing(shared), Gateway(shared)
-    with taddons.context(dialing, gw) as tctx:
+    dialing, credentials, gw = Dialing(shared), Credentials(shared), Gateway(shared)
+    with taddons.context(dialing, credentials, gw) as tctx:
         tctx.configure(
             dialing,
             ocigate_map_hosts=list(host_map),
             ocigate_allow_destinations=["127.0.0.0/8"],
             ocigate_dns=False,
+        )
+        tctx.configure(
+            credentials, ocigate_credential_sources=["ocigate"], ocigate_credentials=str(rules / "credentials.json")
         )
         tctx.configure(gw, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=read_timeout)
         yield gw, tctx
@@ -55,10 +59,13 @@ def flow_to(host: str, path: str, method: str = "GET", port: int = 443, headers=
 
 @contextmanager
 def http_host(
-    answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes]], *, chunked: bool = False
+    answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes] | tuple[int, bytes, dict[str, str]]],
+    *,
+    chunked: bool = False,
 ) -> Iterator[tuple[int, list]]:
-    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request. Its answers
-    carry a Content-Length, or with `chunked` are sent chunked."""
+    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request. `answer` gives the
+    status, the body and optionally more headers. Its answers carry a Content-Length, or with `chunked` are sent
+    chunked."""
     seen: list = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -66,9 +73,11 @@ def http_host(
 
         def _serve(self) -> None:
             seen.append((self.command, self.path, list(self.headers.items())))
-            status, body = answer(self)
+            status, body, *extra = answer(self)
             self.send_response(status)
             self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            for name, value in (extra[0] if extra else {}).items():
+                self.send_header(name, value)
             if chunked:
                 self.send_header("Transfer-Encoding", "chunked")
             else:
@@ -250,28 +259,64 @@ async def test_a_host_that_does_not_answer_in_time_is_skipped(tmp_path: Path) ->
     assert attempts[0]["result"].startswith("timed out") and attempts[0]["fell_through"]
 
 
-async def test_a_mirror_asking_for_credentials_is_skipped_but_the_upstreams_challenge_reaches_the_client(
+CLIENT_AUTHORIZATION = (b"Authorization", b"Bearer client-own-token")
+
+
+def authorizations(seen: list) -> list[str | None]:
+    return [dict(headers).get("Authorization") for _, _, headers in seen]
+
+
+async def test_hosts_refusing_the_gateway_give_the_client_unauthorized_naming_each_host_and_never_its_token(
     tmp_path: Path,
 ) -> None:
     with http_host(lambda h: (401, b"{}")) as (port, seen):
-        # The upstream is upstream.test:<port> and its server is itself: the one host the client may authenticate to.
         rules = write_rules(
             tmp_path,
             f"upstream.test:{port}",
             f'server = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
         )
         with gateway(rules, ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]) as (gw, _):
-            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port)
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port, headers=[CLIENT_AUTHORIZATION])
             await gw.requestheaders(flow)
     assert flow.response.status_code == 401
-    assert [(a["result"], a["fell_through"]) for a in flow.metadata[METADATA_KEY]["attempts"]] == [
-        ("401", True),
-        ("401", False),
-    ]
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert f"http://m.test:{port}/v2: 401 unauthorized without credentials" in error["message"]
+    assert f"http://upstream.test:{port}/v2: 401 unauthorized without credentials" in error["message"]
+    # ocigate authenticates to every host, the registry's own included: the client's token goes to none.
+    assert authorizations(seen) == [None, None]
+
+
+async def test_a_client_authenticating_itself_hears_the_upstreams_challenge_and_only_the_upstream_its_token(
+    tmp_path: Path,
+) -> None:
+    challenge = {"WWW-Authenticate": 'Bearer realm="https://auth.test/token",service="upstream"'}
+    with http_host(lambda h: (401, b"{}", challenge)) as (port, seen):
+        rules = write_rules(
+            tmp_path,
+            f"upstream.test:{port}",
+            f'authentication = "client"\nserver = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
+        )
+        with gateway(rules, ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]) as (gw, _):
+            ping = flow_to("upstream.test", "/v2/", port=port)
+            await gw.requestheaders(ping)
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port, headers=[CLIENT_AUTHORIZATION])
+            await gw.requestheaders(flow)
+    # The ping goes to the registry itself, so the client learns its challenge and fetches its own token.
+    assert ping.response.status_code == 401
+    assert ping.response.headers["WWW-Authenticate"] == challenge["WWW-Authenticate"]
+    assert flow.response.status_code == 401
+    mirror, upstream = flow.metadata[METADATA_KEY]["attempts"]
+    # The mirror's challenge is ocigate's to answer: an anonymous token from a realm the guard does not let it reach.
+    assert mirror["fell_through"] and mirror["result"].startswith(f"no token for m.test:{port} without credentials")
+    assert "https://auth.test failed: auth.test:443 is not in the host map" in mirror["result"]
+    assert (upstream["result"], upstream["fell_through"]) == ("401", False)
     assert [path for _, path, _ in seen] == [
+        "/v2/",
         f"/v2/team/app/manifests/v1?ns=upstream.test%3A{port}",
         "/v2/team/app/manifests/v1",
     ]
+    assert authorizations(seen) == [None, None, "Bearer client-own-token"]
 
 
 async def test_every_host_404_gives_manifest_unknown_naming_each_host(tmp_path: Path) -> None:

@@ -20,8 +20,15 @@ def host(netloc: str, capabilities=ALL, *, path: str = "/v2", scheme: str = "htt
     return Host(scheme, name, int(port or default), path, frozenset(capabilities), **kw)
 
 
-def plan_for(route: Route, hosts, method: str = "GET", upstream: str = "upstream.test", query: str = ""):
-    rule = Rule(upstream, None, tuple(hosts))
+def plan_for(
+    route: Route,
+    hosts,
+    method: str = "GET",
+    upstream: str = "upstream.test",
+    query: str = "",
+    client_authenticates: bool = False,
+):
+    rule = Rule(upstream, None, tuple(hosts), client_authenticates)
     return make_plan(route, method, rule, upstream, query, ["OCI-Named-Ref"])
 
 
@@ -66,7 +73,14 @@ def test_ns_goes_to_every_host_but_the_upstream_itself() -> None:
     mirror, server = plan.attempts
     assert mirror.target == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
     assert server.target == f"/v2/team/app/blobs/{DIGEST}"
-    assert not mirror.forward_authorization and server.forward_authorization
+
+
+def test_client_credentials_go_nowhere_unless_the_rule_says_the_client_authenticates_and_then_only_upstream() -> None:
+    hosts = [host("mirror.test:5000", scheme="http"), host("upstream.test")]
+    route = Route(RouteKind.BLOB, "team/app", digest=DIGEST)
+    assert [a.forward_authorization for a in plan_for(route, hosts).attempts] == [False, False]
+    client_mode = plan_for(route, hosts, client_authenticates=True)
+    assert [a.forward_authorization for a in client_mode.attempts] == [False, True]
 
 
 def test_docker_hub_server_gets_no_ns_but_a_mirror_does() -> None:

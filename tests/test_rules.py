@@ -484,7 +484,7 @@ def test_hosts_toml_with_only_comments_hides_the_cert_files_and_configures_nothi
 BROKEN = DATA / "broken"
 BROKEN_KINDS: dict[str, tuple[str | None, str]] = {
     "toml-syntax": (None, "invalid TOML: Expected ']' at the end of a table declaration (at line 2, column 26)"),
-    "unknown-top-level-key": ("sever", "unknown key (expected one of ca, capabilities, client, "),
+    "unknown-top-level-key": ("sever", "unknown key (expected one of authentication, ca, capabilities, client, "),
     "unknown-host-key": ('host."https://m.example".capabilites', "unknown key"),
     "upper-case-key": ('host."https://m.example".Capabilities', "keys are lower case here: write 'capabilities'"),
     "nested-host": ('host."https://m.example"."https://n.example"', "unknown key"),
@@ -905,3 +905,38 @@ def test_generated_host_configs_round_trip(
     else:
         expected_server = expected_host(top_level, "https", "registry.example", None, "/v2", True)
     assert hosts_for("\n".join(lines) + "\n") == (*expected_mirrors, expected_server)
+
+
+# ocigate's own key: who authenticates to the registry's own host
+
+
+def test_authentication_is_the_gateways_unless_the_rule_says_client(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "gateway.test", 'server = "https://gateway.test"\n[host."https://m.test"]\n')
+    write_hosts(tmp_path, "client.test", 'authentication = "client"\n[host."https://m.test"]\n')
+    write_hosts(tmp_path, "explicit.test", 'authentication = "gateway"\n[host."https://m.test"]\n')
+    rules = load_rules(tmp_path)
+    assert not rules.lookup("gateway.test").client_authenticates
+    assert rules.lookup("client.test").client_authenticates
+    assert not rules.lookup("explicit.test").client_authenticates
+
+
+def test_a_directory_saying_only_who_authenticates_is_a_rule(tmp_path: Path) -> None:
+    # ocigate injecting its credentials for a registry it does not re-route is a rule of its own.
+    write_hosts(tmp_path, "registry.example", 'authentication = "gateway"\n')
+    rule = load_rules(tmp_path).lookup("registry.example")
+    assert rule is not None and urls(rule.hosts) == ["https://registry.example/v2"]
+
+
+@pytest.mark.parametrize("value", ['"Client"', '"none"', "true", "1", '["client"]'])
+def test_authentication_other_than_gateway_or_client_is_refused_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = write_hosts(tmp_path, "registry.example", f"authentication = {value}\n")
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert raised.value.path == path and raised.value.key == "authentication"
+    assert 'expected "gateway" or "client"' in raised.value.problem
+
+
+def test_authentication_is_a_rule_setting_not_a_host_setting(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "registry.example", '[host."https://m.test"]\nauthentication = "client"\n')
+    with pytest.raises(RulesError, match="unknown key"):
+        load_rules(tmp_path)

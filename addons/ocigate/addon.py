@@ -7,6 +7,7 @@ or the flow re-pointed at the chosen host and streamed by mitmproxy.
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +17,18 @@ from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .attempt import HOP_BY_HOP, Outcome, choose_streamed_host, encode_error, error_body, failure, first_good
+from .auth import Access, Authorization, Broker
+from .credentials import (
+    DEFAULT_HELPER_TIMEOUT,
+    DEFAULT_STORE_PATH,
+    ContainersAuth,
+    CredentialChain,
+    CredentialSource,
+    DockerConfig,
+    KubernetesSecrets,
+    OcigateStore,
+    default_containers_auth_paths,
+)
 from .destinations import DestinationError, Destinations
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
@@ -31,22 +44,20 @@ _SMALL_ANSWER_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.R
 
 
 class Shared:
-    """What the addons share: the loaded rules, ocigate's own HTTP client, and which host each re-pointed client
-    connection talks to."""
+    """What the addons share: the loaded rules, ocigate's own HTTP client and its authentication, and which host
+    each re-pointed client connection talks to."""
 
     def __init__(self) -> None:
         self.rules: RuleSet | None = None
         self.upstream = Upstream()
+        self.broker = Broker(self.upstream)
         # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
         self.repointed: dict[str, dict[tuple[str, int], Host]] = {}
-        # The one entry for an address that every rule agrees on, for connections no flow was re-pointed to (a
-        # ruled host's token endpoint passing through, say); addresses with conflicting settings are left out.
-        self.hosts_by_address: dict[tuple[str, int], Host] = {}
 
     def host_for_connection(self, client_id: str, address: tuple[str, int]) -> Host | None:
-        return self.repointed.get(client_id, {}).get(address) or self.hosts_by_address.get(address)
+        return self.repointed.get(client_id, {}).get(address) or self.upstream.hosts_by_address.get(address)
 
 
 class Dialing:
@@ -135,11 +146,110 @@ class Dialing:
             tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
 
 
+CREDENTIAL_SOURCES = ("ocigate", "docker", "containers", "kubernetes")
+_CREDENTIAL_OPTIONS = frozenset(
+    {
+        "ocigate_credential_sources",
+        "ocigate_credentials",
+        "ocigate_docker_config",
+        "ocigate_containers_auth",
+        "ocigate_kubernetes_secrets",
+        "ocigate_credential_helper_timeout",
+    }
+)
+
+
+class Credentials:
+    """Where ocigate finds the credentials it authenticates to hosts with."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "ocigate_credential_sources",
+            Sequence[str],
+            list(CREDENTIAL_SOURCES),
+            "Credential sources in the order they are asked; the first that has a credential for a host, upstream "
+            "and repository wins. ocigate: ocigate_credentials (ocigate login); docker: config.json with its "
+            "credential helpers; containers: auth.json; kubernetes: ocigate_kubernetes_secrets. Empty: ocigate "
+            "authenticates anonymously only.",
+        )
+        loader.add_option(
+            "ocigate_credentials",
+            str,
+            DEFAULT_STORE_PATH,
+            "ocigate's own credentials file, per host, upstream and repository prefix (written by ocigate login).",
+        )
+        loader.add_option(
+            "ocigate_docker_config",
+            str,
+            "",
+            "Directory of docker's config.json. Empty: $DOCKER_CONFIG, else ~/.docker.",
+        )
+        loader.add_option(
+            "ocigate_containers_auth",
+            str,
+            "",
+            "containers' auth.json (podman, skopeo). Empty: $REGISTRY_AUTH_FILE, "
+            "$XDG_RUNTIME_DIR/containers/auth.json, then ~/.config/containers/auth.json.",
+        )
+        loader.add_option(
+            "ocigate_kubernetes_secrets",
+            str,
+            "",
+            "Directory of mounted kubernetes.io/dockerconfigjson secrets (DIR/.dockerconfigjson, "
+            "DIR/*/.dockerconfigjson). Empty: none.",
+        )
+        loader.add_option(
+            "ocigate_credential_helper_timeout",
+            int,
+            int(DEFAULT_HELPER_TIMEOUT),
+            "Seconds a docker-credential-<name> helper may take before it is killed.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & _CREDENTIAL_OPTIONS:
+            return
+        sources = list(ctx.options.ocigate_credential_sources)
+        unknown = [name for name in sources if name not in CREDENTIAL_SOURCES]
+        if unknown:
+            raise exceptions.OptionsError(
+                f"ocigate_credential_sources: unknown source {unknown[0]!r} (expected {', '.join(CREDENTIAL_SOURCES)})"
+            )
+        timeout = ctx.options.ocigate_credential_helper_timeout
+        if timeout <= 0:
+            raise exceptions.OptionsError("ocigate_credential_helper_timeout must be a positive number of seconds")
+        chain: list[CredentialSource] = []
+        for name in dict.fromkeys(sources):
+            chain += self._sources(name, timeout)
+        self.shared.broker.credentials = CredentialChain(chain)
+        self.shared.broker.forget()
+
+    @staticmethod
+    def _sources(name: str, timeout: float) -> list[CredentialSource]:
+        options = ctx.options
+        if name == "ocigate":
+            return [OcigateStore(Path(options.ocigate_credentials).expanduser())]
+        if name == "docker":
+            directory = Path(options.ocigate_docker_config).expanduser() if options.ocigate_docker_config else None
+            return [DockerConfig(directory, helper_timeout=timeout)]
+        if name == "containers":
+            paths = [Path(options.ocigate_containers_auth).expanduser()] if options.ocigate_containers_auth else None
+            return [ContainersAuth(path, helper_timeout=timeout) for path in paths or default_containers_auth_paths()]
+        if options.ocigate_kubernetes_secrets:
+            return [KubernetesSecrets(Path(options.ocigate_kubernetes_secrets).expanduser())]
+        return []
+
+
 class Gateway:
     """Routes the distribution requests of every upstream that has a rule, as containerd's hosts.toml says."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        # The Authorization ocigate put on each streamed flow, until its response: kept here and not in the flow's
+        # metadata, which captures and other addons see.
+        self._streamed_with: dict[str, Authorization] = {}
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -189,7 +299,8 @@ class Gateway:
             forget_contexts()
             upstream.forget_clients()
             self.shared.rules = self._load_rules(ctx.options.ocigate_rules)
-            self.shared.hosts_by_address = _hosts_by_address(self.shared.rules)
+            upstream.hosts_by_address = _hosts_by_address(self.shared.rules)
+            self.shared.broker.forget()
 
     def _load_rules(self, directory: str) -> RuleSet | None:
         if not directory:
@@ -278,22 +389,28 @@ class Gateway:
             return
         if route.repository:
             route = _with_repository(route, normalize_repository(upstream, route.repository))
-        if route.kind is RouteKind.PING:
-            flow.response = http.Response.make(
-                200,
-                b"" if request.method == "HEAD" else b"{}",
-                {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
-            )
-            self._record(flow, upstream, source, route, [], "gateway")
-            return
         plan = make_plan(route, request.method, rule, upstream, query, ctx.options.ocigate_named_ref_headers)
+        if route.kind is RouteKind.PING:
+            # The client needs no credentials for a registry ocigate authenticates to. One that authenticates
+            # itself hears the registry's own challenge (and only the registry's own host hears its credentials).
+            plan = replace(plan, attempts=tuple(a for a in plan.attempts if a.forward_authorization))
+            if not plan.attempts:
+                flow.response = http.Response.make(
+                    200,
+                    b"" if request.method == "HEAD" else b"{}",
+                    {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
+                )
+                self._record(flow, upstream, source, route, [], "gateway")
+                return
         if not plan.attempts:
             self._fail(flow, plan, [], source)
             return
         client_headers = list(request.headers.fields)
+        access = Access(upstream, route.repository, push=plan.capabilities == PUSH)
+        broker = self.shared.broker
         small_answer = route.kind in _SMALL_ANSWER_KINDS and plan.capabilities != PUSH
-        if small_answer or (route.kind is RouteKind.BLOB and request.method == "HEAD"):
-            answer, outcomes = await first_good(plan, request.method, client_headers, self.shared.upstream)
+        if small_answer or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and request.method == "HEAD"):
+            answer, outcomes = await first_good(plan, request.method, client_headers, broker, access)
             if answer is None:
                 self._fail(flow, plan, outcomes, source)
                 return
@@ -301,27 +418,51 @@ class Gateway:
             self._record(flow, upstream, source, route, outcomes, outcomes[-1].host, plan)
             return
         probe = route.kind is RouteKind.BLOB and plan.capabilities != PUSH
-        chosen, outcomes = await choose_streamed_host(plan, client_headers, self.shared.upstream, probe=probe)
+        chosen, outcomes = await choose_streamed_host(plan, client_headers, broker, access, probe=probe)
         if chosen is None:
             self._fail(flow, plan, outcomes, source)
             return
-        _repoint(flow, chosen)
-        self.shared.repointed.setdefault(flow.client_conn.id, {})[(chosen.host.host, chosen.host.port)] = chosen.host
+        host = chosen.attempt.host
+        _repoint(flow, chosen.attempt, chosen.authorization)
+        self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
+        if chosen.authorization is not None:
+            self._streamed_with[flow.id] = chosen.authorization
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
-        self._record(flow, upstream, source, route, outcomes, chosen.host.url, plan)
+        self._record(flow, upstream, source, route, outcomes, host.url, plan)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get(_STREAM_KEY) and flow.response:
-            flow.response.stream = True
+        if not (flow.metadata.get(_STREAM_KEY) and flow.response):
+            return
+        # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
+        # small, and the host's challenge would only send the client after a token for credentials it has not got.
+        refused = flow.response.status_code in (401, 403) and flow.id in self._streamed_with
+        flow.response.stream = not refused
 
     def response(self, flow: http.HTTPFlow) -> None:
+        authorization = self._streamed_with.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
+        if authorization is not None and flow.response and flow.response.status_code in (401, 403):
+            self._refused(flow, authorization, record)
         if record and flow.response:
             record["status"] = flow.response.status_code
             log.info("ocigate: %s", describe(flow.request.method, record))
 
+    def _refused(self, flow: http.HTTPFlow, authorization: Authorization, record: dict | None) -> None:
+        status = flow.response.status_code
+        if status == 401:
+            self.shared.broker.refused(authorization)
+        what = "unauthorized" if status == 401 else "denied"
+        host = f"{flow.request.scheme}://{flow.request.host_header or flow.request.host}"
+        message = f"{host} answered {status} {what} {authorization.describe()}"
+        if record is not None:
+            record["attempts"].append(
+                {"host": host, "result": f"{status} {what} {authorization.describe()}", "fell_through": False}
+            )
+        self._answer(flow, status, error_body("UNAUTHORIZED" if status == 401 else "DENIED", message))
+
     def error(self, flow: http.HTTPFlow) -> None:
+        self._streamed_with.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
         if record and flow.error:
             record["error"] = flow.error.msg
@@ -398,7 +539,7 @@ def _with_repository(route: Route, repository: str) -> Route:
     return Route(route.kind, repository, route.tag, route.digest, route.upload_id)
 
 
-def _repoint(flow: http.HTTPFlow, attempt: Attempt) -> None:
+def _repoint(flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization | None) -> None:
     request = flow.request
     host = attempt.host
     request.scheme = host.scheme
@@ -412,6 +553,8 @@ def _repoint(flow: http.HTTPFlow, attempt: Attempt) -> None:
         request.headers.pop(name, None)
     for name, value in attempt.headers:
         request.headers.add(name, value)
+    if authorization is not None and authorization.header:
+        request.headers["Authorization"] = authorization.header
 
 
 def _response(answer: HostResponse, *, head: bool) -> http.Response:
@@ -426,4 +569,4 @@ def _response(answer: HostResponse, *, head: bool) -> http.Response:
 
 def make_addons() -> list:
     shared = Shared()
-    return [Dialing(shared), Gateway(shared)]
+    return [Dialing(shared), Credentials(shared), Gateway(shared)]

@@ -4,10 +4,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
 from .reference import RouteKind
-from .router import Attempt, Plan
-from .upstream import HostFailed, HostResponse, Upstream
+from .router import Attempt, Plan, ping_target
+from .upstream import HostFailed, HostResponse
 
 # Hop-by-hop headers belong to one connection, never to the message forwarded on another.
 HOP_BY_HOP = frozenset(
@@ -31,6 +32,8 @@ class Outcome:
     result: str  # "200", "404", "connection refused", ...
     fell_through: bool
     status: int | None = None  # the host's HTTP status; None when it could not be asked
+    # The host refused ocigate's credentials (401/403), or none could be made for it.
+    auth_failure: bool = False
 
     def as_dict(self) -> dict[str, str | bool]:
         return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
@@ -54,59 +57,106 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
 
 
+async def _ask(
+    broker: Broker, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
+) -> tuple[HostResponse, Authorization | None]:
+    """One request to the attempt's host: with the client's credentials where they may go, else with ocigate's."""
+    if attempt.forward_authorization:
+        return await broker.upstream.send(attempt.host, method, attempt.target, headers), None
+    return await broker.send(attempt.host, method, attempt.target, headers, access)
+
+
+def _answered(
+    attempt: Attempt, response: HostResponse, authorization: Authorization | None, *, probe: bool = False
+) -> Outcome:
+    status = response.status
+    result = f"probe: {status}" if probe else str(status)
+    refused = authorization is not None and status in (401, 403)
+    if refused:
+        result += f" {'unauthorized' if status == 401 else 'denied'} {authorization.describe()}"
+    fell_through = status >= 400 if probe else falls_through(status, attempt)
+    return Outcome(attempt.host.url, result, fell_through, status, refused)
+
+
 async def first_good(
     plan: Plan,
     method: str,
     client_headers: Sequence[tuple[bytes, bytes]],
-    upstream: Upstream,
+    broker: Broker,
+    access: Access,
 ) -> tuple[HostResponse | None, list[Outcome]]:
     """Asks each host in turn; returns the first answer that does not fall through, with what every host said."""
     outcomes: list[Outcome] = []
     for attempt in plan.attempts:
         try:
-            response = await upstream.send(
-                attempt.host, method, attempt.target, request_headers(client_headers, attempt)
+            response, authorization = await _ask(
+                broker, attempt, method, request_headers(client_headers, attempt), access
             )
         except HostFailed as e:
             outcomes.append(Outcome(attempt.host.url, str(e), True))
             continue
-        fell_through = falls_through(response.status, attempt)
-        outcomes.append(Outcome(attempt.host.url, str(response.status), fell_through, response.status))
-        if not fell_through:
+        except AuthFailed as e:
+            outcomes.append(Outcome(attempt.host.url, str(e), True, auth_failure=True))
+            continue
+        outcome = _answered(attempt, response, authorization)
+        outcomes.append(outcome)
+        if not outcome.fell_through:
             return response, outcomes
     return None, outcomes
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """The host mitmproxy streams a request to, and the Authorization ocigate adds to it (None: the client's own
+    goes, if any)."""
+
+    attempt: Attempt
+    authorization: Authorization | None
 
 
 async def choose_streamed_host(
     plan: Plan,
     client_headers: Sequence[tuple[bytes, bytes]],
-    upstream: Upstream,
+    broker: Broker,
+    access: Access,
     *,
     probe: bool,
-) -> tuple[Attempt | None, list[Outcome]]:
-    """The host mitmproxy will stream a request to: the first the dialling policy allows and, with `probe`, that
-    answers a HEAD for it (a blob). The last candidate is not probed, since whatever it answers is then the answer.
-    None when no host is left: the gateway answers the client itself, as it cannot once mitmproxy has the flow."""
+) -> tuple[Streamed | None, list[Outcome]]:
+    """The host mitmproxy will stream a request to: the first the dialling policy allows, that ocigate can make an
+    Authorization for and, with `probe`, that answers a HEAD for it (a blob). The last candidate is not probed,
+    since whatever it answers is then the answer. None when no host is left: the gateway answers the client itself,
+    as it cannot once mitmproxy has the flow."""
     outcomes: list[Outcome] = []
     for position, attempt in enumerate(plan.attempts, start=1):
+        host = attempt.host
         try:
-            await upstream.destinations.resolve(attempt.host.host, attempt.host.port)
+            await broker.upstream.destinations.resolve(host.host, host.port)
         except DestinationError as e:
-            outcomes.append(Outcome(attempt.host.url, str(e), True))
+            outcomes.append(Outcome(host.url, str(e), True))
             continue
-        if not probe or position == len(plan.attempts):
-            return attempt, outcomes
+        if probe and position < len(plan.attempts):
+            try:
+                headers = request_headers(client_headers, attempt)
+                response, probed_with = await _ask(broker, attempt, "HEAD", headers, access)
+            except HostFailed as e:
+                outcomes.append(Outcome(host.url, f"probe: {e}", True))
+                continue
+            except AuthFailed as e:
+                outcomes.append(Outcome(host.url, f"probe: {e}", True, auth_failure=True))
+                continue
+            if response.status >= 400:
+                outcomes.append(_answered(attempt, response, probed_with, probe=True))
+                continue
+        if attempt.forward_authorization:
+            return Streamed(attempt, None), outcomes
         try:
-            response = await upstream.send(
-                attempt.host, "HEAD", attempt.target, request_headers(client_headers, attempt)
-            )
-        except HostFailed as e:
-            outcomes.append(Outcome(attempt.host.url, f"probe: {e}", True))
+            # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
+            await broker.prepare(host, ping_target(host, plan.upstream))
+            authorization = await broker.authorize(host, access)
+        except AuthFailed as e:
+            outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue
-        if response.status >= 400:
-            outcomes.append(Outcome(attempt.host.url, f"probe: {response.status}", True, response.status))
-            continue
-        return attempt, outcomes
+        return Streamed(attempt, authorization), outcomes
     return None, outcomes
 
 
@@ -126,9 +176,15 @@ def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, 
     # "Not found" from every host that could be asked is the answer, though others were down: a client checking
     # whether something exists (a signature tag, say) must not take an outage of one mirror for an error.
     answered = [o.status for o in outcomes if o.status is not None]
-    if answered and all(status == 404 for status in answered):
+    if answered and all(status == 404 for status in answered) and not any(o.auth_failure for o in outcomes):
         code = _NOT_FOUND_CODES.get(plan.route.kind, "NAME_UNKNOWN")
         return 404, error_body(code, f"not found on any host for {plan.upstream} ({tried})")
+    # Like containerd's resolver, the first refusal is what the client hears: credentials to fix, not an outage.
+    refused = next((o for o in outcomes if o.auth_failure), None)
+    if refused is not None:
+        status = 403 if refused.status == 403 else 401
+        code = "DENIED" if status == 403 else "UNAUTHORIZED"
+        return status, error_body(code, f"no host for {plan.upstream} accepted ocigate's credentials ({tried})")
     return 502, error_body("UNAVAILABLE", f"no host for {plan.upstream} could answer ({tried})")
 
 

@@ -39,6 +39,8 @@ _HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HELPER_NOT_FOUND = "credentials not found in native keychain"
 _IDENTITY_TOKEN_USERNAME = "<token>"
 DEFAULT_HELPER_TIMEOUT = 10.0
+# Where `ocigate login` writes and the gateway reads ocigate's own credentials unless told otherwise.
+DEFAULT_STORE_PATH = "~/.ocigate/credentials.json"
 
 # Keyed per process so that an identity() that ends up in a log or a capture cannot be used to guess a password.
 _IDENTITY_KEY = secrets.token_bytes(32)

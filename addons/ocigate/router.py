@@ -40,7 +40,9 @@ class Attempt:
     host: Host
     target: str  # path and query as sent to this host
     headers: tuple[tuple[str, str], ...]  # added to the client's: the host's [header] and the named reference
-    forward_authorization: bool  # the client's credentials may go only to the upstream's own host
+    # The client's credentials go along, to the upstream's own host only and only when its rule says the client
+    # authenticates; otherwise ocigate authenticates with its own.
+    forward_authorization: bool
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
     return f"{path}?{'&'.join(params)}" if params else path
 
 
+def ping_target(host: Host, upstream: str) -> str:
+    """The host's /v2/ (with ns= for a mirror): where it says how it wants to be authenticated."""
+    return host_target(host, Route(RouteKind.PING), "", upstream)
+
+
 def make_plan(
     route: Route,
     method: str,
@@ -81,7 +88,7 @@ def make_plan(
             host=host,
             target=host_target(host, route, query, upstream),
             headers=host.headers + context,
-            forward_authorization=not is_proxy_for(host, upstream),
+            forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
         )
         for host in rule.hosts
         if capabilities <= host.capabilities

@@ -33,7 +33,9 @@ DEFAULT_DIRECTORY = "_default"
 
 _CAPABILITY_ORDER = ("pull", "resolve", "push", "referrers")
 _HOST_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path", "dial_timeout"})
-_ROOT_KEYS = _HOST_KEYS | {"server", "host"}
+_ROOT_KEYS = _HOST_KEYS | {"server", "host", "authentication"}
+# ocigate's own top-level key: who authenticates to the registry's own host. containerd ignores it.
+AUTHENTICATION_MODES = ("gateway", "client")
 # containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
 _KEYS_NEEDING_SERVER = ("capabilities", "override_path")
 _DEFAULT_PORTS = {"https": 443, "http": 80}
@@ -102,6 +104,9 @@ class Rule:
     upstream: str
     source: Path | None
     hosts: tuple[Host, ...]
+    # `authentication = "client"`: the client's own ping, challenge and credentials for the registry's own host;
+    # by default ("gateway") ocigate authenticates to every host, the registry's own included.
+    client_authenticates: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,16 +147,22 @@ class _RegistryDirectory:
     mirrors: tuple[Host, ...]
     server: Host | None
     top_level: _Settings
+    authentication: str | None = None  # as written; None when absent
+
+    def rule(self, upstream: str) -> Rule:
+        return Rule(upstream, self.source, self.hosts_for(upstream), self.authentication == "client")
 
     def hosts_for(self, upstream: str) -> tuple[Host, ...]:
         return (*self.mirrors, self.server or _upstream_host(upstream, self.top_level))
 
     @property
     def changes_nothing(self) -> bool:
-        """No mirror, no server, no TLS files or headers: containerd would go to the registry itself, just as a
-        registry without a directory does, so for ocigate it is no rule (and its traffic passes through). This is
-        how a directory holding only an example file (hosts.toml.example) stays inactive."""
-        return not self.mirrors and self.server is None and self.top_level == _Settings()
+        """No mirror, no server, no TLS files or headers, nothing said about authentication: containerd would go to
+        the registry itself, just as a registry without a directory does, so for ocigate it is no rule (and its
+        traffic passes through). This is how a directory holding only an example file (hosts.toml.example) stays
+        inactive."""
+        nothing_routed = not self.mirrors and self.server is None and self.top_level == _Settings()
+        return nothing_routed and self.authentication is None
 
 
 class RuleSet:
@@ -168,8 +179,7 @@ class RuleSet:
         for name, directory in self._directories.items():
             if directory.changes_nothing:
                 continue
-            upstream = _directory_upstream(name)
-            yield Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
+            yield directory.rule(_directory_upstream(name))
 
     def lookup(self, upstream: str) -> Rule | None:
         """The rule for a normalized upstream ("docker.io", "host", "host:port"), or None when no directory
@@ -180,7 +190,7 @@ class RuleSet:
             if directory is not None:
                 if directory.changes_nothing:
                     return None
-                return Rule(upstream=upstream, source=directory.source, hosts=directory.hosts_for(upstream))
+                return directory.rule(upstream)
         return None
 
 
@@ -347,6 +357,7 @@ class _HostsFileParser:
         self.check_keys(document, _ROOT_KEYS, ())
         mirrors = self.mirrors(text, document.get("host", {}))
         top_level = self.settings(document, ())
+        authentication = self.authentication(document.get("authentication"))
         server = document.get("server")
         if server is None:
             for key in _KEYS_NEEDING_SERVER:
@@ -356,14 +367,21 @@ class _HostsFileParser:
                         "has no effect without `server`: containerd then uses the upstream registry itself "
                         "with path /v2 and every capability; set `server` or move it into a host table",
                     )
-            return _RegistryDirectory(self.path, mirrors, None, top_level)
+            return _RegistryDirectory(self.path, mirrors, None, top_level, authentication)
         if server == "":
             raise self.error(
                 ("server",),
                 "empty: containerd then uses the upstream registry itself, as if `server` were absent; "
                 "remove the key or name a URL",
             )
-        return _RegistryDirectory(self.path, mirrors, self.host(server, ("server",), top_level, True), top_level)
+        server_host = self.host(server, ("server",), top_level, True)
+        return _RegistryDirectory(self.path, mirrors, server_host, top_level, authentication)
+
+    def authentication(self, value: Any) -> str | None:
+        if value is not None and value not in AUTHENTICATION_MODES:
+            expected = " or ".join(f'"{mode}"' for mode in AUTHENTICATION_MODES)
+            raise self.error(("authentication",), f"expected {expected}, got {value!r}")
+        return value
 
     def mirrors(self, text: str, tables: Any) -> tuple[Host, ...]:
         if not isinstance(tables, dict):

@@ -1,8 +1,9 @@
 """ocigate's own requests to hosts: pooled async clients, dialled through the destination policy."""
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -36,11 +37,25 @@ class Upstream:
         self.read_timeout = 60.0
         self.roots: Path | None = None
         self.insecure = False
+        # The one hosts.toml entry for an address that every rule agrees on: the TLS settings for connections to it
+        # that no plan chose (a token realm on a mirror, a ruled host's passthrough).
+        self.hosts_by_address: dict[tuple[str, int], Host] = {}
         self._clients: dict[tuple[HostTLS, str, int], httpx.AsyncClient] = {}
         self._retired: list[httpx.AsyncClient] = []
 
     def host_tls(self, host: Host) -> HostTLS:
         return HostTLS.of(host, roots=self.roots, insecure=self.insecure)
+
+    def realm_host(self, url: str) -> Host:
+        """The host to send a request for `url` to (a token realm): with the TLS settings hosts.toml gives its
+        address, if any."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        known = self.hosts_by_address.get((parts.hostname or "", port))
+        if known is not None:
+            return replace(known, scheme=scheme, path="", headers=())
+        return Host(scheme=scheme, host=parts.hostname or "", port=port, path="", capabilities=frozenset())
 
     def _client(self, host: Host) -> httpx.AsyncClient:
         # Pooled by host name, not by the address dialled: two names on one address must never share a TLS
@@ -66,6 +81,7 @@ class Upstream:
         target: str,
         headers: list[tuple[bytes, bytes]],
         max_body: int = MAX_SMALL_BODY,
+        body: bytes | None = None,
     ) -> HostResponse:
         """Sends method target (path and query) to host and reads the whole (small) answer."""
         try:
@@ -78,15 +94,17 @@ class Upstream:
         request_headers = [(b"Host", host.netloc.encode()), *headers]
         extensions = {"sni_hostname": host.host} if host.scheme == "https" else {}
         client = self._client(host)
-        request = client.build_request(method, url, headers=request_headers, timeout=timeout, extensions=extensions)
+        request = client.build_request(
+            method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
+        )
         _drop_invented_headers(request, headers)
         try:
             response = await client.send(request, stream=True)
             try:
-                body = bytearray()
+                answer = bytearray()
                 async for chunk in response.aiter_raw():
-                    body += chunk
-                    if len(body) > max_body:
+                    answer += chunk
+                    if len(answer) > max_body:
                         raise HostFailed(f"answer larger than {max_body} bytes")
             finally:
                 await response.aclose()
@@ -95,7 +113,7 @@ class Upstream:
         except httpx.HTTPError as e:
             raise HostFailed(_describe(e)) from None
         reason = response.extensions.get("reason_phrase", b"")
-        return HostResponse(response.status_code, reason, tuple(response.headers.raw), bytes(body))
+        return HostResponse(response.status_code, reason, tuple(response.headers.raw), bytes(answer))
 
     async def aclose(self) -> None:
         self.forget_clients()

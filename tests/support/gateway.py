@@ -65,8 +65,15 @@ def running_gateway(
     entry_point: Sequence[str] = (sys.executable, "-m", "ocigate.cli"),
 ) -> Iterator[Gateway]:
     """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
-    `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`."""
+    `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`. Its credential files are in
+    `workdir` (none exist until a test writes them), never the machine's own."""
     arguments = [
+        "--set",
+        f"ocigate_credentials={workdir / 'ocigate-credentials.json'}",
+        "--set",
+        f"ocigate_docker_config={workdir / 'docker-config'}",
+        "--set",
+        f"ocigate_containers_auth={workdir / 'containers-auth.json'}",
         "--set",
         f"ocigate_rules={rules}",
         "--set",
