@@ -73,6 +73,7 @@ def http_host(
 
         def _serve(self) -> None:
             seen.append((self.command, self.path, list(self.headers.items())))
+            self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             status, body, *extra = answer(self)
             self.send_response(status)
             self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
@@ -86,7 +87,7 @@ def http_host(
             if self.command != "HEAD":
                 self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
 
-        do_GET = do_HEAD = _serve
+        do_GET = do_HEAD = do_POST = _serve
 
         def log_message(self, *args) -> None:
             pass

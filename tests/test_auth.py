@@ -1,0 +1,229 @@
+"""ocigate authenticating to hosts: the addons (taddons) against a small local registry that wants Bearer tokens or
+Basic credentials, with its token endpoint on the same host."""
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from mitmproxy import http
+from mitmproxy.test import tutils
+
+from ocigate.addon import METADATA_KEY
+from ocigate.credentials import Credential, OcigateStore
+from tests.test_addon import DIGEST, flow_to, gateway, http_host, write_rules
+
+PASSWORD = "s3cret-password-for-tests"
+
+
+@dataclass
+class TokenRegistry:
+    """What the fake registry saw: token requests (who asked, for which scopes) and registry requests."""
+
+    port: int
+    scheme: str  # "bearer" or "basic"
+    users: dict[str, str]
+    token_requests: list[tuple[str | None, list[str]]] = field(default_factory=list)
+    registry_requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    issued: dict[str, str | None] = field(default_factory=dict)  # token -> the account it was issued to
+    refuse_tokens: bool = False  # the registry stops accepting every token issued so far
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def realm(self) -> str:
+        return f"http://registry.test:{self.port}/token"
+
+    def account(self, authorization: str | None) -> str | None:
+        if not authorization or not authorization.startswith("Basic "):
+            return None
+        username, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
+        return username if self.users.get(username) == password else "<wrong>"
+
+    def answer(self, handler) -> tuple:
+        authorization = handler.headers.get("Authorization")
+        parts = urlsplit(handler.path)
+        with self.lock:
+            if parts.path == "/token" and handler.command == "POST":
+                # No OAuth2 here, as at GCR: the token is to be had with a GET.
+                return 404, b"{}"
+            if parts.path == "/token":
+                account = self.account(authorization)
+                self.token_requests.append((account, parse_qs(parts.query).get("scope", [])))
+                if account == "<wrong>":
+                    return 401, b'{"details":"bad password"}'
+                token = f"token-{len(self.issued)}"
+                self.issued[token] = account
+                return 200, json.dumps({"token": token, "expires_in": 300}).encode()
+            self.registry_requests.append((handler.command, handler.path, authorization))
+            if self.scheme == "basic":
+                account = self.account(authorization)
+                if account in (None, "<wrong>"):
+                    return 401, b"{}", {"WWW-Authenticate": 'Basic realm="registry"'}
+                return 200, b"{}"
+            token = (authorization or "").removeprefix("Bearer ")
+            if token not in self.issued or self.refuse_tokens:
+                repository = parts.path.removeprefix("/v2/").split("/manifests/")[0].split("/blobs/")[0]
+                scope = f',scope="repository:{repository}:pull"' if parts.path != "/v2/" else ""
+                challenge = f'Bearer realm="{self.realm}",service="registry.test"{scope}'
+                return 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}
+            return 200, b"{}"
+
+
+@contextmanager
+def token_registry(
+    tmp_path: Path, scheme: str = "bearer", users: dict[str, str] | None = None, *, only_host: bool = False
+) -> Iterator[tuple]:
+    """The fake registry as a mirror of upstream.test (the registry itself, unreachable, comes after it), or as its
+    `only_host`; and the gateway in front of it."""
+    registry = TokenRegistry(0, scheme, users if users is not None else {"alice": PASSWORD})
+    with http_host(registry.answer) as (port, _):
+        registry.port = port
+        url = f"http://registry.test:{port}"
+        rules_text = f'server = "{url}"\n' if only_host else f'[host."{url}"]\n'
+        rules = write_rules(tmp_path, "upstream.test", rules_text)
+        with gateway(rules, ["registry.test=127.0.0.1", "upstream.test=127.0.0.1"]) as (gw, _):
+            yield gw, registry, OcigateStore(rules / "credentials.json")
+
+
+async def fetch(gw, path: str, method: str = "GET", headers=()) -> http.HTTPFlow:
+    flow = flow_to("upstream.test", path, method=method, headers=headers)
+    await gw.requestheaders(flow)
+    return flow
+
+
+async def test_one_token_for_many_requests_and_it_goes_up_front_after_the_first_challenge(tmp_path: Path) -> None:
+    with token_registry(tmp_path) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        flows = [await fetch(gw, "/v2/team/app/manifests/v1") for _ in range(5)]
+    assert [f.response.status_code for f in flows] == [200] * 5
+    # One token request, as alice, for the scope the request needs.
+    assert registry.token_requests == [("alice", ["repository:team/app:pull"])]
+    # Only the first request met a challenge; every later one carried the token from the start.
+    authorizations = [authorization for _, _, authorization in registry.registry_requests]
+    assert authorizations == [None] + ["Bearer token-0"] * 5
+
+
+async def test_anonymous_tokens_are_fetched_without_credentials_and_cached_per_scope(tmp_path: Path) -> None:
+    with token_registry(tmp_path) as (gw, registry, _):
+        first = await fetch(gw, "/v2/team/app/manifests/v1")
+        second = await fetch(gw, "/v2/team/other/manifests/v1")
+        again = await fetch(gw, "/v2/team/app/tags/list")
+    assert [f.response.status_code for f in (first, second, again)] == [200, 200, 200]
+    assert registry.token_requests == [
+        (None, ["repository:team/app:pull"]),
+        (None, ["repository:team/other:pull"]),
+    ]
+
+
+async def test_a_refused_cached_token_is_dropped_and_the_request_retried_once_with_a_new_one(tmp_path: Path) -> None:
+    with token_registry(tmp_path) as (gw, registry, _):
+        await fetch(gw, "/v2/team/app/manifests/v1")
+        registry.refuse_tokens = True
+        refused = await fetch(gw, "/v2/team/app/manifests/v1")
+        registry.refuse_tokens = False
+        recovered = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert refused.response.status_code == 401
+    assert recovered.response.status_code == 200
+    # Refused: the cached token, then once with a fresh one. Recovered: neither refused token is used again.
+    assert [authorization for _, _, authorization in registry.registry_requests] == [
+        None,
+        "Bearer token-0",
+        "Bearer token-0",
+        "Bearer token-1",
+        "Bearer token-2",
+    ]
+    assert len(registry.token_requests) == 3
+
+
+async def test_the_wrong_password_is_named_with_its_source_and_never_shown(tmp_path: Path) -> None:
+    with token_registry(tmp_path) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", "not-the-password"))
+        flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 401
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert f"no token for registry.test:{registry.port} with the credential of 'alice'" in error["message"]
+    assert str(store.path) in error["message"] and "HTTP 401" in error["message"]
+    assert "not-the-password" not in error["message"]
+    assert "not-the-password" not in json.dumps(flow.metadata[METADATA_KEY])
+
+
+async def test_basic_credentials_are_sent_to_a_host_that_asks_for_basic(tmp_path: Path) -> None:
+    with token_registry(tmp_path, scheme="basic") as (gw, registry, store):
+        anonymous = await fetch(gw, "/v2/team/app/manifests/v1")
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        with_credential = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert anonymous.response.status_code == 401
+    assert "401 unauthorized without credentials" in anonymous.response.text
+    assert with_credential.response.status_code == 200
+    basic = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    assert registry.registry_requests[-1][2] == basic
+    assert registry.token_requests == []
+
+
+async def test_the_credential_for_the_namespace_wins_over_the_hosts(tmp_path: Path) -> None:
+    users = {"alice": PASSWORD, "bob": "bobs-password"}
+    with token_registry(tmp_path, users=users) as (gw, registry, store):
+        host = f"registry.test:{registry.port}"
+        store.save(host, Credential("alice", PASSWORD))
+        store.save(host, Credential("bob", "bobs-password"), upstream="upstream.test", repository_prefix="team/b")
+        await fetch(gw, "/v2/team/a/manifests/v1")
+        await fetch(gw, "/v2/team/b/manifests/v1")
+    assert registry.token_requests == [("alice", ["repository:team/a:pull"]), ("bob", ["repository:team/b:pull"])]
+
+
+async def test_a_streamed_blob_carries_the_token_learned_from_the_hosts_ping(tmp_path: Path) -> None:
+    with token_registry(tmp_path, only_host=True) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        flow = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}", headers=[(b"Authorization", b"Bearer clients")])
+    # The blob goes to mitmproxy to stream: its Authorization had to be known before it left.
+    assert flow.response is None
+    assert flow.request.headers["Authorization"] == "Bearer token-0"
+    assert registry.registry_requests == [("GET", "/v2/?ns=upstream.test", None)]
+    assert registry.token_requests == [("alice", ["repository:team/app:pull"])]
+    assert "token-0" not in json.dumps(flow.metadata[METADATA_KEY])
+
+
+async def test_a_streamed_request_refused_by_the_host_is_answered_naming_the_credential(tmp_path: Path) -> None:
+    with token_registry(tmp_path, only_host=True) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        flow = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+        flow.response = tutils.tresp(status_code=401, content=b"{}")
+        gw.responseheaders(flow)
+        assert not flow.response.stream
+        gw.response(flow)
+        again = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+    assert flow.response.status_code == 401
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "UNAUTHORIZED"
+    assert f"registry.test:{registry.port} answered 401 unauthorized with the credential of 'alice'" in error["message"]
+    # The refused token is not handed out again.
+    assert again.request.headers["Authorization"] == "Bearer token-1"
+
+
+async def test_a_registry_token_is_sent_as_it_is(tmp_path: Path) -> None:
+    registry_token = "out-of-band-token"
+    with token_registry(tmp_path) as (gw, registry, store):
+        registry.issued[registry_token] = "alice"
+        store.save(f"registry.test:{registry.port}", Credential(registry_token=registry_token))
+        flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    assert registry.registry_requests[-1][2] == f"Bearer {registry_token}"
+    assert registry.token_requests == []
+
+
+async def test_a_credential_helper_that_fails_is_an_auth_failure_naming_it(tmp_path: Path) -> None:
+    with http_host(lambda h: (401, b"{}", {"WWW-Authenticate": 'Basic realm="r"'})) as (port, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://registry.test:{port}"]\n')
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        (docker / "config.json").write_text(json.dumps({"credsStore": "ocigate-test-missing"}))
+        with gateway(rules, ["registry.test=127.0.0.1"]) as (gw, tctx):
+            tctx.options.update(ocigate_credential_sources=["docker"], ocigate_docker_config=str(docker))
+            flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 401
+    assert "docker-credential-ocigate-test-missing is not on PATH" in flow.response.text
