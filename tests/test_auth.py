@@ -11,9 +11,11 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import http
+from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
-from ocigate.addon import METADATA_KEY
+from ocigate.addon import METADATA_KEY, Redaction
+from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
 from tests.test_addon import DIGEST, flow_to, gateway, http_host, write_rules
 
@@ -227,3 +229,19 @@ async def test_a_credential_helper_that_fails_is_an_auth_failure_naming_it(tmp_p
             flow = await fetch(gw, "/v2/team/app/manifests/v1")
     assert flow.response.status_code == 401
     assert "docker-credential-ocigate-test-missing is not on PATH" in flow.response.text
+
+
+def test_credentials_are_redacted_from_a_flow_once_sent() -> None:
+    flow = flow_to("upstream.test", "/v2/", headers=[(b"Authorization", b"Bearer token-0")])
+    flow.request.headers.add("Proxy-Authorization", "Basic YWxpY2U6cw==")
+    Redaction().responseheaders(flow)
+    assert flow.request.headers.get_all("Authorization") == ["Bearer <redacted>"]
+    assert flow.request.headers.get_all("Proxy-Authorization") == ["Basic <redacted>"]
+
+
+async def test_the_ocigate_command_runs_its_addons_where_mitmdump_runs_a_script() -> None:
+    master = OcigateMaster(Options())
+    names = [type(addon).__name__ for addon in master.addons.chain]
+    # After proxyauth and scripts, before what shows or saves flows and before mitmproxy's TLS set-up.
+    assert names.index("ProxyAuth") < names.index("ScriptLoader") < names.index("Redaction")
+    assert names.index("Gateway") < min(names.index("Save"), names.index("Dumper"), names.index("TlsConfig"))

@@ -3,6 +3,7 @@ mitmproxy opens for streamed blobs. The mirrors are real registries with TLS fro
 client certificate, one has a certificate nobody trusts."""
 
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, all_blobs, make_image, push_image
 from tests.support.registry import Registry, running_registry
 from tests.support.tls import CA, client_ssl_context, issue_client_cert, issue_server_cert, make_ca
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -34,8 +37,12 @@ def _hosts_toml(rules: Path, upstream: str, body: str) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+MITMDUMP_SCRIPT = (str(Path(sys.executable).parent / "mitmdump"), "-s", str(REPO / "addons" / "gateway.py"))
+
+
+# mitmproxy calls a script's hooks at another place among its own addons than the ocigate command's: both must work.
+@pytest.fixture(scope="module", params=[None, MITMDUMP_SCRIPT], ids=["ocigate", "mitmdump-script"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     workdir = tmp_path_factory.mktemp("tls")
     ca = make_ca(workdir / "ca")
     stranger = make_ca(workdir / "stranger-ca", common_name="nobody trusts this CA")
@@ -80,7 +87,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "mutual.test:5000": f"127.0.0.1:{mutual.port}",
             "stranger.test:5000": f"127.0.0.1:{self_signed.port}",
         }
-        with running_gateway(workdir / "gateway", rules, host_map) as gateway:
+        entry_point = {"entry_point": request.param} if request.param else {}
+        with running_gateway(workdir / "gateway", rules, host_map, **entry_point) as gateway:
             yield World(gateway, mutual, self_signed, stranger, image)
 
 

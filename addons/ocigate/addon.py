@@ -133,7 +133,7 @@ class Dialing:
         # Runs after mitmproxy's own tlsconfig addon built the connection: swapping the context keeps its SNI,
         # hostname check and ALPN, and trusts and presents what the host's hosts.toml entry says instead.
         server = tls_start.conn
-        if not isinstance(server, connection.Server) or tls_start.ssl_conn is None or server.address is None:
+        if not isinstance(server, connection.Server) or server.address is None:
             return
         host = self.shared.host_for_connection(tls_start.context.client.id, server.address)
         if host is None:
@@ -141,6 +141,10 @@ class Dialing:
         host_tls = self.shared.upstream.host_tls(host)
         if host_tls.is_default:
             return
+        if tls_start.ssl_conn is None:
+            # Loaded as a script, ocigate comes before mitmproxy's tlsconfig: have it build the connection now (it
+            # leaves a connection that exists alone), so that there is one to give this host's settings.
+            ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
         tls_start.ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
             tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
@@ -501,6 +505,31 @@ class Gateway:
         }
 
 
+class Redaction:
+    """No credential stays in a flow once it has been sent: what mitmproxy shows (flow_detail), writes
+    (save_stream_file) or hands to other addons afterwards carries `<scheme> <redacted>` instead. Runs before
+    mitmproxy's save and dumper addons (see place_addons)."""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _redact(flow.request.headers)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _redact(flow.request.headers)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        _redact(flow.request.headers)
+
+
+_CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
+
+
+def _redact(headers: http.Headers) -> None:
+    for name in _CREDENTIAL_HEADERS:
+        values = headers.get_all(name)
+        if values:
+            headers.set_all(name, [f"{value.partition(' ')[0]} <redacted>".strip() for value in values])
+
+
 def describe(method: str, record: dict) -> str:
     """One log line a person can read: what was asked, who served it, who was skipped and why."""
     what = f"{method} {record['upstream']}"
@@ -569,4 +598,4 @@ def _response(answer: HostResponse, *, head: bool) -> http.Response:
 
 def make_addons() -> list:
     shared = Shared()
-    return [Dialing(shared), Credentials(shared), Gateway(shared)]
+    return [Redaction(), Dialing(shared), Credentials(shared), Gateway(shared)]

@@ -18,7 +18,13 @@ ocigate takes every mitmdump flag. Its own:
 class OcigateMaster(DumpMaster):
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)
-        self.addons.add(*make_addons())
+        ours = make_addons()
+        self.addons.add(*ours)
+        # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without
+        # proxy credentials never reaches a rule) and before save and dumper (which then see redacted flows).
+        scripts = self.addons.chain.index(self.addons.get("scriptloader"))
+        rest = [addon for addon in self.addons.chain if addon not in ours]
+        self.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
 
 
 def _mitmdump_filters(args) -> dict:
