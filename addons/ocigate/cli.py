@@ -54,6 +54,10 @@ def translate(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("login", "logout"):
+        from . import login  # only here: the gateway itself never needs it
+
+        raise SystemExit(login.main(argv))
     if "-h" in argv or "--help" in argv:
         print(USAGE_EXTRA)
     run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
