@@ -19,8 +19,16 @@ from urllib.parse import urlsplit
 
 from .credentials import Credential, CredentialChain, CredentialError
 from .rules import Host
-from .tokens import Challenge, Token, TokenCache, TokenError, TokenRequest, fetch_token, parse_challenges
-from .tokens import preferred_challenge as preferred
+from .tokens import (
+    Challenge,
+    Token,
+    TokenCache,
+    TokenError,
+    TokenRequest,
+    fetch_token,
+    parse_challenges,
+    preferred_challenge,
+)
 from .upstream import HostFailed, HostResponse, Upstream
 
 Headers = list[tuple[bytes, bytes]]
@@ -85,7 +93,7 @@ def _without_scope(challenge: Challenge) -> Challenge:
 def challenge_of(response: HostResponse) -> Challenge | None:
     """The challenge of a 401 that ocigate can answer (Bearer before Basic), or None."""
     values = [v.decode("latin-1") for k, v in response.headers if k.lower() == b"www-authenticate"]
-    return preferred(parse_challenges(values))
+    return preferred_challenge(parse_challenges(values))
 
 
 def _basic(username: str, secret: str) -> str:
@@ -152,12 +160,12 @@ class Broker:
                 return _ANONYMOUS
             secret = credential.password or credential.identity_token or ""
             return Authorization(_basic(credential.username or "", secret), source, credential.username)
-        request = TokenRequest.for_challenge(challenge, access.scopes, credential)
-
-        async def fetch() -> Token:
-            return await fetch_token(request, credential, self._send_token_request, clock=self._clock)
-
         try:
+            request = TokenRequest.for_challenge(challenge, access.scopes, credential)
+
+            async def fetch() -> Token:
+                return await fetch_token(request, credential, self._send_token_request, clock=self._clock)
+
             token = await self.tokens.get_or_fetch(request, fetch)
         except TokenError as e:
             with_what = Authorization("", source, credential.username if credential else None).describe()

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from .destinations import DestinationError, Destinations
-from .hosttls import HostTLS, python_context
+from .hosttls import HostTLS, HostTLSError, python_context
 from .rules import Host
 
 # Registries refuse manifests above 4 MiB (distribution's limit); anything much larger is not a manifest.
@@ -93,7 +93,10 @@ class Upstream:
         timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout)
         request_headers = [(b"Host", host.netloc.encode()), *headers]
         extensions = {"sni_hostname": host.host} if host.scheme == "https" else {}
-        client = self._client(host)
+        try:
+            client = self._client(host)
+        except HostTLSError as e:
+            raise HostFailed(f"TLS settings: {e}") from None
         request = client.build_request(
             method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
         )

@@ -7,6 +7,9 @@ hop-by-hop connection headers dropped), the body streamed through (Content-Lengt
 response streamed back in pieces with all its header lines. When the target cannot be reached the
 client gets 502.
 
+With `redirect_blobs_to`, blob GETs are not forwarded but answered `307` with a Location on that base URL (the
+same path and query), as registries send blob downloads to object storage.
+
 Response headers are passed through unchanged, including Location headers of upload sessions that
 point at the target itself: a client following them talks to the registry directly, bypassing the
 recorder. distribution 2.8 sends absolute Locations built from the Host header it received, which
@@ -88,6 +91,7 @@ class _RecordingServer(ThreadingHTTPServer):
     upstream_port: int
     upstream_netloc: str
     upstream_ssl_context: ssl.SSLContext | None
+    redirect_blobs_to: str | None
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(address, _ProxyHandler)
@@ -158,6 +162,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         header_lines = tuple((name, value) for name, value in self.headers.items())
         self.server.recorder._record(RecordedRequest(self.command, self.path, header_lines))
+        if self.server.redirect_blobs_to and self.command == "GET" and "/blobs/" in self._origin_form():
+            self._redirect(self.server.redirect_blobs_to + self._origin_form())
+            return
 
         connection_tokens = {
             token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
@@ -235,6 +242,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.rfile.readline(3)  # the CRLF after the chunk data
             upstream.send(b"%x\r\n%s\r\n" % (size, data))
 
+    def _redirect(self, location: str) -> None:
+        self.send_response_only(307)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _answer_bad_gateway(self, error: BaseException) -> None:
         body = f"recording proxy could not reach {self.server.recorder.target_url}: {error!r}\n".encode()
         self.send_response_only(502)
@@ -276,10 +289,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def recording_proxy(target_url: str, *, ssl_context: ssl.SSLContext | None = None) -> Iterator[Recorder]:
+def recording_proxy(
+    target_url: str, *, ssl_context: ssl.SSLContext | None = None, redirect_blobs_to: str | None = None
+) -> Iterator[Recorder]:
     """Serve a recording reverse proxy for `target_url` on 127.0.0.1 (free port) until the block ends.
 
-    `ssl_context` is used to reach an https target (e.g. one trusting the throwaway CA).
+    `ssl_context` is used to reach an https target (e.g. one trusting the throwaway CA); `redirect_blobs_to` is a
+    base URL (scheme://host:port) blob GETs are redirected to instead of being forwarded.
     """
     target = urllib.parse.urlsplit(target_url)
     if target.scheme not in ("http", "https") or not target.hostname:
@@ -293,6 +309,7 @@ def recording_proxy(target_url: str, *, ssl_context: ssl.SSLContext | None = Non
     server.upstream_port = target.port or (443 if target.scheme == "https" else 80)
     server.upstream_netloc = target.netloc
     server.upstream_ssl_context = ssl_context
+    server.redirect_blobs_to = redirect_blobs_to.rstrip("/") if redirect_blobs_to else None
     serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     serving.start()
     try:
