@@ -8,7 +8,7 @@ from pathlib import Path
 import mitmproxy.version
 import pytest
 
-from tests.support import matrix
+from tests.support import matrix, secrets
 from tests.support import world as worlds
 from tests.support.world import World
 
@@ -17,6 +17,15 @@ from tests.support.world import World
 def pull_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with worlds.pull_world(tmp_path_factory.mktemp("pull")) as world:
         yield world
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_gateway_output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: no gateway wrote a password, a token or a credential a test gave it (this fails the
+    last test's teardown)."""
+    yield
+    leaks = secrets.leaks_in(tmp_path_factory.getbasetemp())
+    assert not leaks, "secrets in gateway output:\n" + "\n".join(leaks)
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ import pytest
 
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.registry import write_htpasswd
+from tests.support.secrets import remember
 from tests.support.world import UPSTREAM, World
 
 USER, PASSWORD = "builder", "proxy-secret-for-tests"
+remember(PASSWORD)
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,11 @@ def running_gateway(
     host_map: Mapping[str, str] = {},
     options: Sequence[str] = (),
     entry_point: Sequence[str] = (sys.executable, "-m", "ocigate.cli"),
+    env: Mapping[str, str] = {},
 ) -> Iterator[Gateway]:
     """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
     `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`. Its credential files are in
-    `workdir` (none exist until a test writes them), never the machine's own."""
+    `workdir` (none exist until a test writes them), never the machine's own. `env` is added to its environment."""
     arguments = [
         "--set",
         f"ocigate_credentials={workdir / 'ocigate-credentials.json'}",
@@ -87,13 +88,19 @@ def running_gateway(
         arguments += ["--set", f"ocigate_map_hosts={name}={address}"]
     for option in options:
         arguments += ["--set", option]
-    with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log") as gateway:
+    with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log", env=env) as gateway:
         yield gateway
 
 
 @contextmanager
 def running_mitmproxy(
-    workdir: Path, entry_point: Sequence[str], arguments: Sequence[str], *, name: str, log_name: str
+    workdir: Path,
+    entry_point: Sequence[str],
+    arguments: Sequence[str],
+    *,
+    name: str,
+    log_name: str,
+    env: Mapping[str, str] = {},
 ) -> Iterator[Gateway]:
     """Starts `entry_point` (mitmproxy's mitmdump, or something that runs it, such as `ocigate`) listening on a free
     loopback port with its confdir (and CA) in `workdir`, followed by `arguments`; waits until it listens and has
@@ -113,8 +120,8 @@ def running_mitmproxy(
         f"confdir={confdir}",
         *arguments,
     ]
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    with running(command, log_path, env=env, stop_timeout=_STOP_TIMEOUT) as process:
+    environment = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")} | dict(env)
+    with running(command, log_path, env=environment, stop_timeout=_STOP_TIMEOUT) as process:
         proxy = Gateway(port, confdir, log_path, process)
         wait_until(
             lambda: _listening(proxy),

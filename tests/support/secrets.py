@@ -1,0 +1,25 @@
+"""The secrets the tests hand to gateways, so that the whole run can check that none of them ever shows up in a
+gateway's output: its log (whatever flow_detail), or a capture it wrote."""
+
+from pathlib import Path
+
+# A JWT's header is base64 of '{"': any bearer token the token servers issue starts with it.
+JWT_START = "eyJ"
+
+_remembered: set[str] = set()
+
+
+def remember(*secrets: str) -> None:
+    _remembered.update(secrets)
+
+
+def leaks_in(directory: Path) -> list[str]:
+    """ "<file>: <what>" for every gateway log or capture under `directory` holding a remembered secret or a JWT."""
+    found = []
+    outputs = [*directory.rglob("gateway.log"), *directory.rglob("*.flows")]
+    for path in sorted(outputs):
+        text = path.read_bytes().decode("latin-1")
+        found += [f"{path}: a secret remembered by the tests" for s in _remembered if s in text][:1]
+        if JWT_START in text:
+            found.append(f"{path}: a JWT")
+    return found
