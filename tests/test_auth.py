@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from mitmproxy import http
+import pytest
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
@@ -245,3 +246,28 @@ async def test_the_ocigate_command_runs_its_addons_where_mitmdump_runs_a_script(
     # After proxyauth and scripts, before what shows or saves flows and before mitmproxy's TLS set-up.
     assert names.index("ProxyAuth") < names.index("ScriptLoader") < names.index("Redaction")
     assert names.index("Gateway") < min(names.index("Save"), names.index("Dumper"), names.index("TlsConfig"))
+
+
+@pytest.mark.parametrize("source", ["docker", "containers", "kubernetes"])
+async def test_each_credential_source_is_read_where_its_option_says(tmp_path: Path, source: str) -> None:
+    with token_registry(tmp_path / "world", scheme="basic") as (gw, registry, _):
+        key = f"registry.test:{registry.port}"
+        document = {"auths": {key: {"auth": base64.b64encode(f"alice:{PASSWORD}".encode()).decode()}}}
+        # The option, what it is set to, and the file under it that holds the credential.
+        option, value, inside = {
+            "docker": ("ocigate_docker_config", tmp_path / "docker", "config.json"),
+            "containers": ("ocigate_containers_auth", tmp_path / "containers" / "auth.json", ""),
+            "kubernetes": ("ocigate_kubernetes_secrets", tmp_path / "secrets", "pull/.dockerconfigjson"),
+        }[source]
+        path = value / inside if inside else value
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(document))
+        ctx.options.update(ocigate_credential_sources=[source], **{option: str(value)})
+        flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    assert registry.registry_requests[-1][2] == "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+
+
+def test_an_unknown_credential_source_is_refused_naming_the_choices(tmp_path: Path) -> None:
+    with gateway(tmp_path) as (_, tctx), pytest.raises(exceptions.OptionsError, match="unknown source 'vault'"):
+        tctx.options.update(ocigate_credential_sources=["ocigate", "vault"])

@@ -25,7 +25,7 @@ from tests.support.clients import skopeo_copy_to_layout
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, make_image, push_image
 from tests.support.recorder import Recorder, recording_proxy
-from tests.support.registry import Registry, running_registry
+from tests.support.registry import Registry, running_registry, write_htpasswd
 from tests.support.secrets import remember
 from tests.support.token_server import TokenServer, running_token_server
 
@@ -284,3 +284,60 @@ def test_ocigate_login_with_a_namespace_is_what_the_gateway_pulls_with(
     with start_gateway(world, gateway_dir) as gateway:
         assert_copied(copy(gateway, tmp_path, "a.test/team/app:v1"), gateway)
     assert world.token_requests() == [(ALICE, ("repository:team/app:pull",))]
+
+
+def test_a_mirror_with_htpasswd_basic_auth_gets_the_stored_password(tmp_path: Path) -> None:
+    users = {ALICE: ALICE_PASSWORD}
+    image = make_image("basic-app", layers=2)
+    with (
+        running_registry(tmp_path / "basic", htpasswd=write_htpasswd(tmp_path / "htpasswd", users)) as registry,
+        recording_proxy(registry.url) as mirror,
+    ):
+        with httpx.Client(auth=(ALICE, ALICE_PASSWORD)) as client:
+            push_image(registry.url, "team/app", "v1", image, client=client)
+        rules = tmp_path / "rules"
+        (rules / "d.test").mkdir(parents=True)
+        (rules / "d.test" / "hosts.toml").write_text('[host."http://basic.test:5000"]\n')
+        host_map = {"basic.test:5000": f"127.0.0.1:{mirror.port}"}
+        gateway_dir = tmp_path / "gateway"
+        with running_gateway(gateway_dir, rules, host_map, ["flow_detail=3"]) as gateway:
+            anonymous = copy(gateway, tmp_path / "anonymous", "d.test/team/app:v1")
+            store(gateway_dir).save("basic.test:5000", Credential(ALICE, ALICE_PASSWORD))
+            assert_copied(copy(gateway, tmp_path / "alice", "d.test/team/app:v1"), gateway)
+    assert anonymous.returncode != 0 and "unauthorized" in anonymous.stderr.decode().lower()
+    basic = "Basic " + base64.b64encode(f"{ALICE}:{ALICE_PASSWORD}".encode()).decode()
+    authorized = [r for r in mirror.requests if r.header_values("Authorization") == [basic]]
+    assert {r.path for r in authorized} >= {f"/v2/team/app/blobs/{b.digest}" for b in (image.config, *image.layers)}
+
+
+def test_a_client_that_authenticates_itself_gets_the_registrys_challenge_and_no_mirror_its_token(
+    world: AuthWorld, tmp_path: Path
+) -> None:
+    # c.test:5000 is the token registry itself, its own `server`; an empty registry is its mirror. The gateway has
+    # no credentials at all: every token the token server issues is the client's.
+    upstream = "c.test:5000"
+    with running_registry(tmp_path / "empty") as empty, recording_proxy(empty.url) as empty_mirror:
+        rules = tmp_path / "rules"
+        (rules / upstream).mkdir(parents=True)
+        (rules / upstream / "hosts.toml").write_text(
+            f'authentication = "client"\nserver = "http://{upstream}"\n[host."http://empty.test:5000"]\n'
+        )
+        host_map = {
+            upstream: f"127.0.0.1:{world.mirror.port}",
+            "empty.test:5000": f"127.0.0.1:{empty_mirror.port}",
+            BLOBS: f"127.0.0.1:{world.blobs.port}",
+        }
+        home = tmp_path / "client"
+        home.mkdir()
+        (home / "auth.json").write_text(
+            json.dumps({"auths": {upstream: {"auth": base64.b64encode(f"{BOB}:{BOB_PASSWORD}".encode()).decode()}}})
+        )
+        with running_gateway(tmp_path / "gateway", rules, host_map, ["flow_detail=3"]) as gateway:
+            assert_copied(copy(gateway, home, f"{upstream}/other/app:v1"), gateway)
+    # skopeo heard the registry's own challenge and fetched its token as bob.
+    assert (BOB, ("repository:other/app:pull",)) in world.token_requests()
+    assert world.mirror.requests[0].path == "/v2/"
+    assert all(r.header_values("Authorization") for r in world.mirror.requests[1:])
+    # The mirror was asked first, for every request, and never saw the client's token.
+    assert empty_mirror.requests, "the mirror was not asked"
+    assert not [r.target for r in empty_mirror.requests if r.header_values("Authorization")]
