@@ -16,6 +16,7 @@ from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, Redaction
+from ocigate.auth import Access, Authorization
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
 from tests.test_addon import DIGEST, flow_to, gateway, http_host, write_rules
@@ -271,3 +272,15 @@ async def test_each_credential_source_is_read_where_its_option_says(tmp_path: Pa
 def test_an_unknown_credential_source_is_refused_naming_the_choices(tmp_path: Path) -> None:
     with gateway(tmp_path) as (_, tctx), pytest.raises(exceptions.OptionsError, match="unknown source 'vault'"):
         tctx.options.update(ocigate_credential_sources=["ocigate", "vault"])
+
+
+def test_the_scopes_a_request_needs() -> None:
+    assert Access("u.test", "team/app").scopes == ("repository:team/app:pull",)
+    assert Access("u.test", "team/app", push=True).scopes == ("repository:team/app:pull,push",)
+    assert Access("u.test", None, catalog=True).scopes == ("registry:catalog:*",)
+    assert Access("u.test", None).scopes == ()
+
+
+def test_an_authorization_never_shows_its_secret() -> None:
+    authorization = Authorization("Bearer token-0", "ocigate credentials /x", "alice")
+    assert "token-0" not in repr(authorization) and "token-0" not in authorization.describe()

@@ -410,7 +410,9 @@ class Gateway:
             self._fail(flow, plan, [], source)
             return
         client_headers = list(request.headers.fields)
-        access = Access(upstream, route.repository, push=plan.capabilities == PUSH)
+        access = Access(
+            upstream, route.repository, push=plan.capabilities == PUSH, catalog=route.kind is RouteKind.CATALOG
+        )
         broker = self.shared.broker
         small_answer = route.kind in _SMALL_ANSWER_KINDS and plan.capabilities != PUSH
         if small_answer or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and request.method == "HEAD"):

@@ -14,7 +14,7 @@ adds ever reaches another host.
 import base64
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from .credentials import Credential, CredentialChain, CredentialError
@@ -46,9 +46,12 @@ class Access:
     upstream: str
     repository: str | None  # None: the registry's catalog, or its /v2/ ping
     push: bool = False
+    catalog: bool = False
 
     @property
     def scopes(self) -> tuple[str, ...]:
+        if self.catalog:
+            return ("registry:catalog:*",)
         if self.repository is None:
             return ()
         actions = "pull,push" if self.push else "pull"
@@ -60,7 +63,7 @@ class Authorization:
     """The Authorization one request carries, and what it was made from (for dropping a refused token and for
     naming the credential when a host refuses it)."""
 
-    header: str | None = None  # the secret: never logged, never kept in flow metadata
+    header: str | None = field(default=None, repr=False)  # the secret: never logged, never kept in flow metadata
     credential_source: str | None = None  # where the credential came from; None for an anonymous request
     username: str | None = None
     token_request: TokenRequest | None = None
