@@ -14,6 +14,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow, tutils
 
 from ocigate.addon import METADATA_KEY, Credentials, Dialing, Gateway, Shared
+from ocigate.verify import StreamVerifier
 
 DIGEST = "sha256:" + "b" * 64
 
@@ -194,7 +195,8 @@ async def test_blob_is_repointed_to_the_only_mirror_with_ns_and_without_client_c
         assert request.host_header == "mirror.test:5000"
         flow.response = tutils.tresp()
         gw.responseheaders(flow)
-        assert flow.response.stream is True
+        # Streamed, never buffered: through the verifier of its digest.
+        assert isinstance(flow.response.stream, StreamVerifier) and flow.response.stream.digest == DIGEST
 
 
 async def test_manifest_falls_through_refused_and_404_hosts_to_the_first_good_one(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ or the flow re-pointed at the chosen host and streamed by mitmproxy.
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +16,16 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
-from .attempt import HOP_BY_HOP, Outcome, choose_streamed_host, encode_error, error_body, failure, first_good
+from .attempt import (
+    HOP_BY_HOP,
+    Asker,
+    Outcome,
+    choose_streamed_host,
+    encode_error,
+    error_body,
+    failure,
+    first_good,
+)
 from .auth import Access, Authorization, Broker
 from .credentials import (
     DEFAULT_HELPER_TIMEOUT,
@@ -30,11 +39,13 @@ from .credentials import (
     default_containers_auth_paths,
 )
 from .destinations import DestinationError, Destinations
+from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
 from .router import PUSH, Attempt, Plan, make_plan
 from .rules import Host, Rule, RulesError, RuleSet, load_rules
 from .upstream import HostResponse, Upstream
+from .verify import StreamVerifier, checkable
 
 log = logging.getLogger("ocigate")
 
@@ -51,6 +62,8 @@ class Shared:
         self.rules: RuleSet | None = None
         self.upstream = Upstream()
         self.broker = Broker(self.upstream)
+        self.health = HostHealth()
+        self.asker = Asker(self.broker, self.health)
         # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
@@ -124,7 +137,10 @@ class Dialing:
             object.__setattr__(data.server, "address", asked)
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.asked.pop(data.server.id, None)
+        asked = self.asked.pop(data.server.id, None)
+        host = self.shared.host_for_connection(data.client.id, asked) if asked else None
+        if host is not None:
+            self.shared.health.unreachable(host.url, data.server.error or "connection failed")
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.shared.repointed.pop(client.id, None)
@@ -251,9 +267,9 @@ class Gateway:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        # The Authorization ocigate put on each streamed flow, until its response: kept here and not in the flow's
-        # metadata, which captures and other addons see.
-        self._streamed_with: dict[str, Authorization] = {}
+        # What ocigate must still do for each streamed flow, until its response: kept here and not in the flow's
+        # metadata, which captures and other addons see (it holds the Authorization).
+        self._streamed: dict[str, _StreamedFlow] = {}
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -271,6 +287,13 @@ class Gateway:
         )
         loader.add_option("ocigate_connect_timeout", int, 30, "Seconds to connect to a host that has no dial_timeout.")
         loader.add_option("ocigate_read_timeout", int, 60, "Seconds to wait for a host's answer.")
+        loader.add_option(
+            "ocigate_cooldown",
+            int,
+            int(DEFAULT_COOLDOWN),
+            "Seconds a host that could not be reached (refused, timed out) is skipped before it is asked again. "
+            "0: ask every time.",
+        )
         loader.add_option(
             "ocigate_intercept_unruled",
             bool,
@@ -292,6 +315,9 @@ class Gateway:
         for name in ctx.options.ocigate_named_ref_headers:
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise exceptions.OptionsError(f"ocigate_named_ref_headers: {name!r} is not a header name")
+        if ctx.options.ocigate_cooldown < 0:
+            raise exceptions.OptionsError("ocigate_cooldown must be 0 or a positive number of seconds")
+        self.shared.health.cooldown = ctx.options.ocigate_cooldown
         upstream = self.shared.upstream
         upstream.connect_timeout = ctx.options.ocigate_connect_timeout
         upstream.read_timeout = ctx.options.ocigate_read_timeout
@@ -413,10 +439,10 @@ class Gateway:
         access = Access(
             upstream, route.repository, push=plan.capabilities == PUSH, catalog=route.kind is RouteKind.CATALOG
         )
-        broker = self.shared.broker
+        asker = self.shared.asker
         small_answer = route.kind in _SMALL_ANSWER_KINDS and plan.capabilities != PUSH
         if small_answer or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and request.method == "HEAD"):
-            answer, outcomes = await first_good(plan, request.method, client_headers, broker, access)
+            answer, outcomes = await first_good(plan, request.method, client_headers, asker, access)
             if answer is None:
                 self._fail(flow, plan, outcomes, source)
                 return
@@ -424,15 +450,15 @@ class Gateway:
             self._record(flow, upstream, source, route, outcomes, outcomes[-1].host, plan)
             return
         probe = route.kind is RouteKind.BLOB and plan.capabilities != PUSH
-        chosen, outcomes = await choose_streamed_host(plan, client_headers, broker, access, probe=probe)
+        chosen, outcomes = await choose_streamed_host(plan, client_headers, asker, access, probe=probe)
         if chosen is None:
             self._fail(flow, plan, outcomes, source)
             return
         host = chosen.attempt.host
         _repoint(flow, chosen.attempt, chosen.authorization)
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
-        if chosen.authorization is not None:
-            self._streamed_with[flow.id] = chosen.authorization
+        verified = route.digest if route.kind is RouteKind.BLOB and request.method == "GET" else None
+        self._streamed[flow.id] = _StreamedFlow(host.url, chosen.authorization, verified)
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
         self._record(flow, upstream, source, route, outcomes, host.url, plan)
@@ -440,19 +466,40 @@ class Gateway:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not (flow.metadata.get(_STREAM_KEY) and flow.response):
             return
-        # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
-        # small, and the host's challenge would only send the client after a token for credentials it has not got.
-        refused = flow.response.status_code in (401, 403) and flow.id in self._streamed_with
-        flow.response.stream = not refused
+        streamed = self._streamed.get(flow.id)
+        status = flow.response.status_code
+        if streamed and streamed.authorization is not None and status in (401, 403):
+            # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
+            # small, and the host's challenge would only send the client after a token for credentials it has not
+            # got.
+            flow.response.stream = False
+        elif streamed and streamed.digest and status == 200 and checkable(streamed.digest):
+            streamed.verifier = StreamVerifier(streamed.digest)
+            flow.response.stream = streamed.verifier
+        else:
+            flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        authorization = self._streamed_with.pop(flow.id, None)
+        streamed = self._streamed.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
-        if authorization is not None and flow.response and flow.response.status_code in (401, 403):
-            self._refused(flow, authorization, record)
+        if streamed and streamed.authorization is not None and flow.response.status_code in (401, 403):
+            self._refused(flow, streamed.authorization, record)
+        if streamed and streamed.verifier and streamed.verifier.mismatch:
+            self._sent_wrong_blob(flow, streamed, record)
+            return
         if record and flow.response:
             record["status"] = flow.response.status_code
             log.info("ocigate: %s", describe(flow.request.method, record))
+
+    def _sent_wrong_blob(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", record: dict | None) -> None:
+        """The host streamed something else than the blob: the client's transfer is cut short before its last piece,
+        so it never holds a complete wrong blob, and the host is not asked for that blob again."""
+        why = streamed.verifier.mismatch
+        self.shared.health.bad_content(streamed.host, streamed.digest, why)
+        flow.kill()
+        if record is not None:
+            record["error"] = f"{streamed.host} sent {why} for {streamed.digest}: transfer aborted"
+            log.warning("ocigate: %s", describe(flow.request.method, record))
 
     def _refused(self, flow: http.HTTPFlow, authorization: Authorization, record: dict | None) -> None:
         status = flow.response.status_code
@@ -468,9 +515,9 @@ class Gateway:
         self._answer(flow, status, error_body("UNAUTHORIZED" if status == 401 else "DENIED", message))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._streamed_with.pop(flow.id, None)
+        self._streamed.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
-        if record and flow.error:
+        if record and flow.error and "error" not in record:
             record["error"] = flow.error.msg
             log.warning("ocigate: %s", describe(flow.request.method, record))
 
@@ -505,6 +552,14 @@ class Gateway:
             "attempts": [o.as_dict() for o in outcomes],
             "served_by": served_by,
         }
+
+
+@dataclass
+class _StreamedFlow:
+    host: str  # the URL of the host the flow was re-pointed to
+    authorization: Authorization | None  # what ocigate added; None: the client's own went, if any
+    digest: str | None  # a blob GET: the digest its bytes must hash to
+    verifier: StreamVerifier | None = None
 
 
 class Redaction:

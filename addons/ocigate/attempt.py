@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
+from .health import HostHealth
 from .reference import RouteKind
 from .router import Attempt, Plan, ping_target
 from .upstream import HostFailed, HostResponse
+from .verify import manifest_problem
 
 # Hop-by-hop headers belong to one connection, never to the message forwarded on another.
 HOP_BY_HOP = frozenset(
@@ -34,6 +36,8 @@ class Outcome:
     status: int | None = None  # the host's HTTP status; None when it could not be asked
     # The host refused ocigate's credentials (401/403), or none could be made for it.
     auth_failure: bool = False
+    # The host could not be connected to or did not answer in time, now or in its cool-down.
+    unreachable: bool = False
 
     def as_dict(self) -> dict[str, str | bool]:
         return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
@@ -57,13 +61,38 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
 
 
-async def _ask(
-    broker: Broker, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
-) -> tuple[HostResponse, Authorization | None]:
-    """One request to the attempt's host: with the client's credentials where they may go, else with ocigate's."""
-    if attempt.forward_authorization:
-        return await broker.upstream.send(attempt.host, method, attempt.target, headers), None
-    return await broker.send(attempt.host, method, attempt.target, headers, access)
+class Asker:
+    """Asks hosts: with the client's credentials where they may go, else with ocigate's; not a host that is cooling
+    down after it could not be reached, nor one for content it sent wrong before."""
+
+    def __init__(self, broker: Broker, health: HostHealth) -> None:
+        self.broker = broker
+        self.health = health
+
+    def not_now(self, attempt: Attempt, digest: str | None) -> Outcome | None:
+        """Why the attempt's host is not to be asked now, or None."""
+        url = attempt.host.url
+        skipped = self.health.skipped(url)
+        if skipped:
+            return Outcome(url, skipped, True, unreachable=True)
+        bad = self.health.sent_bad(url, digest) if digest else None
+        return Outcome(url, f"sent something else for {digest} before ({bad})", True) if bad else None
+
+    async def ask(
+        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
+    ) -> tuple[HostResponse, Authorization | None]:
+        url = attempt.host.url
+        try:
+            if attempt.forward_authorization:
+                answer = await self.broker.upstream.send(attempt.host, method, attempt.target, headers), None
+            else:
+                answer = await self.broker.send(attempt.host, method, attempt.target, headers, access)
+        except HostFailed as e:
+            if e.unreachable:
+                self.health.unreachable(url, str(e))
+            raise
+        self.health.answered(url)
+        return answer
 
 
 def _answered(
@@ -82,27 +111,51 @@ async def first_good(
     plan: Plan,
     method: str,
     client_headers: Sequence[tuple[bytes, bytes]],
-    broker: Broker,
+    asker: Asker,
     access: Access,
 ) -> tuple[HostResponse | None, list[Outcome]]:
-    """Asks each host in turn; returns the first answer that does not fall through, with what every host said."""
+    """Asks each host in turn; returns the first answer that does not fall through, with what every host said. A
+    manifest whose bytes or Docker-Content-Digest are not what was asked for falls through like a host that failed."""
     outcomes: list[Outcome] = []
+    route = plan.route
     for attempt in plan.attempts:
+        url = attempt.host.url
+        not_now = asker.not_now(attempt, route.digest)
+        if not_now:
+            outcomes.append(not_now)
+            continue
         try:
-            response, authorization = await _ask(
-                broker, attempt, method, request_headers(client_headers, attempt), access
-            )
+            response, authorization = await asker.ask(attempt, method, request_headers(client_headers, attempt), access)
         except HostFailed as e:
-            outcomes.append(Outcome(attempt.host.url, str(e), True))
+            outcomes.append(Outcome(url, str(e), True, unreachable=e.unreachable))
             continue
         except AuthFailed as e:
-            outcomes.append(Outcome(attempt.host.url, str(e), True, auth_failure=True))
+            outcomes.append(Outcome(url, str(e), True, auth_failure=True))
             continue
         outcome = _answered(attempt, response, authorization)
+        if route.kind is RouteKind.MANIFEST and 200 <= response.status < 300:
+            problem = manifest_problem(route.digest, response.headers, response.body, head=method == "HEAD")
+            if problem:
+                if route.digest:
+                    asker.health.bad_content(url, route.digest, problem)
+                outcome = Outcome(url, f"{response.status} but {problem}", True, response.status)
         outcomes.append(outcome)
         if not outcome.fell_through:
             return response, outcomes
     return None, outcomes
+
+
+async def _may_stream_to(asker: Asker, attempt: Attempt, digest: str | None) -> Outcome | None:
+    """Why a request may not be streamed to the attempt's host (cooling down, wrong content before, or a destination
+    the dialling policy refuses), or None."""
+    not_now = asker.not_now(attempt, digest)
+    if not_now:
+        return not_now
+    try:
+        await asker.broker.upstream.destinations.resolve(attempt.host.host, attempt.host.port)
+    except DestinationError as e:
+        return Outcome(attempt.host.url, str(e), True)
+    return None
 
 
 @dataclass(frozen=True)
@@ -117,29 +170,30 @@ class Streamed:
 async def choose_streamed_host(
     plan: Plan,
     client_headers: Sequence[tuple[bytes, bytes]],
-    broker: Broker,
+    asker: Asker,
     access: Access,
     *,
     probe: bool,
 ) -> tuple[Streamed | None, list[Outcome]]:
-    """The host mitmproxy will stream a request to: the first the dialling policy allows, that ocigate can make an
-    Authorization for and, with `probe`, that answers a HEAD for it (a blob). The last candidate is not probed,
-    since whatever it answers is then the answer. None when no host is left: the gateway answers the client itself,
-    as it cannot once mitmproxy has the flow."""
+    """The host mitmproxy will stream a request to: the first the dialling policy allows and that is not cooling
+    down, that ocigate can make an Authorization for and, with `probe`, that answers a HEAD for it (a blob). The
+    last candidate is not probed, since whatever it answers is then the answer. None when no host is left: the
+    gateway answers the client itself, as it cannot once mitmproxy has the flow."""
+    # Whether each host may be asked at all is known up front: the last that may is not probed.
+    checks = [await _may_stream_to(asker, attempt, plan.route.digest) for attempt in plan.attempts]
+    candidates = [attempt for attempt, check in zip(plan.attempts, checks, strict=True) if check is None]
     outcomes: list[Outcome] = []
-    for position, attempt in enumerate(plan.attempts, start=1):
+    for attempt, check in zip(plan.attempts, checks, strict=True):
         host = attempt.host
-        try:
-            await broker.upstream.destinations.resolve(host.host, host.port)
-        except DestinationError as e:
-            outcomes.append(Outcome(host.url, str(e), True))
+        if check is not None:
+            outcomes.append(check)
             continue
-        if probe and position < len(plan.attempts):
+        if probe and attempt is not candidates[-1]:
             try:
                 headers = request_headers(client_headers, attempt)
-                response, probed_with = await _ask(broker, attempt, "HEAD", headers, access)
+                response, probed_with = await asker.ask(attempt, "HEAD", headers, access)
             except HostFailed as e:
-                outcomes.append(Outcome(host.url, f"probe: {e}", True))
+                outcomes.append(Outcome(host.url, f"probe: {e}", True, unreachable=e.unreachable))
                 continue
             except AuthFailed as e:
                 outcomes.append(Outcome(host.url, f"probe: {e}", True, auth_failure=True))
@@ -151,8 +205,8 @@ async def choose_streamed_host(
             return Streamed(attempt, None), outcomes
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
-            await broker.prepare(host, ping_target(host, plan.upstream))
-            authorization = await broker.authorize(host, access)
+            await asker.broker.prepare(host, ping_target(host, plan.upstream))
+            authorization = await asker.broker.authorize(host, access)
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue
@@ -185,6 +239,9 @@ def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, 
         status = 403 if refused.status == 403 else 401
         code = "DENIED" if status == 403 else "UNAUTHORIZED"
         return status, error_body(code, f"no host for {plan.upstream} accepted ocigate's credentials ({tried})")
+    if all(o.unreachable for o in outcomes):
+        # Nobody could be reached, now or lately: a 503 tells the client to come back later.
+        return 503, error_body("UNAVAILABLE", f"no host for {plan.upstream} could be reached ({tried})")
     return 502, error_body("UNAVAILABLE", f"no host for {plan.upstream} could answer ({tried})")
 
 

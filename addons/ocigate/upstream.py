@@ -17,7 +17,12 @@ MAX_SMALL_BODY = 16 * 1024 * 1024
 
 class HostFailed(Exception):
     """The host could not be asked: refused, unreachable, timed out, TLS failure, or an oversized answer.
-    The message is short and names no secret, for the per-request log line and the client's error."""
+    The message is short and names no secret, for the per-request log line and the client's error. `unreachable`:
+    the host could not be connected to or did not answer in time (not a policy, TLS or content problem)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,9 @@ class Upstream:
             finally:
                 await response.aclose()
         except httpx.TimeoutException as e:
-            raise HostFailed(f"timed out ({type(e).__name__})") from None
+            raise HostFailed(f"timed out ({type(e).__name__})", unreachable=True) from None
+        except httpx.ConnectError as e:
+            raise HostFailed(_describe(e), unreachable=True) from None
         except httpx.HTTPError as e:
             raise HostFailed(_describe(e)) from None
         reason = response.extensions.get("reason_phrase", b"")

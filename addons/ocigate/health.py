@@ -1,0 +1,55 @@
+"""What ocigate has learned about hosts' health: hosts that could not be reached are skipped for a cool-down, so
+that the requests after the first do not wait for them again; content a host sent wrong is not asked of it again.
+
+A host in cool-down is not probed in the background: the first request after the cool-down asks it again, and
+either it answers (and is well again) or it starts another cool-down.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+DEFAULT_COOLDOWN = 30.0
+# How long a host that sent bytes not matching their digest is not asked for that digest again.
+BAD_CONTENT_TTL = 3600.0
+
+
+@dataclass(frozen=True)
+class _Down:
+    why: str
+    until: float
+
+
+class HostHealth:
+    def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown = cooldown
+        self._clock = clock
+        self._down: dict[str, _Down] = {}
+        self._bad_content: TTLCache[tuple[str, str], str] = TTLCache(maxsize=10_000, ttl=BAD_CONTENT_TTL, timer=clock)
+
+    def unreachable(self, host: str, why: str) -> None:
+        """`host` (its URL) could not be connected to or did not answer in time."""
+        if self.cooldown > 0:
+            self._down[host] = _Down(why, self._clock() + self.cooldown)
+
+    def answered(self, host: str) -> None:
+        self._down.pop(host, None)
+
+    def skipped(self, host: str) -> str | None:
+        """Why `host` is not to be asked now, e.g. "connection refused (skipped for 27 s)"; None when it may be."""
+        down = self._down.get(host)
+        if down is None:
+            return None
+        left = down.until - self._clock()
+        if left <= 0:
+            return None
+        return f"{down.why} (skipped for {max(1, round(left))} s)"
+
+    def bad_content(self, host: str, digest: str, why: str) -> None:
+        """`host` sent something else than `digest` for it."""
+        self._bad_content[(host, digest)] = why
+
+    def sent_bad(self, host: str, digest: str) -> str | None:
+        return self._bad_content.get((host, digest))

@@ -1,0 +1,93 @@
+"""Checking that what a host sends is what was asked for: manifests before the client sees them, blobs while they
+stream through.
+
+A digest names its algorithm; sha256 and sha512 are checked (the two the OCI image spec registers). Content under a
+digest of another algorithm cannot be checked and passes as it is.
+"""
+
+import hashlib
+import zlib
+from collections.abc import Sequence
+
+_ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+# Go's and Python's names for the content codings a registry could apply to a manifest.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def checkable(digest: str) -> bool:
+    return digest.partition(":")[0] in _ALGORITHMS
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{_ALGORITHMS[algorithm](data).hexdigest()}"
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _decoded(body: bytes, coding: str | None) -> bytes:
+    coding = (coding or "identity").lower()
+    if coding == "identity":
+        return body
+    if coding not in _DECODERS:
+        raise ValueError(f"content coding {coding!r} that ocigate cannot check")
+    try:
+        return zlib.decompress(body, _DECODERS[coding])
+    except zlib.error:
+        raise ValueError(f"a {coding} body that does not decode") from None
+
+
+def manifest_problem(
+    requested_digest: str | None, headers: Sequence[tuple[bytes, bytes]], body: bytes, *, head: bool
+) -> str | None:
+    """Why a host's 2xx answer to a manifest request cannot be trusted, or None when it can.
+
+    By digest, the bytes must hash to that digest; any request's `Docker-Content-Digest` must name the bytes sent
+    and, by digest, the digest asked for. A HEAD answer has no bytes, so only its header can be checked."""
+    claimed = _header(headers, b"docker-content-digest")
+    if requested_digest and claimed and claimed != requested_digest:
+        return f"Docker-Content-Digest {claimed} for a request of {requested_digest}"
+    if head:
+        return None
+    try:
+        content = _decoded(body, _header(headers, b"content-encoding"))
+    except ValueError as e:
+        return str(e)
+    for expected, what in ((requested_digest, "asked for"), (claimed, "Docker-Content-Digest")):
+        if expected and checkable(expected):
+            algorithm = expected.partition(":")[0]
+            actual = digest_of(content, algorithm)
+            if actual != expected:
+                return f"bytes hash to {actual}, not {expected} ({what})"
+    return None
+
+
+class StreamVerifier:
+    """Hashes a blob while it streams to the client, holding back its last piece: a blob that turns out not to be
+    what its digest says then never arrives complete."""
+
+    def __init__(self, digest: str) -> None:
+        algorithm = digest.partition(":")[0]
+        self.digest = digest
+        self._hash = _ALGORITHMS[algorithm]()
+        self._held = b""
+        self.size = 0
+        self.mismatch: str | None = None  # set at the end when the bytes were not the blob
+
+    def __call__(self, chunk: bytes) -> bytes:
+        """mitmproxy's stream hook: each piece from the host in, what goes on to the client out; b"" at the end."""
+        if chunk:
+            self._hash.update(chunk)
+            self.size += len(chunk)
+            passed, self._held = self._held, chunk
+            return passed
+        actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            self.mismatch = f"{self.size} bytes that hash to {actual}"
+            return b""
+        passed, self._held = self._held, b""
+        return passed

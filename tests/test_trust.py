@@ -1,0 +1,110 @@
+"""Mirrors that lie, go down or hang: the addons (taddons) against small local hosts."""
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+
+from mitmproxy.test import tutils
+
+from ocigate.addon import METADATA_KEY
+from tests.test_addon import flow_to, gateway, http_host, write_rules
+
+MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+BLOB = b"the blob's bytes"
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def attempts(flow) -> list[tuple[str, str]]:
+    return [(a["host"], a["result"]) for a in flow.metadata[METADATA_KEY]["attempts"]]
+
+
+async def test_a_manifest_that_is_not_its_digest_falls_through_and_that_host_is_not_asked_for_it_again(
+    tmp_path: Path,
+) -> None:
+    liar = lambda h: (200, MANIFEST.replace(b"2", b"3"), {"Docker-Content-Digest": MANIFEST_DIGEST})  # noqa: E731
+    with http_host(liar) as (bad, bad_seen), http_host(lambda h: (200, MANIFEST)) as (good, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{bad}"]\n[host."http://b.test:{good}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            first = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(first)
+            second = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(second)
+    assert first.response.status_code == 200 and first.response.content == MANIFEST
+    (host, result), _ = attempts(first)
+    assert host == f"http://a.test:{bad}/v2"
+    wrong = "sha256:" + hashlib.sha256(MANIFEST.replace(b"2", b"3")).hexdigest()
+    assert result == f"200 but bytes hash to {wrong}, not {MANIFEST_DIGEST} (asked for)"
+    assert second.response.content == MANIFEST
+    assert attempts(second)[0][1].startswith(f"sent something else for {MANIFEST_DIGEST} before")
+    assert len(bad_seen) == 1
+
+
+async def test_a_tag_whose_docker_content_digest_disagrees_with_its_bytes_falls_through(tmp_path: Path) -> None:
+    liar = lambda h: (200, MANIFEST, {"Docker-Content-Digest": "sha256:" + "0" * 64})  # noqa: E731
+    with http_host(liar) as (bad, _), http_host(lambda h: (200, MANIFEST)) as (good, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{bad}"]\n[host."http://b.test:{good}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 200
+    assert [host for host, _ in attempts(flow)] == [f"http://a.test:{bad}/v2", f"http://b.test:{good}/v2"]
+
+
+async def test_an_unreachable_host_cools_down_and_when_none_can_be_reached_the_client_hears_503(
+    tmp_path: Path,
+) -> None:
+    down = closed_port()
+    with http_host(lambda h: (200, MANIFEST)) as (up, up_seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{down}"]\n[host."http://b.test:{up}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            first = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(first)
+            second = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(second)
+    assert attempts(first)[0] == (f"http://a.test:{down}/v2", "connection refused")
+    assert attempts(second)[0] == (f"http://a.test:{down}/v2", "connection refused (skipped for 30 s)")
+    assert second.response.status_code == 200 and len(up_seen) == 2
+
+    only = write_rules(tmp_path / "only", "upstream.test", f'server = "http://a.test:{down}"\n')
+    with gateway(only, ["a.test=127.0.0.1"]) as (gw, _):
+        flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+        await gw.requestheaders(flow)
+    assert flow.response.status_code == 503
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error == {
+        "code": "UNAVAILABLE",
+        "message": f"no host for upstream.test could be reached (http://a.test:{down}/v2: connection refused)",
+    }
+
+
+async def test_a_blob_that_is_not_its_digest_is_cut_short_and_not_asked_of_that_host_again(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (first_port, _), http_host(lambda h: (200, BLOB)) as (second_port, _):
+        rules = write_rules(
+            tmp_path, "upstream.test", f'[host."http://a.test:{first_port}"]\n[host."http://b.test:{second_port}"]\n'
+        )
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(flow)
+            assert flow.request.port == first_port
+            # mitmproxy streams the host's answer through the verifier: here, bytes that are not the blob.
+            flow.response = tutils.tresp(content=b"")
+            gw.responseheaders(flow)
+            verifier = flow.response.stream
+            sent = verifier(b"not the blob's bytes") + verifier(b"")
+            gw.response(flow)
+            again = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(again)
+    assert sent == b""  # its last (here: only) piece never reached the client
+    assert flow.error is not None and flow.error.msg == "Connection killed."
+    assert "transfer aborted" in flow.metadata[METADATA_KEY]["error"]
+    assert again.request.port == second_port
+    assert attempts(again)[0][1].startswith(f"sent something else for {BLOB_DIGEST} before (20 bytes that hash to")
