@@ -940,3 +940,49 @@ def test_authentication_is_a_rule_setting_not_a_host_setting(tmp_path: Path) -> 
     write_hosts(tmp_path, "registry.example", '[host."https://m.test"]\nauthentication = "client"\n')
     with pytest.raises(RulesError, match="unknown key"):
         load_rules(tmp_path)
+
+
+# ocigate's `offline` and containers-registries.conf's `pull_from_mirror`
+
+
+def test_offline_contacts_only_the_mirrors_whatever_server_says(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "a.example", 'offline = true\nserver = "https://a.example"\n[host."https://m.test"]\n')
+    write_hosts(tmp_path, "b.example", 'offline = true\n[host."https://m.test"]\n[host."https://n.test"]\n')
+    rules = load_rules(tmp_path)
+    assert urls(rules.lookup("a.example").hosts) == ["https://m.test/v2"]
+    assert urls(rules.lookup("b.example").hosts) == ["https://m.test/v2", "https://n.test/v2"]
+
+
+def test_offline_without_a_mirror_is_refused(tmp_path: Path) -> None:
+    path = write_hosts(tmp_path, "a.example", 'offline = true\nserver = "https://a.example"\n')
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert (raised.value.path, raised.value.key) == (path, "offline")
+    assert "no host could ever be contacted" in raised.value.problem
+
+
+def test_pull_from_mirror_is_read_per_mirror_and_defaults_to_all(tmp_path: Path) -> None:
+    write_hosts(
+        tmp_path,
+        "a.example",
+        '[host."https://d.test"]\npull_from_mirror = "digest-only"\n'
+        '[host."https://t.test"]\npull_from_mirror = "tag-only"\n[host."https://all.test"]\n',
+    )
+    hosts = load_rules(tmp_path).lookup("a.example").hosts
+    assert [h.pull_from_mirror for h in hosts] == ["digest-only", "tag-only", "all", "all"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[host."https://d.test"]\npull_from_mirror = "digest"\n', 'host."https://d.test".pull_from_mirror'),
+        ('pull_from_mirror = "all"\n[host."https://d.test"]\n', "pull_from_mirror"),
+    ],
+)
+def test_pull_from_mirror_other_than_its_values_or_outside_a_mirror_is_refused(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    write_hosts(tmp_path, "a.example", text)
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert raised.value.key == key

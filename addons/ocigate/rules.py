@@ -33,7 +33,10 @@ DEFAULT_DIRECTORY = "_default"
 
 _CAPABILITY_ORDER = ("pull", "resolve", "push", "referrers")
 _HOST_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path", "dial_timeout"})
-_ROOT_KEYS = _HOST_KEYS | {"server", "host", "authentication"}
+_ROOT_KEYS = _HOST_KEYS | {"server", "host", "authentication", "offline"}
+# Keys of a [host."..."] table only: containers-registries.conf's pull-from-mirror, which concerns mirrors.
+_MIRROR_KEYS = _HOST_KEYS | {"pull_from_mirror"}
+PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 # ocigate's own top-level key: who authenticates to the registry's own host. containerd ignores it.
 AUTHENTICATION_MODES = ("gateway", "client")
 # containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
@@ -88,6 +91,9 @@ class Host:
     override_path: bool = False
     dial_timeout: float | None = None
     is_server: bool = False
+    # containers-registries.conf's pull-from-mirror: which pulls this mirror serves, those of an image by tag, by
+    # digest, or both.
+    pull_from_mirror: str = "all"
 
     @property
     def netloc(self) -> str:
@@ -148,11 +154,15 @@ class _RegistryDirectory:
     server: Host | None
     top_level: _Settings
     authentication: str | None = None  # as written; None when absent
+    # ocigate's `offline = true`: only the mirrors are ever contacted, never the server or the registry itself.
+    offline: bool = False
 
     def rule(self, upstream: str) -> Rule:
         return Rule(upstream, self.source, self.hosts_for(upstream), self.authentication == "client")
 
     def hosts_for(self, upstream: str) -> tuple[Host, ...]:
+        if self.offline:
+            return self.mirrors
         return (*self.mirrors, self.server or _upstream_host(upstream, self.top_level))
 
     @property
@@ -162,7 +172,7 @@ class _RegistryDirectory:
         traffic passes through). This is how a directory holding only an example file (hosts.toml.example) stays
         inactive."""
         nothing_routed = not self.mirrors and self.server is None and self.top_level == _Settings()
-        return nothing_routed and self.authentication is None
+        return nothing_routed and self.authentication is None and not self.offline
 
 
 class RuleSet:
@@ -358,6 +368,9 @@ class _HostsFileParser:
         mirrors = self.mirrors(text, document.get("host", {}))
         top_level = self.settings(document, ())
         authentication = self.authentication(document.get("authentication"))
+        offline = self.boolean(document.get("offline", False), ("offline",))
+        if offline and not mirrors:
+            raise self.error(("offline",), 'true without any [host."..."] mirror: no host could ever be contacted')
         server = document.get("server")
         if server is None:
             for key in _KEYS_NEEDING_SERVER:
@@ -367,7 +380,7 @@ class _HostsFileParser:
                         "has no effect without `server`: containerd then uses the upstream registry itself "
                         "with path /v2 and every capability; set `server` or move it into a host table",
                     )
-            return _RegistryDirectory(self.path, mirrors, None, top_level, authentication)
+            return _RegistryDirectory(self.path, mirrors, None, top_level, authentication, offline)
         if server == "":
             raise self.error(
                 ("server",),
@@ -375,7 +388,7 @@ class _HostsFileParser:
                 "remove the key or name a URL",
             )
         server_host = self.host(server, ("server",), top_level, True)
-        return _RegistryDirectory(self.path, mirrors, server_host, top_level, authentication)
+        return _RegistryDirectory(self.path, mirrors, server_host, top_level, authentication, offline)
 
     def authentication(self, value: Any) -> str | None:
         if value is not None and value not in AUTHENTICATION_MODES:
@@ -399,8 +412,13 @@ class _HostsFileParser:
                     f'defined without a [host."{name}"] table header; containerd never uses such a host, '
                     f'write it as a [host."{name}"] table',
                 )
-            self.check_keys(table, _HOST_KEYS, key)
-            hosts[name] = self.host(name, key, self.settings(table, key), False)
+            self.check_keys(table, _MIRROR_KEYS, key)
+            host = self.host(name, key, self.settings(table, key), False)
+            pull_from_mirror = table.get("pull_from_mirror", "all")
+            if pull_from_mirror not in PULL_FROM_MIRROR:
+                expected = ", ".join(f'"{value}"' for value in PULL_FROM_MIRROR)
+                raise self.error((*key, "pull_from_mirror"), f"expected one of {expected}, got {pull_from_mirror!r}")
+            hosts[name] = replace(host, pull_from_mirror=pull_from_mirror)
         return tuple(hosts[name] for name in order)
 
     def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
