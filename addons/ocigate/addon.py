@@ -42,7 +42,7 @@ from .destinations import DestinationError, Destinations
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
-from .router import PUSH, Attempt, Plan, make_plan
+from .router import PUSH, Attempt, Plan, location_for_client, make_plan
 from .rules import Host, Rule, RulesError, RuleSet, load_rules
 from .upstream import HostResponse, Upstream
 from .verify import StreamVerifier, checkable
@@ -447,7 +447,9 @@ class Gateway:
                 self._fail(flow, plan, outcomes, source)
                 return
             flow.response = _response(answer, head=request.method == "HEAD")
-            self._record(flow, upstream, source, route, outcomes, outcomes[-1].host, plan)
+            served_by = next(a.host for a in plan.attempts if a.host.url == outcomes[-1].host)
+            _point_location_at_the_gateway(flow.response, served_by)
+            self._record(flow, upstream, source, route, outcomes, served_by.url, plan)
             return
         probe = route.kind is RouteKind.BLOB and plan.capabilities != PUSH
         chosen, outcomes = await choose_streamed_host(plan, client_headers, asker, access, probe=probe)
@@ -458,7 +460,7 @@ class Gateway:
         _repoint(flow, chosen.attempt, chosen.authorization)
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
         verified = route.digest if route.kind is RouteKind.BLOB and request.method == "GET" else None
-        self._streamed[flow.id] = _StreamedFlow(host.url, chosen.authorization, verified)
+        self._streamed[flow.id] = _StreamedFlow(host, chosen.authorization, verified)
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
         self._record(flow, upstream, source, route, outcomes, host.url, plan)
@@ -468,6 +470,8 @@ class Gateway:
             return
         streamed = self._streamed.get(flow.id)
         status = flow.response.status_code
+        if streamed:
+            _point_location_at_the_gateway(flow.response, streamed.host)
         if streamed and streamed.authorization is not None and status in (401, 403):
             # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
             # small, and the host's challenge would only send the client after a token for credentials it has not
@@ -495,10 +499,10 @@ class Gateway:
         """The host streamed something else than the blob: the client's transfer is cut short before its last piece,
         so it never holds a complete wrong blob, and the host is not asked for that blob again."""
         why = streamed.verifier.mismatch
-        self.shared.health.bad_content(streamed.host, streamed.digest, why)
+        self.shared.health.bad_content(streamed.host.url, streamed.digest, why)
         flow.kill()
         if record is not None:
-            record["error"] = f"{streamed.host} sent {why} for {streamed.digest}: transfer aborted"
+            record["error"] = f"{streamed.host.url} sent {why} for {streamed.digest}: transfer aborted"
             log.warning("ocigate: %s", describe(flow.request.method, record))
 
     def _refused(self, flow: http.HTTPFlow, authorization: Authorization, record: dict | None) -> None:
@@ -556,7 +560,7 @@ class Gateway:
 
 @dataclass
 class _StreamedFlow:
-    host: str  # the URL of the host the flow was re-pointed to
+    host: Host  # the host the flow was re-pointed to
     authorization: Authorization | None  # what ocigate added; None: the client's own went, if any
     digest: str | None  # a blob GET: the digest its bytes must hash to
     verifier: StreamVerifier | None = None
@@ -641,6 +645,12 @@ def _repoint(flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization
         request.headers.add(name, value)
     if authorization is not None and authorization.header:
         request.headers["Authorization"] = authorization.header
+
+
+def _point_location_at_the_gateway(response: http.Response, host: Host) -> None:
+    location = response.headers.get("Location")
+    if location:
+        response.headers["Location"] = location_for_client(location, host)
 
 
 def _response(answer: HostResponse, *, head: bool) -> http.Response:

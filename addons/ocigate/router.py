@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
 from .rules import Host, Rule
@@ -70,6 +70,22 @@ def ping_target(host: Host, upstream: str) -> str:
     return host_target(host, Route(RouteKind.PING), "", upstream)
 
 
+def location_for_client(location: str, host: Host) -> str:
+    """A Location a host answered with, as the client is to follow it: one on the host itself becomes a path on the
+    upstream (`/v2/...`, its query kept), so that an upload session goes on through the gateway under the upstream's
+    name; one anywhere else (object storage) is left as it is."""
+    parts = urlsplit(location)
+    if parts.scheme or parts.netloc:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port):
+            return location
+    prefix = host.path.rstrip("/")
+    if not (parts.path == prefix or parts.path.startswith(prefix + "/")):
+        return location
+    path = "/v2" + parts.path[len(prefix) :]
+    return f"{path}?{parts.query}" if parts.query else path
+
+
 def make_plan(
     route: Route,
     method: str,
@@ -79,6 +95,10 @@ def make_plan(
     named_ref_headers: Sequence[str],
 ) -> Plan:
     capabilities = required_capabilities(route, method)
+    if route.kind is RouteKind.BLOB and method == "HEAD" and any("push" in host.capabilities for host in rule.hosts):
+        # A HEAD of a blob is how a client pushing asks whether it must upload it: the host the push goes to must
+        # answer, not a mirror that has it (as containerd's pusher asks its push host).
+        capabilities = PUSH
     named_ref = None
     if route.kind is RouteKind.MANIFEST and route.repository:
         named_ref = named_reference(upstream, route.repository, tag=route.tag, digest=route.digest)
@@ -93,4 +113,8 @@ def make_plan(
         for host in rule.hosts
         if capabilities <= host.capabilities
     )
+    if capabilities == PUSH:
+        # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
+        # one host cannot go on on another, and content pushed must land where it is meant to.
+        attempts = attempts[:1]
     return Plan(upstream, route, capabilities, named_ref, attempts)

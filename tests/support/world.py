@@ -1,6 +1,6 @@
 """The pull world the end-to-end tests share: two real registries as mirrors of `upstream.test` behind recording
-hops, mirror A empty and mirror B holding the test images, and a real gateway whose rules send upstream.test to A
-then B. upstream.test resolves nowhere: only the gateway's rules know where its content lives."""
+hops, mirror A empty and mirror B holding the test images and taking pushes, and a real gateway whose rules send
+upstream.test to A then B. upstream.test resolves nowhere: only the gateway's rules know where its content lives."""
 
 import time
 from collections.abc import Iterator
@@ -96,7 +96,8 @@ def pull_world(workdir: Path) -> Iterator[World]:
     multi = make_index("multi")
     with (
         running_registry(workdir / "registry-a") as registry_a,
-        running_registry(workdir / "registry-b") as registry_b,
+        # Relative upload Locations keep a push's upload session behind the recording hop (see recorder.py).
+        running_registry(workdir / "registry-b", extra_config={"http": {"relativeurls": True}}) as registry_b,
         recording_proxy(registry_a.url) as recorder_a,
         recording_proxy(registry_b.url) as recorder_b,
     ):
@@ -109,7 +110,7 @@ def pull_world(workdir: Path) -> Iterator[World]:
         (rules / UPSTREAM / "hosts.toml").write_text(
             f'server = "https://{UPSTREAM}"\n\n'
             f'[host."http://{a.name}"]\n  capabilities = ["pull", "resolve"]\n\n'
-            f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve"]\n'
+            f'[host."http://{b.name}"]\n  capabilities = ["pull", "resolve", "push"]\n'
         )
         host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (a, b)}
         # Started the way the README tells a newcomer to start it, so the client matrix speaks for ./run.sh.
