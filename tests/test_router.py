@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ocigate.reference import Route, RouteKind
-from ocigate.router import is_proxy_for, make_plan, required_capabilities
+from ocigate.router import is_proxy_for, location_for_client, make_plan, required_capabilities
 from ocigate.rules import Host, Rule
 
 DIGEST = "sha256:" + "a" * 64
@@ -146,3 +146,32 @@ def test_host_headers_come_first_then_the_named_reference_under_every_configured
 def test_no_host_with_the_capability_gives_an_empty_plan() -> None:
     plan = plan_for(Route(RouteKind.BLOB_UPLOAD, "team/app"), [host("m.test", {"pull", "resolve"})], method="POST")
     assert plan.attempts == () and plan.capabilities == {"push"}
+
+
+def test_a_push_goes_to_the_first_push_host_only_and_a_blob_head_asks_it() -> None:
+    hosts = [host("pull.test", {"pull", "resolve"}), host("push-a.test"), host("push-b.test"), host("upstream.test")]
+    upload = plan_for(Route(RouteKind.BLOB_UPLOAD, "team/app"), hosts, method="POST")
+    assert [a.host.host for a in upload.attempts] == ["push-a.test"]
+    head = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), hosts, method="HEAD")
+    assert [a.host.host for a in head.attempts] == ["push-a.test"]
+    get = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), hosts)
+    assert [a.host.host for a in get.attempts] == ["pull.test", "push-a.test", "push-b.test", "upstream.test"]
+    pull_only = [host("pull.test", {"pull", "resolve"})]
+    head = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), pull_only, method="HEAD")
+    assert [a.host.host for a in head.attempts] == ["pull.test"]
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("/v2/team/app/blobs/uploads/u1?_state=x%2By", "/v2/team/app/blobs/uploads/u1?_state=x%2By"),
+        ("http://mirror.test:5000/prefix/v2/team/app/blobs/uploads/u1", "/v2/team/app/blobs/uploads/u1"),
+        ("/prefix/v2/team/app/blobs/sha256:abc", "/v2/team/app/blobs/sha256:abc"),
+        ("https://storage.test/bucket/upload?sig=1", "https://storage.test/bucket/upload?sig=1"),
+        ("http://mirror.test:5001/prefix/v2/x", "http://mirror.test:5001/prefix/v2/x"),
+        ("/elsewhere/v2/x", "/elsewhere/v2/x"),
+    ],
+)
+def test_a_location_on_the_host_becomes_a_path_on_the_upstream(location: str, expected: str) -> None:
+    mirror = host("mirror.test:5000", scheme="http", path="/prefix/v2")
+    assert location_for_client(location, mirror) == expected
