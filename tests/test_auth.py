@@ -284,3 +284,8 @@ def test_the_scopes_a_request_needs() -> None:
 def test_an_authorization_never_shows_its_secret() -> None:
     authorization = Authorization("Bearer token-0", "ocigate credentials /x", "alice")
     assert "token-0" not in repr(authorization) and "token-0" not in authorization.describe()
+
+
+def test_a_token_scope_names_the_repository_as_the_host_asked_names_it() -> None:
+    access = Access("docker.io", "library/alpine", host_repository="dockerhub-proxy/library/alpine")
+    assert access.scopes == ("repository:dockerhub-proxy/library/alpine:pull",)

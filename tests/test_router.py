@@ -175,3 +175,14 @@ def test_a_push_goes_to_the_first_push_host_only_and_a_blob_head_asks_it() -> No
 def test_a_location_on_the_host_becomes_a_path_on_the_upstream(location: str, expected: str) -> None:
     mirror = host("mirror.test:5000", scheme="http", path="/prefix/v2")
     assert location_for_client(location, mirror) == expected
+
+
+def test_a_mirror_with_a_repository_prefix_gets_the_repository_under_it_and_the_upstream_in_ns_and_header() -> None:
+    proxy_cache = host("harbor.test", repository_prefix="dockerhub-proxy")
+    plan = plan_for(Route(RouteKind.MANIFEST, "library/alpine", tag="3.20"), [proxy_cache], upstream="docker.io")
+    (attempt,) = plan.attempts
+    assert attempt.target == "/v2/dockerhub-proxy/library/alpine/manifests/3.20?ns=docker.io"
+    assert attempt.repository == "dockerhub-proxy/library/alpine"
+    assert ("OCI-Named-Ref", "docker.io/library/alpine:3.20") in attempt.headers
+    upload = "/v2/dockerhub-proxy/library/alpine/blobs/uploads/u1?_state=s"
+    assert location_for_client(upload, proxy_cache) == "/v2/library/alpine/blobs/uploads/u1?_state=s"

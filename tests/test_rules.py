@@ -986,3 +986,13 @@ def test_pull_from_mirror_other_than_its_values_or_outside_a_mirror_is_refused(
     with pytest.raises(RulesError) as raised:
         load_rules(tmp_path)
     assert raised.value.key == key
+
+
+def test_a_mirrors_repository_prefix_is_read_and_checked(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "docker.io", '[host."https://harbor.test"]\nrepository_prefix = "/dockerhub-proxy/"\n')
+    assert load_rules(tmp_path).lookup("docker.io").hosts[0].repository_prefix == "dockerhub-proxy"
+    write_hosts(tmp_path, "docker.io", '[host."https://harbor.test"]\nrepository_prefix = "Not Valid"\n')
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert raised.value.key == 'host."https://harbor.test".repository_prefix'
+    assert "not a repository path" in raised.value.problem

@@ -2,7 +2,7 @@
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
@@ -82,6 +82,7 @@ class Asker:
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
     ) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
+        access = replace(access, host_repository=attempt.repository)
         try:
             if attempt.forward_authorization:
                 answer = await self.broker.upstream.send(attempt.host, method, attempt.target, headers), None
@@ -206,7 +207,7 @@ async def choose_streamed_host(
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
             await asker.broker.prepare(host, ping_target(host, plan.upstream))
-            authorization = await asker.broker.authorize(host, access)
+            authorization = await asker.broker.authorize(host, replace(access, host_repository=attempt.repository))
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue

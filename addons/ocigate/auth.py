@@ -47,15 +47,19 @@ class Access:
     repository: str | None  # None: the registry's catalog, or its /v2/ ping
     push: bool = False
     catalog: bool = False
+    # The repository as the host asked names it (a mirror's repository_prefix applied), for its token scope;
+    # credentials are looked up for the upstream's own name.
+    host_repository: str | None = None
 
     @property
     def scopes(self) -> tuple[str, ...]:
         if self.catalog:
             return ("registry:catalog:*",)
-        if self.repository is None:
+        repository = self.host_repository or self.repository
+        if repository is None:
             return ()
         actions = "pull,push" if self.push else "pull"
-        return (f"repository:{self.repository}:{actions}",)
+        return (f"repository:{repository}:{actions}",)
 
 
 @dataclass(frozen=True)

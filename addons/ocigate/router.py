@@ -1,7 +1,7 @@
 """From a classified request and its upstream's rule to the ordered attempts, as containerd would make them."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote, urlsplit
 
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
@@ -40,6 +40,7 @@ class Attempt:
     host: Host
     target: str  # path and query as sent to this host
     headers: tuple[tuple[str, str], ...]  # added to the client's: the host's [header] and the named reference
+    repository: str | None  # the repository as this host names it (its repository_prefix applied)
     # The client's credentials go along, to the upstream's own host only and only when its rule says the client
     # authenticates; otherwise ocigate authenticates with its own.
     forward_authorization: bool
@@ -57,12 +58,18 @@ class Plan:
 def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
     """Path and query for one host. The client's query is kept as it was sent (byte for byte, whatever its
     encoding), but for an `ns` of its own: the gateway knows the upstream, and says it once."""
+    if route.repository:
+        route = replace(route, repository=host_repository(host, route.repository))
     # format_route gives "/v2/..."; a host's path replaces "/v2" (containerd appends it unless override_path).
     path = host.path.rstrip("/") + format_route(route)[len("/v2") :]
     params = [p for p in query.split("&") if p and p.partition("=")[0] != "ns"]
     if is_proxy_for(host, upstream):
         params.append("ns=" + quote(upstream, safe=""))
     return f"{path}?{'&'.join(params)}" if params else path
+
+
+def host_repository(host: Host, repository: str) -> str:
+    return f"{host.repository_prefix}/{repository}" if host.repository_prefix else repository
 
 
 def ping_target(host: Host, upstream: str) -> str:
@@ -80,6 +87,8 @@ def location_for_client(location: str, host: Host) -> str:
         if (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port):
             return location
     prefix = host.path.rstrip("/")
+    if host.repository_prefix:
+        prefix += "/" + host.repository_prefix
     if not (parts.path == prefix or parts.path.startswith(prefix + "/")):
         return location
     path = "/v2" + parts.path[len(prefix) :]
@@ -108,6 +117,7 @@ def make_plan(
             host=host,
             target=host_target(host, route, query, upstream),
             headers=host.headers + context,
+            repository=host_repository(host, route.repository) if route.repository else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
         )
         for host in rule.hosts

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .reference import DOCKER_HUB, DOCKER_HUB_SERVER
+from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
 
@@ -35,7 +35,7 @@ _CAPABILITY_ORDER = ("pull", "resolve", "push", "referrers")
 _HOST_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path", "dial_timeout"})
 _ROOT_KEYS = _HOST_KEYS | {"server", "host", "authentication", "offline"}
 # Keys of a [host."..."] table only: containers-registries.conf's pull-from-mirror, which concerns mirrors.
-_MIRROR_KEYS = _HOST_KEYS | {"pull_from_mirror"}
+_MIRROR_KEYS = _HOST_KEYS | {"pull_from_mirror", "repository_prefix"}
 PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 # ocigate's own top-level key: who authenticates to the registry's own host. containerd ignores it.
 AUTHENTICATION_MODES = ("gateway", "client")
@@ -94,6 +94,9 @@ class Host:
     # containers-registries.conf's pull-from-mirror: which pulls this mirror serves, those of an image by tag, by
     # digest, or both.
     pull_from_mirror: str = "all"
+    # ocigate's own: the mirror serves the upstream's repositories under this path (a Harbor proxy-cache project):
+    # `library/alpine` is `<prefix>/library/alpine` there.
+    repository_prefix: str | None = None
 
     @property
     def netloc(self) -> str:
@@ -390,6 +393,18 @@ class _HostsFileParser:
         server_host = self.host(server, ("server",), top_level, True)
         return _RegistryDirectory(self.path, mirrors, server_host, top_level, authentication, offline)
 
+    def repository_prefix(self, value: Any, key: tuple[str, ...]) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        prefix = value.strip("/")
+        try:
+            validate_repository(prefix)
+        except RouteError as e:
+            raise self.error(key, f"not a repository path: {e}") from None
+        return prefix
+
     def authentication(self, value: Any) -> str | None:
         if value is not None and value not in AUTHENTICATION_MODES:
             expected = " or ".join(f'"{mode}"' for mode in AUTHENTICATION_MODES)
@@ -418,7 +433,11 @@ class _HostsFileParser:
             if pull_from_mirror not in PULL_FROM_MIRROR:
                 expected = ", ".join(f'"{value}"' for value in PULL_FROM_MIRROR)
                 raise self.error((*key, "pull_from_mirror"), f"expected one of {expected}, got {pull_from_mirror!r}")
-            hosts[name] = replace(host, pull_from_mirror=pull_from_mirror)
+            hosts[name] = replace(
+                host,
+                pull_from_mirror=pull_from_mirror,
+                repository_prefix=self.repository_prefix(table.get("repository_prefix"), (*key, "repository_prefix")),
+            )
         return tuple(hosts[name] for name in order)
 
     def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
