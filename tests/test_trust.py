@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mitmproxy.test import tutils
 
-from ocigate.addon import METADATA_KEY
+from ocigate.addon import METADATA_KEY, reason_phrase
 from tests.test_addon import flow_to, gateway, http_host, write_rules
 
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
@@ -108,3 +108,9 @@ async def test_a_blob_that_is_not_its_digest_is_cut_short_and_not_asked_of_that_
     assert "transfer aborted" in flow.metadata[METADATA_KEY]["error"]
     assert again.request.port == second_port
     assert attempts(again)[0][1].startswith(f"sent something else for {BLOB_DIGEST} before (20 bytes that hash to")
+
+
+def test_the_reason_phrase_carries_the_message_in_visible_ascii_for_clients_that_show_only_the_status_line() -> None:
+    body = {"errors": [{"code": "UNAVAILABLE", "message": "no host (http://m\u00fc.test: refused\r\nX: y)"}]}
+    assert reason_phrase(503, body) == "Service Unavailable: no host (http://m?.test: refused??X: y)"
+    assert reason_phrase(404, {"errors": []}) == "Not Found"

@@ -534,6 +534,7 @@ class Gateway:
     def _answer(flow: http.HTTPFlow, status: int, body: dict) -> None:
         content = b"" if flow.request.method == "HEAD" else encode_error(body)
         flow.response = http.Response.make(status, content, {"Content-Type": "application/json"})
+        flow.response.reason = reason_phrase(status, body)
 
     @staticmethod
     def _record(
@@ -589,6 +590,20 @@ def _redact(headers: http.Headers) -> None:
         values = headers.get_all(name)
         if values:
             headers.set_all(name, [f"{value.partition(' ')[0]} <redacted>".strip() for value in values])
+
+
+_MAX_REASON = 2000
+
+
+def reason_phrase(status: int, body: dict) -> str:
+    """The status line's reason phrase, with the error's message after the standard one: Go clients built on
+    distribution's client code (docker, skopeo, podman) show a 5xx answer's status line and never its body, and a
+    HEAD answer has no body at all."""
+    standard = http.status_codes.RESPONSES.get(status, "Error")
+    message = " ".join(error.get("message", "") for error in body.get("errors", []))
+    # A reason phrase is visible ASCII and spaces only (RFC 9112 4): anything else would break the status line.
+    shown = "".join(c if " " <= c <= "~" else "?" for c in message)[:_MAX_REASON]
+    return f"{standard}: {shown}" if shown else standard
 
 
 def describe(method: str, record: dict) -> str:
