@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ocigate.reference import Route, RouteKind
-from ocigate.router import is_proxy_for, location_for_client, make_plan, required_capabilities
+from ocigate.router import Origin, is_proxy_for, location_for_client, make_plan, required_capabilities
 from ocigate.rules import Host, Rule
 
 DIGEST = "sha256:" + "a" * 64
@@ -27,9 +27,10 @@ def plan_for(
     upstream: str = "upstream.test",
     query: str = "",
     client_authenticates: bool = False,
+    origin: Origin | None = None,
 ):
     rule = Rule(upstream, None, tuple(hosts), client_authenticates)
-    return make_plan(route, method, rule, upstream, query, ["OCI-Named-Ref"])
+    return make_plan(route, method, rule, upstream, query, ["OCI-Named-Ref"], origin)
 
 
 def query_of(target: str) -> list[tuple[str, str]]:
@@ -115,13 +116,50 @@ def test_override_path_replaces_v2() -> None:
     assert plan.attempts[0].target == "/registry/docker/team/app/manifests/v1?ns=upstream.test"
 
 
-def test_named_reference_on_manifests_by_tag_and_by_digest_but_not_blobs() -> None:
+def test_without_context_a_request_names_its_own_reference_by_tag_or_by_digest() -> None:
     by_tag = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v1"), [host("m.test")])
     by_digest = plan_for(Route(RouteKind.MANIFEST, "team/app", digest=DIGEST), [host("m.test")])
     blob = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), [host("m.test")])
+    tags = plan_for(Route(RouteKind.TAGS, "team/app"), [host("m.test")])
     assert by_tag.attempts[0].headers == (("OCI-Named-Ref", "upstream.test/team/app:v1"),)
     assert by_digest.attempts[0].headers == (("OCI-Named-Ref", f"upstream.test/team/app@{DIGEST}"),)
-    assert blob.attempts[0].headers == ()
+    assert blob.attempts[0].headers == (("OCI-Named-Ref", f"upstream.test/team/app@{DIGEST}"),)
+    assert tags.attempts[0].headers == ()
+
+
+def test_content_of_a_tagged_pull_names_the_tag_and_is_asked_first_of_the_host_that_served_its_manifest() -> None:
+    hosts = [host("a.test"), host("b.test"), host("c.test"), host("upstream.test")]
+    origin = Origin("upstream.test/team/app:v1", "https://c.test/v2")
+    blob = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), hosts, origin=origin)
+    assert [a.host.host for a in blob.attempts] == ["c.test", "a.test", "b.test", "upstream.test"]
+    assert blob.named_reference == "upstream.test/team/app:v1"
+    assert blob.attempts[0].headers == (("OCI-Named-Ref", "upstream.test/team/app:v1"),)
+    child = plan_for(Route(RouteKind.MANIFEST, "team/app", digest=DIGEST), hosts, origin=origin)
+    assert child.named_reference == "upstream.test/team/app:v1" and child.attempts[0].host.host == "c.test"
+    # A tag is resolved afresh: no origin reorders or renames it.
+    tag = plan_for(Route(RouteKind.MANIFEST, "team/app", tag="v2"), hosts, origin=origin)
+    assert [a.host.host for a in tag.attempts] == ["a.test", "b.test", "c.test", "upstream.test"]
+    assert tag.named_reference == "upstream.test/team/app:v2"
+
+
+def test_pull_from_mirror_keeps_a_mirror_to_pulls_by_digest_or_by_tag_and_what_they_reference() -> None:
+    hosts = [
+        host("digests.test", pull_from_mirror="digest-only"),
+        host("tags.test", pull_from_mirror="tag-only"),
+        host("upstream.test", is_server=True),
+    ]
+    blob = Route(RouteKind.BLOB, "team/app", digest=DIGEST)
+    tagged = Origin("upstream.test/team/app:v1", "https://upstream.test/v2")
+    by_digest = Origin(f"upstream.test/team/app@{DIGEST}", "https://upstream.test/v2")
+    assert [a.host.host for a in plan_for(blob, hosts, origin=tagged).attempts] == ["upstream.test", "tags.test"]
+    assert [a.host.host for a in plan_for(blob, hosts, origin=by_digest).attempts] == [
+        "upstream.test",
+        "digests.test",
+    ]
+    # Content nobody is known to have pulled counts as a pull by digest, which is what the client asked for.
+    assert [a.host.host for a in plan_for(blob, hosts).attempts] == ["digests.test", "upstream.test"]
+    tag = Route(RouteKind.MANIFEST, "team/app", tag="v1")
+    assert [a.host.host for a in plan_for(tag, hosts).attempts] == ["tags.test", "upstream.test"]
 
 
 def test_host_headers_come_first_then_the_named_reference_under_every_configured_name() -> None:

@@ -95,6 +95,39 @@ def location_for_client(location: str, host: Host) -> str:
     return f"{path}?{parts.query}" if parts.query else path
 
 
+@dataclass(frozen=True)
+class Origin:
+    """The pull a request for content belongs to: the manifest it was referenced by, as the client asked for it."""
+
+    named_reference: str  # "<upstream>/<repository>:<tag>", or "@<digest>" for a pull by digest
+    host: str  # the URL of the host that served that manifest
+
+    @property
+    def by_tag(self) -> bool:
+        return "@" not in self.named_reference
+
+
+def _named_reference(route: Route, upstream: str, origin: Origin | None) -> str | None:
+    """What the OCI-Named-Ref header says: the manifest's own reference; for content by digest, the reference of
+    the pull it belongs to, and its own `@<digest>` when that is not known."""
+    if not route.repository or route.kind not in _NAMED_KINDS:
+        return None
+    if route.tag is None and origin is not None:
+        return origin.named_reference
+    return named_reference(upstream, route.repository, tag=route.tag, digest=route.digest)
+
+
+_NAMED_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.BLOB, RouteKind.REFERRERS})
+
+
+def _serves_this_pull(host: Host, by_tag: bool) -> bool:
+    """containers-registries.conf's pull-from-mirror: a mirror may serve only the pulls of images by digest, or only
+    those by tag (and everything they reference). The registry's own host serves every pull."""
+    if host.is_server or host.pull_from_mirror == "all":
+        return True
+    return (host.pull_from_mirror == "tag-only") == by_tag
+
+
 def make_plan(
     route: Route,
     method: str,
@@ -102,16 +135,23 @@ def make_plan(
     upstream: str,
     query: str,
     named_ref_headers: Sequence[str],
+    origin: Origin | None = None,
 ) -> Plan:
+    """The hosts to ask, in order. `origin`: the pull this request belongs to, when a manifest the client fetched
+    referenced what it asks for; its host is asked first (the sticky host), and its reference is named."""
     capabilities = required_capabilities(route, method)
     if route.kind is RouteKind.BLOB and method == "HEAD" and any("push" in host.capabilities for host in rule.hosts):
         # A HEAD of a blob is how a client pushing asks whether it must upload it: the host the push goes to must
         # answer, not a mirror that has it (as containerd's pusher asks its push host).
         capabilities = PUSH
-    named_ref = None
-    if route.kind is RouteKind.MANIFEST and route.repository:
-        named_ref = named_reference(upstream, route.repository, tag=route.tag, digest=route.digest)
+    named_ref = _named_reference(route, upstream, origin if capabilities != PUSH else None)
     context = tuple((name, named_ref) for name in named_ref_headers) if named_ref else ()
+    hosts = [host for host in rule.hosts if capabilities <= host.capabilities]
+    if capabilities != PUSH and named_ref:
+        by_tag = "@" not in named_ref
+        hosts = [host for host in hosts if _serves_this_pull(host, by_tag)]
+    if origin is not None and route.tag is None and capabilities != PUSH:
+        hosts.sort(key=lambda host: host.url != origin.host)  # stable: the others keep their order
     attempts = tuple(
         Attempt(
             host=host,
@@ -120,8 +160,7 @@ def make_plan(
             repository=host_repository(host, route.repository) if route.repository else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
         )
-        for host in rule.hosts
-        if capabilities <= host.capabilities
+        for host in hosts
     )
     if capabilities == PUSH:
         # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
