@@ -22,6 +22,7 @@ from tests.support.world import (
     World,
     assert_every_request_names_the_upstream,
     assert_manifest_requests_name,
+    assert_pushed_to,
     blobs_fetched,
 )
 
@@ -31,10 +32,6 @@ ARTIFACT_TAG = "v1"
 FILE_MEDIA_TYPE = "application/vnd.ocigate.test.file"
 UNKNOWN_CONFIG = "application/vnd.unknown.config.v1+json"  # what oras-py itself pushes as an artifact's config
 TITLE = "org.opencontainers.image.title"
-
-
-class PushDidNotArrive(AssertionError):
-    """The one failure the push cell expects until ocigate routes pushes; any other failure is a broken test."""
 
 
 @dataclass(frozen=True)
@@ -122,29 +119,13 @@ def _files_to_push(directory: Path) -> list[Path]:
 
 
 @pytest.mark.matrix("oras-py", "push")
-@pytest.mark.xfail(reason="push routing through ocigate is issue 5", strict=True, raises=PushDidNotArrive)
 def test_oras_push(fresh: World, tmp_path: Path) -> None:
     files = _files_to_push(tmp_path / "push")
     target = f"{UPSTREAM}/team/pushed-oras-py:v1"
     pushed = oras_push(tmp_path / "push", target, files, gateway=fresh.gateway)
-    if pushed.returncode != 0:
-        raise PushDidNotArrive(f"{pushed.describe()}\ngateway log:\n{fresh.gateway.log_text()[-2000:]}")
+    assert pushed.returncode == 0, f"{pushed.describe()}\ngateway log:\n{fresh.gateway.log_text()[-2000:]}"
+    assert_pushed_to(fresh.b, fresh.a, "team/pushed-oras-py", "v1")
 
     run, outdir = oras_pull(fresh.gateway, tmp_path / "pull-back", target)
     _ok(run)
     assert _pulled_files(outdir) == {f.name: "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def test_oras_push_used_by_the_push_cell_works_against_a_registry_directly(pull_world: World, tmp_path: Path) -> None:
-    # The push cell fails until ocigate routes pushes; this shows that its failure is the gateway's, not the
-    # push's: the same oras-py push, straight to mirror B over plain http (a repository no other test reads).
-    files = _files_to_push(tmp_path / "push")
-    registry = pull_world.b.registry
-    repository = "control/pushed-oras-py-direct"
-    pushed = oras_push(tmp_path / "push", f"{registry.host}:{registry.port}/{repository}:v1", files)
-    _ok(pushed)
-    with httpx.Client(timeout=30.0, trust_env=False) as client:
-        response = client.get(f"{registry.url}/v2/{repository}/manifests/v1", headers={"Accept": OCI_MANIFEST})
-    assert response.status_code == 200, response.text
-    layers = {layer["annotations"][TITLE]: layer["digest"] for layer in response.json()["layers"]}
-    assert layers == {f.name: "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() for f in files}

@@ -80,6 +80,25 @@ def blobs_fetched(mirror: Mirror, repository: str) -> set[str]:
     }
 
 
+def assert_pushed_to(pushed: Mirror, other: Mirror, repository: str, tag: str) -> None:
+    """A push of `upstream.test/<repository>:<tag>` landed on `pushed` through the gateway: its recording hop saw the
+    upload session (POST, PATCH, PUT under /v2/<repository>/blobs/uploads/) and the manifest PUT by `tag`, each
+    carrying ns=upstream.test, and `other` was sent nothing that writes (no POST, PATCH or PUT)."""
+    writes = ("POST", "PATCH", "PUT")
+    uploads_prefix = f"/v2/{repository}/blobs/uploads/"
+    uploads = [r for r in pushed.recorder.requests if r.method in writes and r.path.startswith(uploads_prefix)]
+    assert uploads, f"{pushed.name} saw no upload under {uploads_prefix}"
+    for request in uploads:
+        assert request.query().get("ns") == [UPSTREAM], f"{pushed.name}: {request.method} {request.target}"
+    manifest_path = f"/v2/{repository}/manifests/{tag}"
+    manifest_puts = [r for r in pushed.recorder.requests if r.method == "PUT" and r.path == manifest_path]
+    assert manifest_puts, f"{pushed.name} saw no PUT {manifest_path}"
+    for request in manifest_puts:
+        assert request.query().get("ns") == [UPSTREAM], f"{pushed.name}: {request.method} {request.target}"
+    written = [f"{r.method} {r.target}" for r in other.recorder.requests if r.method in writes]
+    assert not written, f"{other.name} was sent writes: {written}"
+
+
 @dataclass
 class World:
     a: Mirror
