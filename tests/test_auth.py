@@ -289,3 +289,8 @@ def test_an_authorization_never_shows_its_secret() -> None:
 def test_a_token_scope_names_the_repository_as_the_host_asked_names_it() -> None:
     access = Access("docker.io", "library/alpine", host_repository="dockerhub-proxy/library/alpine")
     assert access.scopes == ("repository:dockerhub-proxy/library/alpine:pull",)
+
+
+def test_a_mount_asks_to_pull_from_its_source_too() -> None:
+    access = Access("u.test", "team/app", push=True, mounted_from="team/base")
+    assert access.scopes == ("repository:team/app:pull,push", "repository:team/base:pull")

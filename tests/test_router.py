@@ -224,3 +224,15 @@ def test_a_mirror_with_a_repository_prefix_gets_the_repository_under_it_and_the_
     assert ("OCI-Named-Ref", "docker.io/library/alpine:3.20") in attempt.headers
     upload = "/v2/dockerhub-proxy/library/alpine/blobs/uploads/u1?_state=s"
     assert location_for_client(upload, proxy_cache) == "/v2/library/alpine/blobs/uploads/u1?_state=s"
+
+
+def test_a_cross_repository_mount_names_its_source_as_the_host_knows_it() -> None:
+    proxy_cache = host("harbor.test", repository_prefix="proxy")
+    route = Route(RouteKind.BLOB_UPLOAD, "team/app")
+    (attempt,) = plan_for(route, [proxy_cache], method="POST", query=f"mount={DIGEST}&from=team%2Fbase").attempts
+    query = f"mount={DIGEST}&from=proxy%2Fteam%2Fbase&ns=upstream.test"
+    assert attempt.target == f"/v2/proxy/team/app/blobs/uploads/?{query}"
+    assert attempt.mounted_from == "proxy/team/base"
+    (plain,) = plan_for(route, [host("m.test")], method="POST", query=f"mount={DIGEST}&from=team%2Fbase").attempts
+    assert plain.target == f"/v2/team/app/blobs/uploads/?mount={DIGEST}&from=team%2Fbase&ns=upstream.test"
+    assert plain.mounted_from == "team/base"

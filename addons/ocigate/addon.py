@@ -622,7 +622,9 @@ def describe(method: str, record: dict) -> str:
     if "error" in record:
         line += f" failed: {record['error']}"
     if skipped:
-        line += f" (skipped {'; '.join(skipped)})"
+        # Hosts passed over for one that answered were skipped; when the gateway answered, every one was tried.
+        verb = "tried" if record["served_by"] == "gateway" else "skipped"
+        line += f" ({verb} {'; '.join(skipped)})"
     return line
 
 

@@ -82,7 +82,7 @@ class Asker:
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
     ) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
-        access = replace(access, host_repository=attempt.repository)
+        access = replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
         try:
             if attempt.forward_authorization:
                 answer = await self.broker.upstream.send(attempt.host, method, attempt.target, headers), None
@@ -207,7 +207,8 @@ async def choose_streamed_host(
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
             await asker.broker.prepare(host, ping_target(host, plan.upstream))
-            authorization = await asker.broker.authorize(host, replace(access, host_repository=attempt.repository))
+            for_host = replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
+            authorization = await asker.broker.authorize(host, for_host)
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue

@@ -50,6 +50,8 @@ class Access:
     # The repository as the host asked names it (a mirror's repository_prefix applied), for its token scope;
     # credentials are looked up for the upstream's own name.
     host_repository: str | None = None
+    # A cross-repository mount's source, as the host names it: the token must allow pulling from it too.
+    mounted_from: str | None = None
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -59,7 +61,10 @@ class Access:
         if repository is None:
             return ()
         actions = "pull,push" if self.push else "pull"
-        return (f"repository:{repository}:{actions}",)
+        scopes = (f"repository:{repository}:{actions}",)
+        if self.mounted_from and self.mounted_from != repository:
+            scopes += (f"repository:{self.mounted_from}:pull",)
+        return scopes
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
 from .rules import Host, Rule
@@ -41,6 +41,7 @@ class Attempt:
     target: str  # path and query as sent to this host
     headers: tuple[tuple[str, str], ...]  # added to the client's: the host's [header] and the named reference
     repository: str | None  # the repository as this host names it (its repository_prefix applied)
+    mounted_from: str | None  # a cross-repository mount's source repository, as this host names it
     # The client's credentials go along, to the upstream's own host only and only when its rule says the client
     # authenticates; otherwise ocigate authenticates with its own.
     forward_authorization: bool
@@ -62,10 +63,26 @@ def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
         route = replace(route, repository=host_repository(host, route.repository))
     # format_route gives "/v2/..."; a host's path replaces "/v2" (containerd appends it unless override_path).
     path = host.path.rstrip("/") + format_route(route)[len("/v2") :]
-    params = [p for p in query.split("&") if p and p.partition("=")[0] != "ns"]
+    params = [_host_param(p, host) for p in query.split("&") if p and p.partition("=")[0] != "ns"]
     if is_proxy_for(host, upstream):
         params.append("ns=" + quote(upstream, safe=""))
     return f"{path}?{'&'.join(params)}" if params else path
+
+
+def _host_param(param: str, host: Host) -> str:
+    """A query parameter as the host is to see it: a cross-repository mount's `from` names a repository, which a
+    host with a repository_prefix knows under that prefix."""
+    name, equals, value = param.partition("=")
+    if name != "from" or not equals or not host.repository_prefix:
+        return param
+    return f"from={quote(host_repository(host, unquote(value)), safe='')}"
+
+
+def mounted_from(query: str) -> str | None:
+    """The repository a cross-repository mount (`POST .../blobs/uploads/?mount=<digest>&from=<repository>`) takes
+    the blob from, or None."""
+    values = [unquote(p.partition("=")[2]) for p in query.split("&") if p.partition("=")[0] == "from"]
+    return values[0] if len(values) == 1 and values[0] else None
 
 
 def host_repository(host: Host, repository: str) -> str:
@@ -158,6 +175,7 @@ def make_plan(
             target=host_target(host, route, query, upstream),
             headers=host.headers + context,
             repository=host_repository(host, route.repository) if route.repository else None,
+            mounted_from=host_repository(host, source) if (source := mounted_from(query)) else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
         )
         for host in hosts
