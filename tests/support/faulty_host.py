@@ -1,0 +1,533 @@
+"""A registry host that misbehaves on demand, to sit first in a gateway's host list in end-to-end tests.
+
+`running_faulty_host(target_url)` serves a reverse proxy on 127.0.0.1 (free port) in front of a real registry. It
+records every request as received (request target and every header line, like tests/support/recorder.py, whose
+RecordedRequest it reuses) and forwards it unchanged until a test sets a fault. Faults can be set and cleared at any
+time from any thread; each request reads them once, when it arrives. They match by path, whatever the query string
+(the gateway appends ?ns=...):
+
+- corrupt_manifest(reference): GET /v2/<repo>/manifests/<reference> answers the registry's status and headers
+  (Content-Type, Docker-Content-Digest, Content-Length) with a body of the same length and one byte changed. The byte
+  changed is a hex digit of a digest inside the manifest when there is one, so the body is still valid JSON and only
+  a digest check can catch it. HEAD is forwarded unchanged (it has no body to corrupt).
+- lie_about_digest(reference): GET and HEAD of that manifest answer the right bytes with a wrong
+  Docker-Content-Digest.
+- corrupt_blob(digest): GET /v2/<repo>/blobs/<digest> answers 200 with the right Content-Length and the middle byte
+  flipped; HEAD is forwarded unchanged.
+- truncate_blob(digest, after): GET of that blob sends the headers (full Content-Length), `after` bytes, and closes.
+- hang(seconds): every request is read and recorded, then nothing happens for `seconds` (ended early by shutdown),
+  then it is forwarded; hang(0) clears it.
+- refuse(): the listening socket is closed, so new connections get a real "connection refused" (TCP RST to the SYN),
+  and open keep-alive connections are shut down so a pooled connection cannot slip past. accept_again() binds the same
+  port again (SO_REUSEADDR; it raises OSError if something else took the port meanwhile, which on loopback with an
+  ephemeral port is unlikely).
+
+A manifest reference is matched as written in the path: corrupt_manifest("v1") does not touch GET .../manifests/sha256:
+of the same manifest. `served(name)` counts how many times each fault fired (a refused connection never reaches this
+process, so "refuse" has no counter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.recorder import RecordedRequest
+
+_PIECE = 64 * 1024
+_UPSTREAM_TIMEOUT = 30.0
+# Idle keep-alive connections end after this, so no handler thread waits forever.
+_CLIENT_IDLE_TIMEOUT = 30.0
+_SHUTDOWN_TIMEOUT = 5.0
+# How often the accept loop looks at its stop flag: also how long refuse() may take.
+_ACCEPT_POLL = 0.05
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"})
+# The repository name may hold slashes; the last segment is the reference or digest.
+_MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
+_BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[^/]+)$")
+_EMBEDDED_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
+FAULT_NAMES = ("corrupt_manifest", "lie_about_digest", "corrupt_blob", "truncate_blob", "hang")
+
+
+@dataclass(frozen=True)
+class _Faults:
+    """One consistent view of the faults; a request takes a snapshot when it arrives."""
+
+    corrupt_manifests: frozenset[str] = frozenset()
+    lying_manifests: frozenset[str] = frozenset()
+    corrupt_blobs: frozenset[str] = frozenset()
+    truncated_blobs: tuple[tuple[str, int], ...] = ()
+    hang_seconds: float = 0.0
+
+    def truncate_after(self, digest: str) -> int | None:
+        return dict(self.truncated_blobs).get(digest)
+
+
+def wrong_digest(digest: str) -> str:
+    """A well-formed sha256 digest that is not `digest` (and is the same every time for the same `digest`)."""
+    return "sha256:" + hashlib.sha256(b"ocigate faulty host: not " + digest.encode()).hexdigest()
+
+
+def corrupted_manifest(body: bytes) -> bytes:
+    """`body` with one byte changed, same length: a hex digit of the digest nearest the middle when there is one, so
+    the manifest still parses and only its digest tells; otherwise the middle byte flipped."""
+    if not body:
+        return body
+    middle = len(body) // 2
+    digests = list(_EMBEDDED_DIGEST.finditer(body))
+    if digests:
+        nearest = min(digests, key=lambda match: abs((match.start() + match.end()) // 2 - middle))
+        position = nearest.end() - 1
+        digit = int(body[position : position + 1], 16)
+        replacement = b"0123456789abcdef"[(digit + 1) % 16]
+        return body[:position] + bytes([replacement]) + body[position + 1 :]
+    return body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+
+
+@dataclass
+class FaultyHost:
+    host: str
+    port: int
+    target_url: str
+    _requests: list[RecordedRequest] = field(default_factory=list, repr=False)
+    _faults: _Faults = field(default_factory=_Faults, repr=False)
+    _served: Counter[str] = field(default_factory=Counter, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _core: _Core | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # Records, as the recorder keeps them.
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A snapshot: later requests do not change a list already returned."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._requests.clear()
+
+    def served(self, fault: str) -> int:
+        """How many times `fault` (one of FAULT_NAMES) changed an answer (or, for "hang", delayed a request)."""
+        if fault not in FAULT_NAMES:
+            raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULT_NAMES)}")
+        with self._lock:
+            return self._served[fault]
+
+    # Faults.
+
+    def corrupt_manifest(self, reference: str) -> None:
+        self._change(lambda f: replace(f, corrupt_manifests=f.corrupt_manifests | {reference}))
+
+    def lie_about_digest(self, reference: str) -> None:
+        self._change(lambda f: replace(f, lying_manifests=f.lying_manifests | {reference}))
+
+    def corrupt_blob(self, digest: str) -> None:
+        self._change(lambda f: replace(f, corrupt_blobs=f.corrupt_blobs | {digest}))
+
+    def truncate_blob(self, digest: str, after: int) -> None:
+        if after < 0:
+            raise ValueError("after must be >= 0")
+        self._change(
+            lambda f: replace(
+                f, truncated_blobs=(*((d, n) for d, n in f.truncated_blobs if d != digest), (digest, after))
+            )
+        )
+
+    def hang(self, seconds: float) -> None:
+        """Delay every request by `seconds` after reading it (0 clears); shutdown ends a delay early."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        self._change(lambda f: replace(f, hang_seconds=float(seconds)))
+
+    def clear_faults(self) -> None:
+        """Every fault except refuse(), which only accept_again() undoes (a socket is involved, not a flag)."""
+        self._change(lambda f: _Faults())
+
+    def refuse(self) -> None:
+        """Close the listening socket (connections get "connection refused") and shut down open connections."""
+        assert self._core is not None
+        self._core.stop_listening()
+
+    def accept_again(self) -> None:
+        """Listen on the same port again; a no-op while listening. OSError if the port was taken meanwhile."""
+        assert self._core is not None
+        self._core.listen(self.port)
+
+    @property
+    def refusing(self) -> bool:
+        return self._core is not None and not self._core.listening
+
+    # Used by the handler.
+
+    def _change(self, change: Callable[[_Faults], _Faults]) -> None:
+        with self._lock:
+            self._faults = change(self._faults)
+
+    def _arrived(self, request: RecordedRequest) -> _Faults:
+        with self._lock:
+            self._requests.append(request)
+            return self._faults
+
+    def _count(self, fault: str) -> None:
+        with self._lock:
+            self._served[fault] += 1
+
+
+class _Core:
+    """The sockets and threads: an accept loop that can be stopped and started again on the same port."""
+
+    def __init__(self, faulty: FaultyHost, upstream_host: str, upstream_port: int, upstream_netloc: str) -> None:
+        self.faulty = faulty
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.upstream_netloc = upstream_netloc
+        # Set once, at the end: wakes hanging requests and ends every loop.
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._accept_stop: threading.Event | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def listening(self) -> bool:
+        with self._lock:
+            return self._accept_thread is not None
+
+    def listen(self, port: int) -> int:
+        with self._lock:
+            if self._accept_thread is not None:
+                return port
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                # Connections accepted before refuse() may linger in TIME_WAIT on this port.
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", port))
+                listener.listen(64)
+                listener.settimeout(_ACCEPT_POLL)
+            except OSError:
+                listener.close()
+                raise
+            stop = threading.Event()
+            thread = threading.Thread(target=self._accept_loop, args=(listener, stop), daemon=True)
+            self._accept_stop, self._accept_thread = stop, thread
+            thread.start()
+            return int(listener.getsockname()[1])
+
+    def stop_listening(self) -> None:
+        with self._lock:
+            stop, thread = self._accept_stop, self._accept_thread
+            self._accept_stop = self._accept_thread = None
+        if stop is not None and thread is not None:
+            stop.set()
+            # The accept thread closes the listener itself: closing it from here would leave it listening until the
+            # thread's pending poll returned. After the join the port refuses.
+            thread.join(timeout=_SHUTDOWN_TIMEOUT)
+        self._shut_down_connections()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.stop_listening()
+        deadline = time.monotonic() + _SHUTDOWN_TIMEOUT
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _accept_loop(self, listener: socket.socket, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set() and not self.stopping.is_set():
+                try:
+                    connection, address = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                connection.settimeout(None)
+                thread = threading.Thread(target=self._serve, args=(connection, address), daemon=True)
+                with self._lock:
+                    self._connections.add(connection)
+                    self._threads = [t for t in self._threads if t.is_alive()]
+                    self._threads.append(thread)
+                thread.start()
+        finally:
+            listener.close()
+
+    def _serve(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            _FaultyHandler(connection, address, self)
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_WR)
+            connection.close()
+
+    def _shut_down_connections(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class _FaultyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = _CLIENT_IDLE_TIMEOUT
+    server: _Core  # type: ignore[assignment]
+
+    def log_message(self, format: str, *args: object) -> None:
+        # Tests read the records and counters, not stderr.
+        pass
+
+    def handle_one_request(self) -> None:
+        # Same as the base class, but every method goes to one place.
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            self._answer()
+            self.wfile.flush()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+
+    def _origin_form(self) -> str:
+        # A client that treats this as a forward proxy sends an absolute URL; the target wants the path.
+        if self.path.startswith(("http://", "https://")):
+            parts = urllib.parse.urlsplit(self.path)
+            return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        return self.path
+
+    def _answer(self) -> None:
+        faulty = self.server.faulty
+        header_lines = tuple((name, value) for name, value in self.headers.items())
+        faults = faulty._arrived(RecordedRequest(self.command, self.path, header_lines))
+        if faults.hang_seconds > 0:
+            faulty._count("hang")
+            if self.server.stopping.wait(faults.hang_seconds):
+                # Shutting down: leave without an answer, as a host that never answered would.
+                self.close_connection = True
+                return
+
+        path = urllib.parse.urlsplit(self._origin_form()).path
+        manifest = _MANIFEST_PATH.match(path)
+        blob = _BLOB_PATH.match(path)
+        reference = manifest["reference"] if manifest else None
+        digest = blob["digest"] if blob else None
+
+        response, upstream = self._forward(header_lines)
+        if response is None:
+            return
+        try:
+            ok = response.status == 200
+            lie = reference is not None and reference in faults.lying_manifests and ok
+            if lie:
+                faulty._count("lie_about_digest")
+            if ok and self.command == "GET" and reference in faults.corrupt_manifests:
+                faulty._count("corrupt_manifest")
+                self._send_manifest_corrupted(response, lie)
+            elif ok and self.command == "GET" and digest is not None and faults.truncate_after(digest) is not None:
+                faulty._count("truncate_blob")
+                self._relay(response, stop_after=faults.truncate_after(digest))
+            elif ok and self.command == "GET" and digest in faults.corrupt_blobs:
+                faulty._count("corrupt_blob")
+                self._relay(response, flip_middle=True)
+            else:
+                self._relay(response, lie=lie)
+        finally:
+            upstream.close()
+
+    def _forward(
+        self, header_lines: tuple[tuple[str, str], ...]
+    ) -> tuple[http.client.HTTPResponse | None, http.client.HTTPConnection]:
+        """Send the request on (Host replaced, hop-by-hop headers dropped, body streamed); None after a 502."""
+        core = self.server
+        connection_tokens = {
+            token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
+        }
+        is_chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
+        content_length = None if is_chunked else self.headers.get("Content-Length")
+        upstream = http.client.HTTPConnection(core.upstream_host, core.upstream_port, timeout=_UPSTREAM_TIMEOUT)
+        try:
+            upstream.putrequest(self.command, self._origin_form(), skip_host=True, skip_accept_encoding=True)
+            host_sent = False
+            for name, value in header_lines:
+                lowered = name.lower()
+                if lowered in _HOP_BY_HOP or lowered in connection_tokens:
+                    continue
+                if lowered == "host":
+                    if host_sent:
+                        continue
+                    value, host_sent = core.upstream_netloc, True
+                upstream.putheader(name, value)
+            if not host_sent:
+                upstream.putheader("Host", core.upstream_netloc)
+            upstream.endheaders()
+            if is_chunked:
+                self._relay_chunked_body(upstream)
+            elif content_length is not None:
+                self._relay_sized_body(upstream, int(content_length))
+            return upstream.getresponse(), upstream
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            self._answer_bad_gateway(error)
+            return None, upstream
+
+    def _relay_sized_body(self, upstream: http.client.HTTPConnection, length: int) -> None:
+        remaining = length
+        while remaining > 0:
+            piece = self.rfile.read(min(_PIECE, remaining))
+            if not piece:
+                raise ConnectionError("client closed the connection inside the request body")
+            upstream.send(piece)
+            remaining -= len(piece)
+
+    def _relay_chunked_body(self, upstream: http.client.HTTPConnection) -> None:
+        """Decode the client's chunks and send them on as chunks (the Transfer-Encoding line was kept)."""
+        while True:
+            size_line = self.rfile.readline(65537)
+            if not size_line:
+                raise ConnectionError("client closed the connection inside a chunked body")
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                for _ in range(1000):
+                    line = self.rfile.readline(65537)
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                upstream.send(b"0\r\n\r\n")
+                return
+            data = self.rfile.read(size)
+            if len(data) != size:
+                raise ConnectionError("client closed the connection inside a chunk")
+            self.rfile.readline(3)
+            upstream.send(b"%x\r\n%s\r\n" % (size, data))
+
+    def _answer_bad_gateway(self, error: BaseException) -> None:
+        body = f"faulty host could not reach {self.server.faulty.target_url}: {error!r}\n".encode()
+        self.send_response_only(502)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def _send_headers(self, response: http.client.HTTPResponse, *, lie: bool, content_length: int | None) -> None:
+        """The registry's status and header lines, with Docker-Content-Digest replaced when lying and Content-Length
+        set when the body is sent whole."""
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.msg.items():
+            lowered = name.lower()
+            if lowered in _HOP_BY_HOP or lowered == "transfer-encoding":
+                continue
+            if lowered == "content-length" and content_length is not None:
+                continue
+            if lowered == "docker-content-digest" and lie:
+                value = wrong_digest(value)
+            self.send_header(name, value)
+        if content_length is not None:
+            self.send_header("Content-Length", str(content_length))
+
+    def _send_manifest_corrupted(self, response: http.client.HTTPResponse, lie: bool) -> None:
+        # Manifests are small: read whole, change one byte, send with the registry's headers.
+        body = corrupted_manifest(response.read())
+        self._send_headers(response, lie=lie, content_length=len(body))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _relay(
+        self,
+        response: http.client.HTTPResponse,
+        *,
+        lie: bool = False,
+        flip_middle: bool = False,
+        stop_after: int | None = None,
+    ) -> None:
+        has_body = self.command != "HEAD" and response.status not in (204, 304) and response.status >= 200
+        length_header = response.getheader("Content-Length")
+        if flip_middle and length_header is None:
+            # The middle is only known with the whole body: read it (a registry sends Content-Length for blobs).
+            body = response.read()
+            middle = len(body) // 2
+            if body:
+                body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+            self._send_headers(response, lie=lie, content_length=len(body))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        # Without a length the body runs until the target closes: re-chunk it for the client.
+        rechunk = has_body and length_header is None
+        self._send_headers(response, lie=lie, content_length=None)
+        if rechunk:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if not has_body:
+            return
+        flip_at = int(length_header) // 2 if flip_middle and length_header is not None else None
+        sent = 0
+        try:
+            while stop_after is None or sent < stop_after:
+                want = _PIECE if stop_after is None else min(_PIECE, stop_after - sent)
+                piece = response.read1(want)
+                if not piece:
+                    break
+                if flip_at is not None and sent <= flip_at < sent + len(piece):
+                    offset = flip_at - sent
+                    piece = piece[:offset] + bytes([piece[offset] ^ 0xFF]) + piece[offset + 1 :]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if rechunk else piece)
+                sent += len(piece)
+            if stop_after is not None:
+                # Headers promised more: end the connection mid-body (FIN), as a host that died would.
+                self.wfile.flush()
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if rechunk:
+                self.wfile.write(b"0\r\n\r\n")
+        except (OSError, http.client.HTTPException):
+            # Headers are out: the only honest signal left is to drop the connection.
+            self.close_connection = True
+
+
+@contextlib.contextmanager
+def running_faulty_host(target_url: str) -> Iterator[FaultyHost]:
+    """Serve a faulty reverse proxy for `target_url` (an http registry) on 127.0.0.1 (free port) until the block ends.
+
+    It forwards everything until a fault is set; on exit it stops listening, wakes hanging requests, shuts down open
+    connections and waits (bounded) for its threads.
+    """
+    target = urllib.parse.urlsplit(target_url)
+    if target.scheme != "http" or not target.hostname:
+        raise ValueError(f"target must be an http URL, not {target_url!r}")
+    faulty = FaultyHost(host="127.0.0.1", port=0, target_url=target_url)
+    core = _Core(faulty, target.hostname, target.port or 80, target.netloc)
+    faulty._core = core
+    faulty.port = core.listen(0)
+    try:
+        yield faulty
+    finally:
+        core.close()
