@@ -89,9 +89,9 @@ def test_cri_pull_by_tag_is_the_daemons_through_the_gateway(fresh: World, contai
     assert _content_bytes(containerd, manifest) == fresh.app.manifest.data
 
     assert_every_request_names_the_upstream(fresh.a, fresh.b, some=True)
-    assert_manifest_requests_name(fresh.a, "team/app")
+    assert_manifest_requests_name(fresh.a, "team/app", pull="v1")
     # The daemon resolves the tag (HEAD by tag), then fetches the manifest by the digest it resolved to.
-    assert assert_manifest_requests_name(fresh.b, "team/app") == {"v1", manifest}
+    assert assert_manifest_requests_name(fresh.b, "team/app", pull="v1") == {"v1", manifest}
     assert {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)} <= blobs_fetched(fresh.b, "team/app")
 
 

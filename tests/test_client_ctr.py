@@ -99,9 +99,9 @@ def test_ctr_pulls_by_tag(fresh: World, containerd: Containerd, namespace: str, 
     assert _content_bytes(containerd, namespace, fresh.app.manifest.digest) == fresh.app.manifest.data
 
     assert_every_request_names_the_upstream(fresh.a, fresh.b)
-    assert_manifest_requests_name(fresh.a, "team/app")
+    assert_manifest_requests_name(fresh.a, "team/app", pull="v1")
     # ctr resolves the tag (HEAD by tag), then fetches the manifest by the digest it resolved to.
-    assert assert_manifest_requests_name(fresh.b, "team/app") == {"v1", fresh.app.manifest.digest}
+    assert assert_manifest_requests_name(fresh.b, "team/app", pull="v1") == {"v1", fresh.app.manifest.digest}
     assert {fresh.app.config.digest, *(b.digest for b in fresh.app.layers)} <= blobs_fetched(fresh.b, "team/app")
 
 
@@ -132,10 +132,10 @@ def test_ctr_pulls_every_platform_of_an_index(
     assert {blob.digest for blob in all_blobs(fresh.multi)} <= _content_digests(containerd, namespace)
 
     assert_every_request_names_the_upstream(fresh.a, fresh.b)
-    assert_manifest_requests_name(fresh.a, "team/multi")
+    assert_manifest_requests_name(fresh.a, "team/multi", pull="v1")
     # The tag, the index by digest, and both platforms' manifests.
     platform_manifests = {image.manifest.digest for image in fresh.multi.images}
-    asked = assert_manifest_requests_name(fresh.b, "team/multi")
+    asked = assert_manifest_requests_name(fresh.b, "team/multi", pull="v1")
     assert asked == {"v1", fresh.multi.manifest.digest, *platform_manifests}, asked
     blobs = {blob.digest for image in fresh.multi.images for blob in (image.config, *image.layers)}
     assert blobs <= blobs_fetched(fresh.b, "team/multi")

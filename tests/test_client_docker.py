@@ -97,8 +97,8 @@ def test_docker_pulls_by_tag(fresh: World, docker: Dockerd) -> None:
     # dockerd resolves the tag (HEAD by tag), then fetches the manifest by the digest it resolved to; the gateway asks
     # A (which has nothing) before B for each.
     asked = {"v1", fresh.app.manifest.digest}
-    assert assert_manifest_requests_name(fresh.b, "team/app") == asked
-    assert assert_manifest_requests_name(fresh.a, "team/app") <= asked
+    assert assert_manifest_requests_name(fresh.b, "team/app", pull="v1") == asked
+    assert assert_manifest_requests_name(fresh.a, "team/app", pull="v1") <= asked
     assert _blob_digests(fresh.app) <= blobs_fetched(fresh.b, "team/app")
 
 
@@ -134,8 +134,8 @@ def test_docker_pulls_each_platform_of_an_index(fresh: World, docker: Dockerd) -
     assert_every_request_names_the_upstream(fresh.a, fresh.b)
     # Each pull: the tag (HEAD), the index by its digest, then the platform's manifest by its digest.
     asked = {"v1", index_digest, *(image.manifest.digest for image in fresh.multi.images)}
-    assert assert_manifest_requests_name(fresh.b, "team/multi") == asked
-    assert assert_manifest_requests_name(fresh.a, "team/multi") <= asked
+    assert assert_manifest_requests_name(fresh.b, "team/multi", pull="v1") == asked
+    assert assert_manifest_requests_name(fresh.a, "team/multi", pull="v1") <= asked
     for image in fresh.multi.images:
         assert _blob_digests(image) <= blobs_fetched(fresh.b, "team/multi")
 

@@ -87,7 +87,7 @@ def test_pull_by_tag(fresh: World, podman: Podman, tmp_path: Path) -> None:
     assert_every_request_names_the_upstream(fresh.a, fresh.b, some=True)
     manifests = _manifest_requests(fresh)
     assert [r.path for r in manifests] == ["/v2/team/app/manifests/v1"]
-    assert_manifest_requests_name(fresh.b, "team/app")
+    assert_manifest_requests_name(fresh.b, "team/app", pull="v1")
     assert blobs_fetched(fresh.b, "team/app") == {b.digest for b in (fresh.app.config, *fresh.app.layers)}
 
 
@@ -144,7 +144,7 @@ def test_pull_each_platform_of_an_index(fresh: World, podman: Podman) -> None:
     children = {image.manifest.digest for image in fresh.multi.images}
     assert sorted(r.path.rsplit("/", 1)[-1] for r in by_digest) == sorted(children)
     # Each by tag names upstream.test/team/multi:v1, each by digest upstream.test/team/multi@<digest>.
-    assert_manifest_requests_name(fresh.b, "team/multi")
+    assert_manifest_requests_name(fresh.b, "team/multi", pull="v1")
     expected_blobs = {b.digest for b in all_blobs(fresh.multi)} - children - {index_digest}
     assert blobs_fetched(fresh.b, "team/multi") == expected_blobs
 

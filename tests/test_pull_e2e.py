@@ -67,11 +67,24 @@ def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tm
             assert "ns=upstream.test" in unquote(entry.uri), entry
 
 
+def test_blob_requests_carry_the_tag_of_the_manifest_they_came_from(fresh: World, tmp_path: Path) -> None:
+    result, _ = skopeo_copy_to_layout(fresh.gateway, tmp_path, f"{UPSTREAM}/team/app:v1")
+    _ok(result)
+    blob_requests = [r for r in fresh.b.recorder.requests if "/blobs/" in r.path]
+    fetched = {r.path.rsplit("/", 1)[1] for r in blob_requests}
+    assert fetched >= {b.digest for b in (fresh.app.config, *fresh.app.layers)}
+    for request in blob_requests:
+        assert request.header_values("OCI-Named-Ref") == [f"{UPSTREAM}/team/app:v1"], request.target
+
+
 def test_manifest_requests_carry_the_named_reference(fresh: World, tmp_path: Path) -> None:
     result, layout = skopeo_copy_to_layout(fresh.gateway, tmp_path, f"{UPSTREAM}/team/multi:v1", "--all")
     _ok(result)
-    # By tag: upstream.test/team/multi:v1; by digest: upstream.test/team/multi@<digest>.
-    asked = assert_manifest_requests_name(fresh.b, "team/multi")
+    # By tag: upstream.test/team/multi:v1; the platform manifests of that index, by digest, belong to that pull too,
+    # and so do the blobs of both platforms.
+    asked = assert_manifest_requests_name(fresh.b, "team/multi", pull="v1")
+    for request in (r for r in fresh.b.recorder.requests if "/blobs/" in r.path):
+        assert request.header_values("OCI-Named-Ref") == [f"{UPSTREAM}/team/multi:v1"], request.target
     children = {image.manifest.digest for image in fresh.multi.images}
     assert "v1" in asked and children <= asked, asked
     # The copied index is the one pushed, and both platforms' blobs arrived.

@@ -27,6 +27,7 @@ from .attempt import (
     first_good,
 )
 from .auth import Access, Authorization, Broker
+from .context import ContextStore
 from .credentials import (
     DEFAULT_HELPER_TIMEOUT,
     DEFAULT_STORE_PATH,
@@ -64,6 +65,7 @@ class Shared:
         self.broker = Broker(self.upstream)
         self.health = HostHealth()
         self.asker = Asker(self.broker, self.health)
+        self.contexts = ContextStore()
         # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
@@ -419,7 +421,12 @@ class Gateway:
             return
         if route.repository:
             route = _with_repository(route, normalize_repository(upstream, route.repository))
-        plan = make_plan(route, request.method, rule, upstream, query, ctx.options.ocigate_named_ref_headers)
+        client = _client_key(flow)
+        origin = None
+        if route.digest and route.repository and request.method in ("GET", "HEAD"):
+            fetch = route.kind is RouteKind.MANIFEST and request.method == "GET"
+            origin = self.shared.contexts.origin(client, upstream, route.repository, route.digest, fetch=fetch)
+        plan = make_plan(route, request.method, rule, upstream, query, ctx.options.ocigate_named_ref_headers, origin)
         if route.kind is RouteKind.PING:
             # The client needs no credentials for a registry ocigate authenticates to. One that authenticates
             # itself hears the registry's own challenge (and only the registry's own host hears its credentials).
@@ -449,6 +456,8 @@ class Gateway:
             flow.response = _response(answer, head=request.method == "HEAD")
             served_by = next(a.host for a in plan.attempts if a.host.url == outcomes[-1].host)
             _point_location_at_the_gateway(flow.response, served_by)
+            if route.kind is RouteKind.MANIFEST and plan.named_reference and 200 <= answer.status < 300:
+                self._remember(flow, client, plan, served_by, answer)
             self._record(flow, upstream, source, route, outcomes, served_by.url, plan)
             return
         probe = route.kind is RouteKind.BLOB and plan.capabilities != PUSH
@@ -464,6 +473,18 @@ class Gateway:
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
         self._record(flow, upstream, source, route, outcomes, host.url, plan)
+
+    def _remember(self, flow: http.HTTPFlow, client: str, plan: Plan, host: Host, answer: HostResponse) -> None:
+        """What the manifest just served references belongs to its pull; a tag resolved by HEAD lends its reference
+        to the GET of its digest that follows."""
+        route, contexts = plan.route, self.shared.contexts
+        if flow.request.method == "GET":
+            content_type = flow.response.headers.get("Content-Type")
+            contexts.remember(
+                client, plan.upstream, route.repository, plan.named_reference, host.url, answer.body, content_type
+            )
+        elif route.tag and (digest := flow.response.headers.get("Docker-Content-Digest")):
+            contexts.resolved(client, plan.upstream, route.repository, digest, plan.named_reference, host.url)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not (flow.metadata.get(_STREAM_KEY) and flow.response):
@@ -662,6 +683,12 @@ def _repoint(flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization
         request.headers.add(name, value)
     if authorization is not None and authorization.header:
         request.headers["Authorization"] = authorization.header
+
+
+def _client_key(flow: http.HTTPFlow) -> str:
+    """Who is pulling, for attributing content to pulls: the client's address (one pull spreads over connections)."""
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else flow.client_conn.id
 
 
 def _point_location_at_the_gateway(response: http.Response, host: Host) -> None:

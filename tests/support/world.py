@@ -55,9 +55,11 @@ def _manifest_reference(request: RecordedRequest) -> str | None:
     return reference if separator else None
 
 
-def assert_manifest_requests_name(mirror: Mirror, repository: str) -> set[str]:
-    """Every manifest request that reached `mirror` was for `repository` and carried OCI-Named-Ref naming what it
-    asked for: `upstream.test/<repository>:<tag>`, or `@<digest>`. Returns the tags and digests asked for."""
+def assert_manifest_requests_name(mirror: Mirror, repository: str, pull: str | None = None) -> set[str]:
+    """Every manifest request that reached `mirror` was for `repository` and carried OCI-Named-Ref naming the pull it
+    belongs to: a request by tag its own `upstream.test/<repository>:<tag>`; one by digest the tag `pull` when it was
+    part of a pull of that tag (the manifest the tag resolved to, the platform manifests of its index), else its own
+    `@<digest>`. Returns the tags and digests asked for."""
     asked = set()
     for request in mirror.recorder.requests:
         reference = _manifest_reference(request)
@@ -67,8 +69,11 @@ def assert_manifest_requests_name(mirror: Mirror, repository: str) -> set[str]:
         named = request.header_values("OCI-Named-Ref")
         where = f"{mirror.name}: {request.method} {request.target} with OCI-Named-Ref {named}"
         assert request.path == f"/v2/{repository}/manifests/{reference}", where
-        separator = "@" if reference.startswith("sha256:") else ":"
-        assert named == [f"{UPSTREAM}/{repository}{separator}{reference}"], where
+        by_digest = reference.startswith("sha256:")
+        if by_digest and pull is not None:
+            assert named == [f"{UPSTREAM}/{repository}:{pull}"], where
+        else:
+            assert named == [f"{UPSTREAM}/{repository}{'@' if by_digest else ':'}{reference}"], where
     return asked
 
 
