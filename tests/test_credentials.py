@@ -555,3 +555,14 @@ async def test_chain_does_not_replace_an_invalid_credential(tmp_path):
     with pytest.raises(CredentialError) as raised:
         await CredentialChain([docker, auth]).lookup("mirror.example", "mirror.example", "app")
     assert str(docker.path) in str(raised.value) and MARK not in str(raised.value)
+
+
+async def test_a_helpers_answer_is_used_for_a_while_and_a_failure_is_not_kept(tmp_path, helper_dir):
+    source = docker_config(tmp_path, {"credHelpers": {"found.example": "test", "broken.example": "test"}})
+    for _ in range(3):
+        assert await source.lookup("found.example", "found.example", "r") == Credential("helper-user", "helper-S3CRET")
+    assert asked(helper_dir) == ["found.example"]
+    for _ in range(2):
+        with pytest.raises(CredentialError):
+            await source.lookup("broken.example", "broken.example", "r")
+    assert asked(helper_dir) == ["found.example", "broken.example", "broken.example"]

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from cachetools import TTLCache
+
 log = logging.getLogger("ocigate")
 
 DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
@@ -39,6 +41,9 @@ _HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HELPER_NOT_FOUND = "credentials not found in native keychain"
 _IDENTITY_TOKEN_USERNAME = "<token>"
 DEFAULT_HELPER_TIMEOUT = 10.0
+# A credential helper's answer is used this long before the helper is asked again: a pull asks for a credential per
+# request, and docker itself runs a helper once per pull. Failures are not kept.
+HELPER_ANSWER_TTL = 30.0
 # Where `ocigate login` writes and the gateway reads ocigate's own credentials unless told otherwise.
 DEFAULT_STORE_PATH = "~/.ocigate/credentials.json"
 
@@ -354,6 +359,7 @@ class _AuthFileSource(CredentialSource):
         self._helpers = helpers
         self.helper_timeout = helper_timeout
         self.description = f"{kind} {self._file.path}"
+        self._helper_answers: TTLCache[tuple[str, str], Credential | None] = TTLCache(1024, HELPER_ANSWER_TTL)
 
     @property
     def path(self) -> Path:
@@ -367,7 +373,7 @@ class _AuthFileSource(CredentialSource):
             keys = _matching_keys(config.cred_helpers, host, repository, narrow_by_path=False)
             helper = config.cred_helpers[keys[0]] if keys else config.creds_store
             if helper:
-                credential = await run_credential_helper(helper, _helper_server_url(host), self.helper_timeout)
+                credential = await self._ask_helper(helper, _helper_server_url(host))
                 if credential:
                     return credential, f"credential helper docker-credential-{helper} ({self.description})"
         for key in _matching_keys(config.auths, host, repository, self._narrow_by_path):
@@ -376,6 +382,12 @@ class _AuthFileSource(CredentialSource):
             if credential:
                 return credential, where
         return None
+
+    async def _ask_helper(self, helper: str, server_url: str) -> Credential | None:
+        key = (helper, server_url)
+        if key not in self._helper_answers:
+            self._helper_answers[key] = await run_credential_helper(helper, server_url, self.helper_timeout)
+        return self._helper_answers[key]
 
 
 class DockerConfig(_AuthFileSource):
