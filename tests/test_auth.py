@@ -19,6 +19,7 @@ from ocigate.addon import METADATA_KEY, Redaction
 from ocigate.auth import Access, Authorization
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
+from ocigate.upstream import HostResponse
 from tests.test_addon import DIGEST, flow_to, gateway, http_host, write_rules
 
 PASSWORD = "s3cret-password-for-tests"
@@ -236,9 +237,34 @@ async def test_a_credential_helper_that_fails_is_an_auth_failure_naming_it(tmp_p
 def test_credentials_are_redacted_from_a_flow_once_sent() -> None:
     flow = flow_to("upstream.test", "/v2/", headers=[(b"Authorization", b"Bearer token-0")])
     flow.request.headers.add("Proxy-Authorization", "Basic YWxpY2U6cw==")
+    flow.metadata["proxyauth"] = ("builder", "proxy-password")
     Redaction().responseheaders(flow)
     assert flow.request.headers.get_all("Authorization") == ["Bearer <redacted>"]
     assert flow.request.headers.get_all("Proxy-Authorization") == ["Basic <redacted>"]
+    assert flow.metadata["proxyauth"] == ("builder", "<redacted>")
+
+
+def test_a_credential_without_a_scheme_is_redacted_whole() -> None:
+    flow = flow_to("upstream.test", "/v2/", headers=[(b"Authorization", b"ghp_TOKEN")])
+    Redaction().error(flow)
+    assert flow.request.headers["Authorization"] == "<redacted>"
+
+
+def test_flows_still_under_way_when_the_gateway_stops_are_redacted_before_they_are_saved() -> None:
+    redaction = Redaction()
+    waiting = flow_to("upstream.test", "/v2/team/app/blobs/x", headers=[(b"Authorization", b"Bearer token-1")])
+    redaction.requestheaders(waiting)
+    redaction.done()
+    assert waiting.request.headers["Authorization"] == "Bearer <redacted>"
+
+
+async def test_a_registry_token_http_cannot_carry_is_refused_naming_its_source_never_shown(tmp_path: Path) -> None:
+    with token_registry(tmp_path) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential(registry_token="pasted-token-0 "))
+        flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 401
+    assert f"the registry token from ocigate credentials {store.path}" in flow.response.text
+    assert "pasted-token-0" not in flow.response.text + flow.response.reason
 
 
 async def test_the_ocigate_command_runs_its_addons_where_mitmdump_runs_a_script() -> None:
@@ -294,3 +320,22 @@ def test_a_token_scope_names_the_repository_as_the_host_asked_names_it() -> None
 def test_a_mount_asks_to_pull_from_its_source_too() -> None:
     access = Access("u.test", "team/app", push=True, mounted_from="team/base")
     assert access.scopes == ("repository:team/app:pull,push", "repository:team/base:pull")
+
+
+async def test_a_streamed_401_from_a_host_thought_open_teaches_the_broker_its_challenge(tmp_path: Path) -> None:
+    with token_registry(tmp_path, only_host=True) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        # The host's /v2/ let the ping through, so the first blob goes out without credentials ...
+        gw.shared.broker.learn(gw.shared.rules.lookup("upstream.test").hosts[0], HostResponse(200, b"OK", (), b"{}"))
+        first = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+        assert "Authorization" not in first.request.headers
+        challenge = f'Bearer realm="{registry.realm}",service="registry.test",scope="repository:team/app:pull"'
+        refusal = ((b"WWW-Authenticate", challenge.encode()),)
+        first.response = tutils.tresp(status_code=401, content=b"{}", headers=refusal)
+        gw.responseheaders(first)
+        gw.response(first)
+        # ... and the repository's 401 says how to authenticate: the next one carries alice's token.
+        second = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+    assert first.response.status_code == 401
+    assert second.request.headers["Authorization"] == "Bearer token-0"
+    assert registry.token_requests == [("alice", ["repository:team/app:pull"])]

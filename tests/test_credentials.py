@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import json
 import logging
@@ -566,3 +567,10 @@ async def test_a_helpers_answer_is_used_for_a_while_and_a_failure_is_not_kept(tm
         with pytest.raises(CredentialError):
             await source.lookup("broken.example", "broken.example", "r")
     assert asked(helper_dir) == ["found.example", "broken.example", "broken.example"]
+
+
+async def test_requests_needing_a_helpers_answer_at_once_share_one_run(tmp_path, helper_dir):
+    source = docker_config(tmp_path, {"credHelpers": {"found.example": "test"}})
+    answers = await asyncio.gather(*(source.lookup("found.example", "found.example", "r") for _ in range(10)))
+    assert answers == [Credential("helper-user", "helper-S3CRET")] * 10
+    assert asked(helper_dir) == ["found.example"]

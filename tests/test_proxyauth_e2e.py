@@ -21,7 +21,8 @@ def guarded_gateway(pull_world: World, tmp_path_factory: pytest.TempPathFactory)
     workdir = tmp_path_factory.mktemp("proxyauth")
     htpasswd = write_htpasswd(workdir / "htpasswd", {USER: PASSWORD})
     host_map = {m.name: f"127.0.0.1:{m.recorder.port}" for m in (pull_world.a, pull_world.b)}
-    options = [f"proxyauth=@{htpasswd}"]
+    # A capture too: the session's secret scan (conftest) checks that the proxy password is not in it.
+    options = [f"proxyauth=@{htpasswd}", f"save_stream_file={workdir / 'capture.flows'}"]
     with running_gateway(workdir / "gateway", pull_world.workdir / "rules", host_map, options) as gateway:
         yield gateway
 

@@ -797,7 +797,8 @@ file_paths = st.builds(
     st.booleans(),
     st.lists(segments, min_size=1, max_size=3),
 )
-header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10)
+# RFC 9110 field values: visible characters, spaces only between them.
+header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=10).map(str.strip)
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -996,3 +997,13 @@ def test_a_mirrors_repository_prefix_is_read_and_checked(tmp_path: Path) -> None
         load_rules(tmp_path)
     assert raised.value.key == 'host."https://harbor.test".repository_prefix'
     assert "not a repository path" in raised.value.problem
+
+
+@pytest.mark.parametrize("value", [" s3cret-a", "s3cret-b ", "s3cret-c\x01", "s3cret-d\x7f"])
+def test_a_header_value_http_does_not_allow_is_refused_without_showing_it(tmp_path: Path, value: str) -> None:
+    escaped = "".join(c if " " <= c < "\x7f" else f"\\u{ord(c):04x}" for c in value)  # TOML's escapes
+    write_hosts(tmp_path, "registry.example", f'[header]\nAuthorization = "{escaped}"\n')
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert raised.value.key == "header.Authorization"
+    assert "characters HTTP does not allow" in raised.value.problem and value.strip() not in str(raised.value)

@@ -114,3 +114,21 @@ def test_the_reason_phrase_carries_the_message_in_visible_ascii_for_clients_that
     body = {"errors": [{"code": "UNAVAILABLE", "message": "no host (http://m\u00fc.test: refused\r\nX: y)"}]}
     assert reason_phrase(503, body) == "Service Unavailable: no host (http://m?.test: refused??X: y)"
     assert reason_phrase(404, {"errors": []}) == "Not Found"
+
+
+async def test_an_offline_rule_answers_what_is_not_the_distribution_api_itself(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, b"{}")) as (port, seen):
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'offline = true\nserver = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
+        )
+        with gateway(rules, ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]) as (gw, _):
+            token = flow_to("upstream.test", "/v2/token?scope=repository:team/app:pull")
+            await gw.requestheaders(token)
+            other = flow_to("upstream.test", "/index.html")
+            await gw.requestheaders(other)
+    for flow in (token, other):
+        assert flow.response is not None and flow.response.status_code == 404
+        assert "upstream.test is offline" in json.loads(flow.response.content)["errors"][0]["message"]
+    assert seen == []

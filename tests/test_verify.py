@@ -6,7 +6,7 @@ import hashlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocigate.verify import StreamVerifier, digest_of, manifest_problem
+from ocigate.verify import MAX_MANIFEST_SIZE, Problem, StreamVerifier, digest_of, manifest_problem
 
 MANIFEST = b'{"schemaVersion":2}'
 DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
@@ -19,17 +19,17 @@ def headers(**values: str) -> list[tuple[bytes, bytes]]:
 
 def test_a_manifest_by_digest_must_hash_to_it() -> None:
     assert manifest_problem(DIGEST, [], MANIFEST, head=False) is None
-    assert manifest_problem(DIGEST, [], MANIFEST + b" ", head=False) == (
-        f"bytes hash to {digest_of(MANIFEST + b' ')}, not {DIGEST} (asked for)"
+    assert manifest_problem(DIGEST, [], MANIFEST + b" ", head=False) == Problem(
+        f"bytes hash to {digest_of(MANIFEST + b' ')}, not {DIGEST} (asked for)", wrong=True
     )
 
 
 def test_docker_content_digest_must_name_the_bytes_and_the_digest_asked_for() -> None:
     assert manifest_problem(None, headers(Docker_Content_Digest=DIGEST), MANIFEST, head=False) is None
     wrong_header = manifest_problem(None, headers(Docker_Content_Digest=OTHER), MANIFEST, head=False)
-    assert wrong_header == f"bytes hash to {DIGEST}, not {OTHER} (Docker-Content-Digest)"
+    assert wrong_header == Problem(f"bytes hash to {DIGEST}, not {OTHER} (Docker-Content-Digest)", wrong=True)
     lying = manifest_problem(DIGEST, headers(Docker_Content_Digest=OTHER), MANIFEST, head=False)
-    assert lying == f"Docker-Content-Digest {OTHER} for a request of {DIGEST}"
+    assert lying == Problem(f"Docker-Content-Digest {OTHER} for a request of {DIGEST}", wrong=True)
 
 
 def test_a_head_answer_is_checked_by_its_header_only() -> None:
@@ -40,12 +40,20 @@ def test_a_head_answer_is_checked_by_its_header_only() -> None:
 
 def test_an_encoded_manifest_is_checked_decoded_and_an_unknown_coding_is_a_problem() -> None:
     assert manifest_problem(DIGEST, headers(Content_Encoding="gzip"), gzip.compress(MANIFEST), head=False) is None
-    assert manifest_problem(DIGEST, headers(Content_Encoding="br"), MANIFEST, head=False) == (
-        "content coding 'br' that ocigate cannot check"
+    # What cannot be checked is no proof of a lie: the host is not marked as having sent something else.
+    assert manifest_problem(DIGEST, headers(Content_Encoding="br"), MANIFEST, head=False) == Problem(
+        "content coding 'br' that ocigate cannot check", wrong=False
     )
-    assert manifest_problem(DIGEST, headers(Content_Encoding="gzip"), MANIFEST, head=False) == (
-        "a gzip body that does not decode"
+    assert manifest_problem(DIGEST, headers(Content_Encoding="gzip"), MANIFEST, head=False) == Problem(
+        "a gzip body that does not decode", wrong=False
     )
+
+
+def test_a_compressed_manifest_is_not_decoded_beyond_what_a_manifest_can_be() -> None:
+    bomb = gzip.compress(b"\0" * (MAX_MANIFEST_SIZE + 1))
+    assert len(bomb) < 10_000
+    problem = manifest_problem(DIGEST, headers(Content_Encoding="gzip"), bomb, head=False)
+    assert problem == Problem(f"a gzip body that decodes to more than {MAX_MANIFEST_SIZE} bytes", wrong=False)
 
 
 def test_sha512_is_checked_and_other_algorithms_pass_unchecked() -> None:

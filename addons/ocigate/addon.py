@@ -6,6 +6,7 @@ or the flow re-pointed at the chosen host and streamed by mitmproxy.
 
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -418,6 +419,12 @@ class Gateway:
             self._record(flow, upstream, source, None, [], "gateway")
             return
         if route is None:
+            if rule.offline:
+                # Anything but the distribution API would go to the registry itself, which an offline rule never
+                # contacts (a token endpoint under /v2/, a Location outside a mirror's API).
+                message = f"{request.path} is not a distribution request; {upstream} is offline ({source})"
+                self._answer(flow, 404, error_body("UNSUPPORTED", message))
+                self._record(flow, upstream, source, None, [], "gateway")
             return
         if route.repository:
             route = _with_repository(route, normalize_repository(upstream, route.repository))
@@ -466,9 +473,9 @@ class Gateway:
             self._fail(flow, plan, outcomes, source)
             return
         host = chosen.attempt.host
-        _repoint(flow, chosen.attempt, chosen.authorization)
-        self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
         verified = route.digest if route.kind is RouteKind.BLOB and request.method == "GET" else None
+        _repoint(flow, chosen.attempt, chosen.authorization, as_digest_names_it=verified is not None)
+        self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
         self._streamed[flow.id] = _StreamedFlow(host, chosen.authorization, verified)
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
@@ -491,23 +498,28 @@ class Gateway:
             return
         streamed = self._streamed.get(flow.id)
         status = flow.response.status_code
-        if streamed:
-            _point_location_at_the_gateway(flow.response, streamed.host)
         if streamed and streamed.authorization is not None and status in (401, 403):
             # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
             # small, and the host's challenge would only send the client after a token for credentials it has not
             # got.
             flow.response.stream = False
-        elif streamed and streamed.digest and status == 200 and checkable(streamed.digest):
+        elif streamed and streamed.digest and status == 200 and checkable(streamed.digest) and _identity(flow):
             streamed.verifier = StreamVerifier(streamed.digest)
             flow.response.stream = streamed.verifier
         else:
             flow.response.stream = True
+        if streamed:
+            _point_location_at_the_gateway(flow.response, streamed.host)
 
     def response(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
         if streamed and streamed.authorization is not None and flow.response.status_code in (401, 403):
+            if flow.response.status_code == 401:
+                # A host thought open asks for credentials after all (a protected repository): the next request
+                # answers its challenge up front.
+                answer = HostResponse(401, b"", tuple(flow.response.headers.fields), b"")
+                self.shared.broker.learn(streamed.host, answer)
             self._refused(flow, streamed.authorization, record)
         if streamed and streamed.verifier and streamed.verifier.mismatch:
             self._sent_wrong_blob(flow, streamed, record)
@@ -590,27 +602,51 @@ class _StreamedFlow:
 
 class Redaction:
     """No credential stays in a flow once it has been sent: what mitmproxy shows (flow_detail), writes
-    (save_stream_file) or hands to other addons afterwards carries `<scheme> <redacted>` instead. Runs before
-    mitmproxy's save and dumper addons (see place_addons)."""
+    (save_stream_file) or hands to other addons afterwards carries `<scheme> <redacted>` instead, and proxyauth's
+    record of the proxy password is redacted too. Flows still under way when the gateway stops are redacted before
+    mitmproxy's save addon writes them. Runs before mitmproxy's save and dumper addons (see cli.OcigateMaster)."""
+
+    def __init__(self) -> None:
+        self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._under_way.add(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact(flow.request.headers)
+        _redact(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        _redact(flow.request.headers)
+        _redact(flow)
+        self._under_way.discard(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        _redact(flow.request.headers)
+        _redact(flow)
+        self._under_way.discard(flow)
+
+    def done(self) -> None:
+        for flow in list(self._under_way):
+            _redact(flow)
 
 
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
+# mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
+_PROXYAUTH_METADATA = "proxyauth"
 
 
-def _redact(headers: http.Headers) -> None:
+def _redact(flow: http.HTTPFlow) -> None:
+    headers = flow.request.headers
     for name in _CREDENTIAL_HEADERS:
         values = headers.get_all(name)
         if values:
-            headers.set_all(name, [f"{value.partition(' ')[0]} <redacted>".strip() for value in values])
+            headers.set_all(name, [_redacted(value) for value in values])
+    proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
+    if isinstance(proxy_user, tuple | list) and proxy_user:
+        flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], "<redacted>")
+
+
+def _redacted(value: str) -> str:
+    scheme, space, _ = value.strip().partition(" ")
+    return f"{scheme} <redacted>" if space else "<redacted>"
 
 
 _MAX_REASON = 2000
@@ -667,7 +703,9 @@ def _with_repository(route: Route, repository: str) -> Route:
     return Route(route.kind, repository, route.tag, route.digest, route.upload_id)
 
 
-def _repoint(flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization | None) -> None:
+def _repoint(
+    flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization | None, *, as_digest_names_it: bool
+) -> None:
     request = flow.request
     host = attempt.host
     request.scheme = host.scheme
@@ -683,12 +721,20 @@ def _repoint(flow: http.HTTPFlow, attempt: Attempt, authorization: Authorization
         request.headers.add(name, value)
     if authorization is not None and authorization.header:
         request.headers["Authorization"] = authorization.header
+    if as_digest_names_it:
+        # The bytes are checked against the blob's digest as they pass: they must come as the digest names them.
+        request.headers["Accept-Encoding"] = "identity"
 
 
 def _client_key(flow: http.HTTPFlow) -> str:
     """Who is pulling, for attributing content to pulls: the client's address (one pull spreads over connections)."""
     peer = flow.client_conn.peername
     return str(peer[0]) if peer else flow.client_conn.id
+
+
+def _identity(flow: http.HTTPFlow) -> bool:
+    """Whether the answer's body is the content itself, as a digest names it."""
+    return flow.response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
 
 
 def _point_location_at_the_gateway(response: http.Response, host: Host) -> None:

@@ -52,8 +52,9 @@ def falls_through(status: int, attempt: Attempt) -> bool:
 
 
 def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Attempt) -> list[tuple[bytes, bytes]]:
-    """The client's header lines as they came (several Accept lines stay several), for one attempt."""
-    dropped = HOP_BY_HOP | {b"host", b"content-length"}
+    """The client's header lines as they came (several Accept lines stay several), for one attempt. Content codings
+    are not asked for: ocigate reads what it asks for itself (and checks it against its digest) as it is."""
+    dropped = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
     if not attempt.forward_authorization:
         dropped |= {b"authorization"}
     added = {name.lower().encode() for name, _ in attempt.headers}
@@ -137,9 +138,9 @@ async def first_good(
         if route.kind is RouteKind.MANIFEST and 200 <= response.status < 300:
             problem = manifest_problem(route.digest, response.headers, response.body, head=method == "HEAD")
             if problem:
-                if route.digest:
-                    asker.health.bad_content(url, route.digest, problem)
-                outcome = Outcome(url, f"{response.status} but {problem}", True, response.status)
+                if route.digest and problem.wrong:
+                    asker.health.bad_content(url, route.digest, problem.text)
+                outcome = Outcome(url, f"{response.status} but {problem.text}", True, response.status)
         outcomes.append(outcome)
         if not outcome.fell_through:
             return response, outcomes

@@ -26,6 +26,7 @@ from .tokens import (
     TokenError,
     TokenRequest,
     fetch_token,
+    header_safe,
     parse_challenges,
     preferred_challenge,
 )
@@ -166,6 +167,8 @@ class Broker:
         credential, source = found if found else (None, None)
         if credential is not None and credential.registry_token:
             # docker's `registrytoken`: a bearer token issued out of band, sent as it is.
+            if not header_safe(credential.registry_token):
+                raise AuthFailed(f"the registry token from {source} has characters an HTTP header cannot carry")
             return Authorization(f"Bearer {credential.registry_token}", source, credential.username)
         if challenge.scheme == "basic":
             if credential is None:

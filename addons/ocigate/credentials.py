@@ -360,6 +360,7 @@ class _AuthFileSource(CredentialSource):
         self.helper_timeout = helper_timeout
         self.description = f"{kind} {self._file.path}"
         self._helper_answers: TTLCache[tuple[str, str], Credential | None] = TTLCache(1024, HELPER_ANSWER_TTL)
+        self._helper_runs: dict[tuple[str, str], asyncio.Future[Credential | None]] = {}
 
     @property
     def path(self) -> Path:
@@ -385,9 +386,20 @@ class _AuthFileSource(CredentialSource):
 
     async def _ask_helper(self, helper: str, server_url: str) -> Credential | None:
         key = (helper, server_url)
-        if key not in self._helper_answers:
-            self._helper_answers[key] = await run_credential_helper(helper, server_url, self.helper_timeout)
-        return self._helper_answers[key]
+        if key in self._helper_answers:
+            return self._helper_answers[key]
+        # Requests that need the same answer at once share one run of the helper.
+        running = self._helper_runs.get(key)
+        if running is None:
+            running = asyncio.ensure_future(run_credential_helper(helper, server_url, self.helper_timeout))
+            self._helper_runs[key] = running
+            running.add_done_callback(lambda done: self._helper_ran(key, done))
+        return await asyncio.shield(running)
+
+    def _helper_ran(self, key: tuple[str, str], run: "asyncio.Future[Credential | None]") -> None:
+        self._helper_runs.pop(key, None)
+        if not run.cancelled() and run.exception() is None:
+            self._helper_answers[key] = run.result()
 
 
 class DockerConfig(_AuthFileSource):

@@ -98,11 +98,14 @@ def location_for_client(location: str, host: Host) -> str:
     """A Location a host answered with, as the client is to follow it: one on the host itself becomes a path on the
     upstream (`/v2/...`, its query kept), so that an upload session goes on through the gateway under the upstream's
     name; one anywhere else (object storage) is left as it is."""
-    parts = urlsplit(location)
-    if parts.scheme or parts.netloc:
+    try:
+        parts = urlsplit(location)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        if (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port):
-            return location
+    except ValueError:
+        return location  # not a URL ocigate can read: the client makes of it what it can
+    elsewhere = (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port)
+    if (parts.scheme or parts.netloc) and elsewhere:
+        return location
     prefix = host.path.rstrip("/")
     if host.repository_prefix:
         prefix += "/" + host.repository_prefix

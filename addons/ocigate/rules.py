@@ -47,6 +47,8 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110 5.5 field-value: visible characters (and obs-text), with spaces or tabs between them only.
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
 _UPSTREAM = re.compile(r"(?:\[(?P<bracketed>[^\]]+)\]|(?P<plain>[^:\[\]/\s]+))(?::(?P<port>[0-9]{1,5}))?")
 _PORT_DIRECTORY = re.compile(r"(.+)_([0-9]{1,5})_")
 _DURATION_UNITS = {
@@ -116,6 +118,8 @@ class Rule:
     # `authentication = "client"`: the client's own ping, challenge and credentials for the registry's own host;
     # by default ("gateway") ocigate authenticates to every host, the registry's own included.
     client_authenticates: bool = False
+    # `offline = true`: nothing of this registry's goes anywhere but to its mirrors.
+    offline: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class _RegistryDirectory:
     offline: bool = False
 
     def rule(self, upstream: str) -> Rule:
-        return Rule(upstream, self.source, self.hosts_for(upstream), self.authentication == "client")
+        return Rule(upstream, self.source, self.hosts_for(upstream), self.authentication == "client", self.offline)
 
     def hosts_for(self, upstream: str) -> tuple[Host, ...]:
         if self.offline:
@@ -574,6 +578,13 @@ class _HostsFileParser:
             for header_value in self.strings(values, header_key, "a string or an array of strings"):
                 if any(char in header_value for char in "\r\n\0"):
                     raise self.error(header_key, "header value contains a line break or NUL")
+                if not _FIELD_VALUE.fullmatch(header_value):
+                    # Shown by position, not quoted: the value may be a secret (an Authorization header).
+                    raise self.error(
+                        header_key,
+                        "header value has characters HTTP does not allow (control characters, or leading or "
+                        "trailing whitespace)",
+                    )
                 headers.append((name, header_value))
         return tuple(headers)
 

@@ -292,7 +292,7 @@ def parse_token_response(status: int, headers: Mapping[str, str], body: bytes, r
     value = document.get("access_token") or document.get("token")
     if not isinstance(value, str) or not value:
         raise TokenError(f"token response from {shown} has no token in the JSON")
-    if not _HEADER_SAFE_TOKEN_PATTERN.fullmatch(value):
+    if not header_safe(value):
         raise TokenError(f"token response from {shown} has a token with characters an HTTP header cannot carry")
     expires_in = _expires_in(document)
     issued_at = document.get("issued_at")
@@ -301,6 +301,11 @@ def parse_token_response(status: int, headers: Mapping[str, str], body: bytes, r
     if issued is not None and now < issued + expires_in <= now + expires_in:
         expires_at = issued + expires_in
     return Token(value, expires_at)
+
+
+def header_safe(value: str) -> bool:
+    """Whether a token can go into an Authorization header as it is."""
+    return bool(_HEADER_SAFE_TOKEN_PATTERN.fullmatch(value))
 
 
 # -- cache -------------------------------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ class Upstream:
             raise HostFailed(f"timed out ({type(e).__name__})", unreachable=True) from None
         except httpx.ConnectError as e:
             raise HostFailed(_describe(e), unreachable=True) from None
+        except httpx.LocalProtocolError:
+            # Its text quotes the offending header line, which may hold a credential.
+            raise HostFailed("the request could not be encoded (a header value HTTP does not allow)") from None
         except httpx.HTTPError as e:
             raise HostFailed(_describe(e)) from None
         reason = response.extensions.get("reason_phrase", b"")

@@ -8,8 +8,11 @@ digest of another algorithm cannot be checked and passes as it is.
 import hashlib
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
+# distribution refuses manifests over 4 MiB.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -30,39 +33,53 @@ def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
 
 
 def _decoded(body: bytes, coding: str | None) -> bytes:
-    coding = (coding or "identity").lower()
+    coding = (coding or "identity").strip().lower()
     if coding == "identity":
         return body
     if coding not in _DECODERS:
         raise ValueError(f"content coding {coding!r} that ocigate cannot check")
+    decoder = zlib.decompressobj(_DECODERS[coding])
     try:
-        return zlib.decompress(body, _DECODERS[coding])
+        # Bounded: a small compressed body must not become gigabytes in the gateway's memory.
+        content = decoder.decompress(body, MAX_MANIFEST_SIZE + 1)
     except zlib.error:
         raise ValueError(f"a {coding} body that does not decode") from None
+    if len(content) > MAX_MANIFEST_SIZE or decoder.unconsumed_tail:
+        raise ValueError(f"a {coding} body that decodes to more than {MAX_MANIFEST_SIZE} bytes")
+    return content
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a manifest answer is not used. `wrong`: the host sent something else than what was asked for (not to be
+    asked for it again), as opposed to an answer ocigate could not check."""
+
+    text: str
+    wrong: bool
 
 
 def manifest_problem(
     requested_digest: str | None, headers: Sequence[tuple[bytes, bytes]], body: bytes, *, head: bool
-) -> str | None:
+) -> Problem | None:
     """Why a host's 2xx answer to a manifest request cannot be trusted, or None when it can.
 
     By digest, the bytes must hash to that digest; any request's `Docker-Content-Digest` must name the bytes sent
     and, by digest, the digest asked for. A HEAD answer has no bytes, so only its header can be checked."""
     claimed = _header(headers, b"docker-content-digest")
     if requested_digest and claimed and claimed != requested_digest:
-        return f"Docker-Content-Digest {claimed} for a request of {requested_digest}"
+        return Problem(f"Docker-Content-Digest {claimed} for a request of {requested_digest}", wrong=True)
     if head:
         return None
     try:
         content = _decoded(body, _header(headers, b"content-encoding"))
     except ValueError as e:
-        return str(e)
+        return Problem(str(e), wrong=False)
     for expected, what in ((requested_digest, "asked for"), (claimed, "Docker-Content-Digest")):
         if expected and checkable(expected):
             algorithm = expected.partition(":")[0]
             actual = digest_of(content, algorithm)
             if actual != expected:
-                return f"bytes hash to {actual}, not {expected} ({what})"
+                return Problem(f"bytes hash to {actual}, not {expected} ({what})", wrong=True)
     return None
 
 
