@@ -208,6 +208,8 @@ def test_a_push_goes_to_the_first_push_host_only_and_a_blob_head_asks_it() -> No
         ("https://storage.test/bucket/upload?sig=1", "https://storage.test/bucket/upload?sig=1"),
         ("http://mirror.test:5001/prefix/v2/x", "http://mirror.test:5001/prefix/v2/x"),
         ("/elsewhere/v2/x", "/elsewhere/v2/x"),
+        ("http://mirror.test:abc/prefix/v2/x", "http://mirror.test:abc/prefix/v2/x"),
+        ("http://[::1/prefix/v2/x", "http://[::1/prefix/v2/x"),
     ],
 )
 def test_a_location_on_the_host_becomes_a_path_on_the_upstream(location: str, expected: str) -> None:
