@@ -636,6 +636,14 @@ def test_shipped_default_example_puts_a_shared_mirror_before_every_registry(tmp_
     assert urls(rule.hosts) == ["https://mirror-all.example/v2", "https://quay.io/v2"]
 
 
+def test_the_default_examples_air_gap_line_uncommented_contacts_only_the_mirror(tmp_path: Path) -> None:
+    tree = activated_examples(tmp_path)
+    default = tree / "_default" / "hosts.toml"
+    default.write_text(default.read_text().replace("# offline = true", "offline = true"))
+    rule = load_rules(tree).lookup("quay.io")
+    assert urls(rule.hosts) == ["https://mirror-all.example/v2"]
+
+
 def test_shipped_tree_as_is_gives_no_registry_a_rule() -> None:
     # Examples only: out of the box every registry passes through the gateway untouched.
     rule_set = load_rules(SHIPPED_RULES)
