@@ -2,9 +2,9 @@
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from ocigate.addon import METADATA_KEY, Credentials, Dialing, Gateway, Shared
 from ocigate.verify import StreamVerifier
+from tests.support.http_host import http_host
 
 DIGEST = "sha256:" + "b" * 64
 
@@ -56,54 +57,6 @@ def flow_to(host: str, path: str, method: str = "GET", port: int = 443, headers=
         content=b"",
     )
     return flow
-
-
-@contextmanager
-def http_host(
-    answer: Callable[[BaseHTTPRequestHandler], tuple[int, bytes] | tuple[int, bytes, dict[str, str]]],
-    *,
-    chunked: bool = False,
-) -> Iterator[tuple[int, list]]:
-    """A small HTTP/1.1 host on loopback; records (method, path, header lines) of every request. `answer` gives the
-    status, the body and optionally more headers. Its answers carry a Content-Length, or with `chunked` are sent
-    chunked."""
-    seen: list = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            seen.append((self.command, self.path, list(self.headers.items())))
-            self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            status, body, *extra = answer(self)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-            for name, value in (extra[0] if extra else {}).items():
-                self.send_header(name, value)
-            if chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
-
-        do_GET = do_HEAD = do_POST = _serve
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # The gateway's pooled keep-alive connections would hold handler threads open at shutdown.
-    server.daemon_threads = True
-    server.block_on_close = False
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_broken_rules_refuse_configuration_naming_the_file(tmp_path: Path) -> None:
@@ -232,13 +185,13 @@ async def test_manifest_falls_through_refused_and_404_hosts_to_the_first_good_on
         assert record["attempts"][1]["result"] == "404"
         _, path, headers = seen_ok[0]
         assert path == "/v2/team/app/manifests/v1?ns=upstream.test"
-        assert [v for k, v in headers if k == "Accept"] == [
+        assert headers.get_all("Accept") == [
             "application/vnd.oci.image.index.v1+json",
             "application/vnd.oci.image.manifest.v1+json",
         ]
-        assert ("OCI-Named-Ref", "upstream.test/team/app:v1") in headers
+        assert "upstream.test/team/app:v1" in headers.get_all("OCI-Named-Ref")
         # Nothing the client did not send: no User-Agent of the gateway's HTTP library, no compression asked for.
-        assert "User-Agent" not in dict(headers) and dict(headers)["Accept-Encoding"] == "identity"
+        assert "User-Agent" not in headers and headers["Accept-Encoding"] == "identity"
         assert seen_404 and seen_404[0][1] == "/v2/team/app/manifests/v1?ns=upstream.test"
 
 
@@ -266,7 +219,7 @@ CLIENT_AUTHORIZATION = (b"Authorization", b"Bearer client-own-token")
 
 
 def authorizations(seen: list) -> list[str | None]:
-    return [dict(headers).get("Authorization") for _, _, headers in seen]
+    return [headers.get("Authorization") for _, _, headers in seen]
 
 
 async def test_hosts_refusing_the_gateway_give_the_client_unauthorized_naming_each_host_and_never_its_token(
@@ -473,7 +426,7 @@ async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:
         with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
             tctx.configure(gw, ocigate_named_ref_headers=["OCI-Ref"])
             await gw.requestheaders(flow_to("upstream.test", "/v2/team/app/manifests/v1"))
-    headers = dict(seen[0][2])
+    headers = seen[0][2]
     assert headers["OCI-Ref"] == "upstream.test/team/app:v1" and "OCI-Named-Ref" not in headers
 
 

@@ -20,7 +20,8 @@ from ocigate.auth import Access, Authorization
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.upstream import HostResponse
-from tests.test_addon import DIGEST, flow_to, gateway, http_host, write_rules
+from tests.support.http_host import http_host
+from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 
 PASSWORD = "s3cret-password-for-tests"
 

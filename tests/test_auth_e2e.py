@@ -116,7 +116,6 @@ def store(directory: Path) -> OcigateStore:
 
 
 def copy(gateway: Gateway, home: Path, reference: str) -> subprocess.CompletedProcess:
-    home.mkdir(parents=True, exist_ok=True)
     result, _ = skopeo_copy_to_layout(gateway, home, reference)
     return result
 

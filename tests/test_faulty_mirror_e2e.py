@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clients import skopeo_copy_to_layout
+from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
 from tests.support.faulty_host import FaultyHost, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
-from tests.support.images import Image, make_image, push_image, sha256_digest
+from tests.support.images import Image, make_image, push_image
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import running_registry
 
@@ -62,15 +62,12 @@ def gateway(mirrors: Mirrors, directory: Path, *options: str):
 
 
 def copy(gateway: Gateway, home: Path):
-    home.mkdir(parents=True, exist_ok=True)
     return skopeo_copy_to_layout(gateway, home, REFERENCE)
 
 
 def assert_copied_right(result, layout: Path, image: Image) -> None:
     assert result.returncode == 0, result.stderr.decode()
-    for blob in (image.manifest, image.config, *image.layers):
-        path = layout / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
-        assert sha256_digest(path.read_bytes()) == blob.digest
+    assert_layout_holds(layout, image)
 
 
 def test_a_manifest_with_wrong_bytes_is_passed_over_for_the_next_mirror(mirrors: Mirrors, tmp_path: Path) -> None:

@@ -7,10 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -18,56 +15,18 @@ import pytest
 
 from ocigate import cli, login
 from ocigate.credentials import Credential, OcigateStore, StoreEntry
+from tests.support.http_host import http_host
 from tests.support.registry import running_registry, write_htpasswd
 
 USER, PASSWORD = "alice", "s3cret-Pa55"
 BASIC_ARGS = ("-u", USER, "--password-stdin", "--credentials")
 GOOD_BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
-Answer = Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]
-Seen = list[tuple[str, str, dict[str, str]]]
 
-
-@contextmanager
-def registry_host(answer: Answer) -> Iterator[tuple[int, Seen]]:
-    """A tiny HTTP host on loopback that records (method, path, headers) of every request."""
-    seen: Seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
-            status, headers, payload = answer(self, body)
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = _serve
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.block_on_close = False
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], seen
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def basic_registry(handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, str], bytes]:
+def basic_registry(handler: BaseHTTPRequestHandler) -> tuple[int, bytes, dict[str, str]]:
     if handler.path.startswith("/v2/") and handler.headers.get("Authorization") == GOOD_BASIC:
-        return 200, {"Docker-Distribution-API-Version": "registry/2.0"}, b"{}"
-    return 401, {"WWW-Authenticate": 'Basic realm="mirror"'}, b'{"errors":[{"code":"UNAUTHORIZED"}]}'
+        return 200, b"{}", {"Docker-Distribution-API-Version": "registry/2.0"}
+    return 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": 'Basic realm="mirror"'}
 
 
 def run_login(monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: str = f"{PASSWORD}\n") -> int:
@@ -79,7 +38,7 @@ def test_login_is_verified_with_ns_and_stored_0600(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "creds" / "credentials.json"
-    with registry_host(basic_registry) as (port, seen):
+    with http_host(basic_registry) as (port, seen):
         code = run_login(
             monkeypatch,
             [
@@ -110,7 +69,7 @@ def test_wrong_password_stores_nothing_and_never_prints_it(
 ) -> None:
     store = tmp_path / "credentials.json"
     wrong = "wrong-Secret-42"
-    with registry_host(basic_registry) as (port, seen):
+    with http_host(basic_registry) as (port, seen):
         code = run_login(
             monkeypatch,
             [
@@ -145,7 +104,7 @@ def test_login_to_the_registry_itself_sends_no_ns_and_stores_no_namespace(
 
     monkeypatch.setattr("builtins.input", prompt_input)
     monkeypatch.setattr(login.getpass, "getpass", prompt_secret)
-    with registry_host(basic_registry) as (port, seen):
+    with http_host(basic_registry) as (port, seen):
         code = login.main(
             [
                 *("login", "--credentials", str(store)),
@@ -165,17 +124,17 @@ def test_identity_token_is_exchanged_at_the_token_realm(
     refresh_token = "refresh-Token-7"
     realm = {}
 
-    def bearer_registry(handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    def bearer_registry(handler: BaseHTTPRequestHandler) -> tuple[int, bytes, dict[str, str]]:
         if handler.path == "/token":
-            form = parse_qs(body.decode())
+            form = parse_qs(handler.body.decode())
             if form.get("grant_type") == ["refresh_token"] and form.get("refresh_token") == [refresh_token]:
-                return 200, {}, json.dumps({"access_token": "access-1", "expires_in": 300}).encode()
-            return 401, {}, b"{}"
+                return 200, json.dumps({"access_token": "access-1", "expires_in": 300}).encode(), {}
+            return 401, b"{}", {}
         if handler.headers.get("Authorization") == "Bearer access-1":
-            return 200, {}, b"{}"
-        return 401, {"WWW-Authenticate": f'Bearer realm="{realm["url"]}",service="mirror"'}, b"{}"
+            return 200, b"{}", {}
+        return 401, b"{}", {"WWW-Authenticate": f'Bearer realm="{realm["url"]}",service="mirror"'}
 
-    with registry_host(bearer_registry) as (port, seen):
+    with http_host(bearer_registry) as (port, seen):
         realm["url"] = f"http://auth.test:{port}/token"
         code = run_login(
             monkeypatch,
@@ -200,12 +159,12 @@ def test_refused_token_fails_naming_the_host(
 ) -> None:
     store = tmp_path / "credentials.json"
 
-    def refusing_realm(handler: BaseHTTPRequestHandler, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    def refusing_realm(handler: BaseHTTPRequestHandler) -> tuple[int, bytes, dict[str, str]]:
         if handler.path.startswith("/token"):
-            return 401, {}, b"{}"
-        return 401, {"WWW-Authenticate": f'Bearer realm="http://127.0.0.1:{handler.server.server_port}/token"'}, b""
+            return 401, b"{}", {}
+        return 401, b"", {"WWW-Authenticate": f'Bearer realm="http://127.0.0.1:{handler.server.server_port}/token"'}
 
-    with registry_host(refusing_realm) as (port, _):
+    with http_host(refusing_realm) as (port, _):
         code = run_login(monkeypatch, [*BASIC_ARGS, str(store), f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 1
@@ -218,7 +177,7 @@ def test_open_host_is_stored_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "credentials.json"
-    with registry_host(lambda handler, body: (200, {}, b"{}")) as (port, _):
+    with http_host(lambda handler: (200, b"{}")) as (port, _):
         code = run_login(
             monkeypatch, ["-u", USER, "--password-stdin", "--credentials", str(store), f"http://127.0.0.1:{port}"]
         )
@@ -233,7 +192,7 @@ def test_unreachable_host_fails_and_stores_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "credentials.json"
-    with registry_host(basic_registry) as (port, _):
+    with http_host(basic_registry) as (port, _):
         pass  # closed again: nothing listens on the port any more
     code = run_login(
         monkeypatch,
@@ -248,7 +207,7 @@ def test_not_a_registry_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "credentials.json"
-    with registry_host(lambda handler, body: (404, {}, b"not found")) as (port, _):
+    with http_host(lambda handler: (404, b"not found")) as (port, _):
         code = run_login(monkeypatch, [*BASIC_ARGS, str(store), f"http://127.0.0.1:{port}"])
     assert code == 1
     assert "answered HTTP 404 to GET /v2/; is it a registry?" in capsys.readouterr().err

@@ -4,9 +4,9 @@ ns= and OCI-Named-Ref still name the upstream's) and `pull_from_mirror` (tag-onl
 
 from pathlib import Path
 
-from tests.support.clients import skopeo_copy_to_layout
+from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
 from tests.support.gateway import running_gateway
-from tests.support.images import make_image, push_image, sha256_digest
+from tests.support.images import make_image, push_image
 from tests.support.recorder import recording_proxy
 from tests.support.registry import running_registry
 
@@ -22,12 +22,9 @@ def test_a_mirror_with_a_repository_prefix_serves_the_upstreams_repository_under
         )
         host_map = {"harbor.test:5000": f"127.0.0.1:{mirror.port}"}
         with running_gateway(tmp_path / "gateway", tmp_path / "rules", host_map) as gateway:
-            (tmp_path / "client").mkdir()
             result, layout = skopeo_copy_to_layout(gateway, tmp_path / "client", "upstream.test/team/app:v1")
     assert result.returncode == 0, result.stderr.decode()
-    for blob in (image.manifest, image.config, *image.layers):
-        path = layout / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
-        assert sha256_digest(path.read_bytes()) == blob.digest
+    assert_layout_holds(layout, image)
     assert mirror.requests, "the mirror was not asked"
     for request in mirror.requests:
         assert request.path.startswith("/v2/proxy/team/app/"), request.target
@@ -60,7 +57,6 @@ def test_pull_from_mirror_sends_pulls_by_tag_and_by_digest_to_their_own_mirrors(
         ):
             # A gateway each: what one pull taught it must not steer the other.
             with running_gateway(tmp_path / f"gateway-{name}", tmp_path / "rules", host_map) as gateway:
-                (tmp_path / name).mkdir()
                 result, _ = skopeo_copy_to_layout(gateway, tmp_path / name, reference)
             results[name] = result, len(tags_mirror.requests), len(digests_mirror.requests)
             tags_mirror.clear()

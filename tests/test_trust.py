@@ -2,25 +2,19 @@
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, reason_phrase
-from tests.test_addon import flow_to, gateway, http_host, write_rules
+from tests.support.http_host import http_host
+from tests.support.registry import free_port
+from tests.test_addon import flow_to, gateway, write_rules
 
 MANIFEST = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}'
 MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
 BLOB = b"the blob's bytes"
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: connecting to it is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def attempts(flow) -> list[tuple[str, str]]:
@@ -62,7 +56,7 @@ async def test_a_tag_whose_docker_content_digest_disagrees_with_its_bytes_falls_
 async def test_an_unreachable_host_cools_down_and_when_none_can_be_reached_the_client_hears_503(
     tmp_path: Path,
 ) -> None:
-    down = closed_port()
+    down = free_port()  # nothing listens there: connecting is refused
     with http_host(lambda h: (200, MANIFEST)) as (up, up_seen):
         rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{down}"]\n[host."http://b.test:{up}"]\n')
         with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):

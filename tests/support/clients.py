@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from .gateway import Gateway
+from .images import Image, sha256_digest
 
 
 def client_env(gateway: Gateway, home: Path) -> dict[str, str]:
@@ -62,3 +63,10 @@ def skopeo_copy_to_layout(
 
 def skopeo_inspect_raw(gateway: Gateway, home: Path, reference: str) -> subprocess.CompletedProcess:
     return skopeo(gateway, home, "inspect", "--raw", "--cert-dir", str(gateway.cert_dir(home)), f"docker://{reference}")
+
+
+def assert_layout_holds(layout: Path, image: Image) -> None:
+    """The OCI layout a copy wrote holds the image's manifest, config and layers, each with the bytes of its digest."""
+    for blob in (image.manifest, image.config, *image.layers):
+        path = layout / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")
+        assert sha256_digest(path.read_bytes()) == blob.digest, f"{blob.digest} is missing or wrong in {layout}"

@@ -51,7 +51,7 @@ class Gateway:
     def cert_dir(self, directory: Path) -> Path:
         """A directory holding only the gateway's CA as *.crt (containers/image's --cert-dir)."""
         cert_dir = directory / "gateway-certs"
-        cert_dir.mkdir(exist_ok=True)
+        cert_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.ca_path, cert_dir / "gateway-ca.crt")
         return cert_dir
 

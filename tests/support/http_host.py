@@ -1,0 +1,56 @@
+"""A small HTTP/1.1 host on loopback for the tests that drive the addons or `ocigate login` without a registry."""
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What the host answers: the status, the body and, optionally, headers added to (or replacing) its own.
+Answer = Callable[[BaseHTTPRequestHandler], tuple[int, bytes] | tuple[int, bytes, dict[str, str]]]
+# (method, path and query, the request's headers: looked up by any case, duplicates kept)
+Seen = list[tuple[str, str, Message]]
+
+
+@contextmanager
+def http_host(answer: Answer, *, chunked: bool = False) -> Iterator[tuple[int, Seen]]:
+    """Serves `answer` on a free loopback port and records every request. The request body is read before `answer`
+    is asked, as `handler.body`. Answers carry a Content-Length, or with `chunked` are sent chunked; their
+    Content-Type is a manifest's unless `answer` gives one."""
+    seen: Seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            seen.append((self.command, self.path, self.headers))
+            self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body, *extra = answer(self)
+            self.send_response(status)
+            headers = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", **(extra[0] if extra else {})}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body)
+
+        do_GET = do_HEAD = do_POST = _serve
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # A client's pooled keep-alive connections would hold handler threads open at shutdown.
+    server.daemon_threads = True
+    server.block_on_close = False
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
