@@ -26,6 +26,8 @@ from .attempt import (
     error_body,
     failure,
     first_good,
+    refusal,
+    refusal_code,
 )
 from .auth import Access, Authorization, Broker
 from .context import ContextStore
@@ -542,14 +544,11 @@ class Gateway:
         status = flow.response.status_code
         if status == 401:
             self.shared.broker.refused(authorization)
-        what = "unauthorized" if status == 401 else "denied"
         host = f"{flow.request.scheme}://{flow.request.host_header or flow.request.host}"
-        message = f"{host} answered {status} {what} {authorization.describe()}"
+        result = refusal(status, authorization)
         if record is not None:
-            record["attempts"].append(
-                {"host": host, "result": f"{status} {what} {authorization.describe()}", "fell_through": False}
-            )
-        self._answer(flow, status, error_body("UNAUTHORIZED" if status == 401 else "DENIED", message))
+            record["attempts"].append({"host": host, "result": result, "fell_through": False})
+        self._answer(flow, status, error_body(refusal_code(status), f"{host} answered {result}"))
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._streamed.pop(flow.id, None)

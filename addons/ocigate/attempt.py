@@ -62,6 +62,11 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
 
 
+def _on_host(access: Access, attempt: Attempt) -> Access:
+    """The access as the attempt's host names its repositories (a repository_prefix applied), for token scopes."""
+    return replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
+
+
 class Asker:
     """Asks hosts: with the client's credentials where they may go, else with ocigate's; not a host that is cooling
     down after it could not be reached, nor one for content it sent wrong before."""
@@ -83,7 +88,7 @@ class Asker:
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
     ) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
-        access = replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
+        access = _on_host(access, attempt)
         try:
             if attempt.forward_authorization:
                 answer = await self.broker.upstream.send(attempt.host, method, attempt.target, headers), None
@@ -97,14 +102,24 @@ class Asker:
         return answer
 
 
+def refusal(status: int, authorization: Authorization) -> str:
+    """A host's 401 or 403 to what ocigate presented, in words: "401 unauthorized with the credential of ..."."""
+    return f"{status} {'unauthorized' if status == 401 else 'denied'} {authorization.describe()}"
+
+
+def refusal_code(status: int) -> str:
+    """The OCI error code of a 401 or 403."""
+    return "UNAUTHORIZED" if status == 401 else "DENIED"
+
+
 def _answered(
     attempt: Attempt, response: HostResponse, authorization: Authorization | None, *, probe: bool = False
 ) -> Outcome:
     status = response.status
-    result = f"probe: {status}" if probe else str(status)
     refused = authorization is not None and status in (401, 403)
-    if refused:
-        result += f" {'unauthorized' if status == 401 else 'denied'} {authorization.describe()}"
+    result = refusal(status, authorization) if refused else str(status)
+    if probe:
+        result = f"probe: {result}"
     fell_through = status >= 400 if probe else falls_through(status, attempt)
     return Outcome(attempt.host.url, result, fell_through, status, refused)
 
@@ -208,8 +223,7 @@ async def choose_streamed_host(
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
             await asker.broker.prepare(host, ping_target(host, plan.upstream))
-            for_host = replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
-            authorization = await asker.broker.authorize(host, for_host)
+            authorization = await asker.broker.authorize(host, _on_host(access, attempt))
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue
@@ -240,8 +254,8 @@ def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, 
     refused = next((o for o in outcomes if o.auth_failure), None)
     if refused is not None:
         status = 403 if refused.status == 403 else 401
-        code = "DENIED" if status == 403 else "UNAUTHORIZED"
-        return status, error_body(code, f"no host for {plan.upstream} accepted ocigate's credentials ({tried})")
+        message = f"no host for {plan.upstream} accepted ocigate's credentials ({tried})"
+        return status, error_body(refusal_code(status), message)
     if all(o.unreachable for o in outcomes):
         # Nobody could be reached, now or lately: a 503 tells the client to come back later.
         return 503, error_body("UNAVAILABLE", f"no host for {plan.upstream} could be reached ({tried})")

@@ -11,7 +11,6 @@ goes to that host and its token realm only. ocigate's own requests never follow 
 adds ever reaches another host.
 """
 
-import base64
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from .tokens import (
     TokenCache,
     TokenError,
     TokenRequest,
+    basic_authorization,
     fetch_token,
     header_safe,
     parse_challenges,
@@ -109,10 +109,6 @@ def challenge_of(response: HostResponse) -> Challenge | None:
     return preferred_challenge(parse_challenges(values))
 
 
-def _basic(username: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
-
-
 class Broker:
     """Authenticates ocigate's requests to hosts, sent through `upstream`. `credentials` is the chain to look
     credentials up in (None: every request is anonymous)."""
@@ -174,7 +170,7 @@ class Broker:
             if credential is None:
                 return _ANONYMOUS
             secret = credential.password or credential.identity_token or ""
-            return Authorization(_basic(credential.username or "", secret), source, credential.username)
+            return Authorization(basic_authorization(credential.username or "", secret), source, credential.username)
         try:
             request = TokenRequest.for_challenge(challenge, access.scopes, credential)
 

@@ -122,10 +122,6 @@ class Origin:
     named_reference: str  # "<upstream>/<repository>:<tag>", or "@<digest>" for a pull by digest
     host: str  # the URL of the host that served that manifest
 
-    @property
-    def by_tag(self) -> bool:
-        return "@" not in self.named_reference
-
 
 def _named_reference(route: Route, upstream: str, origin: Origin | None) -> str | None:
     """What the OCI-Named-Ref header says: the manifest's own reference; for content by digest, the reference of
@@ -172,13 +168,14 @@ def make_plan(
         hosts = [host for host in hosts if _serves_this_pull(host, by_tag)]
     if origin is not None and route.tag is None and capabilities != PUSH:
         hosts.sort(key=lambda host: host.url != origin.host)  # stable: the others keep their order
+    source = mounted_from(query)
     attempts = tuple(
         Attempt(
             host=host,
             target=host_target(host, route, query, upstream),
             headers=host.headers + context,
             repository=host_repository(host, route.repository) if route.repository else None,
-            mounted_from=host_repository(host, source) if (source := mounted_from(query)) else None,
+            mounted_from=host_repository(host, source) if source else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
         )
         for host in hosts

@@ -378,7 +378,7 @@ def _consume_exception(task: "asyncio.Task[Token]") -> None:
 Send = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, Mapping[str, str], bytes]]]
 
 
-def _basic_authorization(username: str, secret: str) -> str:
+def basic_authorization(username: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
 
 
@@ -444,7 +444,7 @@ async def fetch_token(
         fallback = _GET_FALLBACK_STATUSES if credential.identity_token else _GET_FALLBACK_STATUSES_FOR_PASSWORD
         if status not in fallback:
             return parse_token_response(status, headers, body, request.realm, clock())
-        get_headers = {**accept, "Authorization": _basic_authorization(username, secret)}
+        get_headers = {**accept, "Authorization": basic_authorization(username, secret)}
     else:
         get_headers = accept
     status, headers, body = await send("GET", token_get_url(request), get_headers, None)
