@@ -2,7 +2,7 @@
 
 `running_faulty_host(target_url)` serves a reverse proxy on 127.0.0.1 (free port) in front of a real registry. It
 records every request as received (request target and every header line, like tests/support/recorder.py, whose
-RecordedRequest it reuses) and forwards it unchanged until a test sets a fault. Faults can be set and cleared at any
+RecordedRequest and forwarding handler it reuses) and forwards it unchanged until a test sets a fault. Faults can be set and cleared at any
 time from any thread; each request reads them once, when it arrives. They match by path, whatever the query string
 (the gateway appends ?ns=...):
 
@@ -40,18 +40,12 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler
 
-from tests.support.recorder import RecordedRequest
+from tests.support.recorder import HOP_BY_HOP, PIECE, UPSTREAM_TIMEOUT, ForwardingHandler, RecordedRequest
 
-_PIECE = 64 * 1024
-_UPSTREAM_TIMEOUT = 30.0
-# Idle keep-alive connections end after this, so no handler thread waits forever.
-_CLIENT_IDLE_TIMEOUT = 30.0
 _SHUTDOWN_TIMEOUT = 5.0
 # How often the accept loop looks at its stop flag: also how long refuse() may take.
 _ACCEPT_POLL = 0.05
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"})
 # The repository name may hold slashes; the last segment is the reference or digest.
 _MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
 _BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[^/]+)$")
@@ -288,43 +282,25 @@ class _Core:
                 connection.shutdown(socket.SHUT_RDWR)
 
 
-class _FaultyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = _CLIENT_IDLE_TIMEOUT
+class _FaultyHandler(ForwardingHandler):
     server: _Core  # type: ignore[assignment]
+    name = "faulty host"
 
-    def log_message(self, format: str, *args: object) -> None:
-        # Tests read the records and counters, not stderr.
-        pass
+    @property
+    def target_url(self) -> str:
+        return self.server.faulty.target_url
 
-    def handle_one_request(self) -> None:
-        # Same as the base class, but every method goes to one place.
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.send_error(414)
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():
-                return
-            self._answer()
-            self.wfile.flush()
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
+    @property
+    def target_netloc(self) -> str:
+        return self.server.upstream_netloc
 
-    def _origin_form(self) -> str:
-        # A client that treats this as a forward proxy sends an absolute URL; the target wants the path.
-        if self.path.startswith(("http://", "https://")):
-            parts = urllib.parse.urlsplit(self.path)
-            return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        return self.path
+    def open_target(self) -> http.client.HTTPConnection:
+        core = self.server
+        return http.client.HTTPConnection(core.upstream_host, core.upstream_port, timeout=UPSTREAM_TIMEOUT)
 
-    def _answer(self) -> None:
+    def answer(self) -> None:
         faulty = self.server.faulty
-        header_lines = tuple((name, value) for name, value in self.headers.items())
-        faults = faulty._arrived(RecordedRequest(self.command, self.path, header_lines))
+        faults = faulty._arrived(RecordedRequest(self.command, self.path, self.header_lines()))
         if faults.hang_seconds > 0:
             faulty._count("hang")
             if self.server.stopping.wait(faults.hang_seconds):
@@ -332,14 +308,15 @@ class _FaultyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
 
-        path = urllib.parse.urlsplit(self._origin_form()).path
+        path = urllib.parse.urlsplit(self.origin_form()).path
         manifest = _MANIFEST_PATH.match(path)
         blob = _BLOB_PATH.match(path)
         reference = manifest["reference"] if manifest else None
         digest = blob["digest"] if blob else None
 
-        response, upstream = self._forward(header_lines)
+        response, upstream = self.forward()
         if response is None:
+            upstream.close()
             return
         try:
             ok = response.status == 200
@@ -360,88 +337,13 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
 
-    def _forward(
-        self, header_lines: tuple[tuple[str, str], ...]
-    ) -> tuple[http.client.HTTPResponse | None, http.client.HTTPConnection]:
-        """Send the request on (Host replaced, hop-by-hop headers dropped, body streamed); None after a 502."""
-        core = self.server
-        connection_tokens = {
-            token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
-        }
-        is_chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        content_length = None if is_chunked else self.headers.get("Content-Length")
-        upstream = http.client.HTTPConnection(core.upstream_host, core.upstream_port, timeout=_UPSTREAM_TIMEOUT)
-        try:
-            upstream.putrequest(self.command, self._origin_form(), skip_host=True, skip_accept_encoding=True)
-            host_sent = False
-            for name, value in header_lines:
-                lowered = name.lower()
-                if lowered in _HOP_BY_HOP or lowered in connection_tokens:
-                    continue
-                if lowered == "host":
-                    if host_sent:
-                        continue
-                    value, host_sent = core.upstream_netloc, True
-                upstream.putheader(name, value)
-            if not host_sent:
-                upstream.putheader("Host", core.upstream_netloc)
-            upstream.endheaders()
-            if is_chunked:
-                self._relay_chunked_body(upstream)
-            elif content_length is not None:
-                self._relay_sized_body(upstream, int(content_length))
-            return upstream.getresponse(), upstream
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            self._answer_bad_gateway(error)
-            return None, upstream
-
-    def _relay_sized_body(self, upstream: http.client.HTTPConnection, length: int) -> None:
-        remaining = length
-        while remaining > 0:
-            piece = self.rfile.read(min(_PIECE, remaining))
-            if not piece:
-                raise ConnectionError("client closed the connection inside the request body")
-            upstream.send(piece)
-            remaining -= len(piece)
-
-    def _relay_chunked_body(self, upstream: http.client.HTTPConnection) -> None:
-        """Decode the client's chunks and send them on as chunks (the Transfer-Encoding line was kept)."""
-        while True:
-            size_line = self.rfile.readline(65537)
-            if not size_line:
-                raise ConnectionError("client closed the connection inside a chunked body")
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-            if size == 0:
-                for _ in range(1000):
-                    line = self.rfile.readline(65537)
-                    if line in (b"\r\n", b"\n", b""):
-                        break
-                upstream.send(b"0\r\n\r\n")
-                return
-            data = self.rfile.read(size)
-            if len(data) != size:
-                raise ConnectionError("client closed the connection inside a chunk")
-            self.rfile.readline(3)
-            upstream.send(b"%x\r\n%s\r\n" % (size, data))
-
-    def _answer_bad_gateway(self, error: BaseException) -> None:
-        body = f"faulty host could not reach {self.server.faulty.target_url}: {error!r}\n".encode()
-        self.send_response_only(502)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.close_connection = True
-
     def _send_headers(self, response: http.client.HTTPResponse, *, lie: bool, content_length: int | None) -> None:
         """The registry's status and header lines, with Docker-Content-Digest replaced when lying and Content-Length
         set when the body is sent whole."""
         self.send_response_only(response.status, response.reason)
         for name, value in response.msg.items():
             lowered = name.lower()
-            if lowered in _HOP_BY_HOP or lowered == "transfer-encoding":
+            if lowered in HOP_BY_HOP or lowered == "transfer-encoding":
                 continue
             if lowered == "content-length" and content_length is not None:
                 continue
@@ -490,7 +392,7 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         sent = 0
         try:
             while stop_after is None or sent < stop_after:
-                want = _PIECE if stop_after is None else min(_PIECE, stop_after - sent)
+                want = PIECE if stop_after is None else min(PIECE, stop_after - sent)
                 piece = response.read1(want)
                 if not piece:
                     break

@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_PIECE = 64 * 1024
-_UPSTREAM_TIMEOUT = 30.0
+PIECE = 64 * 1024
+UPSTREAM_TIMEOUT = 30.0
 # Idle keep-alive connections end after this, so no handler thread waits forever.
 _CLIENT_IDLE_TIMEOUT = 30.0
 _SHUTDOWN_TIMEOUT = 5.0
 # Headers that describe one connection, not the message: they are not forwarded (RFC 9110 7.6.1).
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"})
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,34 @@ class _RecordingServer(ThreadingHTTPServer):
             thread.join(timeout=_SHUTDOWN_TIMEOUT)
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
+class ForwardingHandler(BaseHTTPRequestHandler):
+    """A handler that passes requests on to a target: every method goes to `answer`, which may `forward` the request
+    (Host replaced, hop-by-hop headers dropped, the body streamed through) and relay or rework the response. The
+    recorder's and the faulty host's. Subclasses say where the target is (`open_target`, `target_url`)."""
+
     protocol_version = "HTTP/1.1"
     timeout = _CLIENT_IDLE_TIMEOUT
-    server: _RecordingServer
+    # What the 502 of an unreachable target calls this proxy.
+    name = "forwarding proxy"
 
     def log_message(self, format: str, *args: object) -> None:
-        # Tests read the recorder, not stderr.
+        # Tests read the records, not stderr.
         pass
+
+    def answer(self) -> None:
+        raise NotImplementedError
+
+    def open_target(self) -> http.client.HTTPConnection:
+        raise NotImplementedError
+
+    @property
+    def target_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def target_netloc(self) -> str:
+        """The Host header the target is sent."""
+        raise NotImplementedError
 
     def handle_one_request(self) -> None:
         # Same as the base class, but every method goes to one place.
@@ -147,75 +167,57 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            self._proxy()
+            self.answer()
             self.wfile.flush()
         except (TimeoutError, ConnectionError):
             self.close_connection = True
 
-    def _origin_form(self) -> str:
+    def origin_form(self) -> str:
         # A client that treats this as a forward proxy sends an absolute URL; the target wants the path.
         if self.path.startswith(("http://", "https://")):
             parts = urllib.parse.urlsplit(self.path)
             return urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         return self.path
 
-    def _proxy(self) -> None:
-        header_lines = tuple((name, value) for name, value in self.headers.items())
-        self.server.recorder._record(RecordedRequest(self.command, self.path, header_lines))
-        if self.server.redirect_blobs_to and self.command == "GET" and "/blobs/" in self._origin_form():
-            self._redirect(self.server.redirect_blobs_to + self._origin_form())
-            return
+    def header_lines(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, value) for name, value in self.headers.items())
 
+    def forward(self) -> tuple[http.client.HTTPResponse | None, http.client.HTTPConnection]:
+        """Sends the request on; the response, or None after answering 502 itself. The caller closes the connection."""
         connection_tokens = {
             token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
         }
         is_chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
         content_length = None if is_chunked else self.headers.get("Content-Length")
-
-        upstream = self._open_upstream()
+        upstream = self.open_target()
         try:
-            try:
-                upstream.putrequest(self.command, self._origin_form(), skip_host=True, skip_accept_encoding=True)
-                host_sent = False
-                for name, value in header_lines:
-                    lowered = name.lower()
-                    if lowered in _HOP_BY_HOP or lowered in connection_tokens:
+            upstream.putrequest(self.command, self.origin_form(), skip_host=True, skip_accept_encoding=True)
+            host_sent = False
+            for name, value in self.header_lines():
+                lowered = name.lower()
+                if lowered in HOP_BY_HOP or lowered in connection_tokens:
+                    continue
+                if lowered == "host":
+                    if host_sent:
                         continue
-                    if lowered == "host":
-                        if host_sent:
-                            continue
-                        value, host_sent = self.server.upstream_netloc, True
-                    upstream.putheader(name, value)
-                if not host_sent:
-                    upstream.putheader("Host", self.server.upstream_netloc)
-                upstream.endheaders()
-                if is_chunked:
-                    self._relay_chunked_body(upstream)
-                elif content_length is not None:
-                    self._relay_sized_body(upstream, int(content_length))
-                response = upstream.getresponse()
-            except (OSError, http.client.HTTPException, ValueError) as error:
-                self._answer_bad_gateway(error)
-                return
-            self._relay_response(response)
-        finally:
-            upstream.close()
-
-    def _open_upstream(self) -> http.client.HTTPConnection:
-        server = self.server
-        if server.upstream_scheme == "https":
-            return http.client.HTTPSConnection(
-                server.upstream_host,
-                server.upstream_port,
-                timeout=_UPSTREAM_TIMEOUT,
-                context=server.upstream_ssl_context,
-            )
-        return http.client.HTTPConnection(server.upstream_host, server.upstream_port, timeout=_UPSTREAM_TIMEOUT)
+                    value, host_sent = self.target_netloc, True
+                upstream.putheader(name, value)
+            if not host_sent:
+                upstream.putheader("Host", self.target_netloc)
+            upstream.endheaders()
+            if is_chunked:
+                self._relay_chunked_body(upstream)
+            elif content_length is not None:
+                self._relay_sized_body(upstream, int(content_length))
+            return upstream.getresponse(), upstream
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            self._answer_bad_gateway(error)
+            return None, upstream
 
     def _relay_sized_body(self, upstream: http.client.HTTPConnection, length: int) -> None:
         remaining = length
         while remaining > 0:
-            piece = self.rfile.read(min(_PIECE, remaining))
+            piece = self.rfile.read(min(PIECE, remaining))
             if not piece:
                 raise ConnectionError("client closed the connection inside the request body")
             upstream.send(piece)
@@ -242,14 +244,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.rfile.readline(3)  # the CRLF after the chunk data
             upstream.send(b"%x\r\n%s\r\n" % (size, data))
 
-    def _redirect(self, location: str) -> None:
-        self.send_response_only(307)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
     def _answer_bad_gateway(self, error: BaseException) -> None:
-        body = f"recording proxy could not reach {self.server.recorder.target_url}: {error!r}\n".encode()
+        body = f"{self.name} could not reach {self.target_url}: {error!r}\n".encode()
         self.send_response_only(502)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -260,6 +256,48 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.close_connection = True
 
+
+class _ProxyHandler(ForwardingHandler):
+    server: _RecordingServer
+    name = "recording proxy"
+
+    @property
+    def target_netloc(self) -> str:
+        return self.server.upstream_netloc
+
+    @property
+    def target_url(self) -> str:
+        return self.server.recorder.target_url
+
+    def answer(self) -> None:
+        self.server.recorder._record(RecordedRequest(self.command, self.path, self.header_lines()))
+        if self.server.redirect_blobs_to and self.command == "GET" and "/blobs/" in self.origin_form():
+            self._redirect(self.server.redirect_blobs_to + self.origin_form())
+            return
+        response, upstream = self.forward()
+        try:
+            if response is not None:
+                self._relay_response(response)
+        finally:
+            upstream.close()
+
+    def open_target(self) -> http.client.HTTPConnection:
+        server = self.server
+        if server.upstream_scheme == "https":
+            return http.client.HTTPSConnection(
+                server.upstream_host,
+                server.upstream_port,
+                timeout=UPSTREAM_TIMEOUT,
+                context=server.upstream_ssl_context,
+            )
+        return http.client.HTTPConnection(server.upstream_host, server.upstream_port, timeout=UPSTREAM_TIMEOUT)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response_only(307)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def _relay_response(self, response: http.client.HTTPResponse) -> None:
         has_body = self.command != "HEAD" and response.status not in (204, 304) and response.status >= 200
         has_length = response.getheader("Content-Length") is not None
@@ -267,7 +305,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         rechunk = has_body and not has_length
         self.send_response_only(response.status, response.reason)
         for name, value in response.msg.items():
-            if name.lower() in _HOP_BY_HOP or name.lower() == "transfer-encoding":
+            if name.lower() in HOP_BY_HOP or name.lower() == "transfer-encoding":
                 continue
             self.send_header(name, value)
         if rechunk:
@@ -277,7 +315,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         try:
             while True:
-                piece = response.read1(_PIECE)
+                piece = response.read1(PIECE)
                 if not piece:
                     break
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if rechunk else piece)
