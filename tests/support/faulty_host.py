@@ -1,10 +1,10 @@
 """A registry host that misbehaves on demand, to sit first in a gateway's host list in end-to-end tests.
 
-`running_faulty_host(target_url)` serves a reverse proxy on 127.0.0.1 (free port) in front of a real registry. It
-records every request as received (request target and every header line, like tests/support/recorder.py, whose
-RecordedRequest and forwarding handler it reuses) and forwards it unchanged until a test sets a fault. Faults can be set and cleared at any
-time from any thread; each request reads them once, when it arrives. They match by path, whatever the query string
-(the gateway appends ?ns=...):
+`running_faulty_host(target_url)` serves a reverse proxy on 127.0.0.1 (free port) in front of a real registry. It is
+a tests/support/recorder.py recorder with that module's forwarding handler: it records every request as received
+(request target and every header line) and forwards it unchanged until a test sets a fault. Faults can be set and
+cleared at any time from any thread; each request reads them once, when it arrives. They match by path, whatever
+the query string (the gateway appends ?ns=...):
 
 - corrupt_manifest(reference): GET /v2/<repo>/manifests/<reference> answers the registry's status and headers
   (Content-Type, Docker-Content-Digest, Content-Length) with a body of the same length and one byte changed. The byte
@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from tests.support.recorder import HOP_BY_HOP, PIECE, UPSTREAM_TIMEOUT, ForwardingHandler, RecordedRequest
+from tests.support.recorder import HOP_BY_HOP, PIECE, UPSTREAM_TIMEOUT, ForwardingHandler, RecordedRequest, Recorder
 
 _SHUTDOWN_TIMEOUT = 5.0
 # How often the accept loop looks at its stop flag: also how long refuse() may take.
@@ -89,31 +89,12 @@ def corrupted_manifest(body: bytes) -> bytes:
 
 
 @dataclass
-class FaultyHost:
-    host: str
-    port: int
-    target_url: str
-    _requests: list[RecordedRequest] = field(default_factory=list, repr=False)
+class FaultyHost(Recorder):
+    """A recorder (its `requests`, `clear`, `url`) whose answers can be made wrong."""
+
     _faults: _Faults = field(default_factory=_Faults, repr=False)
     _served: Counter[str] = field(default_factory=Counter, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _core: _Core | None = field(default=None, repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    # Records, as the recorder keeps them.
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """A snapshot: later requests do not change a list already returned."""
-        with self._lock:
-            return list(self._requests)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._requests.clear()
 
     def served(self, fault: str) -> int:
         """How many times `fault` (one of FAULT_NAMES) changed an answer (or, for "hang", delayed a request)."""
