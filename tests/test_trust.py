@@ -4,9 +4,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from mitmproxy import http
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, reason_phrase
+from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.support.registry import free_port
 from tests.test_addon import flow_to, gateway, write_rules
@@ -97,7 +99,7 @@ async def test_a_blob_that_is_not_its_digest_is_cut_short_and_not_asked_of_that_
             gw.response(flow)
             again = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
             await gw.requestheaders(again)
-    assert sent == b""  # its last (here: only) piece never reached the client
+    assert sent == []  # its last (here: only) piece never reached the client
     assert flow.error is not None and flow.error.msg == "Connection killed."
     assert "transfer aborted" in flow.metadata[METADATA_KEY]["error"]
     assert again.request.port == second_port
@@ -126,3 +128,163 @@ async def test_an_offline_rule_answers_what_is_not_the_distribution_api_itself(t
         assert flow.response is not None and flow.response.status_code == 404
         assert "upstream.test is offline" in json.loads(flow.response.content)["errors"][0]["message"]
     assert seen == []
+
+
+async def streamed_blob(gw, status: int, headers: dict[str, str], request_headers=()) -> http.HTTPFlow:
+    flow = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}", headers=request_headers)
+    await gw.requestheaders(flow)
+    flow.response = http.Response.make(status, b"", headers)
+    # mitmproxy's response object carries the host's headers only: Response.make adds a Content-Length.
+    if "Content-Length" not in headers:
+        del flow.response.headers["Content-Length"]
+    gw.responseheaders(flow)
+    return flow
+
+
+def through(hook, pieces: list[bytes]) -> list[bytes]:
+    out = []
+    for piece in [*pieces, b""]:
+        result = hook(piece)
+        out += [result] if isinstance(result, bytes) else list(result)
+    return out
+
+
+async def test_a_close_delimited_or_encoded_blob_goes_to_the_client_verified_chunked_and_labelled_identity(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (200, BLOB)) as (port, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{port}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(gw, 200, {"Content-Encoding": "gzip"})
+            sent = through(flow.response.stream, [BLOB[:5], BLOB[5:]])
+            gw.response(flow)
+    assert isinstance(flow.response.stream, StreamVerifier)
+    assert flow.response.headers["Transfer-Encoding"] == "chunked"
+    assert "Content-Encoding" not in flow.response.headers
+    assert b"".join(sent) == BLOB and b"" not in sent
+    assert flow.metadata[METADATA_KEY]["verified"] == BLOB_DIGEST
+
+
+async def test_a_host_whose_blob_get_is_no_blob_sends_the_client_back_for_the_next_host(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _), http_host(lambda h: (200, BLOB)) as (b, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n[host."http://b.test:{b}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(gw, 206, {"Content-Range": "bytes 0-3/16", "Content-Length": "4"})
+            sent = through(flow.response.stream, [b"the "])
+            gw.response(flow)
+            again = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(again)
+    # None of the host's bytes reach the client: it is sent to ask again, and the next host is asked.
+    assert flow.response.status_code == 307
+    assert flow.response.headers["Location"] == f"/v2/team/app/blobs/{BLOB_DIGEST}"
+    assert sent == []
+    assert "206 Partial Content to a request without Range" in flow.metadata[METADATA_KEY]["error"]
+    assert again.request.port == b
+    assert attempts(again)[0][1].startswith(
+        "failed to send it: answered 206 Partial Content to a request without Range (skipped for"
+    )
+
+
+async def test_the_last_host_whose_blob_get_is_no_blob_gives_an_oci_error_naming_every_host(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(gw, 500, {"Content-Length": "19", "Content-Type": "text/html"})
+            sent = through(flow.response.stream, [b"<html>oops</html>\n"])
+            gw.response(flow)
+    assert flow.response.status_code == 502
+    error = json.loads(b"".join(sent))["errors"][0]
+    assert (
+        error["message"]
+        == f"no host for upstream.test could answer (http://a.test:{a}/v2: answered 500 to a GET of the blob)"
+    )
+    assert json.loads(flow.response.content) == json.loads(b"".join(sent))
+
+
+async def test_a_304_the_client_did_not_ask_for_has_no_body_and_still_gives_the_client_an_oci_error(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(gw, 304, {})
+            # An answer that ends with its headers is read whole by mitmproxy: the body it read (none) is set.
+            flow.response.content = b""
+            gw.response(flow)
+    assert flow.response.status_code == 502
+    assert b"304 Not Modified to a request without conditions" in flow.response.content
+
+
+async def test_a_range_the_client_asked_for_passes_unchecked_and_says_so(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(
+                gw, 206, {"Content-Range": "bytes 4-15/16", "Content-Length": "12"}, [(b"Range", b"bytes=4-")]
+            )
+            gw.response(flow)
+    assert flow.response.stream is True and flow.response.status_code == 206
+    assert flow.metadata[METADATA_KEY]["unchecked"] == "the part of the blob the client's Range asked for"
+
+
+async def test_a_manifest_is_asked_for_whole_whatever_range_or_condition_the_client_sent(tmp_path: Path) -> None:
+    def answer(handler):
+        if handler.headers.get("Range"):
+            return 206, MANIFEST[:10], {"Content-Range": f"bytes 0-9/{len(MANIFEST)}"}
+        return 200, MANIFEST
+
+    with http_host(answer) as (a, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to(
+                "upstream.test",
+                f"/v2/team/app/manifests/{MANIFEST_DIGEST}",
+                headers=[(b"Range", b"bytes=0-9"), (b"If-None-Match", b'"x"')],
+            )
+            await gw.requestheaders(flow)
+            # Nothing the client sent marked the host: the next client is served by it too.
+            again = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(again)
+    assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+    assert all(headers.get("Range") is None and headers.get("If-None-Match") is None for _, _, headers in seen)
+    assert again.response.content == MANIFEST and len(seen) == 2
+
+
+async def test_a_manifest_host_that_answers_a_part_anyway_is_passed_over_but_not_marked_as_lying(
+    tmp_path: Path,
+) -> None:
+    part = lambda h: (206, MANIFEST[:10], {"Content-Range": f"bytes 0-9/{len(MANIFEST)}"})  # noqa: E731
+    with http_host(part) as (a, _), http_host(lambda h: (200, MANIFEST)) as (b, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n[host."http://b.test:{b}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(flow)
+    assert flow.response.content == MANIFEST
+    assert attempts(flow)[0] == (f"http://a.test:{a}/v2", "206 but no manifest in a 206 answer to a whole request")
+
+
+async def test_a_tag_answered_with_a_page_that_is_no_manifest_is_that_hosts_failure(tmp_path: Path) -> None:
+    portal = lambda h: (200, b"<html>log in first</html>", {"Content-Type": "text/html"})  # noqa: E731
+    with http_host(portal) as (a, _), http_host(lambda h: (200, MANIFEST)) as (b, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n[host."http://b.test:{b}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")
+            await gw.requestheaders(flow)
+    assert flow.response.content == MANIFEST
+    assert attempts(flow)[0] == (f"http://a.test:{a}/v2", "200 but a body of 25 bytes that is not a JSON manifest")
+
+
+async def test_a_manifest_redirected_elsewhere_is_fetched_and_checked_by_ocigate(tmp_path: Path) -> None:
+    wrong = MANIFEST.replace(b"2", b"3")
+    with http_host(lambda h: (200, wrong)) as (storage, storage_seen):
+        redirect = lambda h: (307, b"", {"Location": f"http://storage.test:{storage}/m"})  # noqa: E731
+        with http_host(redirect) as (a, _), http_host(lambda h: (200, MANIFEST)) as (b, _):
+            rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n[host."http://b.test:{b}"]\n')
+            hosts = ["a.test=127.0.0.1", "b.test=127.0.0.1", "storage.test=127.0.0.1"]
+            with gateway(rules, hosts) as (gw, _):
+                flow = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+                await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+    _, result = attempts(flow)[0]
+    assert result.startswith(f"200 (redirected to storage.test:{storage}) but bytes hash to")
+    assert len(storage_seen) == 1 and storage_seen[0][2].get("Authorization") is None

@@ -6,7 +6,15 @@ import hashlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocigate.verify import MAX_MANIFEST_SIZE, Problem, StreamVerifier, digest_of, manifest_problem
+from ocigate.verify import (
+    MAX_MANIFEST_SIZE,
+    BlobAnswer,
+    Problem,
+    StreamVerifier,
+    digest_of,
+    judge_blob_answer,
+    manifest_problem,
+)
 
 MANIFEST = b'{"schemaVersion":2}'
 DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
@@ -63,19 +71,102 @@ def test_sha512_is_checked_and_other_algorithms_pass_unchecked() -> None:
     assert manifest_problem("blake3:" + "a" * 64, [], MANIFEST, head=False) is None
 
 
+def stream(verifier: StreamVerifier, pieces: list[bytes]) -> list[bytes]:
+    """What mitmproxy hands the client: every piece the verifier returns, for each piece and then the end (b"")."""
+    return [out for piece in [*pieces, b""] for out in verifier(piece)]
+
+
 @given(st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=20))
 def test_a_blob_streams_through_whole_when_it_matches(pieces: list[bytes]) -> None:
     blob = b"".join(pieces)
     verifier = StreamVerifier(digest_of(blob))
-    passed = b"".join(verifier(piece) for piece in pieces) + verifier(b"")
-    assert passed == blob and verifier.mismatch is None
+    sent = stream(verifier, pieces)
+    assert b"".join(sent) == blob and verifier.mismatch is None
+    # An empty piece would go out as a chunk of its own: in a chunked answer, the one that ends the body.
+    assert b"" not in sent
+
+
+def test_an_empty_blob_streams_as_nothing_at_all() -> None:
+    verifier = StreamVerifier(digest_of(b""))
+    assert stream(verifier, []) == [] and verifier.mismatch is None
 
 
 @given(st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=20), st.binary(min_size=1, max_size=8))
 def test_a_wrong_blob_never_arrives_whole(pieces: list[bytes], extra: bytes) -> None:
     blob = b"".join(pieces)
     verifier = StreamVerifier(digest_of(blob + extra))
-    passed = b"".join(verifier(piece) for piece in pieces) + verifier(b"")
+    sent = stream(verifier, pieces)
+    passed = b"".join(sent)
+    assert b"" not in sent
     # The last piece is held back: the client is short of bytes, and told nothing arrived complete.
     assert len(passed) == len(blob) - len(pieces[-1])
     assert verifier.mismatch == f"{len(blob)} bytes that hash to {digest_of(blob)}"
+
+
+def test_a_tag_answered_with_what_is_no_manifest_is_a_problem_but_not_a_lie() -> None:
+    for body in (b"", b"<html>Please log in to the hotel's wifi</html>", b"[1, 2]", b'{"truncated": '):
+        problem = manifest_problem(None, [], body, head=False)
+        assert problem == Problem(f"a body of {len(body)} bytes that is not a JSON manifest", wrong=False), body
+    assert manifest_problem(None, [], b'  {"schemaVersion": 2}', head=False) is None
+    # By digest, the hash decides: bytes that are what was asked for pass, JSON or not.
+    assert manifest_problem(digest_of(b"not json"), [], b"not json", head=False) is None
+
+
+BLOB_DIGEST = digest_of(b"blob")
+
+
+def judge(status: int, response=(), request=(), *, http1: bool = True, digest: str = BLOB_DIGEST) -> BlobAnswer:
+    return judge_blob_answer(status, headers(**dict(response)), headers(**dict(request)), digest, client_http1=http1)
+
+
+def test_only_a_200_is_the_blob_and_it_is_verified() -> None:
+    assert judge(200, {"Content_Length": "4"}) == BlobAnswer(verify=True)
+    assert judge(200, {"Transfer_Encoding": "chunked"}) == BlobAnswer(verify=True)
+
+
+def test_a_close_delimited_blob_goes_chunked_to_an_http1_client_so_that_a_cut_shows() -> None:
+    assert judge(200) == BlobAnswer(verify=True, chunked=True)
+    # HTTP/2 frames every body itself: no chunked encoding there.
+    assert judge(200, http1=False) == BlobAnswer(verify=True)
+
+
+def test_a_content_encoded_blob_is_verified_as_sent_and_labelled_identity() -> None:
+    for coding in ("gzip", "br", "x-anything"):
+        answer = judge(200, {"Content_Encoding": coding, "Content_Length": "9"})
+        assert answer == BlobAnswer(verify=True, drop_encoding=True), coding
+    assert judge(200, {"Content_Encoding": "identity", "Content_Length": "4"}) == BlobAnswer(verify=True)
+
+
+def test_a_part_or_not_modified_passes_only_when_the_client_asked_for_it() -> None:
+    assert judge(206, request={"Range": "bytes=10-"}).unchecked is not None
+    assert judge(206) == BlobAnswer(failed="206 Partial Content to a request without Range")
+    assert judge(304, request={"If_None_Match": '"x"'}).unchecked is not None
+    assert judge(304) == BlobAnswer(failed="304 Not Modified to a request without conditions")
+
+
+def test_a_redirect_passes_unchecked_and_every_other_status_is_no_blob() -> None:
+    for status in (301, 302, 303, 307, 308):
+        assert judge(status).unchecked == f"a redirect ({status}) to storage the host chose"
+    for status in (201, 203, 204, 300, 400, 404, 429, 500, 502, 503):
+        assert judge(status) == BlobAnswer(failed=f"{status} to a GET of the blob"), status
+
+
+def test_a_digest_of_an_algorithm_ocigate_cannot_hash_passes_unchecked() -> None:
+    assert judge(200, digest="blake3:" + "a" * 64) == BlobAnswer(unchecked="a blake3 digest ocigate cannot check")
+
+
+@given(
+    st.integers(100, 599),
+    st.dictionaries(
+        st.sampled_from(["Content-Length", "Transfer-Encoding", "Content-Encoding", "Location"]), st.text(max_size=8)
+    ),
+    st.dictionaries(st.sampled_from(["Range", "If-None-Match", "If-Modified-Since", "Accept"]), st.text(max_size=8)),
+    st.booleans(),
+)
+def test_every_answer_is_judged_exactly_one_way(status: int, response: dict, request: dict, http1: bool) -> None:
+    def lines(values: dict) -> list[tuple[bytes, bytes]]:
+        return [(k.encode(), v.encode("utf-8")) for k, v in values.items()]
+
+    answer = judge_blob_answer(status, lines(response), lines(request), BLOB_DIGEST, client_http1=http1)
+    assert [answer.verify, answer.unchecked is not None, answer.failed is not None].count(True) == 1
+    assert answer.verify == (status == 200)

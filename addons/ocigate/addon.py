@@ -19,6 +19,7 @@ from OpenSSL import SSL
 
 from .attempt import (
     HOP_BY_HOP,
+    READ_WHOLE_KINDS,
     Asker,
     Outcome,
     choose_streamed_host,
@@ -49,13 +50,12 @@ from .reference import Route, RouteError, RouteKind, normalize_repository, norma
 from .router import PUSH, Attempt, Plan, location_for_client, make_plan
 from .rules import Host, Rule, RulesError, RuleSet, load_rules
 from .upstream import HostResponse, Upstream
-from .verify import StreamVerifier, checkable
+from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
 
 log = logging.getLogger("ocigate")
 
 METADATA_KEY = "ocigate"
 _STREAM_KEY = "ocigate_stream"
-_SMALL_ANSWER_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG})
 
 
 class Shared:
@@ -456,7 +456,7 @@ class Gateway:
             upstream, route.repository, push=plan.capabilities == PUSH, catalog=route.kind is RouteKind.CATALOG
         )
         asker = self.shared.asker
-        small_answer = route.kind in _SMALL_ANSWER_KINDS and plan.capabilities != PUSH
+        small_answer = route.kind in READ_WHOLE_KINDS and plan.capabilities != PUSH
         if small_answer or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and request.method == "HEAD"):
             answer, outcomes = await first_good(plan, request.method, client_headers, asker, access)
             if answer is None:
@@ -476,9 +476,12 @@ class Gateway:
             return
         host = chosen.attempt.host
         verified = route.digest if route.kind is RouteKind.BLOB and request.method == "GET" else None
+        asked_as = request.path
         _repoint(flow, chosen.attempt, chosen.authorization, as_digest_names_it=verified is not None)
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
-        self._streamed[flow.id] = _StreamedFlow(host, chosen.authorization, verified)
+        self._streamed[flow.id] = _StreamedFlow(
+            host, chosen.authorization, verified, plan, tuple(outcomes), source, asked_as, chosen.fallback
+        )
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
         self._record(flow, upstream, source, route, outcomes, host.url, plan)
@@ -505,18 +508,71 @@ class Gateway:
             # small, and the host's challenge would only send the client after a token for credentials it has not
             # got.
             flow.response.stream = False
-        elif streamed and streamed.digest and status == 200 and checkable(streamed.digest) and _identity(flow):
-            streamed.verifier = StreamVerifier(streamed.digest)
-            flow.response.stream = streamed.verifier
+        elif streamed and streamed.digest:
+            self._blob_answer(flow, streamed)
         else:
             flow.response.stream = True
-        if streamed:
+        if streamed and not streamed.replacement:
             _point_location_at_the_gateway(flow.response, streamed.host)
+
+    def _blob_answer(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
+        """A blob GET's answer reaches the client as the blob, checked while it passes; as what the client asked for
+        (a range, a redirect) marked unchecked; or, when it is no blob, not at all."""
+        response = flow.response
+        client_http1 = flow.request.http_version.startswith("HTTP/1")
+        judged = judge_blob_answer(
+            response.status_code,
+            response.headers.fields,
+            flow.request.headers.fields,
+            streamed.digest,
+            client_http1=client_http1,
+        )
+        if judged.failed:
+            self._blob_not_sent(flow, streamed, judged)
+            return
+        streamed.unchecked = judged.unchecked
+        if not judged.verify:
+            response.stream = True
+            return
+        streamed.verifier = StreamVerifier(streamed.digest)
+        response.stream = streamed.verifier
+        if judged.drop_encoding:
+            response.headers.pop("Content-Encoding", None)
+        if judged.chunked:
+            # mitmproxy frames what it sends the client by these headers; it reads the host by its own.
+            response.headers["Transfer-Encoding"] = "chunked"
+
+    def _blob_not_sent(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", judged: BlobAnswer) -> None:
+        """The host's answer to a blob GET is not the blob: none of it reaches the client, and the host is not asked
+        for that blob during a cool-down. With hosts left to ask, the client is sent back to the same URL (307) and
+        ocigate asks the next; otherwise it gets an OCI error naming every host."""
+        url, status = streamed.host.url, flow.response.status_code
+        outcome = Outcome(url, f"answered {judged.failed}", True, status)
+        outcomes = [*streamed.outcomes, outcome]
+        marked = self.shared.health.failed(url, streamed.digest, f"answered {judged.failed}")
+        record = flow.metadata.get(METADATA_KEY)
+        if marked and streamed.fallback:
+            replacement = http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
+            why = f"{url} answered {judged.failed}: the client was sent to ask again (307)"
+        else:
+            error_status, body = failure(streamed.plan, outcomes, streamed.source)
+            replacement = _error_response(flow.request.method, error_status, body)
+            why = body["errors"][0]["message"]
+        if record is not None:
+            record["attempts"] = [o.as_dict() for o in outcomes]
+            record["served_by"] = "gateway"
+            record["error"] = why
+        streamed.replacement = replacement.content or b""
+        replacement.stream = _SendOnly(streamed.replacement)
+        flow.response = replacement
 
     def response(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
-        if streamed and streamed.authorization is not None and flow.response.status_code in (401, 403):
+        if streamed and streamed.replacement is not None:
+            # A host answer that ended with its headers was read whole into the replacement: it keeps its own body.
+            flow.response.content = streamed.replacement
+        elif streamed and streamed.authorization is not None and flow.response.status_code in (401, 403):
             if flow.response.status_code == 401:
                 # A host thought open asks for credentials after all (a protected repository): the next request
                 # answers its challenge up front.
@@ -528,6 +584,10 @@ class Gateway:
             return
         if record and flow.response:
             record["status"] = flow.response.status_code
+            if streamed and streamed.verifier:
+                record["verified"] = streamed.digest
+            elif streamed and streamed.unchecked:
+                record["unchecked"] = streamed.unchecked
             log.info("ocigate: %s", describe(flow.request.method, record))
 
     def _sent_wrong_blob(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", record: dict | None) -> None:
@@ -551,8 +611,12 @@ class Gateway:
         self._answer(flow, status, error_body(refusal_code(status), f"{host} answered {result}"))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._streamed.pop(flow.id, None)
+        streamed = self._streamed.pop(flow.id, None)
         record = flow.metadata.get(METADATA_KEY)
+        killed = flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
+        if streamed and streamed.digest and flow.error and not killed and flow.client_conn.connected:
+            # The host broke off (the client is still there to hear of it): the client's retry goes elsewhere.
+            self.shared.health.failed(streamed.host.url, streamed.digest, flow.error.msg)
         if record and flow.error and "error" not in record:
             record["error"] = flow.error.msg
             log.warning("ocigate: %s", describe(flow.request.method, record))
@@ -564,9 +628,7 @@ class Gateway:
 
     @staticmethod
     def _answer(flow: http.HTTPFlow, status: int, body: dict) -> None:
-        content = b"" if flow.request.method == "HEAD" else encode_error(body)
-        flow.response = http.Response.make(status, content, {"Content-Type": "application/json"})
-        flow.response.reason = reason_phrase(status, body)
+        flow.response = _error_response(flow.request.method, status, body)
 
     @staticmethod
     def _record(
@@ -596,7 +658,32 @@ class _StreamedFlow:
     host: Host  # the host the flow was re-pointed to
     authorization: Authorization | None  # what ocigate added; None: the client's own went, if any
     digest: str | None  # a blob GET: the digest its bytes must hash to
+    plan: Plan
+    outcomes: tuple[Outcome, ...]  # what the hosts before this one said
+    source: str  # the rule's file
+    asked_as: str  # the path and query the client asked for, before the flow was re-pointed
+    fallback: bool  # hosts after this one could be asked instead
     verifier: StreamVerifier | None = None
+    unchecked: str | None = None  # why the answer passed without a check
+    replacement: bytes | None = None  # the host's answer was not sent: the body of what the client got instead
+
+
+class _SendOnly:
+    """A stream hook that sends the client one body, once, and none of the host's bytes."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        body, self._body = self._body, None
+        return [body] if body else []
+
+
+def _error_response(method: str, status: int, body: dict) -> http.Response:
+    content = b"" if method == "HEAD" else encode_error(body)
+    response = http.Response.make(status, content, {"Content-Type": "application/json"})
+    response.reason = reason_phrase(status, body)
+    return response
 
 
 class Redaction:
@@ -677,6 +764,8 @@ def describe(method: str, record: dict) -> str:
         line += f" {record['status']}"
     if "error" in record:
         line += f" failed: {record['error']}"
+    elif "unchecked" in record:
+        line += f" unchecked: {record['unchecked']}"
     if skipped:
         # Hosts passed over for one that answered were skipped; when the gateway answered, every one was tried.
         verb = "tried" if record["served_by"] == "gateway" else "skipped"
@@ -729,11 +818,6 @@ def _client_key(flow: http.HTTPFlow) -> str:
     """Who is pulling, for attributing content to pulls: the client's address (one pull spreads over connections)."""
     peer = flow.client_conn.peername
     return str(peer[0]) if peer else flow.client_conn.id
-
-
-def _identity(flow: http.HTTPFlow) -> bool:
-    """Whether the answer's body is the content itself, as a digest names it."""
-    return flow.response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
 
 
 def _point_location_at_the_gateway(response: http.Response, host: Host) -> None:

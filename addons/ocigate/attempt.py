@@ -3,6 +3,7 @@
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from urllib.parse import urljoin, urlsplit
 
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
@@ -10,7 +11,7 @@ from .health import HostHealth
 from .reference import RouteKind
 from .router import Attempt, Plan, ping_target
 from .upstream import HostFailed, HostResponse
-from .verify import manifest_problem
+from .verify import Problem, manifest_problem
 
 # Hop-by-hop headers belong to one connection, never to the message forwarded on another.
 HOP_BY_HOP = frozenset(
@@ -26,6 +27,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+
+# What ocigate reads whole (it is small) and passes on as the host's answer: it follows their redirects itself.
+READ_WHOLE_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG})
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,21 @@ def falls_through(status: int, attempt: Attempt) -> bool:
     return status == 404 or status == 429 or status >= 500
 
 
+# A part or a "not modified" of what ocigate reads and checks itself would be neither whole nor checkable: it asks
+# for the whole answer, whatever the client asked.
+_PARTIAL_OR_CONDITIONAL = frozenset(
+    {b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
+)
+# Redirects ocigate follows for what it reads itself, so that what it checks is what the client gets.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+
+
 def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Attempt) -> list[tuple[bytes, bytes]]:
-    """The client's header lines as they came (several Accept lines stay several), for one attempt. Content codings
-    are not asked for: ocigate reads what it asks for itself (and checks it against its digest) as it is."""
-    dropped = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+    """The client's header lines as they came (several Accept lines stay several), for one request ocigate sends and
+    reads whole itself. Content codings, ranges and conditions are not asked for: ocigate reads what it asks for
+    whole and as it is (and checks it against its digest)."""
+    dropped = HOP_BY_HOP | _PARTIAL_OR_CONDITIONAL | {b"host", b"content-length", b"accept-encoding"}
     if not attempt.forward_authorization:
         dropped |= {b"authorization"}
     added = {name.lower().encode() for name, _ in attempt.headers}
@@ -81,8 +97,13 @@ class Asker:
         skipped = self.health.skipped(url)
         if skipped:
             return Outcome(url, skipped, True, unreachable=True)
-        bad = self.health.sent_bad(url, digest) if digest else None
-        return Outcome(url, f"sent something else for {digest} before ({bad})", True) if bad else None
+        if not digest:
+            return None
+        bad = self.health.sent_bad(url, digest)
+        if bad:
+            return Outcome(url, f"sent something else for {digest} before ({bad})", True)
+        failed = self.health.failed_lately(url, digest)
+        return Outcome(url, failed, True) if failed else None
 
     async def ask(
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
@@ -101,6 +122,29 @@ class Asker:
         self.health.answered(url)
         return answer
 
+    async def follow(
+        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], answer: HostResponse
+    ) -> tuple[HostResponse, str | None]:
+        """The answer at the end of the host's redirects (at most MAX_REDIRECTS), and where it came from (None: from
+        the host itself). Another host is asked without any credential, as Go clients do."""
+        host, where = attempt.host, None
+        url = f"{host.scheme}://{host.netloc}{attempt.target}"
+        for _ in range(MAX_REDIRECTS):
+            location = _header(answer.headers, b"location")
+            if answer.status not in _REDIRECTS or location is None:
+                return answer, where
+            try:
+                url = urljoin(url, location)
+                target_host = self.broker.upstream.realm_host(url)
+            except ValueError:
+                raise HostFailed(f"a redirect to a Location ocigate cannot read ({answer.status})") from None
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            lines = [(k, v) for k, v in headers if k.lower() != b"authorization"]
+            answer = await self.broker.upstream.send(target_host, method, target, lines)
+            where = target_host.netloc
+        raise HostFailed(f"more than {MAX_REDIRECTS} redirects")
+
 
 def refusal(status: int, authorization: Authorization) -> str:
     """A host's 401 or 403 to what ocigate presented, in words: "401 unauthorized with the credential of ..."."""
@@ -110,6 +154,10 @@ def refusal(status: int, authorization: Authorization) -> str:
 def refusal_code(status: int) -> str:
     """The OCI error code of a 401 or 403."""
     return "UNAUTHORIZED" if status == 401 else "DENIED"
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    return next((value.decode("latin-1") for key, value in headers if key.lower() == name), None)
 
 
 def _answered(
@@ -141,21 +189,30 @@ async def first_good(
         if not_now:
             outcomes.append(not_now)
             continue
+        headers = request_headers(client_headers, attempt)
         try:
-            response, authorization = await asker.ask(attempt, method, request_headers(client_headers, attempt), access)
+            response, authorization = await asker.ask(attempt, method, headers, access)
+            redirected = None
+            if route.kind in READ_WHOLE_KINDS:
+                response, redirected = await asker.follow(attempt, method, headers, response)
         except HostFailed as e:
             outcomes.append(Outcome(url, str(e), True, unreachable=e.unreachable))
             continue
         except AuthFailed as e:
             outcomes.append(Outcome(url, str(e), True, auth_failure=True))
             continue
+        via = f" (redirected to {redirected})" if redirected else ""
         outcome = _answered(attempt, response, authorization)
+        outcome = replace(outcome, result=outcome.result + via)
         if route.kind is RouteKind.MANIFEST and 200 <= response.status < 300:
             problem = manifest_problem(route.digest, response.headers, response.body, head=method == "HEAD")
+            if response.status != 200:
+                # ocigate asked for the whole manifest, unconditionally: anything but a 200 is not it.
+                problem = Problem(f"no manifest in a {response.status} answer to a whole request", wrong=False)
             if problem:
                 if route.digest and problem.wrong:
                     asker.health.bad_content(url, route.digest, problem.text)
-                outcome = Outcome(url, f"{response.status} but {problem.text}", True, response.status)
+                outcome = Outcome(url, f"{response.status}{via} but {problem.text}", True, response.status)
         outcomes.append(outcome)
         if not outcome.fell_through:
             return response, outcomes
@@ -182,6 +239,8 @@ class Streamed:
 
     attempt: Attempt
     authorization: Authorization | None
+    # Hosts after this one could be asked instead, should this one fail before the client sees a byte.
+    fallback: bool = False
 
 
 async def choose_streamed_host(
@@ -218,8 +277,9 @@ async def choose_streamed_host(
             if response.status >= 400:
                 outcomes.append(_answered(attempt, response, probed_with, probe=True))
                 continue
+        fallback = attempt is not candidates[-1]
         if attempt.forward_authorization:
-            return Streamed(attempt, None), outcomes
+            return Streamed(attempt, None, fallback), outcomes
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
             await asker.broker.prepare(host, ping_target(host, plan.upstream))
@@ -227,7 +287,7 @@ async def choose_streamed_host(
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue
-        return Streamed(attempt, authorization), outcomes
+        return Streamed(attempt, authorization, fallback), outcomes
     return None, outcomes
 
 

@@ -1,5 +1,6 @@
 """What ocigate has learned about hosts' health: hosts that could not be reached are skipped for a cool-down, so
-that the requests after the first do not wait for them again; content a host sent wrong is not asked of it again.
+that the requests after the first do not wait for them again; content a host sent wrong is not asked of it again,
+and content a host failed to send (an error or a broken transfer after it said it had it) not for a cool-down.
 
 A host in cool-down is not probed in the background: the first request after the cool-down asks it again, and
 either it answers (and is well again) or it starts another cool-down.
@@ -28,6 +29,7 @@ class HostHealth:
         self._clock = clock
         self._down: dict[str, _Down] = {}
         self._bad_content: TTLCache[tuple[str, str], str] = TTLCache(maxsize=10_000, ttl=BAD_CONTENT_TTL, timer=clock)
+        self._failed: TTLCache[tuple[str, str], _Down] = TTLCache(maxsize=10_000, ttl=BAD_CONTENT_TTL, timer=clock)
 
     def unreachable(self, host: str, why: str) -> None:
         """`host` (its URL) could not be connected to or did not answer in time."""
@@ -53,3 +55,18 @@ class HostHealth:
 
     def sent_bad(self, host: str, digest: str) -> str | None:
         return self._bad_content.get((host, digest))
+
+    def failed(self, host: str, digest: str, why: str) -> bool:
+        """`host` failed to send `digest` (an error status, a broken transfer): it is not asked for it during a
+        cool-down. False when there is no cool-down (0), so nothing was marked."""
+        if self.cooldown <= 0:
+            return False
+        self._failed[(host, digest)] = _Down(why, self._clock() + self.cooldown)
+        return True
+
+    def failed_lately(self, host: str, digest: str) -> str | None:
+        """Why `host` is not to be asked for `digest` now, after it failed to send it; None when it may be."""
+        down = self._failed.get((host, digest))
+        if down is None or down.until <= self._clock():
+            return None
+        return f"failed to send it: {down.why} (skipped for {max(1, round(down.until - self._clock()))} s)"

@@ -6,6 +6,7 @@ digest of another algorithm cannot be checked and passes as it is.
 """
 
 import hashlib
+import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,12 +81,29 @@ def manifest_problem(
             actual = digest_of(content, algorithm)
             if actual != expected:
                 return Problem(f"bytes hash to {actual}, not {expected} ({what})", wrong=True)
+    if requested_digest is None and not _is_json_object(content):
+        # Nothing names the bytes of a tag: what is not even a manifest (an empty body, a captive portal's page) is
+        # that host's failure, not an answer. A manifest by digest was checked by its hash above.
+        return Problem(f"a body of {len(content)} bytes that is not a JSON manifest", wrong=False)
     return None
+
+
+def _is_json_object(content: bytes) -> bool:
+    # Every manifest format (OCI, Docker v2 and its lists, signed schema 1) is one JSON object.
+    if not content.lstrip().startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(content), dict)
+    except ValueError:
+        return False
 
 
 class StreamVerifier:
     """Hashes a blob while it streams to the client, holding back its last piece: a blob that turns out not to be
-    what its digest says then never arrives complete."""
+    what its digest says then never arrives complete.
+
+    It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
+    chunk of its own, which in a chunked answer is the one that ends the body."""
 
     def __init__(self, digest: str) -> None:
         algorithm = digest.partition(":")[0]
@@ -95,16 +113,69 @@ class StreamVerifier:
         self.size = 0
         self.mismatch: str | None = None  # set at the end when the bytes were not the blob
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
         """mitmproxy's stream hook: each piece from the host in, what goes on to the client out; b"" at the end."""
         if chunk:
             self._hash.update(chunk)
             self.size += len(chunk)
             passed, self._held = self._held, chunk
-            return passed
+            return [passed] if passed else []
         actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
         if actual != self.digest:
             self.mismatch = f"{self.size} bytes that hash to {actual}"
-            return b""
+            return []
         passed, self._held = self._held, b""
-        return passed
+        return [passed] if passed else []
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CONDITIONS = (b"if-none-match", b"if-modified-since")
+
+
+@dataclass(frozen=True)
+class BlobAnswer:
+    """What becomes of a host's answer to a blob GET streamed to the client, decided from its status and headers
+    before any of its bytes pass. Exactly one of `verify`, `unchecked` and `failed` is set."""
+
+    verify: bool = False  # the bytes are the blob: hashed as they pass, the last piece held back
+    unchecked: str | None = None  # why the answer passes as the host sent it, without a check
+    failed: str | None = None  # why the answer is not the blob: the client gets an error instead, never its bytes
+    # Verified bytes go to the client as they came, labelled as what they are: a Content-Encoding a host added
+    # though ocigate asked for identity would have the client decode the blob's bytes into something else.
+    drop_encoding: bool = False
+    # A body the host ended by closing its connection reaches an HTTP/1 client chunked: cut short, it then lacks
+    # its last chunk, where an answer delimited by the close would look complete.
+    chunked: bool = False
+
+
+def judge_blob_answer(
+    status: int,
+    response_headers: Sequence[tuple[bytes, bytes]],
+    request_headers: Sequence[tuple[bytes, bytes]],
+    digest: str,
+    *,
+    client_http1: bool,
+) -> BlobAnswer:
+    """The blob GET's answer as the client may have it. Only a 200 is the blob; a 206 or 304 is what the client
+    asked for when it sent a Range or a condition; a redirect sends the client elsewhere. Anything else is no blob,
+    whatever its body says."""
+    if status == 200:
+        if not checkable(digest):
+            return BlobAnswer(unchecked=f"a {digest.partition(':')[0]} digest ocigate cannot check")
+        coding = (_header(response_headers, b"content-encoding") or "identity").lower()
+        framed = (
+            _header(response_headers, b"content-length") is not None
+            or "chunked" in (_header(response_headers, b"transfer-encoding") or "").lower()
+        )
+        return BlobAnswer(verify=True, drop_encoding=coding != "identity", chunked=client_http1 and not framed)
+    if status == 206:
+        if _header(request_headers, b"range") is not None:
+            return BlobAnswer(unchecked="the part of the blob the client's Range asked for")
+        return BlobAnswer(failed="206 Partial Content to a request without Range")
+    if status == 304:
+        if any(_header(request_headers, name) is not None for name in _CONDITIONS):
+            return BlobAnswer(unchecked="304 to the client's own condition")
+        return BlobAnswer(failed="304 Not Modified to a request without conditions")
+    if status in _REDIRECTS:
+        return BlobAnswer(unchecked=f"a redirect ({status}) to storage the host chose")
+    return BlobAnswer(failed=f"{status} to a GET of the blob")
