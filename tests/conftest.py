@@ -8,7 +8,7 @@ from pathlib import Path
 import mitmproxy.version
 import pytest
 
-from tests.support import matrix, secrets
+from tests.support import matrix, secrets, tally
 from tests.support import world as worlds
 from tests.support.world import World
 
@@ -81,3 +81,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def _matrix_cell(item: pytest.Item) -> tuple[str, str] | None:
     marker = item.get_closest_marker("matrix")
     return (marker.args[0], marker.args[1]) if marker else None
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in tally.summary_lines():
+        terminalreporter.write_line(line)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
-from tests.support.faulty_host import FaultyHost, running_faulty_host
+from tests.support.faulty_host import FaultyHost, Shape, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, make_image, push_image
 from tests.support.recorder import Recorder, recording_proxy
@@ -122,3 +122,30 @@ def test_a_refusing_mirror_is_skipped_and_named(mirrors: Mirrors, tmp_path: Path
         log = gw.log_text()
     assert_copied_right(result, layout, mirrors.image)
     assert "http://faulty.test:5000/v2: connection refused" in log
+
+
+def test_a_healthy_mirror_that_answers_blobs_chunked_serves_skopeos_copy_itself(
+    mirrors: Mirrors, tmp_path: Path
+) -> None:
+    for blob in (mirrors.image.config, *mirrors.image.layers):
+        mirrors.faulty.shape(blob.digest, Shape(framing="chunked"))
+    with gateway(mirrors, tmp_path / "gateway") as gw:
+        result, layout = copy(gw, tmp_path / "client")
+    assert_copied_right(result, layout, mirrors.image)
+    assert mirrors.faulty.served("shape") == 1 + len(mirrors.image.layers)
+    assert not [r for r in mirrors.good.requests if "/blobs/" in r.path], "the good mirror was asked for blobs"
+
+
+def test_a_close_delimited_wrong_blob_fails_skopeos_copy_and_the_retry_comes_from_the_next_mirror(
+    mirrors: Mirrors, tmp_path: Path
+) -> None:
+    layer = mirrors.image.layers[0]
+    mirrors.faulty.shape(layer.digest, Shape(framing="close", corrupt=True))
+    with gateway(mirrors, tmp_path / "gateway") as gw:
+        first, _ = copy(gw, tmp_path / "first")
+        second, layout = copy(gw, tmp_path / "second")
+        log = gw.log_text()
+    assert first.returncode != 0, "a copy with a corrupted, close-delimited layer succeeded"
+    assert "transfer aborted" in log
+    assert_copied_right(second, layout, mirrors.image)
+    assert any(r.path == f"/v2/team/app/blobs/{layer.digest}" for r in mirrors.good.requests)

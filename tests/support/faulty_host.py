@@ -17,6 +17,10 @@ the query string (the gateway appends ?ns=...):
 - truncate_blob(digest, after): GET of that blob sends the headers (full Content-Length), `after` bytes, and closes.
 - hang(seconds): every request is read and recorded, then nothing happens for `seconds` (ended early by shutdown),
   then it is forwarded; hang(0) clears it.
+- shape(name, Shape(...)): a GET of the blob with digest `name` or of the manifest with reference `name` answers the
+  registry's bytes reshaped as a mirror legally (or not) might: framed by Content-Length, chunked or by closing the
+  connection; labelled with a Content-Encoding (and compressed, or not); with another status; corrupted or cut short;
+  dripped piece by piece. HEAD is forwarded unchanged.
 - refuse(): the listening socket is closed, so new connections get a real "connection refused" (TCP RST to the SYN),
   and open keep-alive connections are shut down so a pooled connection cannot slip past. accept_again() binds the same
   port again (SO_REUSEADDR; it raises OSError if something else took the port meanwhile, which on loopback with an
@@ -30,6 +34,7 @@ process, so "refuse" has no counter).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import http.client
 import re
@@ -50,7 +55,29 @@ _ACCEPT_POLL = 0.05
 _MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
 _BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[^/]+)$")
 _EMBEDDED_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
-FAULT_NAMES = ("corrupt_manifest", "lie_about_digest", "corrupt_blob", "truncate_blob", "hang")
+FAULT_NAMES = ("corrupt_manifest", "lie_about_digest", "corrupt_blob", "truncate_blob", "hang", "shape")
+FRAMINGS = ("length", "chunked", "close")
+# What a shaped answer sets itself.
+_FRAMING_HEADERS = frozenset({"transfer-encoding", "content-length", "content-encoding"})
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a GET is answered instead of as the registry would. The body is the registry's, read whole first."""
+
+    framing: str = "length"  # one of FRAMINGS: Content-Length, chunked, or ended by closing the connection
+    encoding: str | None = None  # a Content-Encoding label
+    compress: bool = False  # the body really gzip-compressed (under whatever label `encoding` gives)
+    # Another status: 206 sends the first half with a Content-Range, 304 no body, anything else a small HTML page.
+    status: int | None = None
+    corrupt: bool = False  # the middle byte flipped
+    cut: bool = False  # half the body, then the connection is closed (whatever the framing promised)
+    drip: float = 0.0  # seconds between pieces
+    pieces: int = 4  # how many pieces the body is sent in
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, not {self.framing!r}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +89,13 @@ class _Faults:
     corrupt_blobs: frozenset[str] = frozenset()
     truncated_blobs: tuple[tuple[str, int], ...] = ()
     hang_seconds: float = 0.0
+    shapes: tuple[tuple[str, Shape], ...] = ()
 
     def truncate_after(self, digest: str) -> int | None:
         return dict(self.truncated_blobs).get(digest)
+
+    def shape_of(self, name: str | None) -> Shape | None:
+        return dict(self.shapes).get(name) if name else None
 
 
 def wrong_digest(digest: str) -> str:
@@ -122,6 +153,10 @@ class FaultyHost(Recorder):
                 f, truncated_blobs=(*((d, n) for d, n in f.truncated_blobs if d != digest), (digest, after))
             )
         )
+
+    def shape(self, name: str, shape: Shape) -> None:
+        """Answer GETs of the blob `name` (a digest) or the manifest `name` (a reference as written) as `shape` says."""
+        self._change(lambda f: replace(f, shapes=(*((n, s) for n, s in f.shapes if n != name), (name, shape))))
 
     def hang(self, seconds: float) -> None:
         """Delay every request by `seconds` after reading it (0 clears); shutdown ends a delay early."""
@@ -304,7 +339,11 @@ class _FaultyHandler(ForwardingHandler):
             lie = reference is not None and reference in faults.lying_manifests and ok
             if lie:
                 faulty._count("lie_about_digest")
-            if ok and self.command == "GET" and reference in faults.corrupt_manifests:
+            shape = faults.shape_of(reference or digest)
+            if ok and self.command == "GET" and shape is not None:
+                faulty._count("shape")
+                self._send_shaped(response, shape)
+            elif ok and self.command == "GET" and reference in faults.corrupt_manifests:
                 faulty._count("corrupt_manifest")
                 self._send_manifest_corrupted(response, lie)
             elif ok and self.command == "GET" and digest is not None and faults.truncate_after(digest) is not None:
@@ -333,6 +372,61 @@ class _FaultyHandler(ForwardingHandler):
             self.send_header(name, value)
         if content_length is not None:
             self.send_header("Content-Length", str(content_length))
+
+    def _send_shaped(self, response: http.client.HTTPResponse, shape: Shape) -> None:
+        body = response.read()
+        status, reason, extra = response.status, response.reason, {}
+        if shape.status == 206:
+            body = body[: len(body) // 2]
+            extra["Content-Range"] = f"bytes 0-{max(0, len(body) - 1)}/{len(body) * 2}"
+        elif shape.status == 304:
+            body = b""
+        elif shape.status is not None:
+            body = f"<html><body>the mirror says {shape.status}</body></html>".encode()
+        if shape.status is not None:
+            status, reason = shape.status, http.client.responses.get(shape.status, "Whatever")
+        if shape.corrupt and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+        if shape.compress:
+            body = gzip.compress(body)
+        promised = len(body)
+        if shape.cut:
+            body = body[: len(body) // 2]
+        self.send_response_only(status, reason)
+        for name, value in response.msg.items():
+            if name.lower() in HOP_BY_HOP or name.lower() in _FRAMING_HEADERS:
+                continue
+            self.send_header(name, value)
+        for name, value in extra.items():
+            self.send_header(name, value)
+        if shape.encoding:
+            self.send_header("Content-Encoding", shape.encoding)
+        has_body = status != 304
+        if shape.framing == "length" and has_body:
+            self.send_header("Content-Length", str(promised))
+        elif shape.framing == "chunked" and has_body:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if not has_body:
+            return
+        size = max(1, -(-len(body) // shape.pieces))
+        for start in range(0, len(body), size):
+            piece = body[start : start + size]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if shape.framing == "chunked" else piece)
+            self.wfile.flush()
+            if shape.drip and self.server.stopping.wait(shape.drip):
+                break
+        if shape.cut:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if shape.framing == "chunked":
+            self.wfile.write(b"0\r\n\r\n")
 
     def _send_manifest_corrupted(self, response: http.client.HTTPResponse, lie: bool) -> None:
         # Manifests are small: read whole, change one byte, send with the registry's headers.

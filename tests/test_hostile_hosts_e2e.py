@@ -1,0 +1,132 @@
+"""The hostile-host matrix: a mirror in front of a real registry answers blob GETs in every legal (and some illegal)
+way — framed by Content-Length, chunked or by closing, with or without a Content-Encoding, with statuses a client
+did not ask for, corrupted, cut short, dripped — first in the host list, before a good mirror of the same registry.
+
+Through the real gateway, for every answer the client either gets exactly the blob's bytes or a transfer it can see
+failed (a short body, a reset, an OCI error); never a complete-looking wrong blob. The host that failed is not asked
+again for that blob: the next request is served right, by the good mirror. The run ends with one line,
+`hostile hosts: N hostile answers tried, N handled`.
+"""
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support import tally
+from tests.support.faulty_host import FRAMINGS, FaultyHost, Shape, running_faulty_host
+from tests.support.gateway import Gateway, running_gateway
+from tests.support.images import Blob, push_blob
+from tests.support.recorder import Recorder, recording_proxy
+from tests.support.registry import running_registry
+from tests.support.through import Fetched, get_through
+
+UPSTREAM = "upstream.test"
+REPOSITORY = "team/app"
+HOSTILE_HOSTS = tally.Matrix("hostile hosts", "hostile answers")
+# Big enough to cross several reads and pieces, small enough for a matrix.
+BLOB_SIZE = 300 * 1024
+
+ENCODINGS = {
+    "identity": {},
+    "gzip label on the blob's own bytes": {"encoding": "gzip"},
+    "gzip, compressed anyway": {"encoding": "gzip", "compress": True},
+    "br label on the blob's own bytes": {"encoding": "br"},
+}
+# What else the host does; each a Shape's fields. A healthy mirror answers "as it is" or "dripping".
+FAULTS = {
+    "as it is": {},
+    "dripping": {"drip": 0.05, "pieces": 6},
+    "one byte wrong": {"corrupt": True},
+    "cut off half way": {"cut": True},
+    "206 without Range": {"status": 206},
+    "304 without conditions": {"status": 304},
+    "404 after its HEAD said 200": {"status": 404},
+    "500": {"status": 500},
+}
+CASES = [(framing, encoding, fault) for framing in FRAMINGS for encoding in ENCODINGS for fault in FAULTS]
+
+
+def healthy(encoding: str, fault: str) -> bool:
+    """Whether the host's answer is the blob, framed and labelled legally: it must reach the client from that host."""
+    return not ENCODINGS[encoding].get("compress") and fault in ("as it is", "dripping")
+
+
+@dataclass
+class Mirrors:
+    faulty: FaultyHost
+    good: Recorder
+    gateway: Gateway
+    blobs: dict[tuple[str, str, str], Blob]
+
+
+@pytest.fixture(scope="module")
+def mirrors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirrors]:
+    workdir = tmp_path_factory.mktemp("hostile-hosts")
+    blobs = {case: Blob.of("application/octet-stream", _seeded(" / ".join(case))) for case in CASES}
+    with running_registry(workdir / "registry") as registry:
+        with httpx.Client(timeout=30) as client:
+            for blob in blobs.values():
+                push_blob(registry.url, REPOSITORY, blob, client)
+        rules = workdir / "rules"
+        (rules / UPSTREAM).mkdir(parents=True)
+        (rules / UPSTREAM / "hosts.toml").write_text(
+            f'server = "https://{UPSTREAM}"\n'
+            '[host."http://faulty.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
+            '[host."http://good.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        with running_faulty_host(registry.url) as faulty, recording_proxy(registry.url) as good:
+            host_map = {"faulty.test:5000": f"127.0.0.1:{faulty.port}", "good.test:5000": f"127.0.0.1:{good.port}"}
+            options = ("ocigate_read_timeout=5",)
+            with running_gateway(workdir / "gateway", rules, host_map, options) as gateway:
+                yield Mirrors(faulty, good, gateway, blobs)
+
+
+def _seeded(seed: str) -> bytes:
+    return hashlib.shake_256(seed.encode()).digest(BLOB_SIZE)
+
+
+def exact(fetched: Fetched, blob: Blob) -> bool:
+    return fetched.status == 200 and fetched.broken is None and fetched.body == blob.data
+
+
+def visibly_failed(fetched: Fetched) -> bool:
+    """A failure the client cannot take for the blob: a broken transfer, or an OCI error answer."""
+    if fetched.broken is not None:
+        return True
+    if fetched.status is None or fetched.status < 400:
+        return False
+    try:
+        return bool(json.loads(fetched.body)["errors"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def describe(fetched: Fetched) -> str:
+    shown = f"status {fetched.status}, {len(fetched.body)} bytes, broken: {fetched.broken}"
+    return f"{shown}, {fetched.redirects} redirects"
+
+
+@pytest.mark.parametrize(("framing", "encoding", "fault"), CASES, ids=[" | ".join(case) for case in CASES])
+def test_a_blob_answer_is_the_blob_or_a_visible_failure_and_the_next_request_is_served_right(
+    mirrors: Mirrors, framing: str, encoding: str, fault: str
+) -> None:
+    blob = mirrors.blobs[(framing, encoding, fault)]
+    path = f"/v2/{REPOSITORY}/blobs/{blob.digest}"
+    mirrors.faulty.shape(blob.digest, Shape(framing=framing, **ENCODINGS[encoding], **FAULTS[fault]))
+    first = get_through(mirrors.gateway, UPSTREAM, path)
+    second = get_through(mirrors.gateway, UPSTREAM, path)
+    good_served = [r for r in mirrors.good.requests if r.method == "GET" and r.path == path]
+    if healthy(encoding, fault):
+        # A legal answer is served as it came, from the mirror that sent it.
+        handled = exact(first, blob) and exact(second, blob) and not good_served
+    else:
+        handled = (exact(first, blob) or visibly_failed(first)) and exact(second, blob) and bool(good_served)
+    tally.record(HOSTILE_HOSTS, handled=handled)
+    assert handled, (
+        f"first: {describe(first)}; second: {describe(second)}; the good mirror served it {len(good_served)} times\n"
+        + mirrors.gateway.log_text()[-2000:]
+    )
