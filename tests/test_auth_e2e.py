@@ -21,12 +21,14 @@ import httpx
 import pytest
 
 from ocigate.credentials import Credential, OcigateStore
-from tests.support.clients import skopeo_copy_to_layout
+from tests.support.clients import skopeo, skopeo_copy_to_layout
+from tests.support.faulty_host import running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import Image, make_image, push_image
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import Registry, running_registry, write_htpasswd
 from tests.support.secrets import remember
+from tests.support.through import get_through
 from tests.support.token_server import TokenServer, running_token_server
 
 MIRROR = "mirror.test:5000"
@@ -340,3 +342,45 @@ def test_a_client_that_authenticates_itself_gets_the_registrys_challenge_and_no_
     # The mirror was asked first, for every request, and never saw the client's token.
     assert empty_mirror.requests, "the mirror was not asked"
     assert not [r.target for r in empty_mirror.requests if r.header_values("Authorization")]
+
+
+def test_a_mirror_that_echoes_request_headers_never_gets_ocigates_password_to_the_client_the_log_or_a_capture(
+    tmp_path: Path,
+) -> None:
+    users = {ALICE: ALICE_PASSWORD}
+    with (
+        running_registry(tmp_path / "basic", htpasswd=write_htpasswd(tmp_path / "htpasswd", users)) as registry,
+        running_faulty_host(registry.url) as mirror,
+    ):
+        mirror.echo_headers()
+        rules = tmp_path / "rules"
+        (rules / "d.test").mkdir(parents=True)
+        (rules / "d.test" / "hosts.toml").write_text('[host."http://echo.test:5000"]\n')
+        gateway_dir = tmp_path / "gateway"
+        capture = gateway_dir / "capture.flows"
+        options = ["flow_detail=4", f"save_stream_file={capture}"]
+        with running_gateway(gateway_dir, rules, {"echo.test:5000": f"127.0.0.1:{mirror.port}"}, options) as gateway:
+            store(gateway_dir).save("echo.test:5000", Credential(ALICE, ALICE_PASSWORD))
+            answer = get_through(gateway, "d.test", "/v2/team/app/manifests/v1")
+            client_home = tmp_path / "client"
+            inspect = skopeo(
+                gateway,
+                client_home,
+                "inspect",
+                "--raw",
+                "--cert-dir",
+                str(gateway.cert_dir(client_home)),
+                "docker://d.test/team/app:v1",
+            )
+        outputs = gateway.log_text().encode() + capture.read_bytes()
+    assert mirror.served("echo_headers") >= 2, "the mirror never echoed a request"
+    assert answer.status == 400 and b"X-You-Sent" not in answer.body and inspect.returncode != 0
+    basic = base64.b64encode(f"{ALICE}:{ALICE_PASSWORD}".encode())
+    for secret in (basic, ALICE_PASSWORD.encode(), f"{ALICE}:{ALICE_PASSWORD}".encode()):
+        for where, data in (
+            ("the client", answer.body + str(answer.headers).encode()),
+            ("skopeo", inspect.stderr),
+            ("the log or the capture", outputs),
+        ):
+            assert secret not in data, f"{where} got the secret"
+    assert b"*" * len(basic) in answer.body

@@ -46,6 +46,7 @@ from .credentials import (
 from .destinations import DestinationError, Destinations
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
+from .redaction import MaskingStream, echo_forms, mask_headers
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
 from .router import PUSH, Attempt, Plan, location_for_client, make_plan
 from .rules import Host, Rule, RulesError, RuleSet, load_rules
@@ -512,8 +513,9 @@ class Gateway:
             self._blob_answer(flow, streamed)
         else:
             flow.response.stream = True
-        if streamed and not streamed.replacement:
+        if streamed and streamed.replacement is None:
             _point_location_at_the_gateway(flow.response, streamed.host)
+            _mask_echoes(flow.response, streamed)
 
     def _blob_answer(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
         """A blob GET's answer reaches the client as the blob, checked while it passes; as what the client asked for
@@ -651,6 +653,17 @@ class Gateway:
             "attempts": [o.as_dict() for o in outcomes],
             "served_by": served_by,
         }
+
+
+def _mask_echoes(response: http.Response, streamed: "_StreamedFlow") -> None:
+    """ocigate's own credential, echoed by the host in its answer's headers or body, reaches nobody. A verified blob
+    is left as it is: its bytes either hash to its digest or never arrive whole."""
+    secrets = echo_forms(streamed.authorization.header) if streamed.authorization else ()
+    if not secrets:
+        return
+    response.headers = http.Headers(mask_headers(response.headers.fields, secrets))
+    if response.stream is True:
+        response.stream = MaskingStream(secrets)
 
 
 @dataclass

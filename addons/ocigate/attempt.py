@@ -8,6 +8,7 @@ from urllib.parse import urljoin, urlsplit
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
 from .health import HostHealth
+from .redaction import echo_forms, mask, mask_headers
 from .reference import RouteKind
 from .router import Attempt, Plan, ping_target
 from .upstream import HostFailed, HostResponse
@@ -120,7 +121,12 @@ class Asker:
                 self.health.unreachable(url, str(e))
             raise
         self.health.answered(url)
-        return answer
+        response, authorization = answer
+        if authorization is not None and (secrets := echo_forms(authorization.header)):
+            response = replace(
+                response, headers=tuple(mask_headers(response.headers, secrets)), body=mask(response.body, secrets)
+            )
+        return response, authorization
 
     async def follow(
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], answer: HostResponse

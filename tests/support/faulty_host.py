@@ -17,6 +17,8 @@ the query string (the gateway appends ?ns=...):
 - truncate_blob(digest, after): GET of that blob sends the headers (full Content-Length), `after` bytes, and closes.
 - hang(seconds): every request is read and recorded, then nothing happens for `seconds` (ended early by shutdown),
   then it is forwarded; hang(0) clears it.
+- echo_headers(): every request that carries an Authorization is answered 400 with every header it carried, in a JSON
+  body and in X-You-Sent-* headers, as some mirrors echo a request they reject.
 - shape(name, Shape(...)): a GET of the blob with digest `name` or of the manifest with reference `name` answers the
   registry's bytes reshaped as a mirror legally (or not) might: framed by Content-Length, chunked or by closing the
   connection; labelled with a Content-Encoding (and compressed, or not); with another status; corrupted or cut short;
@@ -37,6 +39,7 @@ import contextlib
 import gzip
 import hashlib
 import http.client
+import json
 import re
 import socket
 import threading
@@ -55,7 +58,7 @@ _ACCEPT_POLL = 0.05
 _MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
 _BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[^/]+)$")
 _EMBEDDED_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
-FAULT_NAMES = ("corrupt_manifest", "lie_about_digest", "corrupt_blob", "truncate_blob", "hang", "shape")
+FAULT_NAMES = ("corrupt_manifest", "lie_about_digest", "corrupt_blob", "truncate_blob", "hang", "shape", "echo_headers")
 FRAMINGS = ("length", "chunked", "close")
 # What a shaped answer sets itself.
 _FRAMING_HEADERS = frozenset({"transfer-encoding", "content-length", "content-encoding"})
@@ -90,6 +93,7 @@ class _Faults:
     truncated_blobs: tuple[tuple[str, int], ...] = ()
     hang_seconds: float = 0.0
     shapes: tuple[tuple[str, Shape], ...] = ()
+    echo_headers: bool = False
 
     def truncate_after(self, digest: str) -> int | None:
         return dict(self.truncated_blobs).get(digest)
@@ -157,6 +161,10 @@ class FaultyHost(Recorder):
     def shape(self, name: str, shape: Shape) -> None:
         """Answer GETs of the blob `name` (a digest) or the manifest `name` (a reference as written) as `shape` says."""
         self._change(lambda f: replace(f, shapes=(*((n, s) for n, s in f.shapes if n != name), (name, shape))))
+
+    def echo_headers(self) -> None:
+        """Answer every request that carries an Authorization 400, echoing its headers."""
+        self._change(lambda f: replace(f, echo_headers=True))
 
     def hang(self, seconds: float) -> None:
         """Delay every request by `seconds` after reading it (0 clears); shutdown ends a delay early."""
@@ -324,6 +332,11 @@ class _FaultyHandler(ForwardingHandler):
                 self.close_connection = True
                 return
 
+        if faults.echo_headers and self.headers.get("Authorization"):
+            faulty._count("echo_headers")
+            self._echo()
+            return
+
         path = urllib.parse.urlsplit(self.origin_form()).path
         manifest = _MANIFEST_PATH.match(path)
         blob = _BLOB_PATH.match(path)
@@ -372,6 +385,17 @@ class _FaultyHandler(ForwardingHandler):
             self.send_header(name, value)
         if content_length is not None:
             self.send_header("Content-Length", str(content_length))
+
+    def _echo(self) -> None:
+        body = json.dumps({"errors": [{"code": "BAD_REQUEST", "detail": dict(self.headers.items())}]}).encode()
+        self.send_response_only(400)
+        for name, value in self.headers.items():
+            self.send_header(f"X-You-Sent-{name}", value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _send_shaped(self, response: http.client.HTTPResponse, shape: Shape) -> None:
         body = response.read()

@@ -1,0 +1,75 @@
+"""What ocigate itself sent to a host never comes back out of it: a host that echoes its request's headers (some
+mirrors do, in the body of a 400) would otherwise hand ocigate's credential to the client, to the log and to every
+capture.
+
+Secrets are masked where they appear, byte for byte with `*`: an answer keeps its length, so its framing
+(Content-Length) stays true, and a body streamed through is masked piece by piece.
+"""
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from urllib.parse import quote
+
+# A shorter fragment (a two-letter password) would mask ordinary text everywhere; the whole header value and the
+# user:password pair it is part of are still masked.
+MIN_SECRET = 4
+_MASK = b"*"
+
+
+def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
+    """Every form in which a host could echo the Authorization value ocigate sent it, longest first: the value, its
+    credentials (a token, a Basic pair's base64), a Basic pair decoded and its password; each also as JSON and
+    percent-encoding would write it."""
+    if not authorization:
+        return ()
+    scheme, _, credentials = authorization.strip().partition(" ")
+    secrets = {authorization.strip(), credentials.strip()}
+    if scheme.lower() == "basic":
+        try:
+            pair = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            pair = ""
+        secrets |= {pair, pair.partition(":")[2]}
+    forms = set()
+    for secret in secrets:
+        if len(secret) < MIN_SECRET:
+            continue
+        for form in (
+            secret,
+            json.dumps(secret)[1:-1],
+            json.dumps(secret)[1:-1].replace("/", "\\/"),
+            quote(secret, safe=""),
+        ):
+            forms.add(form.encode())
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, _MASK * len(secret))
+    return data
+
+
+def mask_headers(headers: Sequence[tuple[bytes, bytes]], secrets: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(name, mask(value, secrets)) for name, value in headers]
+
+
+class MaskingStream:
+    """A stream hook (mitmproxy's `response.stream`) that masks secrets in a body as it passes, holding back the few
+    bytes a secret could still span into the next piece."""
+
+    def __init__(self, secrets: Sequence[bytes]) -> None:
+        self._secrets = secrets
+        self._keep = max((len(s) for s in secrets), default=1) - 1
+        self._held = b""
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        data = mask(self._held + chunk, self._secrets)
+        if chunk and self._keep:
+            data, self._held = data[: -self._keep], data[-self._keep :]
+        else:
+            self._held = b""
+        return [data] if data else []
