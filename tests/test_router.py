@@ -199,6 +199,16 @@ def test_a_push_goes_to_the_first_push_host_only_and_a_blob_head_asks_it() -> No
     assert [a.host.host for a in head.attempts] == ["pull.test"]
 
 
+def test_a_blob_head_of_a_pull_the_gateway_served_the_manifest_of_is_asked_of_the_pull_hosts() -> None:
+    hosts = [host("pull-a.test", {"pull", "resolve"}), host("pull-b.test", {"pull"}), host("upstream.test")]
+    origin = Origin("upstream.test/team/app:v1", "https://pull-b.test/v2")
+    head = plan_for(Route(RouteKind.BLOB, "team/app", digest=DIGEST), hosts, method="HEAD", origin=origin)
+    assert head.capabilities == {"pull"}
+    # The sticky host first, then the others in order; the pull's reference is named.
+    assert [a.host.host for a in head.attempts] == ["pull-b.test", "pull-a.test", "upstream.test"]
+    assert head.named_reference == "upstream.test/team/app:v1"
+
+
 @pytest.mark.parametrize(
     ("location", "expected"),
     [

@@ -288,3 +288,32 @@ async def test_a_manifest_redirected_elsewhere_is_fetched_and_checked_by_ocigate
     _, result = attempts(flow)[0]
     assert result.startswith(f"200 (redirected to storage.test:{storage}) but bytes hash to")
     assert len(storage_seen) == 1 and storage_seen[0][2].get("Authorization") is None
+
+
+async def test_a_blob_head_after_the_gateway_served_its_manifest_is_answered_by_the_mirror_not_the_push_host(
+    tmp_path: Path,
+) -> None:
+    manifest = json.dumps(
+        {"schemaVersion": 2, "config": {"digest": BLOB_DIGEST, "size": len(BLOB)}, "layers": []}
+    ).encode()
+    with (
+        http_host(lambda h: (200, manifest)) as (mirror, _),
+        http_host(lambda h: (200, b"")) as (server, server_seen),
+    ):
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            f'server = "http://upstream.test:{server}"\n[host."http://m.test:{mirror}"]\n'
+            '  capabilities = ["pull", "resolve"]\n',
+        )
+        with gateway(rules, ["m.test=127.0.0.1", "upstream.test=127.0.0.1"]) as (gw, _):
+            pushing = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}", method="HEAD")
+            await gw.requestheaders(pushing)
+            await gw.requestheaders(flow_to("upstream.test", "/v2/team/app/manifests/v1"))
+            pulling = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}", method="HEAD")
+            await gw.requestheaders(pulling)
+    # Before any pull, a HEAD is a pushing client's question for the push host (the registry itself)...
+    assert attempts(pushing) == [(f"http://upstream.test:{server}/v2", "200")]
+    # ...after the gateway served the manifest referencing it, the pull's hosts answer.
+    assert attempts(pulling) == [(f"http://m.test:{mirror}/v2", "200")]
+    assert [(m, p.split("?")[0]) for m, p, _ in server_seen] == [("HEAD", f"/v2/team/app/blobs/{BLOB_DIGEST}")]

@@ -156,9 +156,11 @@ def make_plan(
     """The hosts to ask, in order. `origin`: the pull this request belongs to, when a manifest the client fetched
     referenced what it asks for; its host is asked first (the sticky host), and its reference is named."""
     capabilities = required_capabilities(route, method)
-    if route.kind is RouteKind.BLOB and method == "HEAD" and any("push" in host.capabilities for host in rule.hosts):
+    pushing = origin is None and any("push" in host.capabilities for host in rule.hosts)
+    if route.kind is RouteKind.BLOB and method == "HEAD" and pushing:
         # A HEAD of a blob is how a client pushing asks whether it must upload it: the host the push goes to must
-        # answer, not a mirror that has it (as containerd's pusher asks its push host).
+        # answer, not a mirror that has it (as containerd's pusher asks its push host). A blob of a pull the gateway
+        # served a manifest for is being pulled: its pull hosts answer.
         capabilities = PUSH
     named_ref = _named_reference(route, upstream, origin if capabilities != PUSH else None)
     context = tuple((name, named_ref) for name in named_ref_headers) if named_ref else ()
