@@ -222,8 +222,9 @@ async def test_a_range_the_client_asked_for_passes_unchecked_and_says_so(tmp_pat
             flow = await streamed_blob(
                 gw, 206, {"Content-Range": "bytes 4-15/16", "Content-Length": "12"}, [(b"Range", b"bytes=4-")]
             )
+            sent = through(flow.response.stream, [BLOB[4:10], BLOB[10:]])
             gw.response(flow)
-    assert flow.response.stream is True and flow.response.status_code == 206
+    assert sent == [BLOB[4:10], BLOB[10:]] and flow.response.status_code == 206
     assert flow.metadata[METADATA_KEY]["unchecked"] == "the part of the blob the client's Range asked for"
 
 

@@ -4,11 +4,12 @@ request headers -> classify (reference) -> rule (rules) -> plan (router) -> atte
 or the flow re-pointed at the chosen host and streamed by mitmproxy.
 """
 
+import asyncio
 import logging
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -480,9 +481,12 @@ class Gateway:
         asked_as = request.path
         _repoint(flow, chosen.attempt, chosen.authorization, as_digest_names_it=verified is not None)
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
-        self._streamed[flow.id] = _StreamedFlow(
+        streamed = _StreamedFlow(
             host, chosen.authorization, verified, plan, tuple(outcomes), source, asked_as, chosen.fallback
         )
+        self._streamed[flow.id] = streamed
+        if verified:
+            streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, ctx.options.ocigate_read_timeout))
         flow.metadata[_STREAM_KEY] = True
         request.stream = True
         self._record(flow, upstream, source, route, outcomes, host.url, plan)
@@ -517,11 +521,21 @@ class Gateway:
             _point_location_at_the_gateway(flow.response, streamed.host)
             _mask_echoes(flow.response, streamed)
 
+    async def _watch(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", timeout: float) -> None:
+        """A blob's host that sends nothing for `timeout` seconds, before its answer or between two pieces of it, is
+        cut off: the client sees the transfer fail, and its retry goes to another host."""
+        while (wait := streamed.last_heard() + timeout - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        streamed.cut_off = f"{streamed.host.url} sent nothing for {timeout} s: transfer aborted"
+        if not _cut_server_connection(flow):
+            log.warning("ocigate: cannot cut off %s, which sent nothing for %s s", streamed.host.url, timeout)
+
     def _blob_answer(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
         """A blob GET's answer reaches the client as the blob, checked while it passes; as what the client asked for
         (a range, a redirect) marked unchecked; or, when it is no blob, not at all."""
         response = flow.response
         client_http1 = flow.request.http_version.startswith("HTTP/1")
+        streamed.answered = time.monotonic()
         judged = judge_blob_answer(
             response.status_code,
             response.headers.fields,
@@ -534,7 +548,8 @@ class Gateway:
             return
         streamed.unchecked = judged.unchecked
         if not judged.verify:
-            response.stream = True
+            streamed.passed_on = _PassedOn()
+            response.stream = streamed.passed_on
             return
         streamed.verifier = StreamVerifier(streamed.digest)
         response.stream = streamed.verifier
@@ -570,6 +585,8 @@ class Gateway:
 
     def response(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
+        if streamed and streamed.watchdog:
+            streamed.watchdog.cancel()
         record = flow.metadata.get(METADATA_KEY)
         if streamed and streamed.replacement is not None:
             # A host answer that ended with its headers was read whole into the replacement: it keeps its own body.
@@ -614,13 +631,21 @@ class Gateway:
 
     def error(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
+        if streamed and streamed.watchdog:
+            streamed.watchdog.cancel()
         record = flow.metadata.get(METADATA_KEY)
         killed = flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
-        if streamed and streamed.digest and flow.error and not killed and flow.client_conn.connected:
-            # The host broke off (the client is still there to hear of it): the client's retry goes elsewhere.
-            self.shared.health.failed(streamed.host.url, streamed.digest, flow.error.msg)
+        host_failed = streamed and streamed.digest and flow.error and (streamed.cut_off or not killed)
+        if host_failed and flow.client_conn.connected:
+            # The host broke off or stopped talking (the client is still there to hear of it): the client's retry goes
+            # elsewhere.
+            self.shared.health.failed(streamed.host.url, streamed.digest, streamed.cut_off or flow.error.msg)
+            if flow.response is None and flow.killable:
+                # Before any answer, mitmproxy would send its own HTML page: the client's connection is closed
+                # instead, a failure no client takes for an answer (and one Go clients retry on a reused connection).
+                flow.kill()
         if record and flow.error and "error" not in record:
-            record["error"] = flow.error.msg
+            record["error"] = streamed.cut_off if streamed and streamed.cut_off else flow.error.msg
             log.warning("ocigate: %s", describe(flow.request.method, record))
 
     def _fail(self, flow: http.HTTPFlow, plan: Plan, outcomes: list[Outcome], source: str) -> None:
@@ -664,6 +689,8 @@ def _mask_echoes(response: http.Response, streamed: "_StreamedFlow") -> None:
     response.headers = http.Headers(mask_headers(response.headers.fields, secrets))
     if response.stream is True:
         response.stream = MaskingStream(secrets)
+    elif isinstance(response.stream, _PassedOn):
+        response.stream.masking = MaskingStream(secrets)
 
 
 @dataclass
@@ -679,6 +706,43 @@ class _StreamedFlow:
     verifier: StreamVerifier | None = None
     unchecked: str | None = None  # why the answer passed without a check
     replacement: bytes | None = None  # the host's answer was not sent: the body of what the client got instead
+    passed_on: "_PassedOn | None" = None  # the stream hook of an answer passed unchecked
+    answered: float = field(default_factory=time.monotonic)  # when the flow was sent, then when its answer came
+    watchdog: "asyncio.Task[None] | None" = None
+    cut_off: str | None = None  # why the host's connection was cut
+
+    def last_heard(self) -> float:
+        """When the host last sent something: its answer's headers, or a piece of its body."""
+        hook = self.verifier or self.passed_on
+        return max(self.answered, hook.last_piece) if hook else self.answered
+
+
+class _PassedOn:
+    """A stream hook that hands every piece on as it came (through `masking`, when set), noting when the last one
+    came."""
+
+    def __init__(self) -> None:
+        self.last_piece = time.monotonic()
+        self.masking: MaskingStream | None = None
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        self.last_piece = time.monotonic()
+        if self.masking:
+            return self.masking(chunk)
+        return [chunk] if chunk else []
+
+
+def _cut_server_connection(flow: http.HTTPFlow) -> bool:
+    """Closes the flow's connection to its host as if the host had: mitmproxy then fails the flow (an incomplete body,
+    or its 502 before any answer). False when mitmproxy's proxy server does not have it (not running, or changed)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    transport = getattr(handler, "transports", {}).get(flow.server_conn)
+    task = getattr(transport, "handler", None)
+    if task is None:
+        return False
+    task.cancel("ocigate: the host sent nothing in time")
+    return True
 
 
 class _SendOnly:

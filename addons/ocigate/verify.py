@@ -7,8 +7,9 @@ digest of another algorithm cannot be checked and passes as it is.
 
 import hashlib
 import json
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
@@ -105,9 +106,11 @@ class StreamVerifier:
     It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
     chunk of its own, which in a chunked answer is the one that ends the body."""
 
-    def __init__(self, digest: str) -> None:
+    def __init__(self, digest: str, clock: Callable[[], float] = time.monotonic) -> None:
         algorithm = digest.partition(":")[0]
         self.digest = digest
+        self._clock = clock
+        self.last_piece = clock()  # when the host last sent a piece: a stalled host is cut off (see addon)
         self._hash = _ALGORITHMS[algorithm]()
         self._held = b""
         self.size = 0
@@ -116,6 +119,7 @@ class StreamVerifier:
     def __call__(self, chunk: bytes) -> list[bytes]:
         """mitmproxy's stream hook: each piece from the host in, what goes on to the client out; b"" at the end."""
         if chunk:
+            self.last_piece = self._clock()
             self._hash.update(chunk)
             self.size += len(chunk)
             passed, self._held = self._held, chunk

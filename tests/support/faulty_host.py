@@ -76,6 +76,8 @@ class Shape:
     corrupt: bool = False  # the middle byte flipped
     cut: bool = False  # half the body, then the connection is closed (whatever the framing promised)
     drip: float = 0.0  # seconds between pieces
+    stall: float = 0.0  # seconds of silence before the answer (after the request was read)
+    hang_up: bool = False  # the connection is closed instead of answering
     pieces: int = 4  # how many pieces the body is sent in
 
     def __post_init__(self) -> None:
@@ -399,6 +401,11 @@ class _FaultyHandler(ForwardingHandler):
 
     def _send_shaped(self, response: http.client.HTTPResponse, shape: Shape) -> None:
         body = response.read()
+        if (shape.stall and self.server.stopping.wait(shape.stall)) or shape.hang_up:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         status, reason, extra = response.status, response.reason, {}
         if shape.status == 206:
             body = body[: len(body) // 2]
