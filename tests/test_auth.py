@@ -340,3 +340,29 @@ async def test_a_streamed_401_from_a_host_thought_open_teaches_the_broker_its_ch
     assert first.response.status_code == 401
     assert second.request.headers["Authorization"] == "Bearer token-0"
     assert registry.token_requests == [("alice", ["repository:team/app:pull"])]
+
+
+@pytest.mark.parametrize("realm", ["http://auth.test:99999/token", "http://auth.test:abc/token", "http://au\x01th/t"])
+async def test_a_401_whose_realm_cannot_be_dialled_is_that_hosts_auth_failure_and_the_next_host_is_asked(
+    tmp_path: Path, realm: str
+) -> None:
+    challenge = f'Bearer realm="{realm}",service="registry.test"'.encode("latin-1")
+    with (
+        http_host(lambda h: (401, b"{}", {"WWW-Authenticate": challenge.decode("latin-1")})) as (bad, _),
+        http_host(lambda h: (200, b"{}")) as (good, _),
+    ):
+        hosts = f'[host."http://bad.test:{bad}"]\n[host."http://good.test:{good}"]\n'
+        rules = write_rules(tmp_path, "upstream.test", hosts)
+        with gateway(rules, ["bad.test=127.0.0.1", "good.test=127.0.0.1"]) as (gw, _):
+            flow = await fetch(gw, "/v2/team/app/manifests/v1")
+        only_bad = write_rules(tmp_path / "only", "upstream.test", f'server = "http://bad.test:{bad}"\n')
+        with gateway(only_bad, ["bad.test=127.0.0.1"]) as (gw, _):
+            failed = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    [(host, result, fell_through)] = [
+        (a["host"], a["result"], a["fell_through"]) for a in flow.metadata[METADATA_KEY]["attempts"][:1]
+    ]
+    assert host == f"http://bad.test:{bad}/v2" and fell_through
+    assert result.startswith(f"no token for bad.test:{bad} without credentials: the bearer challenge's realm is not")
+    assert failed.response.status_code == 401
+    assert "ocigate can use" in json.loads(failed.response.content)["errors"][0]["message"]

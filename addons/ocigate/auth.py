@@ -14,12 +14,12 @@ adds ever reaches another host.
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
 
 from .credentials import Credential, CredentialChain, CredentialError
 from .rules import Host
 from .tokens import (
     Challenge,
+    RealmURL,
     Token,
     TokenCache,
     TokenError,
@@ -218,16 +218,12 @@ class Broker:
         return response, retry
 
     async def _send_token_request(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+        self, method: str, url: RealmURL, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        parts = urlsplit(url)
-        host = self.upstream.realm_host(url)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+        host = self.upstream.realm_host(url.scheme, url.host, url.port)
         lines = [(k.encode(), v.encode()) for k, v in headers.items()]
         try:
-            response = await self.upstream.send(host, method, target, lines, body=body)
+            response = await self.upstream.send(host, method, url.target, lines, body=body)
         except HostFailed as e:
             raise TokenError(f"token request to {host.url} failed: {e}") from None
         answer = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}

@@ -15,13 +15,14 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
 
 from .credentials import Credential
+from .rules import DEFAULT_PORTS, host_problem
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
@@ -186,8 +187,63 @@ def _without_userinfo(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class RealmURL:
+    """A token realm, or a token request's URL, that ocigate can dial: http or https, a host name or IP address, a
+    port in 1-65535, and a path and query of visible ASCII. A realm's userinfo is not kept: ocigate never sends it,
+    and it would be a secret in every message that shows the realm."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lowercased; an IPv6 address without its brackets
+    port: int
+    path: str  # at least "/"
+    query: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "RealmURL":
+        """The realm a challenge names; TokenError naming what is wrong with it, whatever `text` is."""
+        shown = _without_userinfo(text)
+
+        def unusable(why: str) -> TokenError:
+            return TokenError(f"the bearer challenge's realm is not an http(s) URL ocigate can use ({why}): {shown!r}")
+
+        # Nothing else belongs in a URL; anything else would also be dropped, or refused, on the way to the wire.
+        if not all("!" <= char <= "~" for char in text):
+            raise unusable("it has spaces, control characters or non-ASCII characters")
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as e:
+            raise unusable(str(e)) from None
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise unusable("not http or https")
+        if not parts.hostname:
+            raise unusable("no host name")
+        problem = host_problem(parts.hostname, bracketed=parts.netloc.rpartition("@")[2].startswith("["))
+        if problem:
+            raise unusable(problem)
+        if port == 0:
+            raise unusable("port 0")
+        return cls(scheme, parts.hostname, port or DEFAULT_PORTS[scheme], parts.path or "/", parts.query)
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def target(self) -> str:
+        """The path and query, as the request line carries them."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.target}"
+
+
+@dataclass(frozen=True)
 class TokenRequest:
-    realm: str
+    realm: RealmURL
     service: str
     scopes: tuple[str, ...]  # sorted, no duplicates: equal needs give equal cache keys
     identity: str  # credential_identity() of the credential the token is fetched with
@@ -200,23 +256,14 @@ class TokenRequest:
         needs (repository:<name>:pull, ...)."""
         if challenge.scheme != "bearer":
             raise TokenError(f"a {challenge.scheme!r} challenge is not answered with a token")
-        realm = challenge.params.get("realm", "")
-        if not realm:
+        text = challenge.params.get("realm", "")
+        if not text:
             raise TokenError("the bearer challenge names no realm")
-        try:
-            parts = urlsplit(realm)
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise TokenError(f"the bearer challenge's realm is not an http(s) URL: {_without_userinfo(realm)!r}")
+        realm = RealmURL.parse(text)
         # containerd splits the challenge's scope on spaces (fetch.go, GenerateTokenOptions).
         scopes = {scope for scope in challenge.params.get("scope", "").split(" ") if scope}
         scopes.update(scope for scope in required_scopes if scope)
         return cls(realm, challenge.params.get("service", ""), tuple(sorted(scopes)), credential_identity(credential))
-
-    @property
-    def shown_realm(self) -> str:
-        return _without_userinfo(self.realm)
 
 
 # -- token responses ---------------------------------------------------------------------------------------------
@@ -375,21 +422,20 @@ def _consume_exception(task: "asyncio.Task[Token]") -> None:
 
 # -- fetching ----------------------------------------------------------------------------------------------------
 
-Send = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, Mapping[str, str], bytes]]]
+Send = Callable[[str, RealmURL, dict[str, str], bytes | None], Awaitable[tuple[int, Mapping[str, str], bytes]]]
 
 
 def basic_authorization(username: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
 
 
-def token_get_url(request: TokenRequest) -> str:
+def token_get_url(request: TokenRequest) -> RealmURL:
     """realm?service=...&scope=...&scope=..., keeping any query the realm already has (fetch.go, FetchToken)."""
-    parts = urlsplit(request.realm)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = parse_qsl(request.realm.query, keep_blank_values=True)
     if request.service:
         query.append(("service", request.service))
     query.extend(("scope", scope) for scope in request.scopes)
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return replace(request.realm, query=urlencode(query))
 
 
 def oauth_form(request: TokenRequest, credential: Credential, client_id: str) -> bytes:
@@ -443,9 +489,9 @@ async def fetch_token(
         )
         fallback = _GET_FALLBACK_STATUSES if credential.identity_token else _GET_FALLBACK_STATUSES_FOR_PASSWORD
         if status not in fallback:
-            return parse_token_response(status, headers, body, request.realm, clock())
+            return parse_token_response(status, headers, body, request.realm.url, clock())
         get_headers = {**accept, "Authorization": basic_authorization(username, secret)}
     else:
         get_headers = accept
     status, headers, body = await send("GET", token_get_url(request), get_headers, None)
-    return parse_token_response(status, headers, body, request.realm, clock())
+    return parse_token_response(status, headers, body, request.realm.url, clock())

@@ -3,7 +3,6 @@
 import asyncio
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -51,16 +50,12 @@ class Upstream:
     def host_tls(self, host: Host) -> HostTLS:
         return HostTLS.of(host, roots=self.roots, insecure=self.insecure)
 
-    def realm_host(self, url: str) -> Host:
-        """The host to send a request for `url` to (a token realm): with the TLS settings hosts.toml gives its
-        address, if any."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
-        known = self.hosts_by_address.get((parts.hostname or "", port))
+    def realm_host(self, scheme: str, host: str, port: int) -> Host:
+        """The host to send a token request to: with the TLS settings hosts.toml gives its address, if any."""
+        known = self.hosts_by_address.get((host, port))
         if known is not None:
             return replace(known, scheme=scheme, path="", headers=())
-        return Host(scheme=scheme, host=parts.hostname or "", port=port, path="", capabilities=frozenset())
+        return Host(scheme=scheme, host=host, port=port, path="", capabilities=frozenset())
 
     def _client(self, host: Host) -> httpx.AsyncClient:
         # Pooled by host name, not by the address dialled: two names on one address must never share a TLS
