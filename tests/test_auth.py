@@ -366,3 +366,28 @@ async def test_a_401_whose_realm_cannot_be_dialled_is_that_hosts_auth_failure_an
     assert result.startswith(f"no token for bad.test:{bad} without credentials: the bearer challenge's realm is not")
     assert failed.response.status_code == 401
     assert "ocigate can use" in json.loads(failed.response.content)["errors"][0]["message"]
+
+
+async def test_a_token_endpoint_dripping_its_answer_fails_that_hosts_authentication_naming_the_realm(
+    tmp_path: Path,
+) -> None:
+    with (
+        http_host(lambda h: (200, b'{"token": "late"}'), drip=0.05) as (auth, _),
+        http_host(lambda h: (200, b"{}")) as (good, _),
+    ):
+        challenge = f'Bearer realm="http://auth.test:{auth}/token",service="registry.test"'
+        with http_host(lambda h: (401, b"{}", {"WWW-Authenticate": challenge})) as (bad, _):
+            hosts = f'[host."http://bad.test:{bad}"]\n[host."http://good.test:{good}"]\n'
+            rules = write_rules(tmp_path, "upstream.test", hosts)
+            host_map = ["bad.test=127.0.0.1", "good.test=127.0.0.1", "auth.test=127.0.0.1"]
+            with gateway(rules, host_map, read_timeout=1) as (gw, _):
+                flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    assert [(a["host"], a["result"]) for a in flow.metadata[METADATA_KEY]["attempts"]] == [
+        (
+            f"http://bad.test:{bad}/v2",
+            f"no token for bad.test:{bad} without credentials: token request to http://auth.test:{auth} failed: "
+            "answer not complete within 1 s",
+        ),
+        (f"http://good.test:{good}/v2", "200"),
+    ]

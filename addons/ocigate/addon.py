@@ -291,7 +291,13 @@ class Gateway:
             "OCI-Ref. Empty: send none.",
         )
         loader.add_option("ocigate_connect_timeout", int, 30, "Seconds to connect to a host that has no dial_timeout.")
-        loader.add_option("ocigate_read_timeout", int, 60, "Seconds to wait for a host's answer.")
+        loader.add_option(
+            "ocigate_read_timeout",
+            int,
+            60,
+            "Seconds a host has for its whole answer, headers and body, from the request being sent, to a request "
+            "ocigate reads itself (manifests, tags, pings, probes, token requests; not streamed blobs).",
+        )
         loader.add_option(
             "ocigate_cooldown",
             int,

@@ -83,16 +83,30 @@ class Upstream:
         max_body: int = MAX_SMALL_BODY,
         body: bytes | None = None,
     ) -> HostResponse:
-        """Sends method target (path and query) to host and reads the whole (small) answer."""
+        """Sends method target (path and query) to host and reads the whole (small) answer: all of it within
+        read_timeout of the request being sent, so that a host dripping its answer cannot hold a request (or every
+        request waiting for a token) longer than one that sends nothing."""
         try:
             address, port = await self.destinations.resolve(host.host, host.port)
         except DestinationError as e:
             raise HostFailed(str(e)) from None
         dial_host = f"[{address}]" if ":" in address else address
         url = f"{host.scheme}://{dial_host}:{port}{target}"
-        timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout)
+        # Reading is bounded by the deadline for the whole answer, not per read: a host sending a byte now and then
+        # would never let a per-read timeout expire.
+        timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout, read=None)
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(None)
+
+        async def trace(event: str, _info: dict) -> None:
+            # The answer's time starts once the request is sent: connecting has its own timeout.
+            if event.endswith(".receive_response_headers.started"):
+                deadline.reschedule(loop.time() + self.read_timeout)
+
         request_headers = [(b"Host", host.netloc.encode()), *headers]
-        extensions = {"sni_hostname": host.host} if host.scheme == "https" else {}
+        extensions: dict[str, object] = {"trace": trace}
+        if host.scheme == "https":
+            extensions["sni_hostname"] = host.host
         try:
             client = self._client(host)
         except HostTLSError as e:
@@ -102,15 +116,18 @@ class Upstream:
         )
         _drop_invented_headers(request, headers)
         try:
-            response = await client.send(request, stream=True)
-            try:
-                answer = bytearray()
-                async for chunk in response.aiter_raw():
-                    answer += chunk
-                    if len(answer) > max_body:
-                        raise HostFailed(f"answer larger than {max_body} bytes")
-            finally:
-                await response.aclose()
+            async with deadline:
+                response = await client.send(request, stream=True)
+                try:
+                    answer = bytearray()
+                    async for chunk in response.aiter_raw():
+                        answer += chunk
+                        if len(answer) > max_body:
+                            raise HostFailed(f"answer larger than {max_body} bytes")
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise HostFailed(f"answer not complete within {self.read_timeout:g} s", unreachable=True) from None
         except httpx.TimeoutException as e:
             raise HostFailed(f"timed out ({type(e).__name__})", unreachable=True) from None
         except httpx.ConnectError as e:
