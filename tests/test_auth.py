@@ -16,10 +16,11 @@ from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, Redaction
-from ocigate.auth import Access, Authorization
+from ocigate.auth import MAX_KNOWN_HOSTS, Access, Authorization, Broker
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
-from ocigate.upstream import HostResponse
+from ocigate.rules import Host
+from ocigate.upstream import HostResponse, Upstream
 from tests.support.http_host import http_host
 from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 
@@ -391,3 +392,12 @@ async def test_a_token_endpoint_dripping_its_answer_fails_that_hosts_authenticat
         ),
         (f"http://good.test:{good}/v2", "200"),
     ]
+
+
+def test_at_most_max_known_hosts_have_their_challenge_remembered_the_latest_kept() -> None:
+    broker = Broker(Upstream())
+    hosts = [Host("https", f"mirror{number}.test", 443, "/v2", frozenset()) for number in range(5000)]
+    for number, host in enumerate(hosts):
+        challenge = f'Bearer realm="https://realm{number}.test/token"'.encode()
+        broker.learn(host, HostResponse(401, b"", ((b"WWW-Authenticate", challenge),), b""))
+    assert [host for host in hosts if broker.knows(host)] == hosts[-MAX_KNOWN_HOSTS:]

@@ -15,6 +15,8 @@ from ocigate.credentials import Credential
 from ocigate.tokens import (
     ANONYMOUS,
     DEFAULT_EXPIRES_IN,
+    MAX_TOKEN_LENGTH,
+    MAX_TOKENS,
     Challenge,
     RealmURL,
     Token,
@@ -617,3 +619,19 @@ async def test_no_secret_in_any_error_message(secret, kind):
 def test_no_token_in_a_tokens_repr(secret):
     token = parse_token_response(200, JSON_HEADERS, json.dumps({"token": secret}).encode(), REALM, NOW)
     assert token.value == secret and secret not in repr(token)
+
+
+def test_at_most_max_tokens_are_cached() -> None:
+    cache = TokenCache(clock=Clock())
+    for number in range(MAX_TOKENS + 100):
+        cache.put(
+            TokenRequest(RealmURL.parse(f"https://realm{number}.test/t"), "", (), ANONYMOUS), Token("t", NOW + 60)
+        )
+    assert len(cache) == MAX_TOKENS
+
+
+def test_a_token_too_long_to_keep_is_refused() -> None:
+    longest = "t" * MAX_TOKEN_LENGTH
+    assert parse_token_response(200, JSON_HEADERS, json.dumps({"token": longest}).encode(), REALM, NOW).value == longest
+    with pytest.raises(TokenError, match=f"token longer than {MAX_TOKEN_LENGTH} characters"):
+        parse_token_response(200, JSON_HEADERS, json.dumps({"token": longest + "t"}).encode(), REALM, NOW)

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from cachetools import LRUCache
+
 from .credentials import Credential, CredentialChain, CredentialError
 from .rules import Host
 from .tokens import (
+    MAX_TOKEN_RESPONSE,
     Challenge,
     RealmURL,
     Token,
@@ -33,6 +36,9 @@ from .tokens import (
 from .upstream import HostFailed, HostResponse, Upstream
 
 Headers = list[tuple[bytes, bytes]]
+# Hosts whose challenge (or openness) is remembered, the least recently asked forgotten first: far more than rules
+# name, and a forgotten host costs one 401 more.
+MAX_KNOWN_HOSTS = 1024
 
 
 class AuthFailed(Exception):
@@ -124,7 +130,7 @@ class Broker:
         self.credentials = credentials
         self.tokens = TokenCache(clock=clock)
         self._clock = clock
-        self._challenges: dict[str, Challenge] = {}
+        self._challenges: LRUCache[str, Challenge] = LRUCache(MAX_KNOWN_HOSTS)
 
     def forget(self) -> None:
         """Rules or credential sources changed: what hosts asked for and every token are forgotten."""
@@ -223,7 +229,7 @@ class Broker:
         host = self.upstream.realm_host(url.scheme, url.host, url.port)
         lines = [(k.encode(), v.encode()) for k, v in headers.items()]
         try:
-            response = await self.upstream.send(host, method, url.target, lines, body=body)
+            response = await self.upstream.send(host, method, url.target, lines, MAX_TOKEN_RESPONSE, body)
         except HostFailed as e:
             raise TokenError(f"token request to {host.url} failed: {e}") from None
         answer = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}

@@ -31,6 +31,12 @@ DEFAULT_EXPIRES_IN = 60.0
 # for 59.5 min).
 SAFETY_MARGIN_FRACTION = 0.1
 SAFETY_MARGIN_CAP = 30.0
+# Tokens cached (by realm, service, scopes and credential), the least recently used dropped first; each at most
+# MAX_TOKEN_LENGTH characters, four times the longest header line nginx and Apache take by default, from a token
+# response of at most MAX_TOKEN_RESPONSE bytes: the cache holds about 128 MiB at most, however big a realm's tokens are.
+MAX_TOKENS = 4096
+MAX_TOKEN_LENGTH = 32 * 1024
+MAX_TOKEN_RESPONSE = 256 * 1024
 # containerd sends "containerd-client"; servers use client_id only to tell clients apart.
 DEFAULT_CLIENT_ID = "ocigate"
 # Statuses of the OAuth2 POST after which the token endpoint is asked again with GET, as containerd does
@@ -341,6 +347,8 @@ def parse_token_response(status: int, headers: Mapping[str, str], body: bytes, r
         raise TokenError(f"token response from {shown} has no token in the JSON")
     if not header_safe(value):
         raise TokenError(f"token response from {shown} has a token with characters an HTTP header cannot carry")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise TokenError(f"token response from {shown} has a token longer than {MAX_TOKEN_LENGTH} characters")
     expires_in = _expires_in(document)
     issued_at = document.get("issued_at")
     issued = _parse_rfc3339(issued_at) if isinstance(issued_at, str) else None
@@ -368,7 +376,7 @@ class TokenCache:
     """Tokens by TokenRequest, each until usable_until(). Concurrent callers needing the same token share one fetch;
     a failed fetch fails every caller waiting for it and leaves nothing cached, so the next caller fetches again."""
 
-    def __init__(self, maxsize: int = 4096, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, maxsize: int = MAX_TOKENS, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._tokens: TLRUCache[TokenRequest, Token] = TLRUCache(
             maxsize, ttu=lambda _request, token, now: usable_until(token, now), timer=clock
