@@ -8,14 +8,17 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions, http, tls
+from mitmproxy import connection, exceptions, http, tls
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow, tutils
 
+from ocigate import addon
 from ocigate.addon import METADATA_KEY, Credentials, Dialing, Gateway, Shared
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
+from tests.support.registry import free_port
 
 DIGEST = "sha256:" + "b" * 64
 
@@ -212,7 +215,7 @@ async def test_a_host_that_does_not_answer_in_time_is_skipped(tmp_path: Path) ->
         release.set()
     assert flow.response.status_code == 200 and flow.response.content == b"{}"
     attempts = flow.metadata[METADATA_KEY]["attempts"]
-    assert attempts[0]["result"].startswith("timed out") and attempts[0]["fell_through"]
+    assert attempts[0]["result"] == "answer not complete within 1 s" and attempts[0]["fell_through"]
 
 
 CLIENT_AUTHORIZATION = (b"Authorization", b"Bearer client-own-token")
@@ -479,3 +482,26 @@ async def test_a_streamed_request_whose_hosts_the_policy_refuses_gets_an_oci_err
     error = json.loads(flow.response.content)["errors"][0]
     assert error["code"] == "UNAVAILABLE"
     assert "https://upstream.test/v2: upstream.test:443 is not in the host map" in error["message"]
+
+
+async def test_notes_about_connections_are_capped_whether_or_not_their_end_ever_comes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(addon, "MAX_CONNECTIONS", 3)
+    dialing = Dialing(Shared())
+    servers = [connection.Server(address=("127.0.0.1", free_port())) for _ in range(10)]
+    for server in servers:
+        await dialing.server_connect(server_hooks.ServerConnectionHookData(server, tflow.tclient_conn()))
+    assert set(dialing.asked) == {server.id for server in servers[-3:]}
+
+    rules = write_rules(
+        tmp_path,
+        "upstream.test",
+        f'server = "https://upstream.test"\ncapabilities = ["resolve"]\n[host."http://mirror.test:{free_port()}"]\n',
+    )
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+        flows = [flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}") for _ in range(10)]
+        for flow in flows:
+            await gw.requestheaders(flow)
+    assert all(flow.request.host == "mirror.test" for flow in flows)
+    assert set(gw.shared.repointed) == {flow.client_conn.id for flow in flows[-3:]}

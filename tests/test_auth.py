@@ -16,10 +16,11 @@ from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, Redaction
-from ocigate.auth import Access, Authorization
+from ocigate.auth import MAX_KNOWN_HOSTS, Access, Authorization, Broker
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
-from ocigate.upstream import HostResponse
+from ocigate.rules import Host
+from ocigate.upstream import HostResponse, Upstream
 from tests.support.http_host import http_host
 from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 
@@ -340,3 +341,63 @@ async def test_a_streamed_401_from_a_host_thought_open_teaches_the_broker_its_ch
     assert first.response.status_code == 401
     assert second.request.headers["Authorization"] == "Bearer token-0"
     assert registry.token_requests == [("alice", ["repository:team/app:pull"])]
+
+
+@pytest.mark.parametrize("realm", ["http://auth.test:99999/token", "http://auth.test:abc/token", "http://au\x01th/t"])
+async def test_a_401_whose_realm_cannot_be_dialled_is_that_hosts_auth_failure_and_the_next_host_is_asked(
+    tmp_path: Path, realm: str
+) -> None:
+    challenge = f'Bearer realm="{realm}",service="registry.test"'.encode("latin-1")
+    with (
+        http_host(lambda h: (401, b"{}", {"WWW-Authenticate": challenge.decode("latin-1")})) as (bad, _),
+        http_host(lambda h: (200, b"{}")) as (good, _),
+    ):
+        hosts = f'[host."http://bad.test:{bad}"]\n[host."http://good.test:{good}"]\n'
+        rules = write_rules(tmp_path, "upstream.test", hosts)
+        with gateway(rules, ["bad.test=127.0.0.1", "good.test=127.0.0.1"]) as (gw, _):
+            flow = await fetch(gw, "/v2/team/app/manifests/v1")
+        only_bad = write_rules(tmp_path / "only", "upstream.test", f'server = "http://bad.test:{bad}"\n')
+        with gateway(only_bad, ["bad.test=127.0.0.1"]) as (gw, _):
+            failed = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    [(host, result, fell_through)] = [
+        (a["host"], a["result"], a["fell_through"]) for a in flow.metadata[METADATA_KEY]["attempts"][:1]
+    ]
+    assert host == f"http://bad.test:{bad}/v2" and fell_through
+    assert result.startswith(f"no token for bad.test:{bad} without credentials: the bearer challenge's realm is not")
+    assert failed.response.status_code == 401
+    assert "ocigate can use" in json.loads(failed.response.content)["errors"][0]["message"]
+
+
+async def test_a_token_endpoint_dripping_its_answer_fails_that_hosts_authentication_naming_the_realm(
+    tmp_path: Path,
+) -> None:
+    with (
+        http_host(lambda h: (200, b'{"token": "late"}'), drip=0.05) as (auth, _),
+        http_host(lambda h: (200, b"{}")) as (good, _),
+    ):
+        challenge = f'Bearer realm="http://auth.test:{auth}/token",service="registry.test"'
+        with http_host(lambda h: (401, b"{}", {"WWW-Authenticate": challenge})) as (bad, _):
+            hosts = f'[host."http://bad.test:{bad}"]\n[host."http://good.test:{good}"]\n'
+            rules = write_rules(tmp_path, "upstream.test", hosts)
+            host_map = ["bad.test=127.0.0.1", "good.test=127.0.0.1", "auth.test=127.0.0.1"]
+            with gateway(rules, host_map, read_timeout=1) as (gw, _):
+                flow = await fetch(gw, "/v2/team/app/manifests/v1")
+    assert flow.response.status_code == 200
+    assert [(a["host"], a["result"]) for a in flow.metadata[METADATA_KEY]["attempts"]] == [
+        (
+            f"http://bad.test:{bad}/v2",
+            f"no token for bad.test:{bad} without credentials: token request to http://auth.test:{auth} failed: "
+            "answer not complete within 1 s",
+        ),
+        (f"http://good.test:{good}/v2", "200"),
+    ]
+
+
+def test_at_most_max_known_hosts_have_their_challenge_remembered_the_latest_kept() -> None:
+    broker = Broker(Upstream())
+    hosts = [Host("https", f"mirror{number}.test", 443, "/v2", frozenset()) for number in range(5000)]
+    for number, host in enumerate(hosts):
+        challenge = f'Bearer realm="https://realm{number}.test/token"'.encode()
+        broker.learn(host, HostResponse(401, b"", ((b"WWW-Authenticate", challenge),), b""))
+    assert [host for host in hosts if broker.knows(host)] == hosts[-MAX_KNOWN_HOSTS:]

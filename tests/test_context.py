@@ -227,6 +227,12 @@ def test_a_manifest_with_too_many_layers_records_the_first_ones():
     assert found == (digest("config"), *layers[: MAX_DIGESTS_PER_MANIFEST - 1])
 
 
+def test_only_the_first_descriptors_are_read_even_when_they_are_not_digests():
+    junk = [{"digest": "not a digest"}] * MAX_DIGESTS_PER_MANIFEST
+    document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*junk, {"digest": digest("late")}]}
+    assert referenced_digests(body(document), OCI_INDEX) == ()
+
+
 # -- referenced_digests: properties ------------------------------------------------------------------------------
 
 
@@ -451,3 +457,31 @@ def test_nothing_is_recorded_for_a_body_that_is_not_a_manifest():
 def test_a_store_with_no_room_or_no_lifetime_is_refused(maxsize, ttl):
     with pytest.raises(ValueError):
         ContextStore(maxsize=maxsize, ttl=ttl)
+
+
+def index_of(manifests: list[str], **extra: Any) -> bytes:
+    descriptors = [{"mediaType": OCI_MANIFEST, "size": 500, "digest": manifest} for manifest in manifests]
+    return body({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors, **extra})
+
+
+def test_an_index_with_a_few_hundred_entries_and_a_subject_is_remembered_whole():
+    manifests = [digest(f"platform {number}") for number in range(400)]
+    store = ContextStore()
+    recorded = store.remember(
+        "client-1", UPSTREAM, REPOSITORY, V1, MIRROR_B, index_of(manifests, subject={"digest": digest("subject")}), None
+    )
+    assert recorded == (*manifests, digest("subject"))
+    assert all(store.origin("client-1", UPSTREAM, REPOSITORY, d) == Origin(V1, MIRROR_B) for d in recorded)
+
+
+def test_an_index_of_45000_references_remembers_no_more_than_the_cap():
+    manifests = [digest(str(number)) for number in range(45_000)]
+    # As small as descriptors go, to stay under the size limit (which is tested on its own).
+    huge = json.dumps({"manifests": [{"digest": manifest} for manifest in manifests]}, separators=(",", ":")).encode()
+    assert len(huge) <= MAX_MANIFEST_SIZE
+    store = ContextStore()
+    recorded = store.remember("client-1", UPSTREAM, REPOSITORY, V1, MIRROR_B, huge, OCI_INDEX)
+    assert recorded == tuple(manifests[:MAX_DIGESTS_PER_MANIFEST])
+    # Both maps, the client's and anyone's, hold one entry per digest remembered.
+    assert len(store) == 2 * MAX_DIGESTS_PER_MANIFEST
+    assert store.origin("client-1", UPSTREAM, REPOSITORY, manifests[-1]) is None

@@ -1,6 +1,6 @@
 """Host health: cool-downs after failures to connect, and content a host sent wrong."""
 
-from ocigate.health import HostHealth
+from ocigate.health import MAX_DOWN_HOSTS, HostHealth
 
 HOST = "http://mirror.test:5000/v2"
 
@@ -41,3 +41,12 @@ def test_bad_content_is_remembered_per_host_and_digest() -> None:
     assert health.sent_bad(HOST, "sha256:" + "a" * 64) == "3 bytes that hash to sha256:..."
     assert health.sent_bad(HOST, "sha256:" + "b" * 64) is None
     assert health.sent_bad("http://other.test/v2", "sha256:" + "a" * 64) is None
+
+
+def test_at_most_max_down_hosts_are_remembered_the_latest_kept() -> None:
+    health = HostHealth(cooldown=30, clock=Clock())
+    hosts = [f"http://mirror{number}.test/v2" for number in range(5000)]
+    for host in hosts:
+        health.unreachable(host, "connection refused")
+    down = [host for host in hosts if health.skipped(host)]
+    assert down == hosts[-MAX_DOWN_HOSTS:]

@@ -1,9 +1,12 @@
 import asyncio
 import base64
+import ipaddress
 import json
+import re
 import string
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +15,10 @@ from ocigate.credentials import Credential
 from ocigate.tokens import (
     ANONYMOUS,
     DEFAULT_EXPIRES_IN,
+    MAX_TOKEN_LENGTH,
+    MAX_TOKENS,
     Challenge,
+    RealmURL,
     Token,
     TokenCache,
     TokenError,
@@ -150,7 +156,7 @@ def test_token_request_merges_sorts_and_dedupes_scopes():
         bearer(scope="repository:b:pull repository:a:pull"), ["repository:a:pull", "repository:c:pull,push"], None
     )
     assert request == TokenRequest(
-        REALM,
+        RealmURL.parse(REALM),
         "registry.example",
         ("repository:a:pull", "repository:b:pull", "repository:c:pull,push"),
         ANONYMOUS,
@@ -166,12 +172,78 @@ def test_token_request_needs_a_bearer_challenge_with_an_http_realm():
         TokenRequest.for_challenge(Challenge("bearer", {"realm": "file:///etc/passwd"}), [], None)
 
 
+@pytest.mark.parametrize(
+    ("realm", "why"),
+    [
+        ("https://auth.example:99999/token", "Port out of range"),
+        ("https://auth.example:abc/token", "Port could not be cast"),
+        ("https://auth.example:0/token", "port 0"),
+        ("https://auth.\x01example/token", "control characters"),
+        ("https://auth.example/to ken", "spaces"),
+        ("https://auth.example/t\u00f6ken", "non-ASCII"),
+        ("https://[::1/token", "Invalid IPv6 URL"),
+        ("https://[auth.example]/token", "IPv4 or IPv6 address"),
+        ("https://auth_example%2f/token", "invalid host name"),
+        ("https:///token", "no host name"),
+        ("ftp://auth.example/token", "not http or https"),
+    ],
+)
+def test_a_realm_ocigate_cannot_dial_is_a_token_error_saying_why(realm: str, why: str):
+    with pytest.raises(TokenError, match=f"not an http\\(s\\) URL ocigate can use \\(.*{why}") as raised:
+        TokenRequest.for_challenge(bearer(realm=realm), [], None)
+    assert "\x01" not in str(raised.value)
+
+
+def test_a_realm_is_parsed_into_what_is_dialled():
+    assert RealmURL.parse("HTTPS://Auth.Example/token?tenant=x#frag") == RealmURL(
+        "https", "auth.example", 443, "/token", "tenant=x"
+    )
+    assert RealmURL.parse("http://[::1]:5000") == RealmURL("http", "::1", 5000, "/")
+    assert RealmURL.parse("http://[::1]:5000").url == "http://[::1]:5000/"
+    assert RealmURL.parse("https://auth.example:443/t?a=1").target == "/t?a=1"
+
+
+# Strings shaped like URLs, with a good or bad piece in each place, besides arbitrary text.
+_url_like = st.builds(
+    "{}://{}{}{}{}".format,
+    st.sampled_from(["http", "https", "HTTP", "ftp", "", "http:"]),
+    st.sampled_from(["", "user@", "u:p@", "@"]),
+    st.one_of(
+        st.sampled_from(["auth.example", "127.0.0.1", "[::1]", "[::1", "[fe80::1%25eth0]", "[v1.x]", "a..b", "-"]),
+        st.text(max_size=12),
+    ),
+    st.one_of(st.just(""), st.integers(-5, 100_000).map(":{}".format), st.text(max_size=6).map(":{}".format)),
+    st.one_of(st.just(""), st.text(max_size=20).map("/{}".format)),
+)
+_DNS_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.text(), _url_like))
+def test_any_realm_either_parses_into_a_url_ocigate_can_dial_or_is_a_token_error(text: str):
+    try:
+        realm = TokenRequest.for_challenge(bearer(realm=text), [], None).realm
+    except TokenError:
+        return
+    assert realm.scheme in ("http", "https")
+    assert 0 < realm.port < 65536
+    if ":" in realm.host:
+        assert isinstance(ipaddress.ip_address(realm.host), ipaddress.IPv6Address)
+    else:
+        assert _DNS_NAME.fullmatch(realm.host)
+    assert realm.target.startswith("/") and all("!" <= char <= "~" for char in realm.target)
+    # What httpx dials is what was parsed, and the URL shown parses back to the same realm.
+    dialled = httpx.URL(realm.url)
+    assert (dialled.scheme, dialled.host, dialled.port or realm.port) == (realm.scheme, realm.host, realm.port)
+    assert RealmURL.parse(realm.url) == realm
+
+
 def test_a_realm_with_userinfo_is_never_shown_with_it():
     with pytest.raises(TokenError) as raised:
         TokenRequest.for_challenge(Challenge("bearer", {"realm": "ftp://user:hunter2@auth.example/t"}), [], None)
     assert "hunter2" not in str(raised.value)
     request = TokenRequest.for_challenge(Challenge("bearer", {"realm": "https://u:hunter2@auth.example/t"}), [], None)
-    assert request.shown_realm == "https://auth.example/t"
+    assert request.realm.url == "https://auth.example/t"
 
 
 def test_identity_is_opaque_and_tells_credentials_apart():
@@ -259,8 +331,8 @@ class Clock:
         return self.now
 
 
-REQUEST = TokenRequest(REALM, "registry.example", ("repository:a:pull",), ANONYMOUS)
-OTHER_REQUEST = TokenRequest(REALM, "registry.example", ("repository:b:pull",), ANONYMOUS)
+REQUEST = TokenRequest(RealmURL.parse(REALM), "registry.example", ("repository:a:pull",), ANONYMOUS)
+OTHER_REQUEST = TokenRequest(RealmURL.parse(REALM), "registry.example", ("repository:b:pull",), ANONYMOUS)
 
 
 def test_safety_margin_is_a_tenth_capped_at_30_seconds():
@@ -396,7 +468,7 @@ class FakeTokenServer:
         self.get = get or (200, JSON_HEADERS, b'{"token": "from-get"}')
 
     async def send(self, method, url, headers, body):
-        self.calls.append((method, url, headers, body))
+        self.calls.append((method, url.url, headers, body))
         return self.post if method == "POST" else self.get
 
 
@@ -547,3 +619,19 @@ async def test_no_secret_in_any_error_message(secret, kind):
 def test_no_token_in_a_tokens_repr(secret):
     token = parse_token_response(200, JSON_HEADERS, json.dumps({"token": secret}).encode(), REALM, NOW)
     assert token.value == secret and secret not in repr(token)
+
+
+def test_at_most_max_tokens_are_cached() -> None:
+    cache = TokenCache(clock=Clock())
+    for number in range(MAX_TOKENS + 100):
+        cache.put(
+            TokenRequest(RealmURL.parse(f"https://realm{number}.test/t"), "", (), ANONYMOUS), Token("t", NOW + 60)
+        )
+    assert len(cache) == MAX_TOKENS
+
+
+def test_a_token_too_long_to_keep_is_refused() -> None:
+    longest = "t" * MAX_TOKEN_LENGTH
+    assert parse_token_response(200, JSON_HEADERS, json.dumps({"token": longest}).encode(), REALM, NOW).value == longest
+    with pytest.raises(TokenError, match=f"token longer than {MAX_TOKEN_LENGTH} characters"):
+        parse_token_response(200, JSON_HEADERS, json.dumps({"token": longest + "t"}).encode(), REALM, NOW)

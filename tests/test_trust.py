@@ -82,6 +82,28 @@ async def test_an_unreachable_host_cools_down_and_when_none_can_be_reached_the_c
     }
 
 
+async def test_a_mirror_dripping_its_manifest_costs_one_read_timeout_and_cools_down(tmp_path: Path) -> None:
+    with (
+        http_host(lambda h: (200, MANIFEST), drip=0.05) as (slow, slow_seen),
+        http_host(lambda h: (200, MANIFEST)) as (good, _),
+    ):
+        rules = write_rules(
+            tmp_path, "upstream.test", f'[host."http://a.test:{slow}"]\n[host."http://b.test:{good}"]\n'
+        )
+        with gateway(rules, ["a.test=127.0.0.1", "b.test=127.0.0.1"], read_timeout=1) as (gw, _):
+            first = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(first)
+            second = flow_to("upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}")
+            await gw.requestheaders(second)
+    assert first.response.status_code == 200 and first.response.content == MANIFEST
+    assert attempts(first) == [
+        (f"http://a.test:{slow}/v2", "answer not complete within 1 s"),
+        (f"http://b.test:{good}/v2", "200"),
+    ]
+    assert attempts(second)[0] == (f"http://a.test:{slow}/v2", "answer not complete within 1 s (skipped for 30 s)")
+    assert second.response.content == MANIFEST and len(slow_seen) == 1
+
+
 async def test_a_blob_that_is_not_its_digest_is_cut_short_and_not_asked_of_that_host_again(tmp_path: Path) -> None:
     with http_host(lambda h: (200, BLOB)) as (first_port, _), http_host(lambda h: (200, BLOB)) as (second_port, _):
         rules = write_rules(

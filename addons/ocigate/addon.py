@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cachetools import LRUCache
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
@@ -58,6 +59,10 @@ log = logging.getLogger("ocigate")
 
 METADATA_KEY = "ocigate"
 _STREAM_KEY = "ocigate_stream"
+# Connections (client or server) ocigate keeps a note about, the least recently used forgotten first. A note goes
+# when its connection ends or is dialled, so only those whose end never came (a client gone while mitmproxy waited to
+# dial) pile up; a connection forgotten while alive loses only its host's own TLS settings in hosts.toml.
+MAX_CONNECTIONS = 10_000
 
 
 class Shared:
@@ -74,7 +79,7 @@ class Shared:
         # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
-        self.repointed: dict[str, dict[tuple[str, int], Host]] = {}
+        self.repointed: LRUCache[str, dict[tuple[str, int], Host]] = LRUCache(MAX_CONNECTIONS)
 
     def host_for_connection(self, client_id: str, address: tuple[str, int]) -> Host | None:
         return self.repointed.get(client_id, {}).get(address) or self.upstream.hosts_by_address.get(address)
@@ -87,7 +92,7 @@ class Dialing:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         # The address each connection was asked for, until it is connected (see server_connect).
-        self.asked: dict[str, tuple[str, int]] = {}
+        self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -293,7 +298,13 @@ class Gateway:
             "OCI-Ref. Empty: send none.",
         )
         loader.add_option("ocigate_connect_timeout", int, 30, "Seconds to connect to a host that has no dial_timeout.")
-        loader.add_option("ocigate_read_timeout", int, 60, "Seconds to wait for a host's answer.")
+        loader.add_option(
+            "ocigate_read_timeout",
+            int,
+            60,
+            "Seconds a host has for its whole answer, headers and body, from the request being sent, to a request "
+            "ocigate reads itself (manifests, tags, pings, probes, token requests; not streamed blobs).",
+        )
         loader.add_option(
             "ocigate_cooldown",
             int,

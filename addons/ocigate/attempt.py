@@ -3,7 +3,7 @@
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
@@ -11,6 +11,7 @@ from .health import HostHealth
 from .redaction import echo_forms, mask, mask_headers
 from .reference import RouteKind
 from .router import Attempt, Plan, ping_target
+from .tokens import RealmURL, TokenError
 from .upstream import HostFailed, HostResponse
 from .verify import Problem, manifest_problem
 
@@ -140,14 +141,14 @@ class Asker:
             if answer.status not in _REDIRECTS or location is None:
                 return answer, where
             try:
-                url = urljoin(url, location)
-                target_host = self.broker.upstream.realm_host(url)
-            except ValueError:
-                raise HostFailed(f"a redirect to a Location ocigate cannot read ({answer.status})") from None
-            parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                # A URL ocigate can dial, checked as a token realm is.
+                next_url = RealmURL.parse(urljoin(url, location))
+            except (TokenError, ValueError):
+                raise HostFailed(f"a redirect ({answer.status}) to a Location ocigate cannot use") from None
+            url = next_url.url
+            target_host = self.broker.upstream.realm_host(next_url.scheme, next_url.host, next_url.port)
             lines = [(k, v) for k, v in headers if k.lower() != b"authorization"]
-            answer = await self.broker.upstream.send(target_host, method, target, lines)
+            answer = await self.broker.upstream.send(target_host, method, next_url.target, lines)
             where = target_host.netloc
         raise HostFailed(f"more than {MAX_REDIRECTS} redirects")
 

@@ -14,12 +14,15 @@ adds ever reaches another host.
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+
+from cachetools import LRUCache
 
 from .credentials import Credential, CredentialChain, CredentialError
 from .rules import Host
 from .tokens import (
+    MAX_TOKEN_RESPONSE,
     Challenge,
+    RealmURL,
     Token,
     TokenCache,
     TokenError,
@@ -33,6 +36,9 @@ from .tokens import (
 from .upstream import HostFailed, HostResponse, Upstream
 
 Headers = list[tuple[bytes, bytes]]
+# Hosts whose challenge (or openness) is remembered, the least recently asked forgotten first: far more than rules
+# name, and a forgotten host costs one 401 more.
+MAX_KNOWN_HOSTS = 1024
 
 
 class AuthFailed(Exception):
@@ -124,7 +130,7 @@ class Broker:
         self.credentials = credentials
         self.tokens = TokenCache(clock=clock)
         self._clock = clock
-        self._challenges: dict[str, Challenge] = {}
+        self._challenges: LRUCache[str, Challenge] = LRUCache(MAX_KNOWN_HOSTS)
 
     def forget(self) -> None:
         """Rules or credential sources changed: what hosts asked for and every token are forgotten."""
@@ -218,16 +224,12 @@ class Broker:
         return response, retry
 
     async def _send_token_request(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+        self, method: str, url: RealmURL, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        parts = urlsplit(url)
-        host = self.upstream.realm_host(url)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+        host = self.upstream.realm_host(url.scheme, url.host, url.port)
         lines = [(k.encode(), v.encode()) for k, v in headers.items()]
         try:
-            response = await self.upstream.send(host, method, target, lines, body=body)
+            response = await self.upstream.send(host, method, url.target, lines, MAX_TOKEN_RESPONSE, body)
         except HostFailed as e:
             raise TokenError(f"token request to {host.url} failed: {e}") from None
         answer = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}

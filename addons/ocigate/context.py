@@ -27,14 +27,16 @@ Attribution rules:
 Memory is bounded by `maxsize` entries in all: the map by client (which also holds the resolved tags) gets
 `maxsize - maxsize // 2` of them, the map for anyone `maxsize // 2`; each drops its least recently used entry when
 full. Client ids are opaque strings and only ever key entries of the map by client, so however many clients come
-and go the bound holds. An entry expires `ttl` seconds after the digest was last remembered. One manifest records at
-most MAX_DIGESTS_PER_MANIFEST digests (the first ones, in document order), so a manifest listing absurdly many layers
-cannot flush everything else; manifests larger than MAX_MANIFEST_SIZE are not read at all.
+and go the bound holds. An entry expires `ttl` seconds after the digest was last remembered. Of one manifest only the
+first MAX_DIGESTS_PER_MANIFEST descriptors (in document order) are read, so a manifest listing absurdly many can
+neither flush everything else nor hold up the event loop every other request waits on; manifests larger than
+MAX_MANIFEST_SIZE are not read at all.
 """
 
 import json
 import time
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 from cachetools import TTLCache
@@ -44,9 +46,10 @@ from .router import Origin
 
 __all__ = ["MAX_DIGESTS_PER_MANIFEST", "MAX_MANIFEST_SIZE", "ContextStore", "Origin", "referenced_digests"]
 
-# Real images have tens of layers, an index a few dozen platforms; this is far beyond any of them and still leaves a
-# default-sized store (100_000 entries) nine tenths of its room for other pulls.
-MAX_DIGESTS_PER_MANIFEST = 10_000
+# Real images have tens of layers (overlayfs stacks at most 128), an index a few dozen platforms and at most a few
+# hundred entries with attestations; this is beyond any of them, and remembering it costs the event loop a few
+# milliseconds (10,000 cost it tens of milliseconds, which every other client waited through).
+MAX_DIGESTS_PER_MANIFEST = 1_000
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
 # (containerd's MaxManifestSize) do not take them either: there is no pull to attribute anything to.
 MAX_MANIFEST_SIZE = 4 << 20
@@ -132,8 +135,8 @@ def referenced_digests(body: bytes, media_type: str | None) -> tuple[str, ...]:
     """The digests a manifest body references, in document order, each once: an image's config, layers and subject;
     an index's (manifest list's) manifests and subject; a schema1 manifest's fsLayers blobSums.
 
-    Only well-formed digests (the OCI grammar, reference.validate_digest) are returned, at most
-    MAX_DIGESTS_PER_MANIFEST. Never raises: anything that is not a manifest (not JSON, wrong types, nesting too deep
+    Only well-formed digests (the OCI grammar, reference.validate_digest) of the first MAX_DIGESTS_PER_MANIFEST
+    descriptors are returned. Never raises: anything that is not a manifest (not JSON, wrong types, nesting too deep
     to parse, more than MAX_MANIFEST_SIZE bytes) references nothing.
     """
     if len(body) > MAX_MANIFEST_SIZE:
@@ -148,11 +151,9 @@ def referenced_digests(body: bytes, media_type: str | None) -> tuple[str, ...]:
     if kind is None:
         return ()
     found: dict[str, None] = {}  # a dict keeps the document order
-    for candidate in _candidates(document, kind):
+    for candidate in islice(_candidates(document, kind), MAX_DIGESTS_PER_MANIFEST):
         if isinstance(candidate, str) and candidate not in found and _well_formed(candidate):
             found[candidate] = None
-            if len(found) == MAX_DIGESTS_PER_MANIFEST:
-                break
     return tuple(found)
 
 

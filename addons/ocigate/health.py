@@ -10,11 +10,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 DEFAULT_COOLDOWN = 30.0
 # How long a host that sent bytes not matching their digest is not asked for that digest again.
 BAD_CONTENT_TTL = 3600.0
+# Hosts remembered as down, and (host, digest) pairs as sent wrong or failed, the least recently noted forgotten first:
+# a forgotten host or digest is only asked again.
+MAX_DOWN_HOSTS = 1024
+MAX_BAD_CONTENT = 10_000
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,9 @@ class HostHealth:
     def __init__(self, cooldown: float = DEFAULT_COOLDOWN, clock: Callable[[], float] = time.monotonic) -> None:
         self.cooldown = cooldown
         self._clock = clock
-        self._down: dict[str, _Down] = {}
-        self._bad_content: TTLCache[tuple[str, str], str] = TTLCache(maxsize=10_000, ttl=BAD_CONTENT_TTL, timer=clock)
-        self._failed: TTLCache[tuple[str, str], _Down] = TTLCache(maxsize=10_000, ttl=BAD_CONTENT_TTL, timer=clock)
+        self._down: LRUCache[str, _Down] = LRUCache(MAX_DOWN_HOSTS)
+        self._bad_content: TTLCache[tuple[str, str], str] = TTLCache(MAX_BAD_CONTENT, BAD_CONTENT_TTL, timer=clock)
+        self._failed: TTLCache[tuple[str, str], _Down] = TTLCache(MAX_BAD_CONTENT, BAD_CONTENT_TTL, timer=clock)
 
     def unreachable(self, host: str, why: str) -> None:
         """`host` (its URL) could not be connected to or did not answer in time."""

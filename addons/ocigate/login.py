@@ -34,12 +34,11 @@ from .reference import (
     validate_repository,
 )
 from .router import ping_target
-from .rules import CAPABILITIES, Host
+from .rules import CAPABILITIES, DEFAULT_PORTS, Host
 from .tokens import TokenError
 from .upstream import HostFailed, Upstream
 
 COMMANDS = ("login", "logout")
-_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 class LoginFailed(Exception):
@@ -57,7 +56,7 @@ def parse_host(text: str, *, ca_file: Path | None = None, insecure: bool = False
     scheme, separator, _ = url.partition("://")
     if not separator:
         url = f"https://{url}"
-    elif scheme.lower() not in _DEFAULT_PORTS:
+    elif scheme.lower() not in DEFAULT_PORTS:
         raise ValueError(f"HOST {text!r}: unsupported scheme {scheme!r} (expected http or https)")
     try:
         parts = urlsplit(url)
@@ -73,7 +72,7 @@ def parse_host(text: str, *, ca_file: Path | None = None, insecure: bool = False
     except RouteError as e:
         raise ValueError(str(e)) from None
     scheme = parts.scheme.lower()
-    port = port or _DEFAULT_PORTS[scheme]
+    port = port or DEFAULT_PORTS[scheme]
     hostname = hostname.strip("[]")
     if scheme == "https" and port == 443 and normalize_upstream(hostname) == DOCKER_HUB:
         hostname = DOCKER_HUB_SERVER

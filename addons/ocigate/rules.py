@@ -41,7 +41,7 @@ PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 AUTHENTICATION_MODES = ("gateway", "client")
 # containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
 _KEYS_NEEDING_SERVER = ("capabilities", "override_path")
-_DEFAULT_PORTS = {"https": 443, "http": 80}
+DEFAULT_PORTS = {"https": 443, "http": 80}
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -103,7 +103,7 @@ class Host:
     @property
     def netloc(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -281,6 +281,14 @@ def _split_upstream(upstream: str) -> tuple[str, int | None]:
     raise ValueError(f"not a registry host[:port]: {upstream!r}")
 
 
+def host_problem(host: str, *, bracketed: bool) -> str | None:
+    """What is wrong with a URL's host name (urlsplit's hostname: lowercased, without brackets) for dialling it, or
+    None: in brackets an IPv6 address, else a DNS name or an IPv4 address."""
+    if bracketed:
+        return None if ":" in host and _is_ip_address(host) else f"invalid IPv6 address {host!r}"
+    return None if _HOST_NAME.fullmatch(host) else f"invalid host name {host!r}"
+
+
 def _is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -315,7 +323,7 @@ def _upstream_host(upstream: str, top_level: _Settings) -> Host:
             scheme = "http"
         if port != 80:
             settings = replace(settings, skip_verify=True)
-    return settings.host(scheme, host.lower(), port or _DEFAULT_PORTS[scheme], "/v2", is_server=True)
+    return settings.host(scheme, host.lower(), port or DEFAULT_PORTS[scheme], "/v2", is_server=True)
 
 
 def _load_directory(directory: Path) -> _RegistryDirectory:
@@ -467,7 +475,7 @@ class _HostsFileParser:
         if scheme_match is None:
             # containerd reads a URL without a scheme as https (hosts.go:431-433).
             url = f"https://{url}"
-        elif scheme_match[1].lower() not in _DEFAULT_PORTS:
+        elif scheme_match[1].lower() not in DEFAULT_PORTS:
             raise self.error(key, f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
         try:
             parts = urlsplit(url)
@@ -481,17 +489,15 @@ class _HostsFileParser:
         host = parts.hostname or ""
         if not host:
             raise self.error(key, "URL has no host name")
-        if parts.netloc.startswith("["):
-            if not _is_ip_address(host) or ":" not in host:
-                raise self.error(key, f"invalid IPv6 address {host!r}")
-        elif not _HOST_NAME.fullmatch(host):
-            raise self.error(key, f"invalid host name {host!r}")
+        problem = host_problem(host, bracketed=parts.netloc.startswith("["))
+        if problem:
+            raise self.error(key, problem)
         if parts.netloc.endswith(":"):
             raise self.error(key, "URL has an empty port")
         if port == 0:
             raise self.error(key, "invalid port 0 (expected 1-65535)")
         scheme = parts.scheme.lower()
-        return scheme, host, port or _DEFAULT_PORTS[scheme], _clean_path(parts.path)
+        return scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path)
 
     def check_keys(self, table: dict[str, Any], allowed: frozenset[str], prefix: tuple[str, ...]) -> None:
         for key in table:

@@ -15,13 +15,14 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
 
 from .credentials import Credential
+from .rules import DEFAULT_PORTS, host_problem
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
@@ -30,6 +31,12 @@ DEFAULT_EXPIRES_IN = 60.0
 # for 59.5 min).
 SAFETY_MARGIN_FRACTION = 0.1
 SAFETY_MARGIN_CAP = 30.0
+# Tokens cached (by realm, service, scopes and credential), the least recently used dropped first; each at most
+# MAX_TOKEN_LENGTH characters, four times the longest header line nginx and Apache take by default, from a token
+# response of at most MAX_TOKEN_RESPONSE bytes: the cache holds about 128 MiB at most, however big a realm's tokens are.
+MAX_TOKENS = 4096
+MAX_TOKEN_LENGTH = 32 * 1024
+MAX_TOKEN_RESPONSE = 256 * 1024
 # containerd sends "containerd-client"; servers use client_id only to tell clients apart.
 DEFAULT_CLIENT_ID = "ocigate"
 # Statuses of the OAuth2 POST after which the token endpoint is asked again with GET, as containerd does
@@ -186,8 +193,63 @@ def _without_userinfo(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class RealmURL:
+    """A token realm, or a token request's URL, that ocigate can dial: http or https, a host name or IP address, a
+    port in 1-65535, and a path and query of visible ASCII. A realm's userinfo is not kept: ocigate never sends it,
+    and it would be a secret in every message that shows the realm."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lowercased; an IPv6 address without its brackets
+    port: int
+    path: str  # at least "/"
+    query: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "RealmURL":
+        """The realm a challenge names; TokenError naming what is wrong with it, whatever `text` is."""
+        shown = _without_userinfo(text)
+
+        def unusable(why: str) -> TokenError:
+            return TokenError(f"the bearer challenge's realm is not an http(s) URL ocigate can use ({why}): {shown!r}")
+
+        # Nothing else belongs in a URL; anything else would also be dropped, or refused, on the way to the wire.
+        if not all("!" <= char <= "~" for char in text):
+            raise unusable("it has spaces, control characters or non-ASCII characters")
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as e:
+            raise unusable(str(e)) from None
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise unusable("not http or https")
+        if not parts.hostname:
+            raise unusable("no host name")
+        problem = host_problem(parts.hostname, bracketed=parts.netloc.rpartition("@")[2].startswith("["))
+        if problem:
+            raise unusable(problem)
+        if port == 0:
+            raise unusable("port 0")
+        return cls(scheme, parts.hostname, port or DEFAULT_PORTS[scheme], parts.path or "/", parts.query)
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def target(self) -> str:
+        """The path and query, as the request line carries them."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.target}"
+
+
+@dataclass(frozen=True)
 class TokenRequest:
-    realm: str
+    realm: RealmURL
     service: str
     scopes: tuple[str, ...]  # sorted, no duplicates: equal needs give equal cache keys
     identity: str  # credential_identity() of the credential the token is fetched with
@@ -200,23 +262,14 @@ class TokenRequest:
         needs (repository:<name>:pull, ...)."""
         if challenge.scheme != "bearer":
             raise TokenError(f"a {challenge.scheme!r} challenge is not answered with a token")
-        realm = challenge.params.get("realm", "")
-        if not realm:
+        text = challenge.params.get("realm", "")
+        if not text:
             raise TokenError("the bearer challenge names no realm")
-        try:
-            parts = urlsplit(realm)
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise TokenError(f"the bearer challenge's realm is not an http(s) URL: {_without_userinfo(realm)!r}")
+        realm = RealmURL.parse(text)
         # containerd splits the challenge's scope on spaces (fetch.go, GenerateTokenOptions).
         scopes = {scope for scope in challenge.params.get("scope", "").split(" ") if scope}
         scopes.update(scope for scope in required_scopes if scope)
         return cls(realm, challenge.params.get("service", ""), tuple(sorted(scopes)), credential_identity(credential))
-
-    @property
-    def shown_realm(self) -> str:
-        return _without_userinfo(self.realm)
 
 
 # -- token responses ---------------------------------------------------------------------------------------------
@@ -294,6 +347,8 @@ def parse_token_response(status: int, headers: Mapping[str, str], body: bytes, r
         raise TokenError(f"token response from {shown} has no token in the JSON")
     if not header_safe(value):
         raise TokenError(f"token response from {shown} has a token with characters an HTTP header cannot carry")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise TokenError(f"token response from {shown} has a token longer than {MAX_TOKEN_LENGTH} characters")
     expires_in = _expires_in(document)
     issued_at = document.get("issued_at")
     issued = _parse_rfc3339(issued_at) if isinstance(issued_at, str) else None
@@ -321,7 +376,7 @@ class TokenCache:
     """Tokens by TokenRequest, each until usable_until(). Concurrent callers needing the same token share one fetch;
     a failed fetch fails every caller waiting for it and leaves nothing cached, so the next caller fetches again."""
 
-    def __init__(self, maxsize: int = 4096, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, maxsize: int = MAX_TOKENS, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._tokens: TLRUCache[TokenRequest, Token] = TLRUCache(
             maxsize, ttu=lambda _request, token, now: usable_until(token, now), timer=clock
@@ -375,21 +430,20 @@ def _consume_exception(task: "asyncio.Task[Token]") -> None:
 
 # -- fetching ----------------------------------------------------------------------------------------------------
 
-Send = Callable[[str, str, dict[str, str], bytes | None], Awaitable[tuple[int, Mapping[str, str], bytes]]]
+Send = Callable[[str, RealmURL, dict[str, str], bytes | None], Awaitable[tuple[int, Mapping[str, str], bytes]]]
 
 
 def basic_authorization(username: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
 
 
-def token_get_url(request: TokenRequest) -> str:
+def token_get_url(request: TokenRequest) -> RealmURL:
     """realm?service=...&scope=...&scope=..., keeping any query the realm already has (fetch.go, FetchToken)."""
-    parts = urlsplit(request.realm)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = parse_qsl(request.realm.query, keep_blank_values=True)
     if request.service:
         query.append(("service", request.service))
     query.extend(("scope", scope) for scope in request.scopes)
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return replace(request.realm, query=urlencode(query))
 
 
 def oauth_form(request: TokenRequest, credential: Credential, client_id: str) -> bytes:
@@ -443,9 +497,9 @@ async def fetch_token(
         )
         fallback = _GET_FALLBACK_STATUSES if credential.identity_token else _GET_FALLBACK_STATUSES_FOR_PASSWORD
         if status not in fallback:
-            return parse_token_response(status, headers, body, request.realm, clock())
+            return parse_token_response(status, headers, body, request.realm.url, clock())
         get_headers = {**accept, "Authorization": basic_authorization(username, secret)}
     else:
         get_headers = accept
     status, headers, body = await send("GET", token_get_url(request), get_headers, None)
-    return parse_token_response(status, headers, body, request.realm, clock())
+    return parse_token_response(status, headers, body, request.realm.url, clock())

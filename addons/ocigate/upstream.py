@@ -1,9 +1,9 @@
 """ocigate's own requests to hosts: pooled async clients, dialled through the destination policy."""
 
 import asyncio
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -13,6 +13,9 @@ from .rules import Host
 
 # Registries refuse manifests above 4 MiB (distribution's limit); anything much larger is not a manifest.
 MAX_SMALL_BODY = 16 * 1024 * 1024
+# Clients (each with its idle connections) kept for hosts and token realms. Rules name far fewer hosts; a mirror
+# naming a new realm in every challenge could name any number.
+MAX_CLIENTS = 256
 
 
 class HostFailed(Exception):
@@ -33,6 +36,70 @@ class HostResponse:
     body: bytes  # as sent on the wire: still content-encoded when Content-Encoding says so
 
 
+class ClientPool:
+    """An httpx client per host name, port and TLS settings, for at most `size` of them: the least recently used
+    beyond that is retired, like every client when the settings change, and a retired client is closed once no
+    request holds it (closing it under a request would break that request)."""
+
+    def __init__(self, size: int = MAX_CLIENTS) -> None:
+        self._size = size
+        self._clients: OrderedDict[tuple[HostTLS, str, int], httpx.AsyncClient] = OrderedDict()  # oldest use first
+        self._holders: Counter[httpx.AsyncClient] = Counter()  # requests under way with each client
+        self._retired: set[httpx.AsyncClient] = set()  # not handed out any more; closed once idle
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def hold(self, host: Host, tls: HostTLS) -> httpx.AsyncClient:
+        """The client for a request to `host`, held until release(); HostTLSError when its TLS files cannot be
+        loaded."""
+        # By host name, not by the address dialled: two names on one address must never share a TLS connection,
+        # whose certificate was checked for one of them only.
+        key = (tls, host.host, host.port)
+        client = self._clients.pop(key, None)
+        if client is None:
+            # The TLS context even for http: one built for it would cost a fresh load of the default roots.
+            client = httpx.AsyncClient(verify=python_context(tls), follow_redirects=False, trust_env=False)
+        self._clients[key] = client
+        self._holders[client] += 1
+        while len(self._clients) > self._size:
+            self._retired.add(self._clients.popitem(last=False)[1])
+        self._close_idle()
+        return client
+
+    def release(self, client: httpx.AsyncClient) -> None:
+        self._holders[client] -= 1
+        if not self._holders[client]:
+            del self._holders[client]
+        self._close_idle()
+
+    def retire_all(self) -> None:
+        self._retired.update(self._clients.values())
+        self._clients.clear()
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        idle = [client for client in self._retired if client not in self._holders]
+        if not idle:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # retired outside the event loop: closed by the next request, or at shutdown
+        for client in idle:
+            self._retired.discard(client)
+            task = loop.create_task(client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        self.retire_all()
+        clients, self._retired = self._retired, set()
+        await asyncio.gather(*(client.aclose() for client in clients), *self._closing)
+
+    def __len__(self) -> int:
+        """Clients handed out to new requests (retired ones not counted): never more than `size`."""
+        return len(self._clients)
+
+
 class Upstream:
     """Timeouts and trust roots are set from the options before the first request."""
 
@@ -45,39 +112,21 @@ class Upstream:
         # The one hosts.toml entry for an address that every rule agrees on: the TLS settings for connections to it
         # that no plan chose (a token realm on a mirror, a ruled host's passthrough).
         self.hosts_by_address: dict[tuple[str, int], Host] = {}
-        self._clients: dict[tuple[HostTLS, str, int], httpx.AsyncClient] = {}
-        self._retired: list[httpx.AsyncClient] = []
+        self.clients = ClientPool()
 
     def host_tls(self, host: Host) -> HostTLS:
         return HostTLS.of(host, roots=self.roots, insecure=self.insecure)
 
-    def realm_host(self, url: str) -> Host:
-        """The host to send a request for `url` to (a token realm): with the TLS settings hosts.toml gives its
-        address, if any."""
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (443 if scheme == "https" else 80)
-        known = self.hosts_by_address.get((parts.hostname or "", port))
+    def realm_host(self, scheme: str, host: str, port: int) -> Host:
+        """The host to send a token request to: with the TLS settings hosts.toml gives its address, if any."""
+        known = self.hosts_by_address.get((host, port))
         if known is not None:
             return replace(known, scheme=scheme, path="", headers=())
-        return Host(scheme=scheme, host=parts.hostname or "", port=port, path="", capabilities=frozenset())
-
-    def _client(self, host: Host) -> httpx.AsyncClient:
-        # Pooled by host name, not by the address dialled: two names on one address must never share a TLS
-        # connection, whose certificate was checked for one of them only.
-        tls = self.host_tls(host)
-        key = (tls, host.host, host.port)
-        client = self._clients.get(key)
-        if client is None:
-            verify = python_context(tls) if host.scheme == "https" else True
-            client = httpx.AsyncClient(verify=verify, follow_redirects=False, trust_env=False)
-            self._clients[key] = client
-        return client
+        return Host(scheme=scheme, host=host, port=port, path="", capabilities=frozenset())
 
     def forget_clients(self) -> None:
-        """Rules or trust settings changed: new requests get new clients; the old ones close at shutdown."""
-        self._retired += self._clients.values()
-        self._clients = {}
+        """Rules or trust settings changed: new requests get new clients; the old ones close once idle."""
+        self.clients.retire_all()
 
     async def send(
         self,
@@ -88,34 +137,51 @@ class Upstream:
         max_body: int = MAX_SMALL_BODY,
         body: bytes | None = None,
     ) -> HostResponse:
-        """Sends method target (path and query) to host and reads the whole (small) answer."""
+        """Sends method target (path and query) to host and reads the whole (small) answer: all of it within
+        read_timeout of the request being sent, so that a host dripping its answer cannot hold a request (or every
+        request waiting for a token) longer than one that sends nothing."""
         try:
             address, port = await self.destinations.resolve(host.host, host.port)
         except DestinationError as e:
             raise HostFailed(str(e)) from None
         dial_host = f"[{address}]" if ":" in address else address
         url = f"{host.scheme}://{dial_host}:{port}{target}"
-        timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout)
+        # Reading is bounded by the deadline for the whole answer, not per read: a host sending a byte now and then
+        # would never let a per-read timeout expire.
+        timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout, read=None)
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(None)
+
+        async def trace(event: str, _info: dict) -> None:
+            # The answer's time starts once the request is sent: connecting has its own timeout.
+            if event.endswith(".receive_response_headers.started"):
+                deadline.reschedule(loop.time() + self.read_timeout)
+
         request_headers = [(b"Host", host.netloc.encode()), *headers]
-        extensions = {"sni_hostname": host.host} if host.scheme == "https" else {}
+        extensions: dict[str, object] = {"trace": trace}
+        if host.scheme == "https":
+            extensions["sni_hostname"] = host.host
         try:
-            client = self._client(host)
+            client = self.clients.hold(host, self.host_tls(host))
         except HostTLSError as e:
             raise HostFailed(f"TLS settings: {e}") from None
-        request = client.build_request(
-            method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
-        )
-        _drop_invented_headers(request, headers)
         try:
-            response = await client.send(request, stream=True)
-            try:
-                answer = bytearray()
-                async for chunk in response.aiter_raw():
-                    answer += chunk
-                    if len(answer) > max_body:
-                        raise HostFailed(f"answer larger than {max_body} bytes")
-            finally:
-                await response.aclose()
+            request = client.build_request(
+                method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
+            )
+            _drop_invented_headers(request, headers)
+            async with deadline:
+                response = await client.send(request, stream=True)
+                try:
+                    answer = bytearray()
+                    async for chunk in response.aiter_raw():
+                        answer += chunk
+                        if len(answer) > max_body:
+                            raise HostFailed(f"answer larger than {max_body} bytes")
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise HostFailed(f"answer not complete within {self.read_timeout:g} s", unreachable=True) from None
         except httpx.TimeoutException as e:
             raise HostFailed(f"timed out ({type(e).__name__})", unreachable=True) from None
         except httpx.ConnectError as e:
@@ -125,13 +191,13 @@ class Upstream:
             raise HostFailed("the request could not be encoded (a header value HTTP does not allow)") from None
         except httpx.HTTPError as e:
             raise HostFailed(_describe(e)) from None
+        finally:
+            self.clients.release(client)
         reason = response.extensions.get("reason_phrase", b"")
         return HostResponse(response.status_code, reason, tuple(response.headers.raw), bytes(answer))
 
     async def aclose(self) -> None:
-        self.forget_clients()
-        clients, self._retired = self._retired, []
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await self.clients.aclose()
 
 
 def _drop_invented_headers(request: httpx.Request, sent: list[tuple[bytes, bytes]]) -> None:

@@ -1,10 +1,12 @@
 """A small HTTP/1.1 host on loopback for the tests that drive the addons or `ocigate login` without a registry."""
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import BinaryIO
 
 # What the host answers: the status, the body and, optionally, headers added to (or replacing) its own.
 Answer = Callable[[BaseHTTPRequestHandler], tuple[int, bytes] | tuple[int, bytes, dict[str, str]]]
@@ -12,15 +14,38 @@ Answer = Callable[[BaseHTTPRequestHandler], tuple[int, bytes] | tuple[int, bytes
 Seen = list[tuple[str, str, Message]]
 
 
+class _Dripping:
+    """A connection's writer that sends each byte alone, `pause` seconds after the one before."""
+
+    def __init__(self, out: BinaryIO, pause: float) -> None:
+        self._out = out
+        self._pause = pause
+
+    def write(self, data: bytes) -> int:
+        for at in range(len(data)):
+            time.sleep(self._pause)
+            self._out.write(data[at : at + 1])
+        return len(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._out, name)
+
+
 @contextmanager
-def http_host(answer: Answer, *, chunked: bool = False) -> Iterator[tuple[int, Seen]]:
+def http_host(answer: Answer, *, chunked: bool = False, drip: float = 0) -> Iterator[tuple[int, Seen]]:
     """Serves `answer` on a free loopback port and records every request. The request body is read before `answer`
     is asked, as `handler.body`. Answers carry a Content-Length, or with `chunked` are sent chunked; their
-    Content-Type is a manifest's unless `answer` gives one."""
+    Content-Type is a manifest's unless `answer` gives one. With `drip`, each byte of an answer (status line, headers
+    and body) goes alone, `drip` seconds after the one before: a host never silent for long, yet never done."""
     seen: Seen = []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            if drip:
+                self.wfile = _Dripping(self.wfile, drip)
 
         def _serve(self) -> None:
             seen.append((self.command, self.path, self.headers))
