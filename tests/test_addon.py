@@ -94,6 +94,21 @@ async def test_ping_of_a_ruled_upstream_is_answered_by_the_gateway(tmp_path: Pat
         assert flow.metadata[METADATA_KEY]["served_by"] == "gateway"
 
 
+async def test_a_ruled_upstream_written_with_a_trailing_dot_is_routed_as_that_upstream(tmp_path: Path) -> None:
+    rules = write_rules(
+        tmp_path,
+        "upstream.test",
+        'server = "https://upstream.test"\ncapabilities = ["resolve"]\n'
+        '[host."http://mirror.test:5000"]\ncapabilities = ["pull"]\n',
+    )
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+        flow = flow_to("upstream.test.", f"/v2/team/app/blobs/{DIGEST}")
+        await gw.requestheaders(flow)
+    assert (flow.request.host, flow.request.port) == ("mirror.test", 5000)
+    assert flow.request.path == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
+    assert flow.metadata[METADATA_KEY]["upstream"] == "upstream.test"
+
+
 async def test_unruled_host_and_non_registry_paths_pass_untouched(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
         other = flow_to("other.test", "/v2/")
@@ -319,7 +334,8 @@ async def test_blob_probe_skips_a_mirror_that_lacks_it(tmp_path: Path) -> None:
 
 def test_tls_to_unruled_hosts_is_not_intercepted(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, tctx):
-        for address, ignored in ((("upstream.test", 443), False), (("other.test", 443), True)):
+        cases = ((("upstream.test", 443), False), (("upstream.test.", 443), False), (("other.test", 443), True))
+        for address, ignored in cases:
             context = Context(tflow.tclient_conn(), tctx.options)
             context.server.address = address
             data = tls.ClientHelloData(context, None)  # type: ignore[arg-type]
