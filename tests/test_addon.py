@@ -446,6 +446,53 @@ async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:
     assert headers["OCI-Ref"] == "upstream.test/team/app:v1" and "OCI-Named-Ref" not in headers
 
 
+# A named reference of the client's own, under every name a host reads one from (the configured one included).
+CLIENT_NAMED_REFS = ((b"OCI-Named-Ref", b"evil.test/x:y"), (b"oci-ref", b"evil.test/x:y"), (b"X-Ref", b"evil.test/x:y"))
+NAMED_REF_NAMES = ("OCI-Named-Ref", "OCI-Ref", "X-Ref")
+
+
+@pytest.mark.parametrize(
+    ("path", "named"), [("/v2/team/app/manifests/v1", "upstream.test/team/app:v1"), ("/v2/team/app/tags/list", None)]
+)
+async def test_a_host_asked_by_the_gateway_hears_only_the_gateways_named_reference(
+    tmp_path: Path, path: str, named: str | None
+) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (port, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
+            tctx.configure(gw, ocigate_named_ref_headers=["X-Ref"])
+            await gw.requestheaders(flow_to("upstream.test", path, headers=CLIENT_NAMED_REFS))
+    headers = seen[0][2]
+    assert headers.get_all("X-Ref") == ([named] if named else None)
+    assert headers.get_all("OCI-Named-Ref") is None and headers.get_all("OCI-Ref") is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "named"),
+    [
+        ("GET", f"/v2/team/app/blobs/{DIGEST}", f"upstream.test/team/app@{DIGEST}"),
+        ("POST", "/v2/team/app/blobs/uploads/", None),
+    ],
+)
+async def test_a_streamed_request_carries_only_the_gateways_named_reference(
+    tmp_path: Path, method: str, path: str, named: str | None
+) -> None:
+    with http_host(lambda h: (200, b"{}")) as (port, _):
+        rules = write_rules(
+            tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\ncapabilities = ["pull", "push"]\n'
+        )
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
+            tctx.configure(gw, ocigate_named_ref_headers=["X-Ref"])
+            flow = flow_to("upstream.test", path, method=method, headers=CLIENT_NAMED_REFS)
+            await gw.requestheaders(flow)
+    assert flow.response is None and flow.request.host == "m.test"
+    assert {name: flow.request.headers.get_all(name) for name in NAMED_REF_NAMES} == {
+        "OCI-Named-Ref": [],
+        "OCI-Ref": [],
+        "X-Ref": [named] if named else [],
+    }
+
+
 @pytest.mark.parametrize("path", ["/v2/token?scope=repository:team/app:pull", "/v2/auth", "/v2/team/app/other"])
 async def test_other_paths_under_v2_of_a_ruled_upstream_pass_through(tmp_path: Path, path: str) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):

@@ -714,7 +714,7 @@ def _repoint(
     request.host_header = host.netloc
     if not attempt.forward_authorization:
         request.headers.pop("Authorization", None)
-    for name in {name for name, _ in attempt.headers}:
+    for name in attempt.withheld | {name for name, _ in attempt.headers}:
         request.headers.pop(name, None)
     for name, value in attempt.headers:
         request.headers.add(name, value)

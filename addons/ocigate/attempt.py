@@ -55,6 +55,7 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     """The client's header lines as they came (several Accept lines stay several), for one attempt. Content codings
     are not asked for: ocigate reads what it asks for itself (and checks it against its digest) as it is."""
     dropped = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+    dropped |= {name.encode() for name in attempt.withheld}
     if not attempt.forward_authorization:
         dropped |= {b"authorization"}
     added = {name.lower().encode() for name, _ in attempt.headers}
