@@ -501,6 +501,19 @@ async def test_other_paths_under_v2_of_a_ruled_upstream_pass_through(tmp_path: P
     assert flow.response is None and flow.request.host == "upstream.test" and flow.request.path == path
 
 
+async def test_a_request_target_too_long_to_send_is_a_failure_of_each_host_not_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (port, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1?padding=" + "a" * 70_000)
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 502 and seen == []
+    message = json.loads(flow.response.content)["errors"][0]["message"]
+    assert f"http://m.test:{port}/v2: the request could not be sent: URL too long" in message
+
+
 async def test_request_target_that_is_not_ascii_is_refused(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
         flow = flow_to("upstream.test", "/v2/team/app/manifests/v1")

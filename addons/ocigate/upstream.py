@@ -102,9 +102,13 @@ class Upstream:
             client = self._client(host)
         except HostTLSError as e:
             raise HostFailed(f"TLS settings: {e}") from None
-        request = client.build_request(
-            method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
-        )
+        try:
+            request = client.build_request(
+                method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
+            )
+        except httpx.InvalidURL as e:
+            # A request target longer than httpx builds (64 kB): a 70 kB request line is no internal error.
+            raise HostFailed(f"the request could not be sent: {e}") from None
         _drop_invented_headers(request, headers)
         try:
             response = await client.send(request, stream=True)
