@@ -97,6 +97,21 @@ async def test_ping_of_a_ruled_upstream_is_answered_by_the_gateway(tmp_path: Pat
         assert flow.metadata[METADATA_KEY]["served_by"] == "gateway"
 
 
+async def test_a_ruled_upstream_written_with_a_trailing_dot_is_routed_as_that_upstream(tmp_path: Path) -> None:
+    rules = write_rules(
+        tmp_path,
+        "upstream.test",
+        'server = "https://upstream.test"\ncapabilities = ["resolve"]\n'
+        '[host."http://mirror.test:5000"]\ncapabilities = ["pull"]\n',
+    )
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+        flow = flow_to("upstream.test.", f"/v2/team/app/blobs/{DIGEST}")
+        await gw.requestheaders(flow)
+    assert (flow.request.host, flow.request.port) == ("mirror.test", 5000)
+    assert flow.request.path == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
+    assert flow.metadata[METADATA_KEY]["upstream"] == "upstream.test"
+
+
 async def test_unruled_host_and_non_registry_paths_pass_untouched(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
         other = flow_to("other.test", "/v2/")
@@ -322,7 +337,8 @@ async def test_blob_probe_skips_a_mirror_that_lacks_it(tmp_path: Path) -> None:
 
 def test_tls_to_unruled_hosts_is_not_intercepted(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, tctx):
-        for address, ignored in ((("upstream.test", 443), False), (("other.test", 443), True)):
+        cases = ((("upstream.test", 443), False), (("upstream.test.", 443), False), (("other.test", 443), True))
+        for address, ignored in cases:
             context = Context(tflow.tclient_conn(), tctx.options)
             context.server.address = address
             data = tls.ClientHelloData(context, None)  # type: ignore[arg-type]
@@ -433,12 +449,72 @@ async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:
     assert headers["OCI-Ref"] == "upstream.test/team/app:v1" and "OCI-Named-Ref" not in headers
 
 
+# A named reference of the client's own, under every name a host reads one from (the configured one included).
+CLIENT_NAMED_REFS = ((b"OCI-Named-Ref", b"evil.test/x:y"), (b"oci-ref", b"evil.test/x:y"), (b"X-Ref", b"evil.test/x:y"))
+NAMED_REF_NAMES = ("OCI-Named-Ref", "OCI-Ref", "X-Ref")
+
+
+@pytest.mark.parametrize(
+    ("path", "named"), [("/v2/team/app/manifests/v1", "upstream.test/team/app:v1"), ("/v2/team/app/tags/list", None)]
+)
+async def test_a_host_asked_by_the_gateway_hears_only_the_gateways_named_reference(
+    tmp_path: Path, path: str, named: str | None
+) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (port, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
+            tctx.configure(gw, ocigate_named_ref_headers=["X-Ref"])
+            await gw.requestheaders(flow_to("upstream.test", path, headers=CLIENT_NAMED_REFS))
+    headers = seen[0][2]
+    assert headers.get_all("X-Ref") == ([named] if named else None)
+    assert headers.get_all("OCI-Named-Ref") is None and headers.get_all("OCI-Ref") is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "named"),
+    [
+        ("GET", f"/v2/team/app/blobs/{DIGEST}", f"upstream.test/team/app@{DIGEST}"),
+        ("POST", "/v2/team/app/blobs/uploads/", None),
+    ],
+)
+async def test_a_streamed_request_carries_only_the_gateways_named_reference(
+    tmp_path: Path, method: str, path: str, named: str | None
+) -> None:
+    with http_host(lambda h: (200, b"{}")) as (port, _):
+        rules = write_rules(
+            tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\ncapabilities = ["pull", "push"]\n'
+        )
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, tctx):
+            tctx.configure(gw, ocigate_named_ref_headers=["X-Ref"])
+            flow = flow_to("upstream.test", path, method=method, headers=CLIENT_NAMED_REFS)
+            await gw.requestheaders(flow)
+    assert flow.response is None and flow.request.host == "m.test"
+    assert {name: flow.request.headers.get_all(name) for name in NAMED_REF_NAMES} == {
+        "OCI-Named-Ref": [],
+        "OCI-Ref": [],
+        "X-Ref": [named] if named else [],
+    }
+
+
 @pytest.mark.parametrize("path", ["/v2/token?scope=repository:team/app:pull", "/v2/auth", "/v2/team/app/other"])
 async def test_other_paths_under_v2_of_a_ruled_upstream_pass_through(tmp_path: Path, path: str) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, _):
         flow = flow_to("upstream.test", path)
         await gw.requestheaders(flow)
     assert flow.response is None and flow.request.host == "upstream.test" and flow.request.path == path
+
+
+async def test_a_request_target_too_long_to_send_is_a_failure_of_each_host_not_an_internal_error(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (port, seen):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1?padding=" + "a" * 70_000)
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 502 and seen == []
+    message = json.loads(flow.response.content)["errors"][0]["message"]
+    assert f"http://m.test:{port}/v2: the request could not be sent: URL too long" in message
 
 
 async def test_request_target_that_is_not_ascii_is_refused(tmp_path: Path) -> None:

@@ -15,6 +15,12 @@ async def test_name_without_port_maps_every_port_and_keeps_it() -> None:
     assert await policy.resolve("MIRROR.test", 8443) == ("127.0.0.2", 8443)
 
 
+async def test_a_fully_qualified_name_is_the_mapped_name() -> None:
+    policy = Destinations.from_options(["mirror.test.=127.0.0.2", "other.test:5000=127.0.0.3"], [], dns=False)
+    assert await policy.resolve("mirror.test", 443) == ("127.0.0.2", 443)
+    assert await policy.resolve("other.test.", 5000) == ("127.0.0.3", 5000)
+
+
 async def test_specific_port_entry_wins_over_the_name_entry() -> None:
     policy = Destinations.from_options(["m.test=127.0.0.2", "m.test:443=127.0.0.3:9"], [], dns=False)
     assert await policy.resolve("m.test", 443) == ("127.0.0.3", 9)

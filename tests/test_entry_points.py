@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.gateway import Gateway, running_gateway
+from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 
 REPO = Path(__file__).resolve().parents[1]
-MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 
 
 def _rules(tmp_path: Path) -> Path:
@@ -31,7 +30,7 @@ def _ping(gateway: Gateway) -> httpx.Response:
     "entry_point",
     [
         pytest.param((sys.executable, "-m", "ocigate.cli"), id="ocigate-command"),
-        pytest.param((MITMDUMP, "-s", str(REPO / "addons" / "gateway.py")), id="mitmdump-script"),
+        pytest.param(MITMDUMP_SCRIPT, id="mitmdump-script"),
         pytest.param((str(REPO / "run.sh"),), id="run.sh"),
     ],
 )

@@ -314,6 +314,11 @@ def test_docker_hub_alias_on_another_port_is_kept_as_is() -> None:
         ("::1", None, "[::1]"),
         ("[0:0:0:0:0:0:0:1]", 443, "[::1]"),
         ("FE80::A", 5000, "[fe80::a]:5000"),
+        # Fully qualified, with the DNS root's trailing dot: the same registry.
+        ("upstream.test.", None, "upstream.test"),
+        ("upstream.test.", 443, "upstream.test"),
+        ("upstream.test.:5000", None, "upstream.test:5000"),
+        ("Registry-1.Docker.IO.", None, "docker.io"),
     ],
 )
 def test_normalize_upstream(host: str, port: int | None, expected: str) -> None:
@@ -327,6 +332,9 @@ def test_normalize_upstream(host: str, port: int | None, expected: str) -> None:
         ("-bad.example", None),
         ("bad-.example", None),
         ("a..b", None),
+        (".", None),
+        ("upstream.test..", None),
+        (".upstream.test", None),
         ("under_score.example", None),
         ("registry.example:", None),
         ("registry.example:abc", None),

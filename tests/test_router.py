@@ -1,9 +1,10 @@
 """Planning: which hosts are asked, in which order, with which path, ns= and named reference."""
 
+import re
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ocigate.reference import Route, RouteKind
@@ -102,12 +103,44 @@ def test_client_query_keeps_its_own_spelling_and_ns_is_encoded_as_containerd_doe
     assert plan.attempts[0].target == "/v2/team/app/tags/list?last=a%2Fb&x&ns=up.test%3A5000"
 
 
-@given(st.text())
-def test_any_query_gives_a_target_with_exactly_one_ns(query: str) -> None:
-    plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test")], query=query)
-    target = plan.attempts[0].target
-    assert target.startswith("/v2/team/app/tags/list?")
-    assert [p for p in target.split("?", 1)[1].split("&") if p.partition("=")[0] == "ns"] == ["ns=upstream.test"]
+def go_key(param: str) -> bytes | None:
+    """A query parameter's key as Go's url.ParseQuery reads it (a Go mirror takes the first `ns`): "+" is a space,
+    %XX an escaped byte, the case kept; None when Go refuses the key (a "%" without two hex digits) and so drops the
+    parameter."""
+    pieces = re.split(r"(%[0-9a-fA-F]{2})", param.partition("=")[0].replace("+", " "))
+    if any("%" in piece for piece in pieces[::2]):
+        return None
+    return b"".join(bytes.fromhex(piece[1:]) if i % 2 else piece.encode() for i, piece in enumerate(pieces))
+
+
+def test_client_ns_is_dropped_however_its_key_is_spelled() -> None:
+    query = "n%73=evil.test&%6E%73=evil.test&n%73%3D=kept&NS=kept&nS=kept&ns+=kept&ns=evil.test&last=a"
+    plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test"), host("upstream.test")], query=query)
+    mirror, server = (a.target.split("?", 1)[1] for a in plan.attempts)
+    assert mirror == "n%73%3D=kept&NS=kept&nS=kept&ns+=kept&last=a&ns=upstream.test"
+    assert server == "n%73%3D=kept&NS=kept&nS=kept&ns+=kept&last=a"
+
+
+# Query parameters built from the pieces an `ns` could be spelled with, and anything else.
+_KEY_PIECES = st.sampled_from(["n", "s", "N", "S", "%6e", "%6E", "%73", "%53", "%", "+", " ", ";", "=", "x", "%3D"])
+_PARAM = st.tuples(st.lists(_KEY_PIECES, max_size=5).map("".join), st.one_of(st.none(), st.text(max_size=8))).map(
+    lambda kv: kv[0] if kv[1] is None else f"{kv[0]}={kv[1]}"
+)
+
+
+@given(st.one_of(st.lists(_PARAM, max_size=8).map("&".join), st.text()))
+@example("n%73=evil.test&last=a")
+def test_any_query_gives_exactly_one_ns_to_a_mirror_none_to_the_registry_and_the_rest_byte_for_byte(query: str) -> None:
+    plan = plan_for(Route(RouteKind.TAGS, "team/app"), [host("mirror.test"), host("upstream.test")], query=query)
+    mirror, server = (a.target for a in plan.attempts)
+    assert mirror.startswith("/v2/team/app/tags/list?")
+    mirror_params = mirror.split("?", 1)[1].split("&")
+    server_params = server.split("?", 1)[1].split("&") if "?" in server else []
+    assert [p for p in mirror_params if go_key(p) == b"ns"] == ["ns=upstream.test"]
+    assert [p for p in server_params if go_key(p) == b"ns"] == []
+    others = [p for p in query.split("&") if p and go_key(p) != b"ns"]
+    assert [p for p in mirror_params if go_key(p) != b"ns"] == others
+    assert server_params == others
 
 
 def test_override_path_replaces_v2() -> None:
@@ -179,6 +212,14 @@ def test_host_headers_come_first_then_the_named_reference_under_every_configured
         ("OCI-Named-Ref", "upstream.test/team/app:v1"),
         ("OCI-Ref", "upstream.test/team/app:v1"),
     )
+
+
+def test_the_client_never_names_a_reference_to_a_host_under_any_name_a_host_reads() -> None:
+    rule = Rule("upstream.test", None, (host("m.test"),))
+    tags = make_plan(Route(RouteKind.TAGS, "team/app"), "GET", rule, "upstream.test", "", [])
+    assert tags.attempts[0].headers == () and tags.attempts[0].withheld == {"oci-named-ref", "oci-ref"}
+    blob = make_plan(Route(RouteKind.BLOB, "team/app", digest=DIGEST), "GET", rule, "upstream.test", "", ["X-Ref"])
+    assert blob.attempts[0].withheld == {"oci-named-ref", "oci-ref", "x-ref"}
 
 
 def test_no_host_with_the_capability_gives_an_empty_plan() -> None:

@@ -3,7 +3,6 @@ mitmproxy opens for streamed blobs. The mirrors are real registries with TLS fro
 client certificate, one has a certificate nobody trusts."""
 
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,10 @@ import httpx
 import pytest
 
 from tests.support.clients import skopeo_copy_to_layout
-from tests.support.gateway import Gateway, running_gateway
+from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 from tests.support.images import Image, all_blobs, make_image, push_image
 from tests.support.registry import Registry, running_registry
 from tests.support.tls import CA, client_ssl_context, issue_client_cert, issue_server_cert, make_ca
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -35,9 +32,6 @@ def _hosts_toml(rules: Path, upstream: str, body: str) -> Path:
     directory.mkdir(parents=True)
     (directory / "hosts.toml").write_text(f'server = "https://{upstream}"\n\n{body}')
     return directory
-
-
-MITMDUMP_SCRIPT = (str(Path(sys.executable).parent / "mitmdump"), "-s", str(REPO / "addons" / "gateway.py"))
 
 
 # mitmproxy calls a script's hooks at another place among its own addons than the ocigate command's: both must work.

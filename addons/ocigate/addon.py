@@ -48,6 +48,7 @@ from .credentials import (
 from .destinations import DestinationError, Destinations
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
+from .httponly import HttpOnly
 from .redaction import MaskingStream, echo_forms, mask_headers
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
 from .router import PUSH, Attempt, Plan, location_for_client, make_plan
@@ -83,6 +84,16 @@ class Shared:
 
     def host_for_connection(self, client_id: str, address: tuple[str, int]) -> Host | None:
         return self.repointed.get(client_id, {}).get(address) or self.upstream.hosts_by_address.get(address)
+
+    def upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
+        """The upstream a request to scheme://host:port is for, and its rule; None when no rule names it."""
+        default_port = 443 if scheme == "https" else 80
+        try:
+            upstream = normalize_upstream(host, None if port == default_port else port)
+        except RouteError:
+            return None
+        rule = self.rules.lookup(upstream) if self.rules else None
+        return (upstream, rule) if rule else None
 
 
 class Dialing:
@@ -128,8 +139,8 @@ class Dialing:
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
-        if server.address is None or server.via is not None:
-            return
+        if server.address is None or server.via is not None or server.error:
+            return  # nothing to dial, or refused already (httponly.HttpOnly)
         host, port = server.address
         try:
             server.address = await self.shared.upstream.destinations.resolve(host, port)
@@ -391,22 +402,13 @@ class Gateway:
         if ctx.options.ocigate_intercept_unruled or self.shared.rules is None:
             return
         address = data.context.server.address
-        if address and self._upstream_rule(address[0], address[1], "https") is None:
+        if address and self.shared.upstream_rule(address[0], address[1], "https") is None:
             data.ignore_connection = True
-
-    def _upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
-        default_port = 443 if scheme == "https" else 80
-        try:
-            upstream = normalize_upstream(host, None if port == default_port else port)
-        except RouteError:
-            return None
-        rule = self.shared.rules.lookup(upstream) if self.shared.rules else None
-        return (upstream, rule) if rule else None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not self.shared.rules:
             return
-        found = self._upstream_rule(flow.request.host, flow.request.port, flow.request.scheme)
+        found = self.shared.upstream_rule(flow.request.host, flow.request.port, flow.request.scheme)
         if found is None:
             return
         upstream, rule = found
@@ -891,7 +893,7 @@ def _repoint(
     request.host_header = host.netloc
     if not attempt.forward_authorization:
         request.headers.pop("Authorization", None)
-    for name in {name for name, _ in attempt.headers}:
+    for name in attempt.withheld | {name for name, _ in attempt.headers}:
         request.headers.pop(name, None)
     for name, value in attempt.headers:
         request.headers.add(name, value)
@@ -926,4 +928,4 @@ def _response(answer: HostResponse, *, head: bool) -> http.Response:
 
 def make_addons() -> list:
     shared = Shared()
-    return [Redaction(), Dialing(shared), Credentials(shared), Gateway(shared)]
+    return [Redaction(), HttpOnly(shared.upstream_rule), Dialing(shared), Credentials(shared), Gateway(shared)]

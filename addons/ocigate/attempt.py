@@ -73,6 +73,7 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     reads whole itself. Content codings, ranges and conditions are not asked for: ocigate reads what it asks for
     whole and as it is (and checks it against its digest)."""
     dropped = HOP_BY_HOP | _PARTIAL_OR_CONDITIONAL | {b"host", b"content-length", b"accept-encoding"}
+    dropped |= {name.encode() for name in attempt.withheld}
     if not attempt.forward_authorization:
         dropped |= {b"authorization"}
     added = {name.lower().encode() for name, _ in attempt.headers}

@@ -64,7 +64,8 @@ class Destinations:
         return cls(mapping, tuple(networks), dns)
 
     def mapped(self, host: str, port: int) -> tuple[str, int] | None:
-        host = host.lower().strip("[]")
+        # As split_host_port reads the map's names: a fully qualified "name." is the name.
+        host = host.lower().strip("[]").removesuffix(".")
         target = self.host_map.get((host, port)) or self.host_map.get((host, None))
         if target is None:
             return None

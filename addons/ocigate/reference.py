@@ -290,7 +290,8 @@ def normalize_upstream(host: str, port: int | None = None) -> str:
 
 def split_host_port(original: str) -> tuple[str, int | None]:
     """(host name or "[ipv6]", port or None) of "host", "host:port", "[ipv6]:port" or a bare IPv6 address,
-    lowercased and checked. Raises RouteError(NAME_INVALID)."""
+    lowercased and checked; a name written fully qualified ("upstream.test.") is the name without its trailing dot.
+    Raises RouteError(NAME_INVALID)."""
     host = original.lower()
     if host.startswith("["):
         address, bracket, rest = host[1:].partition("]")
@@ -324,6 +325,8 @@ def _bracketed_ipv6(address: str, original: str) -> str:
 
 
 def _checked_host_name(hostname: str, original: str) -> str:
+    # The trailing dot names the DNS root: "upstream.test." resolves, and is routed, as "upstream.test".
+    hostname = hostname.removesuffix(".")
     labels_valid = all(_HOST_LABEL_PATTERN.fullmatch(label) for label in hostname.split("."))
     if not labels_valid or len(hostname) > _MAX_HOST_NAME_LENGTH:
         raise RouteError(

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
 from .rules import Host, Rule
@@ -14,6 +14,9 @@ PUSH = frozenset({"push"})
 REFERRERS = frozenset({"referrers"})
 PULL = frozenset({"pull"})
 PULL_AND_RESOLVE = frozenset({"pull", "resolve"})
+
+# The headers hosts read a named reference from, whichever ocigate_named_ref_headers names: only the gateway says it.
+NAMED_REFERENCE_HEADERS = ("OCI-Named-Ref", "OCI-Ref")
 
 
 def required_capabilities(route: Route, method: str) -> frozenset[str]:
@@ -40,6 +43,9 @@ class Attempt:
     host: Host
     target: str  # path and query as sent to this host
     headers: tuple[tuple[str, str], ...]  # added to the client's: the host's [header] and the named reference
+    # Client headers (lowercase names) that never reach this host: the named reference's, which the gateway alone
+    # says (under `headers`, or not at all).
+    withheld: frozenset[str]
     repository: str | None  # the repository as this host names it (its repository_prefix applied)
     mounted_from: str | None  # a cross-repository mount's source repository, as this host names it
     # The client's credentials go along, to the upstream's own host only and only when its rule says the client
@@ -58,15 +64,21 @@ class Plan:
 
 def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
     """Path and query for one host. The client's query is kept as it was sent (byte for byte, whatever its
-    encoding), but for an `ns` of its own: the gateway knows the upstream, and says it once."""
+    encoding), but for an `ns` of its own, however spelled: the gateway knows the upstream, and says it once."""
     if route.repository:
         route = replace(route, repository=host_repository(host, route.repository))
     # format_route gives "/v2/..."; a host's path replaces "/v2" (containerd appends it unless override_path).
     path = host.path.rstrip("/") + format_route(route)[len("/v2") :]
-    params = [_host_param(p, host) for p in query.split("&") if p and p.partition("=")[0] != "ns"]
+    params = [_host_param(p, host) for p in query.split("&") if p and not _names_ns(p)]
     if is_proxy_for(host, upstream):
         params.append("ns=" + quote(upstream, safe=""))
     return f"{path}?{'&'.join(params)}" if params else path
+
+
+def _names_ns(param: str) -> bool:
+    """Whether a query parameter is an `ns` as a host reads it (Go's url.ParseQuery, which a mirror's first `ns`
+    comes from): its key with "+" and percent escapes decoded, and case kept."""
+    return unquote_to_bytes(param.partition("=")[0].replace("+", " ")) == b"ns"
 
 
 def _host_param(param: str, host: Host) -> str:
@@ -164,6 +176,7 @@ def make_plan(
         capabilities = PUSH
     named_ref = _named_reference(route, upstream, origin if capabilities != PUSH else None)
     context = tuple((name, named_ref) for name in named_ref_headers) if named_ref else ()
+    withheld = frozenset(name.lower() for name in (*NAMED_REFERENCE_HEADERS, *named_ref_headers))
     hosts = [host for host in rule.hosts if capabilities <= host.capabilities]
     if capabilities != PUSH and named_ref:
         by_tag = "@" not in named_ref
@@ -176,6 +189,7 @@ def make_plan(
             host=host,
             target=host_target(host, route, query, upstream),
             headers=host.headers + context,
+            withheld=withheld,
             repository=host_repository(host, route.repository) if route.repository else None,
             mounted_from=host_repository(host, source) if source else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),

@@ -180,6 +180,9 @@ class Upstream:
                             raise HostFailed(f"answer larger than {max_body} bytes")
                 finally:
                     await response.aclose()
+        except httpx.InvalidURL as e:
+            # A request target longer than httpx builds (64 kB): a 70 kB request line is no internal error.
+            raise HostFailed(f"the request could not be sent: {e}") from None
         except TimeoutError:
             raise HostFailed(f"answer not complete within {self.read_timeout:g} s", unreachable=True) from None
         except httpx.TimeoutException as e:

@@ -20,6 +20,13 @@ from .registry import free_port
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 
+# The gateway as mitmproxy loads it as a script (`entry_point` of running_gateway), where a script's hooks run.
+MITMDUMP_SCRIPT = (
+    str(Path(sys.executable).parent / "mitmdump"),
+    "-s",
+    str(Path(__file__).resolve().parents[2] / "addons" / "gateway.py"),
+)
+
 
 @dataclass
 class Gateway:
