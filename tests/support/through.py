@@ -2,6 +2,7 @@
 the way a client reads it: a body that stops short of its framing is seen as broken, not as complete."""
 
 import http.client
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Sequence
@@ -73,3 +74,51 @@ def _once(
         return Fetched(response.status, answer, body, None, redirects)
     finally:
         connection.close()
+
+
+def tls_through(gateway: Gateway, upstream: str, *, timeout: float = _TIMEOUT) -> ssl.SSLSocket:
+    """A TLS connection to `upstream` (as the client's CONNECT names it) through the gateway, trusting its CA, without
+    ALPN: what a client writes on it is up to the caller, byte for byte."""
+    raw = socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout)
+    raw.sendall(f"CONNECT {upstream}:443 HTTP/1.1\r\nHost: {upstream}:443\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = raw.recv(1)
+        assert piece, f"the gateway closed the CONNECT tunnel: {head!r}"
+        head += piece
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return ssl.create_default_context(cafile=str(gateway.ca_path)).wrap_socket(
+        raw, server_hostname=upstream.rstrip(".")
+    )
+
+
+def read_answers(connection: ssl.SSLSocket, count: int, *, method: str = "GET") -> list[Fetched]:
+    """The next `count` answers on `connection`, read as a client reads them (pipelined answers one after another)."""
+    stream = connection.makefile("rb")
+
+    class _Shared:  # the one stream every answer is read from: an answer read to its end must not close it
+        def __getattr__(self, name: str) -> object:
+            return getattr(stream, name)
+
+        def close(self) -> None:
+            pass
+
+    class _Sock:  # http.client reads an answer from what its socket's makefile gives
+        def makefile(self, *args: object, **kwargs: object) -> object:
+            return _Shared()
+
+    answers = []
+    for _ in range(count):
+        response = http.client.HTTPResponse(_Sock(), method=method)  # type: ignore[arg-type]
+        try:
+            response.begin()
+        except (OSError, http.client.HTTPException) as e:
+            answers.append(Fetched(None, (), b"", f"no answer: {e!r}", 0))
+            break
+        headers = tuple(response.getheaders())
+        try:
+            answers.append(Fetched(response.status, headers, response.read(), None, 0))
+        except http.client.IncompleteRead as e:
+            answers.append(Fetched(response.status, headers, e.partial, "incomplete body", 0))
+            break
+    return answers
