@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,13 @@ from ocigate.credentials import (
     Credential,
     CredentialChain,
     CredentialError,
+    CredentialSource,
     DockerConfig,
     KubernetesSecrets,
     OcigateStore,
     run_credential_helper,
 )
+from tests.support.within import returns_within
 
 # Every secret used below contains this marker, so one assertion can prove none of them leaked into a message.
 MARK = "S3CRET"
@@ -472,28 +475,33 @@ async def test_rotation_is_seen_without_restart(tmp_path):
     assert await docker.lookup("r.example", "r.example", "x") is None
 
 
-@pytest.mark.parametrize("kind", ["docker", "containers", "store", "kubernetes"])
-async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog, kind):
-    caplog.set_level(logging.WARNING, logger="ocigate")
+KINDS = ["docker", "containers", "store", "kubernetes"]
+
+
+def file_source(tmp_path: Path, kind: str) -> tuple[Path, CredentialSource, Callable[[str], str]]:
+    """A source of each kind, the file it reads, and the text of that file with one credential for r.example."""
     if kind == "store":
         path = tmp_path / "credentials.json"
-        source = OcigateStore(path)
-
-        def text(password: str) -> str:
-            return json.dumps([{"host": "r.example", "username": "u", "password": password}])
-    else:
-        path = {
-            "docker": tmp_path / "docker" / "config.json",
-            "containers": tmp_path / "auth.json",
-            "kubernetes": tmp_path / "secrets" / "pull" / ".dockerconfigjson",
-        }[kind]
-        source = {"docker": DockerConfig, "containers": ContainersAuth, "kubernetes": KubernetesSecrets}[kind](
-            {"docker": path.parent, "containers": path, "kubernetes": tmp_path / "secrets"}[kind]
+        return (
+            path,
+            OcigateStore(path),
+            lambda password: json.dumps([{"host": "r.example", "username": "u", "password": password}]),
         )
+    path = {
+        "docker": tmp_path / "docker" / "config.json",
+        "containers": tmp_path / "auth.json",
+        "kubernetes": tmp_path / "secrets" / "pull" / ".dockerconfigjson",
+    }[kind]
+    source = {"docker": DockerConfig, "containers": ContainersAuth, "kubernetes": KubernetesSecrets}[kind](
+        {"docker": path.parent, "containers": path, "kubernetes": tmp_path / "secrets"}[kind]
+    )
+    return path, source, lambda password: json.dumps({"auths": {"r.example": {"auth": basic("u", password)}}})
 
-        def text(password: str) -> str:
-            return json.dumps({"auths": {"r.example": {"auth": basic("u", password)}}})
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog, kind):
+    caplog.set_level(logging.WARNING, logger="ocigate")
+    path, source, text = file_source(tmp_path, kind)
     write_json(path, [])
     rewrite(path, text(secret("good")))
     assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
@@ -518,20 +526,53 @@ async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog,
     assert MARK not in caplog.text
 
 
-async def test_unreadable_file_keeps_last_good_and_logs_once(tmp_path, caplog):
-    source = docker_config(tmp_path, {"auths": {"r.example": {"auth": basic("u", secret("p"))}}})
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p"))
-    # A directory where the file was: stat works, reading fails (a chmod would not stop root, who runs the tests).
-    source.path.unlink()
-    source.path.mkdir()
+def put_in_place_of(path: Path, thing: str) -> str:
+    """Replaces the file at `path` with a FIFO, a directory or a symbolic link to itself; returns what the log says
+    of it. (A chmod would not stop root, who runs the tests.)"""
+    path.unlink()
+    if thing == "fifo":
+        os.mkfifo(path)
+        return "is not a regular file but a FIFO"
+    if thing == "directory":
+        path.mkdir()
+        return "is not a regular file but a directory"
+    path.symlink_to(path.name)
+    return "cannot be read (Too many levels of symbolic links)"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("thing", ["fifo", "directory", "symlink-loop"])
+async def test_a_file_that_is_no_readable_regular_file_keeps_last_good_logs_once_and_never_blocks(
+    tmp_path, caplog, kind, thing
+):
+    caplog.set_level(logging.WARNING, logger="ocigate")
+    path, source, text = file_source(tmp_path, kind)
+    write_json(path, [])
+    path.write_text(text(secret("good")))
+    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+    problem = put_in_place_of(path, thing)
     for _ in range(3):
-        assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p"))
+        # In a thread of its own: a read that blocks must fail the test, not hang the run.
+        found = returns_within(5, lambda: asyncio.run(source.lookup("r.example", "r.example", "x")))
+        assert found == Credential("u", secret("good"))
     assert len(caplog.records) == 1
-    assert str(source.path) in caplog.text and "cannot be read" in caplog.text
-    source.path.rmdir()
-    write_json(source.path, {"auths": {"r.example": {"auth": basic("u", secret("p2"))}}})
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p2"))
+    assert f"{path} {problem}; keeping its last good contents" in caplog.records[0].getMessage()
+    if thing == "directory":
+        path.rmdir()
+    else:
+        path.unlink()
+    path.write_text(text(secret("new")))
+    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("new"))
     assert MARK not in caplog.text
+
+
+def test_the_store_refuses_to_write_over_a_fifo_without_blocking(tmp_path):
+    path = tmp_path / "credentials.json"
+    os.mkfifo(path)
+    with pytest.raises(CredentialError, match="is not a regular file but a FIFO; not overwriting it") as raised:
+        returns_within(5, lambda: OcigateStore(path).save("b", Credential("u", secret("p"))))
+    assert str(path) in str(raised.value)
+    assert stat.S_ISFIFO(path.stat().st_mode)
 
 
 # --- the chain ----------------------------------------------------------------------------------------------------

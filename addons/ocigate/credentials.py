@@ -33,6 +33,8 @@ from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
+from .files import NotRegularFileError, read_regular_file
+
 log = logging.getLogger("ocigate")
 
 DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
@@ -109,9 +111,10 @@ class _Malformed(Exception):
 
 
 class _WatchedFile(Generic[T]):
-    """A file's parsed contents, re-read whenever it changes on disk. A file that cannot be read or parsed keeps the
-    last good contents and logs one warning; it logs again only after it has recovered and broken again. A missing
-    file is empty (it was never written, or its credentials were deliberately removed)."""
+    """A file's parsed contents, re-read whenever it changes on disk. A file that cannot be read or parsed, or that is
+    not a regular file (a FIFO would block every flow), keeps the last good contents and logs one warning; it logs
+    again only after it has recovered and broken again. A missing file is empty (it was never written, or its
+    credentials were deliberately removed)."""
 
     def __init__(self, path: Path, parse: Callable[[bytes], T], empty: T) -> None:
         self.path = path
@@ -134,10 +137,14 @@ class _WatchedFile(Generic[T]):
         signature = (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino)
         if signature == self._signature:
             return self._contents
+        # The signature is kept only once the file was read: until then, every lookup tries again.
         try:
-            data = self.path.read_bytes()
+            data = read_regular_file(self.path)
+        except NotRegularFileError as e:
+            self._fail(f"is {e}")
+            return self._contents
         except OSError as e:
-            self._fail(f"cannot be read ({e.strerror})")  # signature not kept: the next lookup tries again
+            self._fail(f"cannot be read ({e.strerror})")
             return self._contents
         self._signature = signature
         try:
@@ -438,7 +445,8 @@ class KubernetesSecrets(CredentialSource):
         except OSError:
             names = []
         paths += [self.directory / name / self.FILE_NAME for name in names]
-        return [p for p in paths if p.exists()]
+        # lexists: a secret that is a symbolic link loop is reported by its source, not skipped as if absent.
+        return [p for p in paths if os.path.lexists(p)]
 
     async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
         paths = self._secret_files()
@@ -581,9 +589,11 @@ class OcigateStore(CredentialSource):
     def _current_entries(self) -> list[StoreEntry]:
         """The file as it is now: a malformed file is not overwritten (its other entries would be lost)."""
         try:
-            data = self.path.read_bytes()
+            data = read_regular_file(self.path)
         except FileNotFoundError:
             return []
+        except NotRegularFileError as e:
+            raise CredentialError(f"{self.path} is {e}; not overwriting it") from None
         except OSError as e:
             raise CredentialError(f"{self.path}: cannot be read ({e.strerror})") from None
         try:
