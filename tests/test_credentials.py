@@ -1,9 +1,12 @@
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
+import signal
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,8 +210,12 @@ case "$url" in
     printf '{"ServerURL": "%s", "Username": "helper-user", "Secret": "helper-S3CRET"}' "$url" ;;
   *token.example*) printf '{"ServerURL": "%s", "Username": "<token>", "Secret": "token-S3CRET"}' "$url" ;;
   *hang.example*) exec sleep 30 ;;
+  *escape.example*) setsid sh -c 'echo $$ > "$0"; exec sleep 30' "$(dirname "$0")/escaped" & exec sleep 30 ;;
   *garbage.example*) echo "this is not json: helper-S3CRET" ;;
-  *broken.example*) echo "half a helper-S3CRET" ; echo "backend unavailable" >&2 ; exit 3 ;;
+  *broken.example*) echo "half a helper-S3CRET" ; echo "backend unavailable, helper-S3CRET" >&2 ; exit 3 ;;
+  *stderr-only.example*) echo "credentials not found in native keychain" >&2 ; exit 1 ;;
+  *flood-stdout.example*) echo $$ > "$(dirname "$0")/pid" ; yes helper-S3CRET | head -c 4194304 ; exec sleep 30 ;;
+  *flood-stderr.example*) echo $$ > "$(dirname "$0")/pid" ; yes helper-S3CRET | head -c 4194304 >&2 ; exec sleep 30 ;;
   *) echo "credentials not found in native keychain" ; exit 1 ;;
 esac
 """
@@ -240,6 +247,7 @@ async def test_helper_token_username_means_identity_token(helper_dir):
 
 async def test_helper_not_found_is_none(helper_dir):
     assert await run_credential_helper("test", "unknown.example") is None
+    assert await run_credential_helper("test", "stderr-only.example") is None  # said on stderr
 
 
 async def test_helper_hang_is_killed_and_named(helper_dir):
@@ -247,13 +255,38 @@ async def test_helper_hang_is_killed_and_named(helper_dir):
         await run_credential_helper("test", "hang.example", timeout=0.5)
 
 
+async def test_a_hung_helper_whose_child_escaped_its_process_group_is_not_waited_for_long(helper_dir):
+    # The escaped child keeps the helper's outputs open, so they never end.
+    started = time.monotonic()
+    try:
+        with pytest.raises(CredentialError, match=r"docker-credential-test did not answer within 0\.5 s; killed"):
+            await run_credential_helper("test", "escape.example", timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 5
+    finally:
+        # Ended by the test, and then the loop is given a moment to see the helper's outputs close.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            os.kill(int((helper_dir / "escaped").read_text()), signal.SIGKILL)
+        await asyncio.sleep(0.2)
+
+
 async def test_helper_garbage_and_failure_are_errors_without_the_secret(helper_dir):
     with pytest.raises(CredentialError, match="docker-credential-test answered with something that is not JSON") as e:
         await run_credential_helper("test", "garbage.example")
     assert MARK not in str(e.value)
-    with pytest.raises(CredentialError, match=r"docker-credential-test failed \(exit 3\): backend unavailable") as e:
+    # Neither output is echoed: a helper may print a secret on stderr too.
+    with pytest.raises(CredentialError, match=r"^credential helper docker-credential-test failed \(exit 3\)$") as e:
         await run_credential_helper("test", "broken.example")
     assert MARK not in str(e.value)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_a_helper_that_floods_an_output_is_cut_off_and_killed(helper_dir, stream):
+    # 4 MiB, then it would sleep: only being killed ends it before the timeout.
+    with pytest.raises(CredentialError) as e:
+        await run_credential_helper("test", f"flood-{stream}.example", timeout=20)
+    assert str(e.value) == f"credential helper docker-credential-test wrote more than 1024 KiB to {stream}; killed"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((helper_dir / "pid").read_text()), 0)
 
 
 async def test_missing_helper_is_named(helper_dir):
