@@ -23,7 +23,6 @@ class NotRegularFileError(Exception):
     """The path is there but names something other than a regular file; str() says what it is."""
 
     def __init__(self, kind: str) -> None:
-        self.kind = kind
         super().__init__(f"not a regular file but {kind}")
 
 
