@@ -1,9 +1,13 @@
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
+import signal
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +17,13 @@ from ocigate.credentials import (
     Credential,
     CredentialChain,
     CredentialError,
+    CredentialSource,
     DockerConfig,
     KubernetesSecrets,
     OcigateStore,
     run_credential_helper,
 )
+from tests.support.within import returns_within
 
 # Every secret used below contains this marker, so one assertion can prove none of them leaked into a message.
 MARK = "S3CRET"
@@ -204,8 +210,12 @@ case "$url" in
     printf '{"ServerURL": "%s", "Username": "helper-user", "Secret": "helper-S3CRET"}' "$url" ;;
   *token.example*) printf '{"ServerURL": "%s", "Username": "<token>", "Secret": "token-S3CRET"}' "$url" ;;
   *hang.example*) exec sleep 30 ;;
+  *escape.example*) setsid sh -c 'echo $$ > "$0"; exec sleep 30' "$(dirname "$0")/escaped" & exec sleep 30 ;;
   *garbage.example*) echo "this is not json: helper-S3CRET" ;;
-  *broken.example*) echo "half a helper-S3CRET" ; echo "backend unavailable" >&2 ; exit 3 ;;
+  *broken.example*) echo "half a helper-S3CRET" ; echo "backend unavailable, helper-S3CRET" >&2 ; exit 3 ;;
+  *stderr-only.example*) echo "credentials not found in native keychain" >&2 ; exit 1 ;;
+  *flood-stdout.example*) echo $$ > "$(dirname "$0")/pid" ; yes helper-S3CRET | head -c 4194304 ; exec sleep 30 ;;
+  *flood-stderr.example*) echo $$ > "$(dirname "$0")/pid" ; yes helper-S3CRET | head -c 4194304 >&2 ; exec sleep 30 ;;
   *) echo "credentials not found in native keychain" ; exit 1 ;;
 esac
 """
@@ -237,6 +247,7 @@ async def test_helper_token_username_means_identity_token(helper_dir):
 
 async def test_helper_not_found_is_none(helper_dir):
     assert await run_credential_helper("test", "unknown.example") is None
+    assert await run_credential_helper("test", "stderr-only.example") is None  # said on stderr
 
 
 async def test_helper_hang_is_killed_and_named(helper_dir):
@@ -244,13 +255,38 @@ async def test_helper_hang_is_killed_and_named(helper_dir):
         await run_credential_helper("test", "hang.example", timeout=0.5)
 
 
+async def test_a_hung_helper_whose_child_escaped_its_process_group_is_not_waited_for_long(helper_dir):
+    # The escaped child keeps the helper's outputs open, so they never end.
+    started = time.monotonic()
+    try:
+        with pytest.raises(CredentialError, match=r"docker-credential-test did not answer within 0\.5 s; killed"):
+            await run_credential_helper("test", "escape.example", timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 5
+    finally:
+        # Ended by the test, and then the loop is given a moment to see the helper's outputs close.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            os.kill(int((helper_dir / "escaped").read_text()), signal.SIGKILL)
+        await asyncio.sleep(0.2)
+
+
 async def test_helper_garbage_and_failure_are_errors_without_the_secret(helper_dir):
     with pytest.raises(CredentialError, match="docker-credential-test answered with something that is not JSON") as e:
         await run_credential_helper("test", "garbage.example")
     assert MARK not in str(e.value)
-    with pytest.raises(CredentialError, match=r"docker-credential-test failed \(exit 3\): backend unavailable") as e:
+    # Neither output is echoed: a helper may print a secret on stderr too.
+    with pytest.raises(CredentialError, match=r"^credential helper docker-credential-test failed \(exit 3\)$") as e:
         await run_credential_helper("test", "broken.example")
     assert MARK not in str(e.value)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_a_helper_that_floods_an_output_is_cut_off_and_killed(helper_dir, stream):
+    # 4 MiB, then it would sleep: only being killed ends it before the timeout.
+    with pytest.raises(CredentialError) as e:
+        await run_credential_helper("test", f"flood-{stream}.example", timeout=20)
+    assert str(e.value) == f"credential helper docker-credential-test wrote more than 1024 KiB to {stream}; killed"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((helper_dir / "pid").read_text()), 0)
 
 
 async def test_missing_helper_is_named(helper_dir):
@@ -472,28 +508,33 @@ async def test_rotation_is_seen_without_restart(tmp_path):
     assert await docker.lookup("r.example", "r.example", "x") is None
 
 
-@pytest.mark.parametrize("kind", ["docker", "containers", "store", "kubernetes"])
-async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog, kind):
-    caplog.set_level(logging.WARNING, logger="ocigate")
+KINDS = ["docker", "containers", "store", "kubernetes"]
+
+
+def file_source(tmp_path: Path, kind: str) -> tuple[Path, CredentialSource, Callable[[str], str]]:
+    """A source of each kind, the file it reads, and the text of that file with one credential for r.example."""
     if kind == "store":
         path = tmp_path / "credentials.json"
-        source = OcigateStore(path)
-
-        def text(password: str) -> str:
-            return json.dumps([{"host": "r.example", "username": "u", "password": password}])
-    else:
-        path = {
-            "docker": tmp_path / "docker" / "config.json",
-            "containers": tmp_path / "auth.json",
-            "kubernetes": tmp_path / "secrets" / "pull" / ".dockerconfigjson",
-        }[kind]
-        source = {"docker": DockerConfig, "containers": ContainersAuth, "kubernetes": KubernetesSecrets}[kind](
-            {"docker": path.parent, "containers": path, "kubernetes": tmp_path / "secrets"}[kind]
+        return (
+            path,
+            OcigateStore(path),
+            lambda password: json.dumps([{"host": "r.example", "username": "u", "password": password}]),
         )
+    path = {
+        "docker": tmp_path / "docker" / "config.json",
+        "containers": tmp_path / "auth.json",
+        "kubernetes": tmp_path / "secrets" / "pull" / ".dockerconfigjson",
+    }[kind]
+    source = {"docker": DockerConfig, "containers": ContainersAuth, "kubernetes": KubernetesSecrets}[kind](
+        {"docker": path.parent, "containers": path, "kubernetes": tmp_path / "secrets"}[kind]
+    )
+    return path, source, lambda password: json.dumps({"auths": {"r.example": {"auth": basic("u", password)}}})
 
-        def text(password: str) -> str:
-            return json.dumps({"auths": {"r.example": {"auth": basic("u", password)}}})
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog, kind):
+    caplog.set_level(logging.WARNING, logger="ocigate")
+    path, source, text = file_source(tmp_path, kind)
     write_json(path, [])
     rewrite(path, text(secret("good")))
     assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
@@ -518,20 +559,53 @@ async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog,
     assert MARK not in caplog.text
 
 
-async def test_unreadable_file_keeps_last_good_and_logs_once(tmp_path, caplog):
-    source = docker_config(tmp_path, {"auths": {"r.example": {"auth": basic("u", secret("p"))}}})
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p"))
-    # A directory where the file was: stat works, reading fails (a chmod would not stop root, who runs the tests).
-    source.path.unlink()
-    source.path.mkdir()
+def put_in_place_of(path: Path, thing: str) -> str:
+    """Replaces the file at `path` with a FIFO, a directory or a symbolic link to itself; returns what the log says
+    of it. (A chmod would not stop root, who runs the tests.)"""
+    path.unlink()
+    if thing == "fifo":
+        os.mkfifo(path)
+        return "is not a regular file but a FIFO"
+    if thing == "directory":
+        path.mkdir()
+        return "is not a regular file but a directory"
+    path.symlink_to(path.name)
+    return "cannot be read (Too many levels of symbolic links)"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("thing", ["fifo", "directory", "symlink-loop"])
+async def test_a_file_that_is_no_readable_regular_file_keeps_last_good_logs_once_and_never_blocks(
+    tmp_path, caplog, kind, thing
+):
+    caplog.set_level(logging.WARNING, logger="ocigate")
+    path, source, text = file_source(tmp_path, kind)
+    write_json(path, [])
+    path.write_text(text(secret("good")))
+    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+    problem = put_in_place_of(path, thing)
     for _ in range(3):
-        assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p"))
+        # In a thread of its own: a read that blocks must fail the test, not hang the run.
+        found = returns_within(5, lambda: asyncio.run(source.lookup("r.example", "r.example", "x")))
+        assert found == Credential("u", secret("good"))
     assert len(caplog.records) == 1
-    assert str(source.path) in caplog.text and "cannot be read" in caplog.text
-    source.path.rmdir()
-    write_json(source.path, {"auths": {"r.example": {"auth": basic("u", secret("p2"))}}})
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("p2"))
+    assert f"{path} {problem}; keeping its last good contents" in caplog.records[0].getMessage()
+    if thing == "directory":
+        path.rmdir()
+    else:
+        path.unlink()
+    path.write_text(text(secret("new")))
+    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("new"))
     assert MARK not in caplog.text
+
+
+def test_the_store_refuses_to_write_over_a_fifo_without_blocking(tmp_path):
+    path = tmp_path / "credentials.json"
+    os.mkfifo(path)
+    with pytest.raises(CredentialError, match="is not a regular file but a FIFO; not overwriting it") as raised:
+        returns_within(5, lambda: OcigateStore(path).save("b", Credential("u", secret("p"))))
+    assert str(path) in str(raised.value)
+    assert stat.S_ISFIFO(path.stat().st_mode)
 
 
 # --- the chain ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from ocigate import rules
 from ocigate.rules import CAPABILITIES, Host, RulesError, load_rules, parse_hosts_toml
+from tests.support.within import returns_within
 
 DATA = Path(__file__).parent / "data" / "certs.d"
 SHIPPED_RULES = Path(__file__).parents[1] / "rules"
@@ -607,6 +609,51 @@ def test_directory_whose_name_is_no_registry_is_refused(tmp_path: Path) -> None:
 def test_files_beside_registry_directories_are_ignored(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("# rules\n")
     assert load_rules(tmp_path).lookup("README.md") is None
+
+
+# Files that cannot be read as they are: an error naming them, never a bypass and never a wait (containerd's
+# HostDirFromRoot and loadHostDir fail on what they cannot stat or read, other than what does not exist).
+
+
+@pytest.mark.parametrize("name", ["registry.example", "registry.example_5000_", "registry.example:5000", "_default"])
+def test_a_registry_directory_that_is_a_symlink_loop_is_refused_naming_it(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).symlink_to(name)
+    with pytest.raises(RulesError) as raised:
+        load_rules(tmp_path)
+    assert raised.value.path == tmp_path / name
+    assert str(raised.value) == f"{tmp_path / name}: cannot be resolved: Too many levels of symbolic links"
+
+
+def test_a_rules_root_that_is_a_symlink_loop_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "rules").symlink_to("rules")
+    with pytest.raises(RulesError, match="cannot be resolved: Too many levels of symbolic links") as raised:
+        load_rules(tmp_path / "rules")
+    assert raised.value.path == tmp_path / "rules"
+
+
+def test_a_dangling_link_is_no_registry_directory_as_for_containerd(tmp_path: Path) -> None:
+    (tmp_path / "registry.example").symlink_to("gone")
+    assert load_rules(tmp_path).lookup("registry.example") is None
+
+
+@pytest.mark.parametrize("thing", ["fifo", "directory", "symlink-loop"])
+def test_a_hosts_toml_that_is_no_readable_regular_file_is_refused_without_blocking(tmp_path: Path, thing: str) -> None:
+    hosts_file = tmp_path / "registry.example" / "hosts.toml"
+    hosts_file.parent.mkdir()
+    if thing == "fifo":
+        os.mkfifo(hosts_file)
+        problem = "not a regular file but a FIFO"
+    elif thing == "directory":
+        hosts_file.mkdir()
+        problem = "not a regular file but a directory"
+    else:
+        hosts_file.symlink_to("hosts.toml")
+        problem = "cannot read: Too many levels of symbolic links"
+    # In a thread of its own: a read that blocks must fail the test, not hang the run.
+    with pytest.raises(RulesError) as raised:
+        returns_within(5, lambda: load_rules(tmp_path))
+    assert raised.value.path == hosts_file
+    assert str(raised.value) == f"{hosts_file}: {problem}"
 
 
 # The shipped example tree

@@ -177,9 +177,9 @@ class Dialing:
         host = self.shared.host_for_connection(tls_start.context.client.id, server.address)
         if host is None:
             return
+        # Even a host with no TLS settings of its own: mitmproxy's context trusts certifi's roots alone, ocigate's
+        # own requests the system store too, and a blob must be fetched on whatever a manifest was.
         host_tls = self.shared.upstream.host_tls(host)
-        if host_tls.is_default:
-            return
         if tls_start.ssl_conn is None:
             # Loaded as a script, ocigate comes before mitmproxy's tlsconfig: have it build the connection now (it
             # leaves a connection that exists alone), so that there is one to give this host's settings.

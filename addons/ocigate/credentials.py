@@ -33,6 +33,8 @@ from typing import Any, Generic, TypeVar
 
 from cachetools import TTLCache
 
+from .files import NotRegularFileError, read_regular_file
+
 log = logging.getLogger("ocigate")
 
 DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
@@ -44,6 +46,10 @@ DEFAULT_HELPER_TIMEOUT = 10.0
 # A credential helper's answer is used this long before the helper is asked again: a pull asks for a credential per
 # request, and docker itself runs a helper once per pull. Failures are not kept.
 HELPER_ANSWER_TTL = 30.0
+# What a helper may write to stdout, and to stderr: an answer is a username and a secret, a token at most some KiB.
+HELPER_OUTPUT_LIMIT = 1024 * 1024
+# How long a killed helper is waited for.
+_KILL_GRACE = 2.0
 # Where `ocigate login` writes and the gateway reads ocigate's own credentials unless told otherwise.
 DEFAULT_STORE_PATH = "~/.ocigate/credentials.json"
 
@@ -109,9 +115,10 @@ class _Malformed(Exception):
 
 
 class _WatchedFile(Generic[T]):
-    """A file's parsed contents, re-read whenever it changes on disk. A file that cannot be read or parsed keeps the
-    last good contents and logs one warning; it logs again only after it has recovered and broken again. A missing
-    file is empty (it was never written, or its credentials were deliberately removed)."""
+    """A file's parsed contents, re-read whenever it changes on disk. A file that cannot be read or parsed, or that is
+    not a regular file (a FIFO would block every flow), keeps the last good contents and logs one warning; it logs
+    again only after it has recovered and broken again. A missing file is empty (it was never written, or its
+    credentials were deliberately removed)."""
 
     def __init__(self, path: Path, parse: Callable[[bytes], T], empty: T) -> None:
         self.path = path
@@ -134,10 +141,14 @@ class _WatchedFile(Generic[T]):
         signature = (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_ino)
         if signature == self._signature:
             return self._contents
+        # The signature is kept only once the file was read: until then, every lookup tries again.
         try:
-            data = self.path.read_bytes()
+            data = read_regular_file(self.path)
+        except NotRegularFileError as e:
+            self._fail(f"is {e}")
+            return self._contents
         except OSError as e:
-            self._fail(f"cannot be read ({e.strerror})")  # signature not kept: the next lookup tries again
+            self._fail(f"cannot be read ({e.strerror})")
             return self._contents
         self._signature = signature
         try:
@@ -300,17 +311,19 @@ async def run_credential_helper(
     except PermissionError:
         raise CredentialError(f"credential helper {program} is not executable") from None
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(server_url.encode()), timeout)
+        stdout, stderr = await asyncio.wait_for(_exchange(process, server_url.encode()), timeout)
     except TimeoutError:
-        _kill(process)
-        await process.wait()
+        await _kill(process)
         raise CredentialError(f"credential helper {program} did not answer within {timeout:g} s; killed") from None
+    except _TooMuchOutput as e:
+        await _kill(process)
+        raise CredentialError(f"credential helper {program} wrote more than {e}; killed") from None
     if process.returncode != 0:
         if _HELPER_NOT_FOUND in stdout.decode(errors="replace") + stderr.decode(errors="replace"):
             return None
-        # stderr only, and only its last line: stdout might hold half a secret.
-        detail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-        raise CredentialError(f"credential helper {program} failed (exit {process.returncode}): {detail[0][:200]}")
+        # Neither of its outputs: stdout may hold half a secret, and a helper may well print one on stderr.
+        status = f"signal {-process.returncode}" if process.returncode < 0 else f"exit {process.returncode}"
+        raise CredentialError(f"credential helper {program} failed ({status})")
     try:
         answer = json.loads(stdout)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -325,12 +338,60 @@ async def run_credential_helper(
     return Credential(username=username or None, password=secret)
 
 
-def _kill(process: asyncio.subprocess.Process) -> None:
+class _TooMuchOutput(Exception):
+    """A helper wrote more than an answer can be; str() says how much and where."""
+
+
+async def _exchange(process: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes]:
+    """communicate(), with each output read up to HELPER_OUTPUT_LIMIT only: a helper that prints without end must
+    not grow the gateway. Both are read at once, so that a helper blocked writing one cannot stall the other."""
+    reads = [
+        asyncio.ensure_future(_read_at_most(process.stdout, "stdout")),
+        asyncio.ensure_future(_read_at_most(process.stderr, "stderr")),
+    ]
+    try:
+        process.stdin.write(request)
+        # A helper may exit without reading its stdin; what it answers says what went wrong.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await process.stdin.drain()
+        process.stdin.close()
+        stdout, stderr = await asyncio.gather(*reads)
+    finally:
+        # Ended before a read is left waiting on a stream that _kill goes on to read.
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+    await process.wait()
+    return stdout, stderr
+
+
+async def _read_at_most(stream: asyncio.StreamReader, name: str) -> bytes:
+    data = bytearray()
+    while chunk := await stream.read(HELPER_OUTPUT_LIMIT + 1 - len(data)):
+        data += chunk
+        if len(data) > HELPER_OUTPUT_LIMIT:
+            raise _TooMuchOutput(f"{HELPER_OUTPUT_LIMIT // 1024} KiB to {name}")
+    return bytes(data)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kills the helper with its children and waits for it. What is left of its outputs is read and dropped: asyncio's
+    wait() returns only once they are closed, and an output whose buffer is full is no longer read to its end. A
+    child that left the process group can hold them open for ever: the helper is waited for _KILL_GRACE at most."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             process.kill()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(process.wait(), _drop(process.stdout), _drop(process.stderr)), _KILL_GRACE
+        )
+
+
+async def _drop(stream: asyncio.StreamReader) -> None:
+    while await stream.read(64 * 1024):
+        pass
 
 
 # --- sources --------------------------------------------------------------------------------------------------------
@@ -438,7 +499,8 @@ class KubernetesSecrets(CredentialSource):
         except OSError:
             names = []
         paths += [self.directory / name / self.FILE_NAME for name in names]
-        return [p for p in paths if p.exists()]
+        # lexists: a secret that is a symbolic link loop is reported by its source, not skipped as if absent.
+        return [p for p in paths if os.path.lexists(p)]
 
     async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
         paths = self._secret_files()
@@ -581,9 +643,11 @@ class OcigateStore(CredentialSource):
     def _current_entries(self) -> list[StoreEntry]:
         """The file as it is now: a malformed file is not overwritten (its other entries would be lost)."""
         try:
-            data = self.path.read_bytes()
+            data = read_regular_file(self.path)
         except FileNotFoundError:
             return []
+        except NotRegularFileError as e:
+            raise CredentialError(f"{self.path} is {e}; not overwriting it") from None
         except OSError as e:
             raise CredentialError(f"{self.path}: cannot be read ({e.strerror})") from None
         try:

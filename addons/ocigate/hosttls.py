@@ -2,16 +2,23 @@
 
 ocigate's own requests use Python's ssl (httpx); the streamed blob connections mitmproxy opens use pyOpenSSL. Both
 must trust and present exactly the same things for a host, so both contexts are built here from one key.
+
+Both verify as Go does for containerd, docker and skopeo: a chain to a trusted certificate, and the name. Not the
+fine print of RFC 5280 that Python 3.13's default context insists on (VERIFY_X509_STRICT refuses a CA without a
+keyUsage extension, which is what `openssl req -x509` makes); and a trusted certificate ends the chain even when it
+is an intermediate (Go's root pool; OpenSSL's PARTIAL_CHAIN, which only Python 3.13 sets by itself).
 """
 
+import os
 import ssl
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import certifi
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
+from .files import NotRegularFileError, check_regular
 from .rules import Host
 
 
@@ -30,10 +37,6 @@ class HostTLS:
         mitmproxy's own connections."""
         return cls(host.ca, host.client, host.skip_verify or insecure, roots)
 
-    @property
-    def is_default(self) -> bool:
-        return self == HostTLS()
-
 
 class HostTLSError(Exception):
     """A `ca` or `client` file of a host that cannot be loaded; the message names the file."""
@@ -41,6 +44,7 @@ class HostTLSError(Exception):
 
 @cache
 def python_context(tls: HostTLS) -> ssl.SSLContext:
+    _check_regular_files(tls)
     try:
         if tls.roots:
             context = ssl.create_default_context(cafile=str(tls.roots))
@@ -55,6 +59,9 @@ def python_context(tls: HostTLS) -> ssl.SSLContext:
             context.load_cert_chain(str(cert), str(key) if key else None)
     except (OSError, ssl.SSLError) as e:
         raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
+    context.verify_flags = (context.verify_flags & ~ssl.VERIFY_X509_STRICT) | ssl.VERIFY_X509_PARTIAL_CHAIN
+    # Go never takes the subject's common name for a host name, nor does mitmproxy's connection.
+    context.hostname_checks_common_name = False
     if tls.skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -63,6 +70,7 @@ def python_context(tls: HostTLS) -> ssl.SSLContext:
 
 @cache
 def openssl_context(tls: HostTLS) -> SSL.Context:
+    _check_regular_files(tls)
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     try:
         if tls.roots:
@@ -77,6 +85,8 @@ def openssl_context(tls: HostTLS) -> SSL.Context:
             context.use_privatekey_file(str(key or cert))
     except SSL.Error as e:
         raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
+    # OpenSSL's own default is not strict; the store's flags reach the connection that mitmproxy set a name on.
+    context.get_cert_store().set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     context.set_verify(SSL.VERIFY_NONE if tls.skip_verify else SSL.VERIFY_PEER, None)
     return context
 
@@ -87,6 +97,21 @@ def forget_contexts() -> None:
     openssl_context.cache_clear()
 
 
+def _paths(tls: HostTLS) -> list[Path]:
+    return [*tls.ca, *(p for pair in tls.client for p in pair if p)]
+
+
 def _files(tls: HostTLS) -> str:
-    paths = [*tls.ca, *(p for pair in tls.client for p in pair if p)]
-    return ", ".join(str(p) for p in paths)
+    return ", ".join(str(p) for p in _paths(tls))
+
+
+def _check_regular_files(tls: HostTLS) -> None:
+    """ssl and OpenSSL open the files by name, and rules are loaded on the event loop: a FIFO among them would stop
+    every flow."""
+    for path in _paths(tls):
+        try:
+            check_regular(os.stat(path).st_mode)
+        except NotRegularFileError as e:
+            raise HostTLSError(f"cannot load TLS file {path}: {e}") from None
+        except OSError:
+            pass  # loading it says what is wrong, as for every other file

@@ -14,6 +14,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .files import NotRegularFileError, read_regular_file
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
@@ -214,7 +216,7 @@ class RuleSet:
 def load_rules(root: Path) -> RuleSet:
     """Read and validate every <root>/<registry>/hosts.toml, so that one broken file refuses start-up."""
     root = Path(root).absolute()
-    if not root.is_dir():
+    if not _is_directory(root):
         problem = "is not a directory" if root.exists() else "does not exist"
         raise RulesError(root, None, f"rules directory {problem}")
     try:
@@ -230,7 +232,7 @@ def load_rules(root: Path) -> RuleSet:
                 f"never read here: a hosts.toml belongs in a registry directory, "
                 f"{root}/<registry>/{HOSTS_FILE} or {root}/{DEFAULT_DIRECTORY}/{HOSTS_FILE}",
             )
-        if entry.is_dir():
+        if _is_directory(entry):
             try:
                 _directory_upstream(entry.name)
             except ValueError:
@@ -239,6 +241,19 @@ def load_rules(root: Path) -> RuleSet:
                 ) from None
             directories[entry.name] = _load_directory(entry)
     return RuleSet(root, directories)
+
+
+def _is_directory(entry: Path) -> bool:
+    """Whether the rules directory or an entry of it is a directory, symbolic links followed. One that cannot be
+    resolved (a link loop, a denied search) is an error: containerd fails the pull for a host directory it cannot
+    stat (HostDirFromRoot, hosts.go) instead of going to the registry as if it had no rule. A dangling link is
+    absent for both."""
+    try:
+        return stat.S_ISDIR(os.stat(entry).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise RulesError(entry, None, f"cannot be resolved: {error.strerror or error}") from None
 
 
 def parse_hosts_toml(text: str, *, upstream: str, path: Path) -> tuple[Host, ...]:
@@ -329,10 +344,14 @@ def _upstream_host(upstream: str, top_level: _Settings) -> Host:
 def _load_directory(directory: Path) -> _RegistryDirectory:
     hosts_file = directory / HOSTS_FILE
     try:
-        content = hosts_file.read_bytes()
+        content = read_regular_file(hosts_file)
     except FileNotFoundError:
         content = b""
+    except NotRegularFileError as error:
+        # Read as it is, a FIFO would stop the gateway until someone writes to it.
+        raise RulesError(hosts_file, None, str(error)) from None
     except OSError as error:
+        # containerd too fails on a hosts.toml it cannot read (loadHostDir, hosts.go), other than a missing one.
         raise RulesError(hosts_file, None, f"cannot read: {error.strerror or error}") from None
     if not content:
         # containerd reads an empty hosts.toml like a missing one (hosts.go:321-326).

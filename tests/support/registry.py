@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from .processes import NotReady, stop, wait_until
-from .tls import ServerTLS
+from .tls import ServerTLS, client_ssl_context
 
 REGISTRY_BINARY = "docker-registry"
 _START_TIMEOUT = 10.0
@@ -231,7 +231,7 @@ def _probe(registry: Registry, config: dict[str, Any]) -> bool:
     if registry.tls is not None:
         # Verify the chain but not the name: a certificate made for names other than 127.0.0.1 is
         # legitimate here, and the probe only asks whether the server is up.
-        verify = ssl.create_default_context(cafile=str(registry.tls.ca_path))
+        verify = client_ssl_context(registry.tls.ca_path)
         verify.check_hostname = False
     try:
         response = httpx.get(f"{registry.url}/v2/", verify=verify, timeout=1.0)

@@ -1,0 +1,43 @@
+"""Reading a configuration file that someone else controls without letting it stall the gateway.
+
+A FIFO where a credentials file or a hosts.toml belongs blocks open() until a writer comes and read() until it
+leaves; read on the event loop, that freezes every flow. A path must therefore be a regular file (symbolic links
+followed) before it is opened, and it is opened without blocking and checked again on the descriptor, so that a
+file swapped for a FIFO between the two checks cannot block either.
+"""
+
+import os
+import stat
+from pathlib import Path
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+class NotRegularFileError(Exception):
+    """The path is there but names something other than a regular file; str() says what it is."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"not a regular file but {kind}")
+
+
+def check_regular(mode: int) -> None:
+    """Raises NotRegularFileError unless `mode` (a stat's st_mode) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(next((kind for is_kind, kind in _KINDS if is_kind(mode)), "a special file"))
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The contents of `path`, which must be a regular file. Raises NotRegularFileError for anything else, and
+    OSError (FileNotFoundError included) for a path that cannot be resolved or read."""
+    # Checked before opening too: opening a device can have effects of its own.
+    check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        check_regular(os.fstat(fd).st_mode)
+        return file.read()
