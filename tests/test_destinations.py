@@ -66,5 +66,5 @@ def test_bad_host_map_entries_are_named(entry: str, message: str) -> None:
 
 
 def test_bad_network_is_named() -> None:
-    with pytest.raises(ValueError, match=r"allowed destination '127\.0\.0\.0/33'"):
+    with pytest.raises(ValueError, match=r"ocigate_allow_destinations entry '127\.0\.0\.0/33'"):
         Destinations.from_options([], ["127.0.0.0/33"], dns=True)

@@ -53,14 +53,16 @@ class Destinations:
         for entry in host_map:
             name, sep, target = entry.partition("=")
             if not sep:
-                raise ValueError(f"host map entry {entry!r}: expected NAME[:PORT]=ADDRESS[:PORT]")
-            mapping[_split_host_port(name, "host map name")] = _split_host_port(target, "host map address")
+                raise ValueError(f"ocigate_map_hosts entry {entry!r}: expected NAME[:PORT]=ADDRESS[:PORT]")
+            mapping[_split_host_port(name, "ocigate_map_hosts name")] = _split_host_port(
+                target, "ocigate_map_hosts address"
+            )
         networks = []
         for entry in allowed:
             try:
                 networks.append(ipaddress.ip_network(entry.strip(), strict=False))
             except ValueError as e:
-                raise ValueError(f"allowed destination {entry!r}: {e}") from None
+                raise ValueError(f"ocigate_allow_destinations entry {entry!r}: {e}") from None
         return cls(mapping, tuple(networks), dns)
 
     def mapped(self, host: str, port: int) -> tuple[str, int] | None:

@@ -75,6 +75,15 @@ def running_gateway(
     """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
     `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`. Its credential files are in
     `workdir` (none exist until a test writes them), never the machine's own. `env` is added to its environment."""
+    arguments = gateway_arguments(workdir, rules, host_map, options)
+    with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log", env=env) as gateway:
+        yield gateway
+
+
+def gateway_arguments(
+    workdir: Path, rules: Path, host_map: Mapping[str, str] = {}, options: Sequence[str] = ()
+) -> list[str]:
+    """The gateway's options as the tests start it: guarded to dial loopback only, credentials from `workdir` only."""
     arguments = [
         "--set",
         f"ocigate_credentials={workdir / 'ocigate-credentials.json'}",
@@ -95,8 +104,7 @@ def running_gateway(
         arguments += ["--set", f"ocigate_map_hosts={name}={address}"]
     for option in options:
         arguments += ["--set", option]
-    with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log", env=env) as gateway:
-        yield gateway
+    return arguments
 
 
 @contextmanager
