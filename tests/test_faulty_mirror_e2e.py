@@ -14,6 +14,7 @@ import pytest
 from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
 from tests.support.faulty_host import FaultyHost, Shape, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
+from tests.support.hoststoml import write_mirror_rules
 from tests.support.images import Image, make_image, push_image
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import running_registry
@@ -36,13 +37,7 @@ def registry_with_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     image = make_image("faulty-app", layers=3)
     with running_registry(workdir / "registry") as registry:
         push_image(registry.url, "team/app", "v1", image)
-        rules = workdir / "rules"
-        (rules / UPSTREAM).mkdir(parents=True)
-        (rules / UPSTREAM / "hosts.toml").write_text(
-            f'server = "https://{UPSTREAM}"\n'
-            '[host."http://faulty.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
-            '[host."http://good.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        rules = write_mirror_rules(workdir / "rules", UPSTREAM, ["http://faulty.test:5000", "http://good.test:5000"])
         yield registry.url, image, rules
 
 

@@ -20,6 +20,7 @@ import pytest
 from tests.support import tally
 from tests.support.faulty_host import FRAMINGS, FaultyHost, Shape, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
+from tests.support.hoststoml import write_mirror_rules
 from tests.support.images import Blob, push_blob
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import running_registry
@@ -73,13 +74,7 @@ def mirrors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirrors]:
         with httpx.Client(timeout=30) as client:
             for blob in blobs.values():
                 push_blob(registry.url, REPOSITORY, blob, client)
-        rules = workdir / "rules"
-        (rules / UPSTREAM).mkdir(parents=True)
-        (rules / UPSTREAM / "hosts.toml").write_text(
-            f'server = "https://{UPSTREAM}"\n'
-            '[host."http://faulty.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
-            '[host."http://good.test:5000"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        rules = write_mirror_rules(workdir / "rules", UPSTREAM, ["http://faulty.test:5000", "http://good.test:5000"])
         with running_faulty_host(registry.url) as faulty, recording_proxy(registry.url) as good:
             host_map = {"faulty.test:5000": f"127.0.0.1:{faulty.port}", "good.test:5000": f"127.0.0.1:{good.port}"}
             options = ("ocigate_read_timeout=5",)
@@ -146,11 +141,7 @@ STALL_TIMEOUT = 1
 def stalling(mirrors: Mirrors, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """A gateway of its own with a short read timeout, in front of the same mirrors."""
     workdir = tmp_path_factory.mktemp("stalling")
-    rules = workdir / "rules"
-    (rules / UPSTREAM).mkdir(parents=True)
-    (rules / UPSTREAM / "hosts.toml").write_text(
-        f'server = "https://{UPSTREAM}"\n[host."http://faulty.test:5000"]\n[host."http://good.test:5000"]\n'
-    )
+    rules = write_mirror_rules(workdir / "rules", UPSTREAM, ["http://faulty.test:5000", "http://good.test:5000"])
     host_map = {
         "faulty.test:5000": f"127.0.0.1:{mirrors.faulty.port}",
         "good.test:5000": f"127.0.0.1:{mirrors.good.port}",

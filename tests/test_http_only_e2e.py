@@ -5,7 +5,6 @@ for it, trusted by the gateway) never hears the client, its Authorization least 
 or not."""
 
 import contextlib
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from tests.support import secrets
 from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 from tests.support.images import OCI_MANIFEST, Image, make_image, push_image
 from tests.support.registry import running_registry
+from tests.support.through import tls_through
 from tests.support.tls import issue_server_cert, make_ca
 from tests.support.tls_sink import TLSSink, tls_sink
 
@@ -68,19 +68,6 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             yield World(gateway, {"upstream.test": upstream_sink, "airgap.test": airgap_sink}, image)
 
 
-def tls_through(gateway: Gateway, upstream: str) -> ssl.SSLSocket:
-    """A TLS connection to `upstream` through the gateway's CONNECT tunnel, trusting its CA, without ALPN."""
-    raw = socket.create_connection(("127.0.0.1", gateway.port), timeout=ANSWER_TIMEOUT)
-    raw.sendall(f"CONNECT {upstream}:443 HTTP/1.1\r\nHost: {upstream}:443\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        piece = raw.recv(1)
-        assert piece, f"the gateway closed the CONNECT tunnel: {head!r}"
-        head += piece
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return ssl.create_default_context(cafile=str(gateway.ca_path)).wrap_socket(raw, server_hostname=upstream)
-
-
 def answer(connection: ssl.SSLSocket) -> bytes:
     """Everything the gateway sends back until it closes the connection (the request asks it to), or what came
     before nothing more did."""
@@ -112,7 +99,7 @@ def test_a_request_written_in_two_pieces_is_served_as_http_and_the_registry_hear
     world: World, upstream: str
 ) -> None:
     line, rest = request_head(upstream, "/v2/team/app/manifests/v1")
-    with tls_through(world.gateway, upstream) as connection:
+    with tls_through(world.gateway, upstream, timeout=ANSWER_TIMEOUT) as connection:
         connection.sendall(line)
         time.sleep(PIECE_PAUSE)
         connection.sendall(rest)
@@ -133,7 +120,7 @@ def test_a_request_line_longer_than_a_tls_record_is_served_as_http_and_the_regis
     world: World, upstream: str, length: int, status: bytes
 ) -> None:
     line, rest = request_head(upstream, "/v2/team/app/manifests/v1?padding=" + "a" * length)
-    with tls_through(world.gateway, upstream) as connection:
+    with tls_through(world.gateway, upstream, timeout=ANSWER_TIMEOUT) as connection:
         connection.sendall(line + rest)
         received = answer(connection)
     assert_never_heard(world.sinks[upstream])
@@ -145,7 +132,7 @@ def test_a_protocol_switch_never_makes_a_pipe_to_the_registry(world: World) -> N
     head = "GET /v2/token HTTP/1.1\r\nHost: upstream.test\r\nConnection: Upgrade\r\nUpgrade: pipe/1\r\n\r\n"
     registry = world.sinks["upstream.test"]
     before = len(registry.received)
-    with tls_through(world.gateway, "upstream.test") as connection:
+    with tls_through(world.gateway, "upstream.test", timeout=ANSWER_TIMEOUT) as connection:
         connection.sendall(head.encode())
         received = answer(connection)
         # The registry answers 101 all the same: the gateway ends the client's connection instead of piping it.

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.faulty_host import FaultyHost, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
+from tests.support.hoststoml import write_mirror_rules
 from tests.support.images import Image, make_image, push_image, sha256_digest
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import running_registry
@@ -47,11 +48,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     image = make_image("load-app", layers=4, layer_size=256 * 1024)
     with running_registry(workdir / "registry") as registry:
         push_image(registry.url, "team/app", "v1", image)
-        rules = workdir / "rules"
-        (rules / UPSTREAM).mkdir(parents=True)
-        (rules / UPSTREAM / "hosts.toml").write_text(
-            f'server = "https://{UPSTREAM}"\n[host."http://a.test:5000"]\n[host."http://b.test:5000"]\n'
-        )
+        rules = write_mirror_rules(workdir / "rules", UPSTREAM, ["http://a.test:5000", "http://b.test:5000"])
         with running_faulty_host(registry.url) as a, recording_proxy(registry.url) as b:
             host_map = {"a.test:5000": f"127.0.0.1:{a.port}", "b.test:5000": f"127.0.0.1:{b.port}"}
             with running_gateway(workdir / "gateway", rules, host_map) as gateway:
