@@ -201,9 +201,11 @@ async def test_a_streamed_request_refused_by_the_host_is_answered_naming_the_cre
         flow = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
         flow.response = tutils.tresp(status_code=401, content=b"{}")
         gw.responseheaders(flow)
-        assert not flow.response.stream
+        # None of the host's answer goes on (nor is it kept): the client gets the gateway's error instead.
+        sent = [out for piece in (b'{"from": "the host"}', b"") for out in flow.response.stream(piece)]
         gw.response(flow)
         again = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+    assert b"".join(sent) == flow.response.content and b"the host" not in flow.response.content
     assert flow.response.status_code == 401
     error = json.loads(flow.response.content)["errors"][0]
     assert error["code"] == "UNAUTHORIZED"

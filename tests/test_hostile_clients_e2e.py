@@ -178,10 +178,9 @@ def mirror_problems(requests) -> list[str]:
     problems = []
     for request in requests:
         what = f"{request.method} {request.target[:120]}"
-        if request.query().get("ns") != [UPSTREAM] or any(k != "ns" and k.lower() == "ns" for k in request.query()):
+        # query() decodes the keys: a client's n%73 would show here as a second ns.
+        if request.query().get("ns") != [UPSTREAM]:
             problems.append(f"{what}: ns {request.query().get('ns')}")
-        if any(k.lower() in ("n%73", "ns") and k != "ns" for k in request.query()):
-            problems.append(f"{what}: a client's ns")
         if request.header_values("OCI-Ref") or any(
             not v.startswith(f"{UPSTREAM}/team/app") for v in request.header_values("OCI-Named-Ref")
         ):

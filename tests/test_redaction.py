@@ -2,6 +2,7 @@
 streamed, with the answer's length kept."""
 
 import base64
+import gzip
 import json
 from pathlib import Path
 
@@ -9,9 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
 
+from ocigate.attempt import without_echoes
+from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.redaction import MIN_SECRET, MaskingStream, echo_forms, mask
 from ocigate.tokens import basic_authorization
+from ocigate.upstream import HostResponse
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, gateway, write_rules
 from tests.test_auth import PASSWORD
@@ -21,24 +25,24 @@ def test_every_form_of_a_basic_credential_is_a_secret() -> None:
     header = basic_authorization("alice", 'pa/ss"word')
     forms = echo_forms(header)
     encoded = header.removeprefix("Basic ")
-    for form in (header, encoded, 'alice:pa/ss"word', 'pa/ss"word', 'pa\\/ss\\"word', "pa%2Fss%22word"):
+    for form in (header, encoded, 'alice:pa/ss"word', 'alice:pa\\/ss\\"word', "alice%3Apa%2Fss%22word"):
         assert form.encode() in forms, form
     assert forms == tuple(sorted(forms, key=len, reverse=True))
 
 
 def test_a_bearer_token_is_a_secret_and_short_fragments_are_not() -> None:
-    assert b"tok-123" in echo_forms("Bearer tok-123")
+    assert b"tok-12345678" in echo_forms("Bearer tok-12345678")
     forms = echo_forms(basic_authorization("bob", "pw"))
-    assert b"pw" not in forms and b"bob:pw" in forms
+    assert b"pw" not in forms and b"bob:pw" not in forms and basic_authorization("bob", "pw").encode() in forms
     assert all(len(form) >= MIN_SECRET for form in forms)
     assert echo_forms(None) == () and echo_forms("") == ()
 
 
 def test_masking_keeps_the_length() -> None:
-    secrets = echo_forms("Bearer tok-123")
-    body = b'{"you sent": "Bearer tok-123"}'
+    secrets = echo_forms("Bearer tok-12345678")
+    body = b'{"you sent": "Bearer tok-12345678"}'
     masked = mask(body, secrets)
-    assert len(masked) == len(body) and b"tok-123" not in masked and masked.startswith(b'{"you sent": "')
+    assert len(masked) == len(body) and b"tok-12345678" not in masked and masked.startswith(b'{"you sent": "')
 
 
 @given(
@@ -94,3 +98,22 @@ async def test_a_host_that_echoes_ocigates_credential_hands_it_to_nobody(tmp_pat
     assert len(relayed_body) == len(body) and encoded not in relayed_body
     assert encoded.decode() not in upload.response.headers["X-You-Sent"]
     assert base64.b64decode(encoded).decode() == f"alice:{PASSWORD}"
+
+
+def test_an_error_answer_in_a_content_coding_that_could_hide_an_echo_is_dropped() -> None:
+    sent = basic_authorization("alice", PASSWORD)
+    echoed = gzip.compress(json.dumps({"you sent": sent}).encode())
+    answer = HostResponse(
+        400, b"Bad Request " + sent.encode(), ((b"Content-Encoding", b"gzip"), (b"X-Echo", sent.encode())), echoed
+    )
+    cleaned = without_echoes(answer, Authorization(sent, "ocigate store", "alice"))
+    assert cleaned.body == b"" and (b"Content-Encoding", b"gzip") not in cleaned.headers
+    assert sent.encode() not in cleaned.reason and sent.encode() not in dict(cleaned.headers)[b"X-Echo"]
+
+
+def test_content_is_never_masked_only_what_is_no_content() -> None:
+    sent = basic_authorization("alice", PASSWORD)
+    manifest = json.dumps({"annotations": {"note": sent}}).encode()
+    authorization = Authorization(sent, "ocigate store", "alice")
+    assert without_echoes(HostResponse(200, b"OK", (), manifest), authorization).body == manifest
+    assert sent.encode() not in without_echoes(HostResponse(404, b"", (), manifest), authorization).body

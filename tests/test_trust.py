@@ -8,6 +8,7 @@ from mitmproxy import http
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, reason_phrase
+from ocigate.credentials import Credential, OcigateStore
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.support.registry import free_port
@@ -340,3 +341,108 @@ async def test_a_blob_head_after_the_gateway_served_its_manifest_is_answered_by_
     # ...after the gateway served the manifest referencing it, the pull's hosts answer.
     assert attempts(pulling) == [(f"http://m.test:{mirror}/v2", "200")]
     assert [(m, p.split("?")[0]) for m, p, _ in server_seen] == [("HEAD", f"/v2/team/app/blobs/{BLOB_DIGEST}")]
+
+
+async def test_an_empty_200_for_a_blob_that_is_not_empty_is_no_blob(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = await streamed_blob(gw, 200, {"Content-Length": "0"})
+            # An answer that ends with its headers never passes the stream hook: mitmproxy reads it whole (nothing).
+            flow.response.content = b""
+            gw.response(flow)
+            again = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(again)
+    assert flow.error is not None and flow.error.msg == "Connection killed."
+    assert "sent 0 bytes that hash to" in flow.metadata[METADATA_KEY]["error"]
+    assert again.response is not None and again.response.status_code == 502
+    assert "sent something else" in again.response.content.decode()
+
+
+async def test_a_close_delimited_blob_from_an_http10_host_goes_on_as_http11(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(flow)
+            flow.response = http.Response.make(200, b"", {})
+            flow.response.http_version = "HTTP/1.0"
+            del flow.response.headers["Content-Length"]
+            gw.responseheaders(flow)
+    # A chunked body under an HTTP/1.0 status line is read as raw bytes by Go clients.
+    assert flow.response.http_version == "HTTP/1.1" and flow.response.headers["Transfer-Encoding"] == "chunked"
+
+
+async def test_a_404_of_the_only_host_stays_a_404_and_is_not_held_against_it(tmp_path: Path) -> None:
+    with http_host(lambda h: (404, b"")) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flows = [await streamed_blob(gw, 404, {"Content-Length": "0"}) for _ in range(2)]
+            for flow in flows:
+                flow.response.content = b""
+                gw.response(flow)
+    for flow in flows:
+        assert flow.response.status_code == 404
+        assert json.loads(flow.response.content)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_a_blob_refusal_of_a_client_that_authenticates_itself_reaches_it_with_its_challenge(
+    tmp_path: Path,
+) -> None:
+    with http_host(lambda h: (200, BLOB)) as (port, _):
+        upstream = f"upstream.test:{port}"
+        rules = write_rules(tmp_path, upstream, f'authentication = "client"\nserver = "http://{upstream}"\n')
+        with gateway(rules, ["upstream.test=127.0.0.1"]) as (gw, _):
+            blob = f"/v2/team/app/blobs/{BLOB_DIGEST}"
+            flow = flow_to("upstream.test", blob, port=port, headers=[(b"Authorization", b"Bearer expired")])
+            await gw.requestheaders(flow)
+            challenge = {"WWW-Authenticate": 'Bearer realm="https://auth.test/token"', "Content-Length": "2"}
+            flow.response = http.Response.make(401, b"", challenge)
+            gw.responseheaders(flow)
+            gw.response(flow)
+            again = flow_to("upstream.test", blob, port=port)
+            await gw.requestheaders(again)
+    assert flow.response.status_code == 401 and flow.response.stream is True
+    assert flow.response.headers["WWW-Authenticate"].startswith("Bearer realm=")
+    # Not a failure of the registry's: the next request goes to it again.
+    assert again.response is None and again.request.port == port
+
+
+async def test_an_offline_rules_mirror_cannot_send_ocigate_to_the_registry_itself(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (registry, registry_seen):
+        to_registry = {"Location": f"http://upstream.test:{registry}/v2/team/app/manifests/v1"}
+        challenge = {"WWW-Authenticate": f'Bearer realm="http://upstream.test:{registry}/token",service="x"'}
+        answers = iter([(307, b"", to_registry), (401, b"{}", challenge)])
+        with http_host(lambda h: next(answers)) as (mirror, _):
+            rules = write_rules(
+                tmp_path,
+                f"upstream.test:{registry}",
+                f'offline = true\nserver = "http://upstream.test:{registry}"\n[host."http://m.test:{mirror}"]\n',
+            )
+            with gateway(rules, ["m.test=127.0.0.1", "upstream.test=127.0.0.1"]) as (gw, _):
+                redirected = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=registry)
+                await gw.requestheaders(redirected)
+                challenged = flow_to("upstream.test", "/v2/team/app/manifests/v2", port=registry)
+                await gw.requestheaders(challenged)
+    assert registry_seen == []
+    assert "a redirect to upstream.test" in attempts(redirected)[0][1]
+    assert "which its offline rule never contacts" in attempts(challenged)[0][1]
+
+
+async def test_a_manifest_holding_the_password_ocigate_sent_is_served_whole(tmp_path: Path) -> None:
+    password = "2024-01-01T00:00:00Z"
+    manifest = json.dumps({"schemaVersion": 2, "annotations": {"created": password}}).encode()
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def basic(handler):
+        if not handler.headers.get("Authorization"):
+            return 401, b"{}", {"WWW-Authenticate": 'Basic realm="m"'}
+        return 200, manifest
+
+    with http_host(basic) as (port, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://m.test:{port}"]\n')
+        OcigateStore(rules / "credentials.json").save(f"m.test:{port}", Credential("bob", password))
+        with gateway(rules, ["m.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/manifests/{digest}")
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and flow.response.content == manifest

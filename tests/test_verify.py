@@ -115,8 +115,8 @@ def test_a_tag_answered_with_what_is_no_manifest_is_a_problem_but_not_a_lie() ->
 BLOB_DIGEST = digest_of(b"blob")
 
 
-def judge(status: int, response=(), request=(), *, http1: bool = True, digest: str = BLOB_DIGEST) -> BlobAnswer:
-    return judge_blob_answer(status, headers(**dict(response)), headers(**dict(request)), digest, client_http1=http1)
+def judge(status: int, response=(), request=(), *, client="HTTP/1.1", digest: str = BLOB_DIGEST) -> BlobAnswer:
+    return judge_blob_answer(status, headers(**dict(response)), headers(**dict(request)), digest, client=client)
 
 
 def test_only_a_200_is_the_blob_and_it_is_verified() -> None:
@@ -127,7 +127,10 @@ def test_only_a_200_is_the_blob_and_it_is_verified() -> None:
 def test_a_close_delimited_blob_goes_chunked_to_an_http1_client_so_that_a_cut_shows() -> None:
     assert judge(200) == BlobAnswer(verify=True, chunked=True)
     # HTTP/2 frames every body itself: no chunked encoding there.
-    assert judge(200, http1=False) == BlobAnswer(verify=True)
+    assert judge(200, client="HTTP/2.0") == BlobAnswer(verify=True)
+    # An HTTP/1.0 client can read neither chunks nor a cut from a close: it gets no such body.
+    assert judge(200, client="HTTP/1.0").failed == "a body ended by closing the connection, to an HTTP/1.0 client"
+    assert judge(200, {"Content_Length": "4"}, client="HTTP/1.0") == BlobAnswer(verify=True)
 
 
 def test_a_content_encoded_blob_is_verified_as_sent_and_labelled_identity() -> None:
@@ -161,12 +164,12 @@ def test_a_digest_of_an_algorithm_ocigate_cannot_hash_passes_unchecked() -> None
         st.sampled_from(["Content-Length", "Transfer-Encoding", "Content-Encoding", "Location"]), st.text(max_size=8)
     ),
     st.dictionaries(st.sampled_from(["Range", "If-None-Match", "If-Modified-Since", "Accept"]), st.text(max_size=8)),
-    st.booleans(),
+    st.sampled_from(["HTTP/1.1", "HTTP/2.0"]),
 )
-def test_every_answer_is_judged_exactly_one_way(status: int, response: dict, request: dict, http1: bool) -> None:
+def test_every_answer_is_judged_exactly_one_way(status: int, response: dict, request: dict, client: str) -> None:
     def lines(values: dict) -> list[tuple[bytes, bytes]]:
         return [(k.encode(), v.encode("utf-8")) for k, v in values.items()]
 
-    answer = judge_blob_answer(status, lines(response), lines(request), BLOB_DIGEST, client_http1=http1)
+    answer = judge_blob_answer(status, lines(response), lines(request), BLOB_DIGEST, client=client)
     assert [answer.verify, answer.unchecked is not None, answer.failed is not None].count(True) == 1
     assert answer.verify == (status == 200)

@@ -49,16 +49,18 @@ from .destinations import DestinationError, Destinations
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .httponly import HttpOnly
-from .redaction import MaskingStream, echo_forms, mask_headers
+from .redaction import MaskingStream, echo_forms, mask, mask_headers
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
 from .router import PUSH, Attempt, Plan, location_for_client, make_plan
-from .rules import Host, Rule, RulesError, RuleSet, load_rules
+from .rules import DEFAULT_PORTS, Host, Rule, RulesError, RuleSet, load_rules
 from .upstream import HostResponse, Upstream
 from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
 
 log = logging.getLogger("ocigate")
 
 METADATA_KEY = "ocigate"
+# How often a blob's watchdog looks whether the flow's connection to its host is open yet.
+_CONNECTION_POLL = 0.25
 _STREAM_KEY = "ocigate_stream"
 # Connections (client or server) ocigate keeps a note about, the least recently used forgotten first. A note goes
 # when its connection ends or is dialled, so only those whose end never came (a client gone while mitmproxy waited to
@@ -87,7 +89,7 @@ class Shared:
 
     def upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
         """The upstream a request to scheme://host:port is for, and its rule; None when no rule names it."""
-        default_port = 443 if scheme == "https" else 80
+        default_port = DEFAULT_PORTS.get(scheme, DEFAULT_PORTS["http"])
         try:
             upstream = normalize_upstream(host, None if port == default_port else port)
         except RouteError:
@@ -395,9 +397,6 @@ class Gateway:
             ca,
         )
 
-    async def done(self) -> None:
-        await self.shared.upstream.aclose()
-
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if ctx.options.ocigate_intercept_unruled or self.shared.rules is None:
             return
@@ -468,7 +467,11 @@ class Gateway:
             return
         client_headers = list(request.headers.fields)
         access = Access(
-            upstream, route.repository, push=plan.capabilities == PUSH, catalog=route.kind is RouteKind.CATALOG
+            upstream,
+            route.repository,
+            push=plan.capabilities == PUSH,
+            catalog=route.kind is RouteKind.CATALOG,
+            offline=rule.offline,
         )
         asker = self.shared.asker
         small_answer = route.kind in READ_WHOLE_KINDS and plan.capabilities != PUSH
@@ -520,46 +523,58 @@ class Gateway:
         if not (flow.metadata.get(_STREAM_KEY) and flow.response):
             return
         streamed = self._streamed.get(flow.id)
+        if streamed is None:
+            flow.response.stream = True
+            return
+        streamed.answered = time.monotonic()
         status = flow.response.status_code
-        if streamed and streamed.authorization is not None and status in (401, 403):
-            # A refusal of ocigate's own credentials is replaced by an error naming them (see response): its body is
-            # small, and the host's challenge would only send the client after a token for credentials it has not
-            # got.
-            flow.response.stream = False
-        elif streamed and streamed.digest:
+        if streamed.authorization is not None and status in (401, 403):
+            self._refused(flow, streamed)
+        elif streamed.digest and streamed.authorization is None and status in (401, 403):
+            # The client authenticates itself to this host: its challenge is for the client to answer.
+            flow.response.stream = True
+        elif streamed.digest:
             self._blob_answer(flow, streamed)
         else:
             flow.response.stream = True
-        if streamed and streamed.replacement is None:
+        if streamed.replacement is None:
             _point_location_at_the_gateway(flow.response, streamed.host)
-            _mask_echoes(flow.response, streamed)
+            _mask_echoes(flow, streamed)
 
     async def _watch(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", timeout: float) -> None:
         """A blob's host that sends nothing for `timeout` seconds, before its answer or between two pieces of it, is
         cut off: the client sees the transfer fail, and its retry goes to another host."""
+        host = streamed.host
+        # Dialling, and mitmproxy's wait for a free connection to the host, are not the host's silence: the clock
+        # starts on the connection the flow is sent on.
+        while not (flow.server_conn.connected and flow.server_conn.address == (host.host, host.port)):
+            await asyncio.sleep(_CONNECTION_POLL)
+            streamed.answered = time.monotonic()
         while (wait := streamed.last_heard() + timeout - time.monotonic()) > 0:
             await asyncio.sleep(wait)
-        streamed.cut_off = f"{streamed.host.url} sent nothing for {timeout} s: transfer aborted"
+        streamed.cut_off = f"{host.url} sent nothing for {timeout} s: transfer aborted"
         if not _cut_server_connection(flow):
-            log.warning("ocigate: cannot cut off %s, which sent nothing for %s s", streamed.host.url, timeout)
+            log.warning("ocigate: cannot cut off %s, which sent nothing for %s s", host.url, timeout)
 
     def _blob_answer(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
         """A blob GET's answer reaches the client as the blob, checked while it passes; as what the client asked for
         (a range, a redirect) marked unchecked; or, when it is no blob, not at all."""
         response = flow.response
-        client_http1 = flow.request.http_version.startswith("HTTP/1")
-        streamed.answered = time.monotonic()
         judged = judge_blob_answer(
             response.status_code,
             response.headers.fields,
             flow.request.headers.fields,
             streamed.digest,
-            client_http1=client_http1,
+            client=flow.request.http_version,
         )
         if judged.failed:
             self._blob_not_sent(flow, streamed, judged)
             return
         streamed.unchecked = judged.unchecked
+        if response.http_version == "HTTP/1.0" and flow.request.http_version == "HTTP/1.1":
+            # The client hears ocigate, which speaks HTTP/1.1, frames and all: a chunked body (whether a host that
+            # said HTTP/1.0 sent it so, or ocigate frames it) under an HTTP/1.0 status line is read as raw bytes.
+            response.http_version = "HTTP/1.1"
         if not judged.verify:
             streamed.passed_on = _PassedOn()
             response.stream = streamed.passed_on
@@ -575,11 +590,13 @@ class Gateway:
     def _blob_not_sent(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", judged: BlobAnswer) -> None:
         """The host's answer to a blob GET is not the blob: none of it reaches the client, and the host is not asked
         for that blob during a cool-down. With hosts left to ask, the client is sent back to the same URL (307) and
-        ocigate asks the next; otherwise it gets an OCI error naming every host."""
+        ocigate asks the next; otherwise it gets an OCI error naming every host. A 404 of the last host, which was
+        not asked whether it had the blob, is its honest answer: it is not held against it."""
         url, status = streamed.host.url, flow.response.status_code
         outcome = Outcome(url, f"answered {judged.failed}", True, status)
         outcomes = [*streamed.outcomes, outcome]
-        marked = self.shared.health.failed(url, streamed.digest, f"answered {judged.failed}")
+        held_against = streamed.fallback or status != 404
+        marked = held_against and self.shared.health.failed(url, streamed.digest, f"answered {judged.failed}")
         record = flow.metadata.get(METADATA_KEY)
         if marked and streamed.fallback:
             replacement = http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
@@ -592,9 +609,25 @@ class Gateway:
             record["attempts"] = [o.as_dict() for o in outcomes]
             record["served_by"] = "gateway"
             record["error"] = why
-        streamed.replacement = replacement.content or b""
-        replacement.stream = _SendOnly(streamed.replacement)
-        flow.response = replacement
+        _replace(flow, streamed, replacement)
+
+    def _refused(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
+        """A refusal of ocigate's own credentials is replaced by an error naming them: the host's challenge would only
+        send the client after a token for credentials it has not got."""
+        status, authorization = flow.response.status_code, streamed.authorization
+        assert authorization is not None
+        if status == 401:
+            # A host thought open asks for credentials after all (a protected repository): the next request answers
+            # its challenge up front, and the refused token is not handed out again.
+            self.shared.broker.learn(streamed.host, HostResponse(401, b"", tuple(flow.response.headers.fields), b""))
+            self.shared.broker.refused(authorization)
+        host = f"{flow.request.scheme}://{flow.request.host_header or flow.request.host}"
+        result = refusal(status, authorization)
+        record = flow.metadata.get(METADATA_KEY)
+        if record is not None:
+            record["attempts"].append({"host": host, "result": result, "fell_through": False})
+        body = error_body(refusal_code(status), f"{host} answered {result}")
+        _replace(flow, streamed, _error_response(flow.request.method, status, body))
 
     def response(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
@@ -604,13 +637,11 @@ class Gateway:
         if streamed and streamed.replacement is not None:
             # A host answer that ended with its headers was read whole into the replacement: it keeps its own body.
             flow.response.content = streamed.replacement
-        elif streamed and streamed.authorization is not None and flow.response.status_code in (401, 403):
-            if flow.response.status_code == 401:
-                # A host thought open asks for credentials after all (a protected repository): the next request
-                # answers its challenge up front.
-                answer = HostResponse(401, b"", tuple(flow.response.headers.fields), b"")
-                self.shared.broker.learn(streamed.host, answer)
-            self._refused(flow, streamed.authorization, record)
+        elif streamed and streamed.verifier and not streamed.verifier.finished:
+            # An answer that ended with its headers (a Content-Length of 0, an HTTP/2 end of stream) never passed the
+            # stream hook: mitmproxy read it whole, and sends it after this hook, unless it is not the blob.
+            streamed.verifier(flow.response.raw_content or b"")
+            streamed.verifier(b"")
         if streamed and streamed.verifier and streamed.verifier.mismatch:
             self._sent_wrong_blob(flow, streamed, record)
             return
@@ -632,34 +663,31 @@ class Gateway:
             record["error"] = f"{streamed.host.url} sent {why} for {streamed.digest}: transfer aborted"
             log.warning("ocigate: %s", describe(flow.request.method, record))
 
-    def _refused(self, flow: http.HTTPFlow, authorization: Authorization, record: dict | None) -> None:
-        status = flow.response.status_code
-        if status == 401:
-            self.shared.broker.refused(authorization)
-        host = f"{flow.request.scheme}://{flow.request.host_header or flow.request.host}"
-        result = refusal(status, authorization)
-        if record is not None:
-            record["attempts"].append({"host": host, "result": result, "fell_through": False})
-        self._answer(flow, status, error_body(refusal_code(status), f"{host} answered {result}"))
-
     def error(self, flow: http.HTTPFlow) -> None:
         streamed = self._streamed.pop(flow.id, None)
         if streamed and streamed.watchdog:
             streamed.watchdog.cancel()
         record = flow.metadata.get(METADATA_KEY)
+        why = streamed.cut_off if streamed and streamed.cut_off else flow.error.msg if flow.error else None
         killed = flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
         host_failed = streamed and streamed.digest and flow.error and (streamed.cut_off or not killed)
         if host_failed and flow.client_conn.connected:
             # The host broke off or stopped talking (the client is still there to hear of it): the client's retry goes
             # elsewhere.
-            self.shared.health.failed(streamed.host.url, streamed.digest, streamed.cut_off or flow.error.msg)
+            self.shared.health.failed(streamed.host.url, streamed.digest, why)
             if flow.response is None and flow.killable:
                 # Before any answer, mitmproxy would send its own HTML page: the client's connection is closed
                 # instead, a failure no client takes for an answer (and one Go clients retry on a reused connection).
                 flow.kill()
-        if record and flow.error and "error" not in record:
-            record["error"] = streamed.cut_off if streamed and streamed.cut_off else flow.error.msg
+        if record and why and "error" not in record:
+            record["error"] = why
             log.warning("ocigate: %s", describe(flow.request.method, record))
+
+    async def done(self) -> None:
+        for streamed in self._streamed.values():
+            if streamed.watchdog:
+                streamed.watchdog.cancel()
+        await self.shared.upstream.aclose()
 
     def _fail(self, flow: http.HTTPFlow, plan: Plan, outcomes: list[Outcome], source: str) -> None:
         status, body = failure(plan, outcomes, source)
@@ -693,17 +721,40 @@ class Gateway:
         }
 
 
-def _mask_echoes(response: http.Response, streamed: "_StreamedFlow") -> None:
-    """ocigate's own credential, echoed by the host in its answer's headers or body, reaches nobody. A verified blob
-    is left as it is: its bytes either hash to its digest or never arrive whole."""
+def _mask_echoes(flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
+    """ocigate's own credential, echoed by the host in its answer's headers, reason or (in what is no content, not a
+    2xx) body, reaches nobody; such a body in a content coding, which could hide it, is not passed on at all."""
     secrets = echo_forms(streamed.authorization.header) if streamed.authorization else ()
     if not secrets:
         return
+    response = flow.response
     response.headers = http.Headers(mask_headers(response.headers.fields, secrets))
+    response.reason = mask(response.reason.encode("latin-1", "replace"), secrets).decode("latin-1")
+    if response.status_code < 300:
+        return
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        kept = [(k, v) for k, v in response.headers.fields if k.lower() not in _BODY_FRAMING]
+        replacement = http.Response.make(response.status_code, b"", kept)
+        replacement.reason = response.reason
+        _replace(flow, streamed, replacement)
+        return
+    masking = MaskingStream(secrets)
     if response.stream is True:
-        response.stream = MaskingStream(secrets)
+        response.stream = masking
     elif isinstance(response.stream, _PassedOn):
-        response.stream.masking = MaskingStream(secrets)
+        response.stream.masking = masking
+
+
+# What frames or encodes a body, which a replaced body does not keep.
+_BODY_FRAMING = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
+
+
+def _replace(flow: http.HTTPFlow, streamed: "_StreamedFlow", replacement: http.Response) -> None:
+    """The client gets `replacement` instead of the host's answer, none of whose bytes reach it (they are read and
+    dropped, so the connection to the host stays usable)."""
+    streamed.replacement = replacement.content or b""
+    replacement.stream = _SendOnly(streamed.replacement)
+    flow.response = replacement
 
 
 @dataclass

@@ -10,10 +10,10 @@ from .destinations import DestinationError
 from .health import HostHealth
 from .redaction import echo_forms, mask, mask_headers
 from .reference import RouteKind
-from .router import Attempt, Plan, ping_target
+from .router import Attempt, Plan, is_proxy_for, ping_target
 from .tokens import RealmURL, TokenError
 from .upstream import HostFailed, HostResponse
-from .verify import Problem, manifest_problem
+from .verify import REDIRECTS, Problem, header_value, manifest_problem
 
 # Hop-by-hop headers belong to one connection, never to the message forwarded on another.
 HOP_BY_HOP = frozenset(
@@ -64,7 +64,6 @@ _PARTIAL_OR_CONDITIONAL = frozenset(
     {b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"}
 )
 # Redirects ocigate follows for what it reads itself, so that what it checks is what the client gets.
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 
 
@@ -124,33 +123,42 @@ class Asker:
             raise
         self.health.answered(url)
         response, authorization = answer
-        if authorization is not None and (secrets := echo_forms(authorization.header)):
-            response = replace(
-                response, headers=tuple(mask_headers(response.headers, secrets)), body=mask(response.body, secrets)
-            )
-        return response, authorization
+        return without_echoes(response, authorization), authorization
 
     async def follow(
-        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], answer: HostResponse
+        self,
+        plan: Plan,
+        attempt: Attempt,
+        method: str,
+        headers: list[tuple[bytes, bytes]],
+        answer: HostResponse,
+        authorization: Authorization | None,
     ) -> tuple[HostResponse, str | None]:
         """The answer at the end of the host's redirects (at most MAX_REDIRECTS), and where it came from (None: from
-        the host itself). Another host is asked without any credential, as Go clients do."""
+        the host itself). The host itself is asked with ocigate's Authorization and its hosts.toml headers; another
+        host with neither, as Go clients do; an offline rule's registry itself not at all."""
         host, where = attempt.host, None
         url = f"{host.scheme}://{host.netloc}{attempt.target}"
+        own = {name.lower().encode() for name, _ in host.headers}
         for _ in range(MAX_REDIRECTS):
-            location = _header(answer.headers, b"location")
-            if answer.status not in _REDIRECTS or location is None:
+            location = header_value(answer.headers, b"location")
+            if answer.status not in REDIRECTS or location is None:
                 return answer, where
             try:
-                # A URL ocigate can dial, checked as a token realm is.
-                next_url = RealmURL.parse(urljoin(url, location))
-            except (TokenError, ValueError):
+                next_url = RealmURL.parse(urljoin(url, location), what="the Location of a redirect")
+            except TokenError:
                 raise HostFailed(f"a redirect ({answer.status}) to a Location ocigate cannot use") from None
             url = next_url.url
-            target_host = self.broker.upstream.realm_host(next_url.scheme, next_url.host, next_url.port)
-            lines = [(k, v) for k, v in headers if k.lower() != b"authorization"]
-            answer = await self.broker.upstream.send(target_host, method, next_url.target, lines)
-            where = target_host.netloc
+            target = self.broker.upstream.realm_host(next_url.scheme, next_url.host, next_url.port)
+            if plan.offline and not is_proxy_for(target, plan.upstream):
+                raise HostFailed(f"a redirect to {plan.upstream} itself, which its offline rule never contacts")
+            same_host = (target.scheme, target.host, target.port) == (host.scheme, host.host, host.port)
+            lines = headers + authorization.lines() if same_host and authorization else headers
+            if not same_host:
+                lines = [(k, v) for k, v in lines if k.lower() not in own]
+            answer = await self.broker.upstream.send(target, method, next_url.target, lines)
+            answer = without_echoes(answer, authorization if same_host else None)
+            where = target.netloc
         raise HostFailed(f"more than {MAX_REDIRECTS} redirects")
 
 
@@ -164,8 +172,22 @@ def refusal_code(status: int) -> str:
     return "UNAUTHORIZED" if status == 401 else "DENIED"
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    return next((value.decode("latin-1") for key, value in headers if key.lower() == name), None)
+def without_echoes(response: HostResponse, authorization: Authorization | None) -> HostResponse:
+    """`response` with every form of what ocigate sent as `authorization` masked where a host may echo it: headers,
+    reason phrase and, of an answer that is no content (not 2xx), the body; such a body in a content coding is
+    dropped, since it could hide it."""
+    secrets = echo_forms(authorization.header) if authorization else ()
+    if not secrets:
+        return response
+    headers = mask_headers(response.headers, secrets)
+    body = response.body
+    if response.status >= 300:
+        coding = header_value(headers, b"content-encoding")
+        if coding and coding.strip().lower() != "identity":
+            headers = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
+            body = b""
+        body = mask(body, secrets)
+    return replace(response, headers=tuple(headers), reason=mask(response.reason, secrets), body=body)
 
 
 def _answered(
@@ -202,7 +224,7 @@ async def first_good(
             response, authorization = await asker.ask(attempt, method, headers, access)
             redirected = None
             if route.kind in READ_WHOLE_KINDS:
-                response, redirected = await asker.follow(attempt, method, headers, response)
+                response, redirected = await asker.follow(plan, attempt, method, headers, response, authorization)
         except HostFailed as e:
             outcomes.append(Outcome(url, str(e), True, unreachable=e.unreachable))
             continue

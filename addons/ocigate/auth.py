@@ -7,8 +7,8 @@ challenge is remembered as open. A 401 to a request sent with a cached token dro
 tried once more with a fresh one.
 
 Which credential goes where: a host's own credential (looked up for that host, the upstream and the repository)
-goes to that host and its token realm only. ocigate's own requests never follow redirects, so no Authorization it
-adds ever reaches another host.
+goes to that host and its token realm only. A redirect ocigate follows itself (of a manifest, say) keeps the
+Authorization on the same host and drops it for any other, so no Authorization it adds ever reaches another host.
 """
 
 import time
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from cachetools import LRUCache
 
 from .credentials import Credential, CredentialChain, CredentialError
+from .router import is_proxy_for
 from .rules import Host
 from .tokens import (
     MAX_TOKEN_RESPONSE,
@@ -59,6 +60,8 @@ class Access:
     host_repository: str | None = None
     # A cross-repository mount's source, as the host names it: the token must allow pulling from it too.
     mounted_from: str | None = None
+    # The upstream's rule is offline: no token realm on the registry itself may be asked either.
+    offline: bool = False
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -179,6 +182,13 @@ class Broker:
             return Authorization(basic_authorization(credential.username or "", secret), source, credential.username)
         try:
             request = TokenRequest.for_challenge(challenge, access.scopes, credential)
+            realm = request.realm
+            if access.offline and not is_proxy_for(
+                self.upstream.realm_host(realm.scheme, realm.host, realm.port), access.upstream
+            ):
+                raise TokenError(
+                    f"its realm {realm.netloc} is {access.upstream} itself, which its offline rule never contacts"
+                )
 
             async def fetch() -> Token:
                 return await fetch_token(request, credential, self._send_token_request, clock=self._clock)

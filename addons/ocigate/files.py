@@ -19,8 +19,13 @@ _KINDS = (
 )
 
 
+# Configuration files (hosts.toml, credentials) are a few kilobytes; anything this large is read by mistake, and
+# reading it would hold the event loop.
+MAX_FILE_SIZE = 4 * 1024 * 1024
+
+
 class NotRegularFileError(Exception):
-    """The path is there but names something other than a regular file; str() says what it is."""
+    """The path is there but is not a regular file of a configuration file's size; str() says what it is."""
 
     def __init__(self, kind: str) -> None:
         super().__init__(f"not a regular file but {kind}")
@@ -39,5 +44,8 @@ def read_regular_file(path: Path) -> bytes:
     check_regular(os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with open(fd, "rb") as file:
-        check_regular(os.fstat(fd).st_mode)
-        return file.read()
+        status = os.fstat(fd)
+        check_regular(status.st_mode)
+        if status.st_size > MAX_FILE_SIZE:
+            raise NotRegularFileError(f"a file of {status.st_size} bytes (at most {MAX_FILE_SIZE} are read)")
+        return file.read(MAX_FILE_SIZE + 1)[:MAX_FILE_SIZE]

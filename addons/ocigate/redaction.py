@@ -12,16 +12,17 @@ import json
 from collections.abc import Sequence
 from urllib.parse import quote
 
-# A shorter fragment (a two-letter password) would mask ordinary text everywhere; the whole header value and the
-# user:password pair it is part of are still masked.
-MIN_SECRET = 4
+# A shorter form would mask ordinary text everywhere (a short user:password pair); the whole header value is still
+# masked.
+MIN_SECRET = 8
 _MASK = b"*"
 
 
 def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
     """Every form in which a host could echo the Authorization value ocigate sent it, longest first: the value, its
-    credentials (a token, a Basic pair's base64), a Basic pair decoded and its password; each also as JSON and
-    percent-encoding would write it."""
+    credentials (a token, a Basic pair's base64) and a Basic pair decoded; each also as JSON and percent-encoding
+    would write it. A password alone is not among them: a short one would be found in ordinary content (a digest, a
+    date), and hosts echo what they were sent, the header."""
     if not authorization:
         return ()
     scheme, _, credentials = authorization.strip().partition(" ")
@@ -31,7 +32,7 @@ def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
             pair = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
             pair = ""
-        secrets |= {pair, pair.partition(":")[2]}
+        secrets.add(pair)
     forms = set()
     for secret in secrets:
         if len(secret) < MIN_SECRET:

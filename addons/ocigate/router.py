@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
 from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
-from .rules import Host, Rule
+from .rules import DEFAULT_PORTS, Host, Rule
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -60,6 +60,8 @@ class Plan:
     capabilities: frozenset[str]
     named_reference: str | None
     attempts: tuple[Attempt, ...]
+    # The rule is offline: nothing may go to the registry itself, not even where a host's answer points.
+    offline: bool = False
 
 
 def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
@@ -112,7 +114,7 @@ def location_for_client(location: str, host: Host) -> str:
     name; one anywhere else (object storage) is left as it is."""
     try:
         parts = urlsplit(location)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme, DEFAULT_PORTS["http"])
     except ValueError:
         return location  # not a URL ocigate can read: the client makes of it what it can
     elsewhere = (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port)
@@ -200,4 +202,4 @@ def make_plan(
         # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
         # one host cannot go on on another, and content pushed must land where it is meant to.
         attempts = attempts[:1]
-    return Plan(upstream, route, capabilities, named_ref, attempts)
+    return Plan(upstream, route, capabilities, named_ref, attempts, rule.offline)

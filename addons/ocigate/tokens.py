@@ -205,12 +205,13 @@ class RealmURL:
     query: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> "RealmURL":
-        """The realm a challenge names; TokenError naming what is wrong with it, whatever `text` is."""
+    def parse(cls, text: str, what: str = "the bearer challenge's realm") -> "RealmURL":
+        """The realm a challenge names (or the URL `what` says it is); TokenError naming what is wrong with it,
+        whatever `text` is."""
         shown = _without_userinfo(text)
 
         def unusable(why: str) -> TokenError:
-            return TokenError(f"the bearer challenge's realm is not an http(s) URL ocigate can use ({why}): {shown!r}")
+            return TokenError(f"{what} is not an http(s) URL ocigate can use ({why}): {shown!r}")
 
         # Nothing else belongs in a URL; anything else would also be dropped, or refused, on the way to the wire.
         if not all("!" <= char <= "~" for char in text):

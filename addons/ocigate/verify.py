@@ -27,7 +27,8 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{_ALGORITHMS[algorithm](data).hexdigest()}"
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header `name` (lowercase), stripped; None when there is none."""
     for key, value in headers:
         if key.lower() == name:
             return value.decode("latin-1").strip()
@@ -67,13 +68,13 @@ def manifest_problem(
 
     By digest, the bytes must hash to that digest; any request's `Docker-Content-Digest` must name the bytes sent
     and, by digest, the digest asked for. A HEAD answer has no bytes, so only its header can be checked."""
-    claimed = _header(headers, b"docker-content-digest")
+    claimed = header_value(headers, b"docker-content-digest")
     if requested_digest and claimed and claimed != requested_digest:
         return Problem(f"Docker-Content-Digest {claimed} for a request of {requested_digest}", wrong=True)
     if head:
         return None
     try:
-        content = _decoded(body, _header(headers, b"content-encoding"))
+        content = _decoded(body, header_value(headers, b"content-encoding"))
     except ValueError as e:
         return Problem(str(e), wrong=False)
     for expected, what in ((requested_digest, "asked for"), (claimed, "Docker-Content-Digest")):
@@ -114,6 +115,7 @@ class StreamVerifier:
         self._hash = _ALGORITHMS[algorithm]()
         self._held = b""
         self.size = 0
+        self.finished = False  # the end (b"") was seen
         self.mismatch: str | None = None  # set at the end when the bytes were not the blob
 
     def __call__(self, chunk: bytes) -> list[bytes]:
@@ -124,6 +126,7 @@ class StreamVerifier:
             self.size += len(chunk)
             passed, self._held = self._held, chunk
             return [passed] if passed else []
+        self.finished = True
         actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
         if actual != self.digest:
             self.mismatch = f"{self.size} bytes that hash to {actual}"
@@ -132,7 +135,7 @@ class StreamVerifier:
         return [passed] if passed else []
 
 
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CONDITIONS = (b"if-none-match", b"if-modified-since")
 
 
@@ -147,7 +150,7 @@ class BlobAnswer:
     # Verified bytes go to the client as they came, labelled as what they are: a Content-Encoding a host added
     # though ocigate asked for identity would have the client decode the blob's bytes into something else.
     drop_encoding: bool = False
-    # A body the host ended by closing its connection reaches an HTTP/1 client chunked: cut short, it then lacks
+    # A body the host ended by closing its connection reaches an HTTP/1.1 client chunked: cut short, it then lacks
     # its last chunk, where an answer delimited by the close would look complete.
     chunked: bool = False
 
@@ -158,28 +161,32 @@ def judge_blob_answer(
     request_headers: Sequence[tuple[bytes, bytes]],
     digest: str,
     *,
-    client_http1: bool,
+    client: str,
 ) -> BlobAnswer:
-    """The blob GET's answer as the client may have it. Only a 200 is the blob; a 206 or 304 is what the client
-    asked for when it sent a Range or a condition; a redirect sends the client elsewhere. Anything else is no blob,
-    whatever its body says."""
+    """The blob GET's answer as the client (speaking HTTP version `client`, "HTTP/1.1") may have it. Only a 200 is
+    the blob; a 206 or 304 is what the client asked for when it sent a Range or a condition; a redirect sends the
+    client elsewhere. Anything else is no blob, whatever its body says; so is a body ended by closing the connection
+    for an HTTP/1.0 client, which could not tell it from one cut short."""
     if status == 200:
         if not checkable(digest):
             return BlobAnswer(unchecked=f"a {digest.partition(':')[0]} digest ocigate cannot check")
-        coding = (_header(response_headers, b"content-encoding") or "identity").lower()
+        coding = (header_value(response_headers, b"content-encoding") or "identity").lower()
         framed = (
-            _header(response_headers, b"content-length") is not None
-            or "chunked" in (_header(response_headers, b"transfer-encoding") or "").lower()
+            header_value(response_headers, b"content-length") is not None
+            or "chunked" in (header_value(response_headers, b"transfer-encoding") or "").lower()
         )
-        return BlobAnswer(verify=True, drop_encoding=coding != "identity", chunked=client_http1 and not framed)
+        if not framed and client == "HTTP/1.0":
+            return BlobAnswer(failed="a body ended by closing the connection, to an HTTP/1.0 client")
+        chunked = not framed and client.startswith("HTTP/1")
+        return BlobAnswer(verify=True, drop_encoding=coding != "identity", chunked=chunked)
     if status == 206:
-        if _header(request_headers, b"range") is not None:
+        if header_value(request_headers, b"range") is not None:
             return BlobAnswer(unchecked="the part of the blob the client's Range asked for")
         return BlobAnswer(failed="206 Partial Content to a request without Range")
     if status == 304:
-        if any(_header(request_headers, name) is not None for name in _CONDITIONS):
+        if any(header_value(request_headers, name) is not None for name in _CONDITIONS):
             return BlobAnswer(unchecked="304 to the client's own condition")
         return BlobAnswer(failed="304 Not Modified to a request without conditions")
-    if status in _REDIRECTS:
+    if status in REDIRECTS:
         return BlobAnswer(unchecked=f"a redirect ({status}) to storage the host chose")
     return BlobAnswer(failed=f"{status} to a GET of the blob")

@@ -78,6 +78,8 @@ class Shape:
     drip: float = 0.0  # seconds between pieces
     stall: float = 0.0  # seconds of silence before the answer (after the request was read)
     hang_up: bool = False  # the connection is closed instead of answering
+    empty: bool = False  # a 200 with no body at all
+    http10: bool = False  # the answer's status line says HTTP/1.0, as an HTTP/1.0 server's does
     pieces: int = 4  # how many pieces the body is sent in
 
     def __post_init__(self) -> None:
@@ -416,6 +418,8 @@ class _FaultyHandler(ForwardingHandler):
             body = f"<html><body>the mirror says {shape.status}</body></html>".encode()
         if shape.status is not None:
             status, reason = shape.status, http.client.responses.get(shape.status, "Whatever")
+        if shape.empty:
+            body = b""
         if shape.corrupt and body:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
@@ -424,6 +428,9 @@ class _FaultyHandler(ForwardingHandler):
         promised = len(body)
         if shape.cut:
             body = body[: len(body) // 2]
+        if shape.http10:
+            self.protocol_version = "HTTP/1.0"
+            self.close_connection = True
         self.send_response_only(status, reason)
         for name, value in response.msg.items():
             if name.lower() in HOP_BY_HOP or name.lower() in _FRAMING_HEADERS:

@@ -22,6 +22,7 @@ class Fetched:
     body: bytes
     broken: str | None  # why the transfer visibly failed (a short body, a reset), None when it ended cleanly
     redirects: int  # how many redirects were followed to get here
+    version: int = 11  # the status line's HTTP version, as http.client numbers it (10, 11)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -71,7 +72,7 @@ def _once(
             return Fetched(response.status, answer, e.partial, f"incomplete body ({len(e.partial)} bytes)", redirects)
         except (OSError, http.client.HTTPException) as e:
             return Fetched(response.status, answer, b"", f"broken body: {e!r}", redirects)
-        return Fetched(response.status, answer, body, None, redirects)
+        return Fetched(response.status, answer, body, None, redirects, response.version)
     finally:
         connection.close()
 
