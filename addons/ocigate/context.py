@@ -43,6 +43,7 @@ from cachetools import TTLCache
 
 from .reference import RouteError, validate_digest
 from .router import Origin
+from .verify import MAX_MANIFEST_SIZE
 
 __all__ = ["MAX_DIGESTS_PER_MANIFEST", "MAX_MANIFEST_SIZE", "ContextStore", "Origin", "referenced_digests"]
 
@@ -50,9 +51,6 @@ __all__ = ["MAX_DIGESTS_PER_MANIFEST", "MAX_MANIFEST_SIZE", "ContextStore", "Ori
 # hundred entries with attestations; this is beyond any of them, and remembering it costs the event loop a few
 # milliseconds (10,000 cost it tens of milliseconds, which every other client waited through).
 MAX_DIGESTS_PER_MANIFEST = 1_000
-# distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
-# (containerd's MaxManifestSize) do not take them either: there is no pull to attribute anything to.
-MAX_MANIFEST_SIZE = 4 << 20
 
 _IMAGE = "image"
 _INDEX = "index"

@@ -35,7 +35,6 @@ from .reference import (
 )
 from .router import ping_target
 from .rules import CAPABILITIES, DEFAULT_PORTS, Host
-from .tokens import TokenError
 from .upstream import HostFailed, Upstream
 
 COMMANDS = ("login", "logout")
@@ -186,9 +185,7 @@ async def verify(
     target = ping_target(host, upstream)
     try:
         response, authorization = await broker.send(host, "GET", target, [], Access(upstream, prefix))
-    except (AuthFailed, HostFailed, TokenError) as e:
-        # TokenError too: Broker.authorize builds the token request (which can fail on a bad realm) outside the
-        # block that turns token errors into AuthFailed.
+    except (AuthFailed, HostFailed) as e:
         raise LoginFailed(f"{host.netloc}: {e}" if host.netloc not in str(e) else str(e)) from None
     except HostTLSError as e:
         raise LoginFailed(str(e)) from None

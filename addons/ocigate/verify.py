@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
-# distribution refuses manifests over 4 MiB.
+# distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
+# (containerd's MaxManifestSize) do not take them either.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
