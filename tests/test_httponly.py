@@ -32,7 +32,7 @@ def http_only(tmp_path: Path, **options: object) -> Iterator[tuple[HttpOnly, tad
     (tmp_path / "upstream.test" / "hosts.toml").write_text('[host."http://mirror.test:5000"]\n')
     shared = Shared()
     shared.rules = load_rules(tmp_path)
-    addon = HttpOnly(shared.upstream_rule)
+    addon = HttpOnly(shared.upstream_rule, lambda flow, why: None)
     with taddons.context(addon, NextLayer()) as tctx:
         tctx.options.update(**options)
         yield addon, tctx

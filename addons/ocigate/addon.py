@@ -594,22 +594,45 @@ class Gateway:
         not asked whether it had the blob, is its honest answer: it is not held against it."""
         url, status = streamed.host.url, flow.response.status_code
         outcome = Outcome(url, f"answered {judged.failed}", True, status)
-        outcomes = [*streamed.outcomes, outcome]
         held_against = streamed.fallback or status != 404
-        marked = held_against and self.shared.health.failed(url, streamed.digest, f"answered {judged.failed}")
-        record = flow.metadata.get(METADATA_KEY)
+        marked = held_against and self.shared.health.failed(url, streamed.digest, outcome.result)
+        _replace(flow, streamed, self._ask_again_or_fail(flow, streamed, outcome, marked))
+
+    def _ask_again_or_fail(
+        self, flow: http.HTTPFlow, streamed: "_StreamedFlow", outcome: Outcome, marked: bool
+    ) -> http.Response:
+        """What the client gets for a host that did not send it what it asked for, none of whose bytes reached it:
+        with hosts left (and this one `marked`, so that the next request passes it over), a 307 back to the same URL;
+        otherwise an OCI error naming every host. Recorded in the flow's record."""
+        outcomes = [*streamed.outcomes, outcome]
         if marked and streamed.fallback:
             replacement = http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
-            why = f"{url} answered {judged.failed}: the client was sent to ask again (307)"
+            error = f"{outcome.host} {outcome.result}: the client was sent to ask again (307)"
         else:
-            error_status, body = failure(streamed.plan, outcomes, streamed.source)
-            replacement = _error_response(flow.request.method, error_status, body)
-            why = body["errors"][0]["message"]
+            status, body = failure(streamed.plan, outcomes, streamed.source)
+            replacement = _error_response(flow.request.method, status, body)
+            error = body["errors"][0]["message"]
+        record = flow.metadata.get(METADATA_KEY)
         if record is not None:
             record["attempts"] = [o.as_dict() for o in outcomes]
             record["served_by"] = "gateway"
-            record["error"] = why
-        _replace(flow, streamed, replacement)
+            record["error"] = error
+        return replacement
+
+    def instead(self, flow: http.HTTPFlow, why: str) -> http.Response | None:
+        """What the client gets instead of mitmproxy's own page when the host of a flow ocigate streams failed before
+        answering (refused, hung up, cut off when silent): for a blob with hosts left, a 307 back to the same URL,
+        whose next request goes to the next host; otherwise an OCI error naming every host. None for a flow that is
+        not ocigate's, or whose client is gone."""
+        streamed = self._streamed.get(flow.id)
+        if streamed is None or not flow.client_conn.connected:
+            return None
+        url, why = streamed.host.url, streamed.cut_off or why
+        outcome = Outcome(url, why, True, unreachable=True)
+        marked = bool(streamed.digest) and self.shared.health.failed(url, streamed.digest, why)
+        replacement = self._ask_again_or_fail(flow, streamed, outcome, marked)
+        streamed.replacement = replacement.content or b""
+        return replacement
 
     def _refused(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
         """A refusal of ocigate's own credentials is replaced by an error naming them: the host's challenge would only
@@ -638,10 +661,7 @@ class Gateway:
             # A host answer that ended with its headers was read whole into the replacement: it keeps its own body.
             flow.response.content = streamed.replacement
         elif streamed and streamed.verifier and not streamed.verifier.finished:
-            # An answer that ended with its headers (a Content-Length of 0, an HTTP/2 end of stream) never passed the
-            # stream hook: mitmproxy read it whole, and sends it after this hook, unless it is not the blob.
-            streamed.verifier(flow.response.raw_content or b"")
-            streamed.verifier(b"")
+            self._check_whole(flow, streamed)
         if streamed and streamed.verifier and streamed.verifier.mismatch:
             self._sent_wrong_blob(flow, streamed, record)
             return
@@ -652,6 +672,19 @@ class Gateway:
             elif streamed and streamed.unchecked:
                 record["unchecked"] = streamed.unchecked
             log.info("ocigate: %s", describe(flow.request.method, record))
+
+    def _check_whole(self, flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
+        """An answer that ended with its headers (a Content-Length of 0, an HTTP/2 end of stream) never passed the
+        stream hook: mitmproxy read it whole, and sends it after this hook. Not the blob, it is not sent at all."""
+        verifier = streamed.verifier
+        assert verifier is not None
+        verifier(flow.response.raw_content or b"")
+        verifier(b"")
+        if verifier.mismatch:
+            self.shared.health.bad_content(streamed.host.url, streamed.digest, verifier.mismatch)
+            outcome = Outcome(streamed.host.url, f"sent {verifier.mismatch}", True, flow.response.status_code)
+            flow.response = self._ask_again_or_fail(flow, streamed, outcome, marked=True)
+            streamed.verifier = None
 
     def _sent_wrong_blob(self, flow: http.HTTPFlow, streamed: "_StreamedFlow", record: dict | None) -> None:
         """The host streamed something else than the blob: the client's transfer is cut short before its last piece,
@@ -979,4 +1012,5 @@ def _response(answer: HostResponse, *, head: bool) -> http.Response:
 
 def make_addons() -> list:
     shared = Shared()
-    return [Redaction(), HttpOnly(shared.upstream_rule), Dialing(shared), Credentials(shared), Gateway(shared)]
+    gateway = Gateway(shared)
+    return [Redaction(), HttpOnly(shared.upstream_rule, gateway.instead), Dialing(shared), Credentials(shared), gateway]

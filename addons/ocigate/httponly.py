@@ -18,6 +18,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from .askagain import AskAgainHttpLayer, Instead
 from .rules import Rule
 
 log = logging.getLogger("ocigate")
@@ -31,10 +32,12 @@ _LEADS_TO_HTTP = (ServerTLSLayer, ClientTLSLayer, HttpLayer)
 
 class HttpOnly:
     """Keeps every connection to a ruled upstream HTTP: mitmproxy's raw TCP, UDP and protocol switches are read as
-    HTTP or refused. Runs before Gateway (it takes Upgrade off a request before it is routed)."""
+    HTTP or refused; the HTTP it is read as lets the gateway answer for a host that failed before answering
+    (`instead`, see askagain). Runs before Gateway (it takes Upgrade off a request before it is routed)."""
 
-    def __init__(self, upstream_rule: RuleLookup) -> None:
+    def __init__(self, upstream_rule: RuleLookup, instead: Instead) -> None:
         self.upstream_rule = upstream_rule
+        self.instead = instead
         # The upstream of each flow to a ruled one, until its response: a 101 to it is refused.
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
         self._refused: weakref.WeakSet[tcp.TCPFlow | udp.UDPFlow] = weakref.WeakSet()
@@ -57,13 +60,18 @@ class HttpOnly:
             # ocigate's hooks run before mitmproxy's NextLayer (as a script's do): have it decide now, to check that.
             decider.next_layer(nextlayer)
         chosen = nextlayer.layer
-        if chosen is None or isinstance(chosen, _LEADS_TO_HTTP):
-            return  # not decided yet (more bytes to come), or HTTP
-        if chosen in context.layers:
-            del context.layers[context.layers.index(chosen) :]  # the stack of the choice replaced
+        if chosen is None or isinstance(chosen, AskAgainHttpLayer):
+            return  # not decided yet (more bytes to come), or already ocigate's
+        if isinstance(chosen, HttpLayer):
+            _drop(context, chosen)
+            nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead)
+            return
+        if isinstance(chosen, _LEADS_TO_HTTP):
+            return  # TLS: what it carries is decided again
+        _drop(context, chosen)
         if context.client.transport_protocol == "tcp":
             log.debug("ocigate: %s: a connection mitmproxy would pass through as %r is read as HTTP", upstream, chosen)
-            nextlayer.layer = _intercepted(context, nextlayer.data_client())
+            nextlayer.layer = _intercepted(context, nextlayer.data_client(), self.instead)
         else:
             _refused(f"a {context.client.transport_protocol.upper()} connection", upstream)
             nextlayer.layer = _Closed(context)
@@ -121,13 +129,19 @@ def _refused(what: str, upstream: str) -> None:
     log.warning("ocigate: %s: refused %s: only HTTP goes to a ruled registry", upstream, what)
 
 
-def _intercepted(context: Context, data_client: bytes) -> layer.Layer:
+def _drop(context: Context, chosen: layer.Layer) -> None:
+    """Takes mitmproxy's choice (and what it stacked on it) off the context's layers, for another to take its place."""
+    if chosen in context.layers:
+        del context.layers[context.layers.index(chosen) :]
+
+
+def _intercepted(context: Context, data_client: bytes, instead: Instead) -> layer.Layer:
     """TLS decrypted (what it carries is decided again) or, for anything else, HTTP."""
     if starts_like_tls_record(data_client):
         server_tls = ServerTLSLayer(context)
         server_tls.child_layer = ClientTLSLayer(context)
         return server_tls
-    return HttpLayer(context, HTTPMode.transparent)
+    return AskAgainHttpLayer(context, HTTPMode.transparent, instead)
 
 
 class _Closed(layer.Layer):

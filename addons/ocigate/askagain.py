@@ -1,0 +1,50 @@
+"""A request to a ruled upstream whose host fails before answering is still answered by the gateway.
+
+mitmproxy answers a request whose server connection fails before any answer (refused, hung up, cut off when silent)
+with an HTML page of its own, after the error hook, which cannot change it. The HTTP layer of a ruled upstream's
+connections asks the gateway first (`instead`), which may answer in its place: for a blob with hosts left to ask, a
+307 back to the same URL, whose next request ocigate sends to the next host; otherwise an OCI error naming every
+host. The gateway keeps its decisions; this module only gives it the chance to make them.
+"""
+
+from collections.abc import Callable
+
+from mitmproxy import http
+from mitmproxy.proxy import events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpStream
+from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+
+# What the gateway answers instead of a host that failed before answering (its reason), or None: mitmproxy's own.
+Instead = Callable[[http.HTTPFlow, str], http.Response | None]
+
+
+class AskAgainHttpLayer(HttpLayer):
+    """mitmproxy's HTTP layer, whose streams let the gateway answer for a host that failed before answering."""
+
+    def __init__(self, context: Context, mode: HTTPMode, instead: Instead) -> None:
+        super().__init__(context, mode)
+        self._instead = instead
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead)
+        self.streams[stream_id] = stream
+        yield from self.event_to_child(stream, events.Start())
+
+
+class _AskAgainStream(HttpStream):
+    def __init__(self, context: Context, stream_id: int, instead: Instead) -> None:
+        super().__init__(context, stream_id)
+        self._instead = instead
+
+    def handle_protocol_error(self, event: ResponseProtocolError | object) -> layer.CommandGenerator[None]:
+        # Only a host's failure before its answer, once the client has said all it had to say: an answer of the
+        # gateway's then ends the exchange as any answer would.
+        unanswered = isinstance(event, ResponseProtocolError) and self.flow.response is None
+        if unanswered and self.client_state == self.state_done:
+            response = self._instead(self.flow, event.message)
+            if response is not None:
+                self.flow.response = response
+                yield from self.send_response()
+                return
+        yield from super().handle_protocol_error(event)  # type: ignore[arg-type]
