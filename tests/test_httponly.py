@@ -16,6 +16,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from ocigate.addon import Dialing, Shared
+from ocigate.askagain import AskAgainHttpLayer
 from ocigate.httponly import HttpOnly
 from ocigate.rules import load_rules
 
@@ -60,7 +61,7 @@ def decide(
 def test_what_mitmproxy_would_pipe_to_a_ruled_upstream_is_read_as_http(tmp_path: Path, data: bytes) -> None:
     with http_only(tmp_path) as (addon, tctx):
         chosen = decide(addon, tctx, "upstream.test", data)
-        assert isinstance(chosen, HttpLayer)
+        assert isinstance(chosen, AskAgainHttpLayer)
         assert not any(isinstance(stacked, TCPLayer) for stacked in chosen.context.layers)
         # mitmproxy's own decision, which stands for a host no rule names.
         assert isinstance(decide(addon, tctx, "other.test", data), TCPLayer)
@@ -70,14 +71,21 @@ def test_a_ruled_upstream_in_ignore_hosts_is_decrypted_all_the_same(tmp_path: Pa
     with http_only(tmp_path, ignore_hosts=["upstream"]) as (addon, tctx):
         chosen = decide(addon, tctx, "upstream.test", CLIENT_HELLO)
         assert isinstance(chosen, ServerTLSLayer) and isinstance(chosen.child_layer, ClientTLSLayer)
-        assert isinstance(decide(addon, tctx, "upstream.test", REQUEST), HttpLayer)
+        assert isinstance(decide(addon, tctx, "upstream.test", REQUEST), AskAgainHttpLayer)
         # A request head not complete yet, whose Host ignore_hosts waits for: decided on the next bytes.
         assert decide(addon, tctx, "upstream.test", REQUEST[:20]) is None
 
 
-def test_http_and_undecided_connections_are_left_to_mitmproxy(tmp_path: Path) -> None:
+def test_http_gets_the_layer_that_lets_the_gateway_answer_for_a_failed_host_and_tls_is_left_to_mitmproxy(
+    tmp_path: Path,
+) -> None:
     with http_only(tmp_path) as (addon, tctx):
-        assert isinstance(decide(addon, tctx, "upstream.test", REQUEST), HttpLayer)
+        for server in ("upstream.test", "other.test"):
+            chosen = decide(addon, tctx, server, REQUEST)
+            assert isinstance(chosen, AskAgainHttpLayer)
+            # It took mitmproxy's HTTP layer's place: one HTTP layer under the proxy's own, the streams' parent.
+            http_layers = [stacked for stacked in chosen.context.layers if isinstance(stacked, HttpLayer)]
+            assert http_layers[-1] is chosen and type(http_layers[0]) is HttpLayer and len(http_layers) == 2
         assert isinstance(decide(addon, tctx, "upstream.test", CLIENT_HELLO), ServerTLSLayer)
 
 

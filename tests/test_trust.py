@@ -8,6 +8,7 @@ from mitmproxy import http
 from mitmproxy.test import tutils
 
 from ocigate.addon import METADATA_KEY, reason_phrase
+from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
@@ -448,3 +449,39 @@ async def test_a_manifest_holding_the_password_ocigate_sent_is_served_whole(tmp_
             flow = flow_to("upstream.test", f"/v2/team/app/manifests/{digest}")
             await gw.requestheaders(flow)
     assert flow.response.status_code == 200 and flow.response.content == manifest
+
+
+async def test_a_redirect_elsewhere_never_carries_the_clients_own_credentials(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, MANIFEST)) as (elsewhere, elsewhere_seen):
+        to_elsewhere = {"Location": f"http://elsewhere.test:{elsewhere}/m"}
+        with http_host(lambda h: (307, b"", to_elsewhere)) as (port, seen):
+            upstream = f"upstream.test:{port}"
+            rules = write_rules(tmp_path, upstream, f'authentication = "client"\nserver = "http://{upstream}"\n')
+            with gateway(rules, ["upstream.test=127.0.0.1", "elsewhere.test=127.0.0.1"]) as (gw, _):
+                secret = (b"Authorization", b"Bearer the-clients-own-token")
+                flow = flow_to(
+                    "upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}", port=port, headers=[secret]
+                )
+                await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+    assert seen[0][2].get("Authorization") == "Bearer the-clients-own-token"  # the registry's own: it may have it
+    assert elsewhere_seen and elsewhere_seen[0][2].get("Authorization") is None
+
+
+async def test_what_mitmproxy_says_of_a_failed_host_reaches_nobody_with_ocigates_credential_in_it(
+    tmp_path: Path,
+) -> None:
+    sent = "Basic " + "c2VjcmV0LXBhaXI6cGFzc3dvcmQ="
+    with http_host(lambda h: (200, BLOB)) as (a, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{a}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            await gw.requestheaders(flow)
+            gw._streamed[flow.id].authorization = Authorization(sent, "ocigate store", "u")
+            flow.server_conn.timestamp_start = flow.request.timestamp_start + 1  # a new connection, not a stale one
+            quoted = f"unexpected server response: b'HTTP/1.1 200 OK\\r\\nX-Echo: {sent}\\r\\n" + "x" * 500
+            answer = gw.instead(flow, quoted)
+    assert answer is not None and answer.status_code == 503
+    assert sent.encode() not in answer.content and sent not in answer.reason
+    message = json.loads(answer.content)["errors"][0]["message"]
+    assert "X-Echo: " + "*" * len(sent) in message and message.count("x") < 300

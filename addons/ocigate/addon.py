@@ -594,7 +594,7 @@ class Gateway:
         not asked whether it had the blob, is its honest answer: it is not held against it."""
         url, status = streamed.host.url, flow.response.status_code
         outcome = Outcome(url, f"answered {judged.failed}", True, status)
-        held_against = streamed.fallback or status != 404
+        held_against = judged.hosts_fault and (streamed.fallback or status != 404)
         marked = held_against and self.shared.health.failed(url, streamed.digest, outcome.result)
         _replace(flow, streamed, self._ask_again_or_fail(flow, streamed, outcome, marked))
 
@@ -627,7 +627,12 @@ class Gateway:
         streamed = self._streamed.get(flow.id)
         if streamed is None or not flow.client_conn.connected:
             return None
-        url, why = streamed.host.url, streamed.cut_off or why
+        opened = flow.server_conn.timestamp_start
+        if streamed.digest and not streamed.cut_off and opened is not None and opened < flow.request.timestamp_start:
+            # A kept-alive connection the host had closed meanwhile: nothing against the host, and its next request
+            # (sent again, as Go clients send a request again on a stale connection) gets a new connection to it.
+            return http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
+        url, why = streamed.host.url, _shown(streamed.cut_off or why, streamed)
         outcome = Outcome(url, why, True, unreachable=True)
         marked = bool(streamed.digest) and self.shared.health.failed(url, streamed.digest, why)
         replacement = self._ask_again_or_fail(flow, streamed, outcome, marked)
@@ -702,6 +707,7 @@ class Gateway:
             streamed.watchdog.cancel()
         record = flow.metadata.get(METADATA_KEY)
         why = streamed.cut_off if streamed and streamed.cut_off else flow.error.msg if flow.error else None
+        why = _shown(why, streamed) if why and streamed else why
         killed = flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
         host_failed = streamed and streamed.digest and flow.error and (streamed.cut_off or not killed)
         if host_failed and flow.client_conn.connected:
@@ -776,6 +782,18 @@ def _mask_echoes(flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
         response.stream = masking
     elif isinstance(response.stream, _PassedOn):
         response.stream.masking = masking
+
+
+# How much of mitmproxy's word on a failed connection is shown: it may quote what the host sent.
+_MAX_SHOWN = 200
+
+
+def _shown(why: str, streamed: "_StreamedFlow") -> str:
+    """mitmproxy's description of a host's failure as the client and the log may see it: it may quote the host's own
+    bytes (an echo of ocigate's credential among them), so those are masked, and it is cut short."""
+    secrets = echo_forms(streamed.authorization.header) if streamed.authorization else ()
+    shown = mask(why.encode("utf-8", "replace"), secrets).decode("utf-8", "replace")
+    return shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + "..."
 
 
 # What frames or encodes a body, which a replaced body does not keep.

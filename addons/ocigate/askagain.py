@@ -7,13 +7,21 @@ connections asks the gateway first (`instead`), which may answer in its place: f
 host. The gateway keeps its decisions; this module only gives it the chance to make them.
 """
 
+import logging
 from collections.abc import Callable
 
 from mitmproxy import http
 from mitmproxy.proxy import events, layer
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpStream
-from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http import (
+    HttpLayer,
+    HTTPMode,
+    HttpStream,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
+
+log = logging.getLogger("ocigate")
 
 # What the gateway answers instead of a host that failed before answering (its reason), or None: mitmproxy's own.
 Instead = Callable[[http.HTTPFlow, str], http.Response | None]
@@ -37,14 +45,21 @@ class _AskAgainStream(HttpStream):
         super().__init__(context, stream_id)
         self._instead = instead
 
-    def handle_protocol_error(self, event: ResponseProtocolError | object) -> layer.CommandGenerator[None]:
-        # Only a host's failure before its answer, once the client has said all it had to say: an answer of the
-        # gateway's then ends the exchange as any answer would.
-        unanswered = isinstance(event, ResponseProtocolError) and self.flow.response is None
+    def handle_protocol_error(
+        self, event: RequestProtocolError | ResponseProtocolError
+    ) -> layer.CommandGenerator[None]:
+        # Only a host's failure before its answer, once the client has said all it had to say, on a flow nobody
+        # killed: an answer of the gateway's then ends the exchange as any answer would.
+        unanswered = isinstance(event, ResponseProtocolError) and self.flow.response is None and not self.flow.error
         if unanswered and self.client_state == self.state_done:
-            response = self._instead(self.flow, event.message)
+            try:
+                response = self._instead(self.flow, event.message)
+            except Exception:
+                # This runs inside mitmproxy's layer, not in a hook: an error here would stop the whole connection.
+                log.exception("ocigate: internal error answering for a host that failed")
+                response = None
             if response is not None:
                 self.flow.response = response
                 yield from self.send_response()
                 return
-        yield from super().handle_protocol_error(event)  # type: ignore[arg-type]
+        yield from super().handle_protocol_error(event)

@@ -155,7 +155,10 @@ class Asker:
             same_host = (target.scheme, target.host, target.port) == (host.scheme, host.host, host.port)
             lines = headers + authorization.lines() if same_host and authorization else headers
             if not same_host:
-                lines = [(k, v) for k, v in lines if k.lower() not in own]
+                # Nothing that was for the host: its hosts.toml headers, and whatever Authorization went with the
+                # request (ocigate's, or the client's own where its rule says the client authenticates).
+                dropped = own | {b"authorization", b"proxy-authorization"}
+                lines = [(k, v) for k, v in lines if k.lower() not in dropped]
             answer = await self.broker.upstream.send(target, method, next_url.target, lines)
             answer = without_echoes(answer, authorization if same_host else None)
             where = target.netloc

@@ -52,22 +52,20 @@ class HttpOnly:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
-        upstream = self._ruled(context.server.address)
-        if upstream is None:
-            return
         decider = ctx.master.addons.get("nextlayer")
         if nextlayer.layer is None and decider is not None:
             # ocigate's hooks run before mitmproxy's NextLayer (as a script's do): have it decide now, to check that.
             decider.next_layer(nextlayer)
         chosen = nextlayer.layer
-        if chosen is None or isinstance(chosen, AskAgainHttpLayer):
-            return  # not decided yet (more bytes to come), or already ocigate's
-        if isinstance(chosen, HttpLayer):
+        if type(chosen) is HttpLayer:
+            # Every HTTP layer, the proxy's own (plain http:// requests) included: which host a request goes to is
+            # known per request, and the gateway answers only for the flows it streams.
             _drop(context, chosen)
             nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead)
             return
-        if isinstance(chosen, _LEADS_TO_HTTP):
-            return  # TLS: what it carries is decided again
+        upstream = self._ruled(context.server.address)
+        if upstream is None or chosen is None or isinstance(chosen, _LEADS_TO_HTTP):
+            return  # not a ruled upstream's, not decided yet (more bytes to come), HTTP, or TLS to decide again
         _drop(context, chosen)
         if context.client.transport_protocol == "tcp":
             log.debug("ocigate: %s: a connection mitmproxy would pass through as %r is read as HTTP", upstream, chosen)

@@ -148,6 +148,8 @@ class BlobAnswer:
     verify: bool = False  # the bytes are the blob: hashed as they pass, the last piece held back
     unchecked: str | None = None  # why the answer passes as the host sent it, without a check
     failed: str | None = None  # why the answer is not the blob: the client gets an error instead, never its bytes
+    # The host is at fault (not the client's own limits): it is passed over for that blob during a cool-down.
+    hosts_fault: bool = True
     # Verified bytes go to the client as they came, labelled as what they are: a Content-Encoding a host added
     # though ocigate asked for identity would have the client decode the blob's bytes into something else.
     drop_encoding: bool = False
@@ -177,7 +179,7 @@ def judge_blob_answer(
             or "chunked" in (header_value(response_headers, b"transfer-encoding") or "").lower()
         )
         if not framed and client == "HTTP/1.0":
-            return BlobAnswer(failed="a body ended by closing the connection, to an HTTP/1.0 client")
+            return BlobAnswer(failed="a body ended by closing the connection, to an HTTP/1.0 client", hosts_fault=False)
         chunked = not framed and client.startswith("HTTP/1")
         return BlobAnswer(verify=True, drop_encoding=coding != "identity", chunked=chunked)
     if status == 206:
