@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh [gateway flags]   start ocigate on 127.0.0.1:8080 with rules/ (installs into .venv first if needed)
 # ./run.sh test [pytest args] install what the tests need and run the whole suite
+# ./run.sh matrix             write README.md's client matrix from the last full test run's results
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
@@ -101,6 +102,11 @@ run_tests() {
 if [ "${1:-}" = "test" ]; then
     shift
     run_tests "$@"
+fi
+
+if [ "${1:-}" = "matrix" ]; then
+    ensure_venv test
+    exec "$venv/bin/python" -m tests.support.matrix
 fi
 
 ensure_venv ""

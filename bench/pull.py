@@ -1,7 +1,7 @@
 """Pull benchmark: blob throughput, proxy peak memory and manifest latency of ocigate against plain mitmproxy and
 against going to the registry directly.
 
-    cd /work/main && unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m bench.pull'
+    unshare -n sh -c 'ip link set lo up && exec .venv/bin/python -m bench.pull'
 
 One real registry (Debian's docker-registry) on loopback holds one large blob of random bytes and a small manifest
 that names it. Four ways to get them, all with one httpx client in this process:

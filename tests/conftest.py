@@ -3,7 +3,6 @@
 import platform
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import mitmproxy.version
 import pytest
@@ -64,18 +63,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         item.user_properties.append(("matrix", cell))
 
 
+_matrix_disagreement: list[str] = []
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Only a run of every client's every cell speaks for the whole matrix: not one file, not a -k subset.
     if {client for client, _ in _matrix_expected} != set(matrix.CLIENTS) or set(_matrix_results) != _matrix_expected:
         return
-    readme = Path(session.config.rootpath) / "README.md"
     footer = f"Last run: {time.strftime('%Y-%m-%d', time.gmtime())}, Python {platform.python_version()}, " + (
         f"mitmproxy {mitmproxy.version.VERSION}."
     )
-    text = readme.read_text()
-    updated = matrix.replace_block(text, matrix.render_table(_matrix_results, footer))
-    if updated != text:
-        readme.write_text(updated)
+    matrix.save_results(_matrix_results, footer)
+    # The README is not written by a test run (it would leave the checkout changed): it must already say this.
+    rows = matrix.table_rows(matrix.render_table(_matrix_results, footer))
+    if matrix.table_rows(matrix.README.read_text()) != rows:
+        _matrix_disagreement.extend(rows)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _matrix_cell(item: pytest.Item) -> tuple[str, str] | None:
@@ -86,3 +89,9 @@ def _matrix_cell(item: pytest.Item) -> tuple[str, str] | None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in tally.summary_lines():
         terminalreporter.write_line(line)
+    if _matrix_disagreement:
+        terminalreporter.write_line(
+            "FAILED: the README's client matrix disagrees with this run; ./run.sh matrix writes this run's:", red=True
+        )
+        for row in _matrix_disagreement:
+            terminalreporter.write_line(row)
