@@ -45,6 +45,13 @@ AUTHENTICATION_MODES = ("gateway", "client")
 _KEYS_NEEDING_SERVER = ("capabilities", "override_path")
 DEFAULT_PORTS = {"https": 443, "http": 80}
 
+
+def netloc(scheme: str, host: str, port: int) -> str:
+    """host[:port] as a URL writes it: an IPv6 address in brackets, the scheme's default port left out."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port == DEFAULT_PORTS[scheme] else f"{shown}:{port}"
+
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
@@ -104,8 +111,7 @@ class Host:
 
     @property
     def netloc(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+        return netloc(self.scheme, self.host, self.port)
 
     @property
     def url(self) -> str:

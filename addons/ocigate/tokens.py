@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from cachetools import TLRUCache
 
 from .credentials import Credential
-from .rules import DEFAULT_PORTS, host_problem
+from .rules import DEFAULT_PORTS, host_problem, netloc
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
@@ -235,8 +235,7 @@ class RealmURL:
 
     @property
     def netloc(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+        return netloc(self.scheme, self.host, self.port)
 
     @property
     def target(self) -> str:
