@@ -1,4 +1,5 @@
-"""Fixtures shared by the end-to-end tests: real registries and gateways are started once per session."""
+"""What the whole run shares: the check that no gateway wrote a secret, the client matrix's results, the hostile
+matrices' counts. The end-to-end tests' own fixtures are in tests/e2e/conftest.py."""
 
 import platform
 import time
@@ -8,14 +9,6 @@ import mitmproxy.version
 import pytest
 
 from tests.support import matrix, secrets, tally
-from tests.support import world as worlds
-from tests.support.world import World
-
-
-@pytest.fixture(scope="session")
-def pull_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with worlds.pull_world(tmp_path_factory.mktemp("pull")) as world:
-        yield world
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,14 +18,6 @@ def no_secret_in_any_gateway_output(tmp_path_factory: pytest.TempPathFactory) ->
     yield
     leaks = secrets.leaks_in(tmp_path_factory.getbasetemp())
     assert not leaks, "secrets in gateway output:\n" + "\n".join(leaks)
-
-
-@pytest.fixture
-def fresh(pull_world: World) -> World:
-    """The shared pull world, with each mirror's record of requests started anew for this test."""
-    pull_world.a.mark()
-    pull_world.b.mark()
-    return pull_world
 
 
 # The README's client matrix, from this run's results (tests/support/matrix.py).

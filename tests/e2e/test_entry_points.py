@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rules(tmp_path: Path) -> Path:
