@@ -49,7 +49,7 @@ from .destinations import DestinationError, Destinations
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
 from .httponly import HttpOnly
-from .redaction import MaskingStream, echo_forms, mask, mask_headers
+from .redaction import MaskingStream, echo_forms, hides_echoes, mask, mask_headers, may_echo
 from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
 from .router import PUSH, Attempt, Plan, location_for_client, make_plan
 from .rules import DEFAULT_PORTS, Host, Rule, RulesError, RuleSet, load_rules
@@ -316,7 +316,8 @@ class Gateway:
             int,
             60,
             "Seconds a host has for its whole answer, headers and body, from the request being sent, to a request "
-            "ocigate reads itself (manifests, tags, pings, probes, token requests; not streamed blobs).",
+            "ocigate reads itself (manifests, tags, pings, probes, token requests); for a streamed blob, the longest "
+            "silence before its answer or between two pieces.",
         )
         loader.add_option(
             "ocigate_cooldown",
@@ -606,7 +607,7 @@ class Gateway:
         otherwise an OCI error naming every host. Recorded in the flow's record."""
         outcomes = [*streamed.outcomes, outcome]
         if marked and streamed.fallback:
-            replacement = http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
+            replacement = streamed.ask_again()
             error = f"{outcome.host} {outcome.result}: the client was sent to ask again (307)"
         else:
             status, body = failure(streamed.plan, outcomes, streamed.source)
@@ -631,7 +632,7 @@ class Gateway:
         if streamed.digest and not streamed.cut_off and opened is not None and opened < flow.request.timestamp_start:
             # A kept-alive connection the host had closed meanwhile: nothing against the host, and its next request
             # (sent again, as Go clients send a request again on a stale connection) gets a new connection to it.
-            return http.Response.make(307, b"", {"Location": streamed.asked_as, "Content-Length": "0"})
+            return streamed.ask_again()
         url, why = streamed.host.url, _shown(streamed.cut_off or why, streamed)
         outcome = Outcome(url, why, True, unreachable=True)
         marked = bool(streamed.digest) and self.shared.health.failed(url, streamed.digest, why)
@@ -763,15 +764,15 @@ class Gateway:
 def _mask_echoes(flow: http.HTTPFlow, streamed: "_StreamedFlow") -> None:
     """ocigate's own credential, echoed by the host in its answer's headers, reason or (in what is no content, not a
     2xx) body, reaches nobody; such a body in a content coding, which could hide it, is not passed on at all."""
-    secrets = echo_forms(streamed.authorization.header) if streamed.authorization else ()
+    secrets = streamed.echo_forms()
     if not secrets:
         return
     response = flow.response
     response.headers = http.Headers(mask_headers(response.headers.fields, secrets))
     response.reason = mask(response.reason.encode("latin-1", "replace"), secrets).decode("latin-1")
-    if response.status_code < 300:
+    if not may_echo(response.status_code):
         return
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+    if hides_echoes(response.headers.get("Content-Encoding")):
         kept = [(k, v) for k, v in response.headers.fields if k.lower() not in _BODY_FRAMING]
         replacement = http.Response.make(response.status_code, b"", kept)
         replacement.reason = response.reason
@@ -791,8 +792,7 @@ _MAX_SHOWN = 200
 def _shown(why: str, streamed: "_StreamedFlow") -> str:
     """mitmproxy's description of a host's failure as the client and the log may see it: it may quote the host's own
     bytes (an echo of ocigate's credential among them), so those are masked, and it is cut short."""
-    secrets = echo_forms(streamed.authorization.header) if streamed.authorization else ()
-    shown = mask(why.encode("utf-8", "replace"), secrets).decode("utf-8", "replace")
+    shown = mask(why.encode("utf-8", "replace"), streamed.echo_forms()).decode("utf-8", "replace")
     return shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + "..."
 
 
@@ -826,6 +826,14 @@ class _StreamedFlow:
     watchdog: "asyncio.Task[None] | None" = None
     cut_off: str | None = None  # why the host's connection was cut
 
+    def echo_forms(self) -> tuple[bytes, ...]:
+        """The forms of ocigate's own Authorization on this flow that the host could echo (none: it sent none)."""
+        return echo_forms(self.authorization.header) if self.authorization else ()
+
+    def ask_again(self) -> http.Response:
+        """The client is sent back to the URL it asked for: its next request is planned anew."""
+        return http.Response.make(307, b"", {"Location": self.asked_as, "Content-Length": "0"})
+
     def last_heard(self) -> float:
         """When the host last sent something: its answer's headers, or a piece of its body."""
         hook = self.verifier or self.passed_on
@@ -848,8 +856,9 @@ class _PassedOn:
 
 
 def _cut_server_connection(flow: http.HTTPFlow) -> bool:
-    """Closes the flow's connection to its host as if the host had: mitmproxy then fails the flow (an incomplete body,
-    or its 502 before any answer). False when mitmproxy's proxy server does not have it (not running, or changed)."""
+    """Closes the flow's connection to its host as if the host had: the flow then fails (an incomplete body, or before
+    any answer the gateway's own, see Gateway.instead). False when mitmproxy's proxy server does not have it (not
+    running, or changed)."""
     proxyserver = ctx.master.addons.get("proxyserver")
     handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
     transport = getattr(handler, "transports", {}).get(flow.server_conn)

@@ -8,7 +8,7 @@ from urllib.parse import urljoin
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
 from .health import HostHealth
-from .redaction import echo_forms, mask, mask_headers
+from .redaction import echo_forms, hides_echoes, mask, mask_headers, may_echo
 from .reference import RouteKind
 from .router import Attempt, Plan, is_proxy_for, ping_target
 from .tokens import RealmURL, TokenError
@@ -184,9 +184,8 @@ def without_echoes(response: HostResponse, authorization: Authorization | None) 
         return response
     headers = mask_headers(response.headers, secrets)
     body = response.body
-    if response.status >= 300:
-        coding = header_value(headers, b"content-encoding")
-        if coding and coding.strip().lower() != "identity":
+    if may_echo(response.status):
+        if hides_echoes(header_value(headers, b"content-encoding")):
             headers = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
             body = b""
         body = mask(body, secrets)

@@ -45,11 +45,12 @@ class HostHealth:
 
     def skipped(self, host: str) -> str | None:
         """Why `host` is not to be asked now, e.g. "connection refused (skipped for 27 s)"; None when it may be."""
-        down = self._down.get(host)
-        if down is None:
-            return None
-        left = down.until - self._clock()
-        if left <= 0:
+        return self._still(self._down.get(host))
+
+    def _still(self, down: _Down | None) -> str | None:
+        """Why, and for how long yet, when `down` has not run out; None when it has (or there is none)."""
+        left = down.until - self._clock() if down else 0
+        if down is None or left <= 0:
             return None
         return f"{down.why} (skipped for {max(1, round(left))} s)"
 
@@ -70,7 +71,5 @@ class HostHealth:
 
     def failed_lately(self, host: str, digest: str) -> str | None:
         """Why `host` is not to be asked for `digest` now, after it failed to send it; None when it may be."""
-        down = self._failed.get((host, digest))
-        if down is None or down.until <= self._clock():
-            return None
-        return f"failed to send it: {down.why} (skipped for {max(1, round(down.until - self._clock()))} s)"
+        still = self._still(self._failed.get((host, digest)))
+        return f"failed to send it: {still}" if still else None

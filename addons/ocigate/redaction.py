@@ -47,6 +47,18 @@ def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
     return tuple(sorted(forms, key=len, reverse=True))
 
 
+def may_echo(status: int) -> bool:
+    """Whether an answer's body is masked: one that is no content (not 2xx). Content (a manifest, a blob) is left as
+    it is: it is checked against its digest, and a secret's form could stand in it by chance."""
+    return status >= 300
+
+
+def hides_echoes(coding: str | None) -> bool:
+    """Whether a body in this Content-Encoding could hide an echo from masking: any coding but identity. Such a body
+    (of an answer that may echo) is not passed on."""
+    return (coding or "identity").strip().lower() != "identity"
+
+
 def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:
     for secret in secrets:
         if secret in data:
