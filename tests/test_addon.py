@@ -14,8 +14,11 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.test import taddons, tflow, tutils
 
-from ocigate import addon
-from ocigate.addon import METADATA_KEY, Credentials, Dialing, Gateway, Shared
+from ocigate import configuration
+from ocigate import dialing as dialing_module
+from ocigate.addon import METADATA_KEY, Gateway
+from ocigate.configuration import Configuration, Credentials, Shared
+from ocigate.dialing import Dialing
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.support.registry import free_port
@@ -33,8 +36,9 @@ def write_rules(root: Path, upstream: str, text: str) -> Path:
 def gateway(rules: Path, host_map: list[str] = (), read_timeout: int = 5) -> Iterator[tuple[Gateway, taddons.context]]:
     """The addons as the gateway runs them; credentials only from ocigate's own store, `<rules>/credentials.json`."""
     shared = Shared()
-    dialing, credentials, gw = Dialing(shared), Credentials(shared), Gateway(shared)
-    with taddons.context(dialing, credentials, gw) as tctx:
+    dialing, credentials, configuration = Dialing(shared), Credentials(shared), Configuration(shared)
+    gw = Gateway(shared)
+    with taddons.context(dialing, credentials, configuration, gw) as tctx:
         tctx.configure(
             dialing,
             ocigate_map_hosts=list(host_map),
@@ -44,7 +48,9 @@ def gateway(rules: Path, host_map: list[str] = (), read_timeout: int = 5) -> Ite
         tctx.configure(
             credentials, ocigate_credential_sources=["ocigate"], ocigate_credentials=str(rules / "credentials.json")
         )
-        tctx.configure(gw, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=read_timeout)
+        tctx.configure(
+            configuration, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=read_timeout
+        )
         yield gw, tctx
 
 
@@ -563,7 +569,8 @@ async def test_a_streamed_request_whose_hosts_the_policy_refuses_gets_an_oci_err
 async def test_notes_about_connections_are_capped_whether_or_not_their_end_ever_comes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(addon, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(configuration, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(dialing_module, "MAX_CONNECTIONS", 3)
     dialing = Dialing(Shared())
     servers = [connection.Server(address=("127.0.0.1", free_port())) for _ in range(10)]
     for server in servers:

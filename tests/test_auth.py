@@ -15,12 +15,13 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.options import Options
 from mitmproxy.test import tutils
 
-from ocigate.addon import METADATA_KEY, Redaction
+from ocigate.addon import METADATA_KEY
 from ocigate.auth import MAX_KNOWN_HOSTS, Access, Authorization, Broker
+from ocigate.captures import Redaction
 from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
-from ocigate.rules import Host
-from ocigate.upstream import HostResponse, Upstream
+from ocigate.hostclient import HostClient, HostResponse
+from ocigate.hoststoml import Host
 from tests.support.http_host import http_host
 from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 
@@ -397,7 +398,7 @@ async def test_a_token_endpoint_dripping_its_answer_fails_that_hosts_authenticat
 
 
 def test_at_most_max_known_hosts_have_their_challenge_remembered_the_latest_kept() -> None:
-    broker = Broker(Upstream())
+    broker = Broker(HostClient())
     hosts = [Host("https", f"mirror{number}.test", 443, "/v2", frozenset()) for number in range(5000)]
     for number, host in enumerate(hosts):
         challenge = f'Bearer realm="https://realm{number}.test/token"'.encode()

@@ -13,7 +13,7 @@ from ocigate.context import (
     Origin,
     referenced_digests,
 )
-from ocigate.reference import RouteError, validate_digest
+from ocigate.routes import RouteError, validate_digest
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

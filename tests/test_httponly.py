@@ -15,10 +15,11 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, TC
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.test import taddons, tflow, tutils
 
-from ocigate.addon import Dialing, Shared
 from ocigate.askagain import AskAgainHttpLayer
+from ocigate.configuration import Shared
+from ocigate.dialing import Dialing
+from ocigate.hoststoml import load_rules
 from ocigate.httponly import HttpOnly
-from ocigate.rules import load_rules
 
 # What a client sends first inside the decrypted connection when it writes its request in two pieces.
 FIRST_PIECE = b"GET /v2/team/app/manifests/v1 HTTP/1.1"

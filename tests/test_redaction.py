@@ -10,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from ocigate.attempt import without_echoes
+from ocigate.attempts import without_echoes
 from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
+from ocigate.hostclient import HostResponse
 from ocigate.redaction import MIN_SECRET, MaskingStream, echo_forms, mask
 from ocigate.tokens import basic_authorization
-from ocigate.upstream import HostResponse
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, gateway, write_rules
 from tests.test_auth import PASSWORD

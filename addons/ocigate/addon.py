@@ -7,22 +7,15 @@ or the flow re-pointed at the chosen host and streamed by mitmproxy.
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from cachetools import LRUCache
-from mitmproxy import connection, ctx, exceptions, http, tls
-from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy import server_hooks
-from OpenSSL import SSL
+from mitmproxy import ctx, http, tls
 
-from .attempt import (
+from .attempts import (
     HOP_BY_HOP,
     READ_WHOLE_KINDS,
-    Asker,
     Outcome,
     choose_streamed_host,
     encode_error,
@@ -32,28 +25,16 @@ from .attempt import (
     refusal,
     refusal_code,
 )
-from .auth import Access, Authorization, Broker
-from .context import ContextStore
-from .credentials import (
-    DEFAULT_HELPER_TIMEOUT,
-    DEFAULT_STORE_PATH,
-    ContainersAuth,
-    CredentialChain,
-    CredentialSource,
-    DockerConfig,
-    KubernetesSecrets,
-    OcigateStore,
-    default_containers_auth_paths,
-)
-from .destinations import DestinationError, Destinations
-from .health import DEFAULT_COOLDOWN, HostHealth
-from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
+from .auth import Access, Authorization
+from .captures import Redaction
+from .configuration import Configuration, Credentials, Shared
+from .dialing import Dialing
+from .hostclient import HostResponse
+from .hoststoml import Host, Rule
 from .httponly import HttpOnly
+from .plan import PUSH, Attempt, Plan, location_for_client, make_plan
 from .redaction import MaskingStream, echo_forms, hides_echoes, mask, mask_headers, may_echo
-from .reference import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, parse_route
-from .router import PUSH, Attempt, Plan, location_for_client, make_plan
-from .rules import DEFAULT_PORTS, Host, Rule, RulesError, RuleSet, load_rules
-from .upstream import HostResponse, Upstream
+from .routes import Route, RouteError, RouteKind, normalize_repository, parse_route
 from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
 
 log = logging.getLogger("ocigate")
@@ -62,229 +43,6 @@ METADATA_KEY = "ocigate"
 # How often a blob's watchdog looks whether the flow's connection to its host is open yet.
 _CONNECTION_POLL = 0.25
 _STREAM_KEY = "ocigate_stream"
-# Connections (client or server) ocigate keeps a note about, the least recently used forgotten first. A note goes
-# when its connection ends or is dialled, so only those whose end never came (a client gone while mitmproxy waited to
-# dial) pile up; a connection forgotten while alive loses only its host's own TLS settings in hosts.toml.
-MAX_CONNECTIONS = 10_000
-
-
-class Shared:
-    """What the addons share: the loaded rules, ocigate's own HTTP client and its authentication, and which host
-    each re-pointed client connection talks to."""
-
-    def __init__(self) -> None:
-        self.rules: RuleSet | None = None
-        self.upstream = Upstream()
-        self.broker = Broker(self.upstream)
-        self.health = HostHealth()
-        self.asker = Asker(self.broker, self.health)
-        self.contexts = ContextStore()
-        # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
-        # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
-        # tunnel) belongs to one upstream.
-        self.repointed: LRUCache[str, dict[tuple[str, int], Host]] = LRUCache(MAX_CONNECTIONS)
-
-    def host_for_connection(self, client_id: str, address: tuple[str, int]) -> Host | None:
-        return self.repointed.get(client_id, {}).get(address) or self.upstream.hosts_by_address.get(address)
-
-    def upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
-        """The upstream a request to scheme://host:port is for, and its rule; None when no rule names it."""
-        default_port = DEFAULT_PORTS.get(scheme, DEFAULT_PORTS["http"])
-        try:
-            upstream = normalize_upstream(host, None if port == default_port else port)
-        except RouteError:
-            return None
-        rule = self.rules.lookup(upstream) if self.rules else None
-        return (upstream, rule) if rule else None
-
-
-class Dialing:
-    """Every connection mitmproxy opens goes where the host map says, only to allowed addresses, and with the TLS
-    settings its host has in hosts.toml."""
-
-    def __init__(self, shared: Shared) -> None:
-        self.shared = shared
-        # The address each connection was asked for, until it is connected (see server_connect).
-        self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "ocigate_map_hosts",
-            Sequence[str],
-            [],
-            "Host map, NAME[:PORT]=ADDRESS[:PORT]: connections to NAME go to ADDRESS instead of resolving it "
-            "(an air-gap box without DNS, or test registries under made-up names).",
-        )
-        loader.add_option(
-            "ocigate_allow_destinations",
-            Sequence[str],
-            [],
-            "Networks (CIDR) every connection must go to; anything else is refused. Empty: no limit.",
-        )
-        loader.add_option(
-            "ocigate_dns",
-            bool,
-            True,
-            "Resolve names that ocigate_map_hosts does not map. Off: such names are refused, never resolved.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if updated & {"ocigate_map_hosts", "ocigate_allow_destinations", "ocigate_dns"}:
-            try:
-                self.shared.upstream.destinations = Destinations.from_options(
-                    ctx.options.ocigate_map_hosts,
-                    ctx.options.ocigate_allow_destinations,
-                    ctx.options.ocigate_dns,
-                )
-            except ValueError as e:
-                raise exceptions.OptionsError(str(e)) from None
-
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        server = data.server
-        if server.address is None or server.via is not None or server.error:
-            return  # nothing to dial, or refused already (httponly.HttpOnly)
-        host, port = server.address
-        try:
-            server.address = await self.shared.upstream.destinations.resolve(host, port)
-        except DestinationError as e:
-            server.error = f"ocigate refused the connection: {e}"
-            log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
-            return
-        # Put back once connected: the TLS settings belong to the name, and mitmproxy reuses a connection only
-        # for a request to the address it was opened for.
-        self.asked[server.id] = (host, port)
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        asked = self.asked.pop(data.server.id, None)
-        if asked is not None:
-            # Server refuses a new address once open, to keep a connection from being re-targeted; this only
-            # relabels it with the address it was opened for (peername keeps the one dialled).
-            object.__setattr__(data.server, "address", asked)
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        asked = self.asked.pop(data.server.id, None)
-        host = self.shared.host_for_connection(data.client.id, asked) if asked else None
-        if host is not None:
-            self.shared.health.unreachable(host.url, data.server.error or "connection failed")
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.shared.repointed.pop(client.id, None)
-
-    def tls_start_server(self, tls_start: tls.TlsData) -> None:
-        # Runs after mitmproxy's own tlsconfig addon built the connection: swapping the context keeps its SNI,
-        # hostname check and ALPN, and trusts and presents what the host's hosts.toml entry says instead.
-        server = tls_start.conn
-        if not isinstance(server, connection.Server) or server.address is None:
-            return
-        host = self.shared.host_for_connection(tls_start.context.client.id, server.address)
-        if host is None:
-            return
-        # Even a host with no TLS settings of its own: mitmproxy's context trusts certifi's roots alone, ocigate's
-        # own requests the system store too, and a blob must be fetched on whatever a manifest was.
-        host_tls = self.shared.upstream.host_tls(host)
-        if tls_start.ssl_conn is None:
-            # Loaded as a script, ocigate comes before mitmproxy's tlsconfig: have it build the connection now (it
-            # leaves a connection that exists alone), so that there is one to give this host's settings.
-            ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
-        tls_start.ssl_conn.set_context(openssl_context(host_tls))
-        if host_tls.skip_verify:
-            tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
-
-
-CREDENTIAL_SOURCES = ("ocigate", "docker", "containers", "kubernetes")
-_CREDENTIAL_OPTIONS = frozenset(
-    {
-        "ocigate_credential_sources",
-        "ocigate_credentials",
-        "ocigate_docker_config",
-        "ocigate_containers_auth",
-        "ocigate_kubernetes_secrets",
-        "ocigate_credential_helper_timeout",
-    }
-)
-
-
-class Credentials:
-    """Where ocigate finds the credentials it authenticates to hosts with."""
-
-    def __init__(self, shared: Shared) -> None:
-        self.shared = shared
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "ocigate_credential_sources",
-            Sequence[str],
-            list(CREDENTIAL_SOURCES),
-            "Credential sources in the order they are asked; the first that has a credential for a host, upstream "
-            "and repository wins. ocigate: ocigate_credentials (ocigate login); docker: config.json with its "
-            "credential helpers; containers: auth.json; kubernetes: ocigate_kubernetes_secrets. Empty: ocigate "
-            "authenticates anonymously only.",
-        )
-        loader.add_option(
-            "ocigate_credentials",
-            str,
-            DEFAULT_STORE_PATH,
-            "ocigate's own credentials file, per host, upstream and repository prefix (written by ocigate login).",
-        )
-        loader.add_option(
-            "ocigate_docker_config",
-            str,
-            "",
-            "Directory of docker's config.json. Empty: $DOCKER_CONFIG, else ~/.docker.",
-        )
-        loader.add_option(
-            "ocigate_containers_auth",
-            str,
-            "",
-            "containers' auth.json (podman, skopeo). Empty: $REGISTRY_AUTH_FILE, "
-            "$XDG_RUNTIME_DIR/containers/auth.json, then ~/.config/containers/auth.json.",
-        )
-        loader.add_option(
-            "ocigate_kubernetes_secrets",
-            str,
-            "",
-            "Directory of mounted kubernetes.io/dockerconfigjson secrets (DIR/.dockerconfigjson, "
-            "DIR/*/.dockerconfigjson). Empty: none.",
-        )
-        loader.add_option(
-            "ocigate_credential_helper_timeout",
-            int,
-            int(DEFAULT_HELPER_TIMEOUT),
-            "Seconds a docker-credential-<name> helper may take before it is killed.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if not updated & _CREDENTIAL_OPTIONS:
-            return
-        sources = list(ctx.options.ocigate_credential_sources)
-        unknown = [name for name in sources if name not in CREDENTIAL_SOURCES]
-        if unknown:
-            raise exceptions.OptionsError(
-                f"ocigate_credential_sources: unknown source {unknown[0]!r} (expected {', '.join(CREDENTIAL_SOURCES)})"
-            )
-        timeout = ctx.options.ocigate_credential_helper_timeout
-        if timeout <= 0:
-            raise exceptions.OptionsError("ocigate_credential_helper_timeout must be a positive number of seconds")
-        chain: list[CredentialSource] = []
-        for name in dict.fromkeys(sources):
-            chain += self._sources(name, timeout)
-        self.shared.broker.credentials = CredentialChain(chain)
-        self.shared.broker.forget()
-
-    @staticmethod
-    def _sources(name: str, timeout: float) -> list[CredentialSource]:
-        options = ctx.options
-        if name == "ocigate":
-            return [OcigateStore(Path(options.ocigate_credentials).expanduser())]
-        if name == "docker":
-            directory = Path(options.ocigate_docker_config).expanduser() if options.ocigate_docker_config else None
-            return [DockerConfig(directory, helper_timeout=timeout)]
-        if name == "containers":
-            paths = [Path(options.ocigate_containers_auth).expanduser()] if options.ocigate_containers_auth else None
-            return [ContainersAuth(path, helper_timeout=timeout) for path in paths or default_containers_auth_paths()]
-        if options.ocigate_kubernetes_secrets:
-            return [KubernetesSecrets(Path(options.ocigate_kubernetes_secrets).expanduser())]
-        return []
 
 
 class Gateway:
@@ -295,108 +53,6 @@ class Gateway:
         # What ocigate must still do for each streamed flow, until its response: kept here and not in the flow's
         # metadata, which captures and other addons see (it holds the Authorization).
         self._streamed: dict[str, _StreamedFlow] = {}
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "ocigate_rules",
-            str,
-            "",
-            "Directory of containerd hosts.toml rules (the certs.d layout: <registry>/hosts.toml, _default/).",
-        )
-        loader.add_option(
-            "ocigate_named_ref_headers",
-            Sequence[str],
-            ["OCI-Named-Ref"],
-            "Names of the request header carrying <registry>/<repository>:<tag> (or @<digest>) to hosts, e.g. "
-            "OCI-Ref. Empty: send none.",
-        )
-        loader.add_option("ocigate_connect_timeout", int, 30, "Seconds to connect to a host that has no dial_timeout.")
-        loader.add_option(
-            "ocigate_read_timeout",
-            int,
-            60,
-            "Seconds a host has for its whole answer, headers and body, from the request being sent, to a request "
-            "ocigate reads itself (manifests, tags, pings, probes, token requests); for a streamed blob, the longest "
-            "silence before its answer or between two pieces.",
-        )
-        loader.add_option(
-            "ocigate_cooldown",
-            int,
-            int(DEFAULT_COOLDOWN),
-            "Seconds a host that could not be reached (refused, timed out) is skipped before it is asked again. "
-            "0: ask every time.",
-        )
-        loader.add_option(
-            "ocigate_intercept_unruled",
-            bool,
-            False,
-            "Decrypt connections to hosts no rule names too (for captures); by default they pass through as-is.",
-        )
-        # httpx logs every request it sends, with the address dialled: ocigate logs one line per request itself.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    def configure(self, updated: set[str]) -> None:
-        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
-            # An eager proxy dials the CONNECT target before any hook can re-point it, and upstream names may not
-            # resolve at all (an air-gap box, a mirror-only registry).
-            log.info("ocigate: setting connection_strategy=lazy")
-            ctx.options.update(connection_strategy="lazy")
-        for name in ("ocigate_connect_timeout", "ocigate_read_timeout"):
-            if getattr(ctx.options, name) <= 0:
-                raise exceptions.OptionsError(f"{name} must be a positive number of seconds")
-        for name in ctx.options.ocigate_named_ref_headers:
-            if not name or not all(c.isalnum() or c in "-_" for c in name):
-                raise exceptions.OptionsError(f"ocigate_named_ref_headers: {name!r} is not a header name")
-        if ctx.options.ocigate_cooldown < 0:
-            raise exceptions.OptionsError("ocigate_cooldown must be 0 or a positive number of seconds")
-        self.shared.health.cooldown = ctx.options.ocigate_cooldown
-        upstream = self.shared.upstream
-        upstream.connect_timeout = ctx.options.ocigate_connect_timeout
-        upstream.read_timeout = ctx.options.ocigate_read_timeout
-        trust = {"ocigate_rules", "ssl_insecure", "ssl_verify_upstream_trusted_ca"}
-        if updated & trust:
-            roots = ctx.options.ssl_verify_upstream_trusted_ca
-            upstream.roots = Path(roots).expanduser() if roots else None
-            upstream.insecure = ctx.options.ssl_insecure
-            forget_contexts()
-            upstream.forget_clients()
-            self.shared.rules = self._load_rules(ctx.options.ocigate_rules)
-            upstream.hosts_by_address = _hosts_by_address(self.shared.rules)
-            self.shared.broker.forget()
-
-    def _load_rules(self, directory: str) -> RuleSet | None:
-        if not directory:
-            return None
-        try:
-            rules = load_rules(Path(directory).expanduser())
-        except RulesError as e:
-            raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
-        # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
-        for rule in rules.rules():
-            for host in rule.hosts:
-                host_tls = self.shared.upstream.host_tls(host)
-                try:
-                    python_context(host_tls)
-                    openssl_context(host_tls)
-                except HostTLSError as e:
-                    raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
-        return rules
-
-    def running(self) -> None:
-        if self.shared.rules is None:
-            log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
-        host = ctx.options.listen_host or "127.0.0.1"
-        proxy = f"http://{host}:{ctx.options.listen_port or 8080}"
-        ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
-        log.info(
-            "ocigate: gateway on %s with rules from %s\n"
-            "  point clients at it: export HTTPS_PROXY=%s\n"
-            "  and make them trust its CA: %s (README: 'Point your client at ocigate')",
-            proxy,
-            ctx.options.ocigate_rules or "(none)",
-            proxy,
-            ca,
-        )
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if ctx.options.ocigate_intercept_unruled or self.shared.rules is None:
@@ -727,7 +383,7 @@ class Gateway:
         for streamed in self._streamed.values():
             if streamed.watchdog:
                 streamed.watchdog.cancel()
-        await self.shared.upstream.aclose()
+        await self.shared.hostclient.aclose()
 
     def _fail(self, flow: http.HTTPFlow, plan: Plan, outcomes: list[Outcome], source: str) -> None:
         status, body = failure(plan, outcomes, source)
@@ -887,55 +543,6 @@ def _error_response(method: str, status: int, body: dict) -> http.Response:
     return response
 
 
-class Redaction:
-    """No credential stays in a flow once it has been sent: what mitmproxy shows (flow_detail), writes
-    (save_stream_file) or hands to other addons afterwards carries `<scheme> <redacted>` instead, and proxyauth's
-    record of the proxy password is redacted too. Flows still under way when the gateway stops are redacted before
-    mitmproxy's save addon writes them. Runs before mitmproxy's save and dumper addons (see cli.OcigateMaster)."""
-
-    def __init__(self) -> None:
-        self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._under_way.add(flow)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-        self._under_way.discard(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-        self._under_way.discard(flow)
-
-    def done(self) -> None:
-        for flow in list(self._under_way):
-            _redact(flow)
-
-
-_CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
-# mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
-_PROXYAUTH_METADATA = "proxyauth"
-
-
-def _redact(flow: http.HTTPFlow) -> None:
-    headers = flow.request.headers
-    for name in _CREDENTIAL_HEADERS:
-        values = headers.get_all(name)
-        if values:
-            headers.set_all(name, [_redacted(value) for value in values])
-    proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
-    if isinstance(proxy_user, tuple | list) and proxy_user:
-        flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], "<redacted>")
-
-
-def _redacted(value: str) -> str:
-    scheme, space, _ = value.strip().partition(" ")
-    return f"{scheme} <redacted>" if space else "<redacted>"
-
-
 _MAX_REASON = 2000
 
 
@@ -972,18 +579,6 @@ def describe(method: str, record: dict) -> str:
         verb = "tried" if record["served_by"] == "gateway" else "skipped"
         line += f" ({verb} {'; '.join(skipped)})"
     return line
-
-
-def _hosts_by_address(rules: RuleSet | None) -> dict[tuple[str, int], Host]:
-    entries: dict[tuple[str, int], Host] = {}
-    conflicting: set[tuple[str, int]] = set()
-    for rule in rules.rules() if rules else ():
-        for host in rule.hosts:
-            address = (host.host, host.port)
-            known = entries.setdefault(address, host)
-            if (known.ca, known.client, known.skip_verify) != (host.ca, host.client, host.skip_verify):
-                conflicting.add(address)
-    return {address: host for address, host in entries.items() if address not in conflicting}
 
 
 def _with_repository(route: Route, repository: str) -> Route:
@@ -1040,4 +635,11 @@ def _response(answer: HostResponse, *, head: bool) -> http.Response:
 def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
-    return [Redaction(), HttpOnly(shared.upstream_rule, gateway.instead), Dialing(shared), Credentials(shared), gateway]
+    return [
+        Redaction(),
+        HttpOnly(shared.upstream_rule, gateway.instead),
+        Dialing(shared),
+        Credentials(shared),
+        Configuration(shared),
+        gateway,
+    ]

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from cachetools import LRUCache
 
 from .credentials import Credential, CredentialChain, CredentialError
-from .router import is_proxy_for
-from .rules import Host
+from .hostclient import HostClient, HostFailed, HostResponse
+from .hoststoml import Host
+from .plan import is_proxy_for
 from .tokens import (
     MAX_TOKEN_RESPONSE,
     Challenge,
@@ -34,7 +35,6 @@ from .tokens import (
     parse_challenges,
     preferred_challenge,
 )
-from .upstream import HostFailed, HostResponse, Upstream
 
 Headers = list[tuple[bytes, bytes]]
 # Hosts whose challenge (or openness) is remembered, the least recently asked forgotten first: far more than rules
@@ -119,17 +119,17 @@ def challenge_of(response: HostResponse) -> Challenge | None:
 
 
 class Broker:
-    """Authenticates ocigate's requests to hosts, sent through `upstream`. `credentials` is the chain to look
+    """Authenticates ocigate's requests to hosts, sent through `hostclient`. `credentials` is the chain to look
     credentials up in (None: every request is anonymous)."""
 
     def __init__(
         self,
-        upstream: Upstream,
+        hostclient: HostClient,
         credentials: CredentialChain | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.upstream = upstream
+        self.hostclient = hostclient
         self.credentials = credentials
         self.tokens = TokenCache(clock=clock)
         self._clock = clock
@@ -184,7 +184,7 @@ class Broker:
             request = TokenRequest.for_challenge(challenge, access.scopes, credential)
             realm = request.realm
             if access.offline and not is_proxy_for(
-                self.upstream.realm_host(realm.scheme, realm.host, realm.port), access.upstream
+                self.hostclient.realm_host(realm.scheme, realm.host, realm.port), access.upstream
             ):
                 raise TokenError(
                     f"its realm {realm.netloc} is {access.upstream} itself, which its offline rule never contacts"
@@ -204,7 +204,7 @@ class Broker:
         if self.knows(host):
             return
         try:
-            response = await self.upstream.send(host, "GET", ping_target, [])
+            response = await self.hostclient.send(host, "GET", ping_target, [])
         except HostFailed:
             return  # the request itself will find out and say so
         self.learn(host, response)
@@ -220,7 +220,7 @@ class Broker:
         """Sends a request authenticated as ocigate: with the Authorization the host is known to want, and on a 401
         once more with one answering its challenge (a fresh token when the refused one was cached)."""
         authorization = await self.authorize(host, access)
-        response = await self.upstream.send(host, method, target, headers + authorization.lines())
+        response = await self.hostclient.send(host, method, target, headers + authorization.lines())
         challenge = self.learn(host, response)
         if response.status != 401 or challenge is None:
             return response, authorization
@@ -228,7 +228,7 @@ class Broker:
         retry = await self.authorize(host, access, challenge)
         if retry.header is None or retry.header == authorization.header:
             return response, authorization
-        response = await self.upstream.send(host, method, target, headers + retry.lines())
+        response = await self.hostclient.send(host, method, target, headers + retry.lines())
         if response.status == 401:
             self.refused(retry)
         return response, retry
@@ -236,10 +236,10 @@ class Broker:
     async def _send_token_request(
         self, method: str, url: RealmURL, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
-        host = self.upstream.realm_host(url.scheme, url.host, url.port)
+        host = self.hostclient.realm_host(url.scheme, url.host, url.port)
         lines = [(k.encode(), v.encode()) for k, v in headers.items()]
         try:
-            response = await self.upstream.send(host, method, url.target, lines, MAX_TOKEN_RESPONSE, body)
+            response = await self.hostclient.send(host, method, url.target, lines, MAX_TOKEN_RESPONSE, body)
         except HostFailed as e:
             raise TokenError(f"token request to {host.url} failed: {e}") from None
         answer = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}

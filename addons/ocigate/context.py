@@ -41,8 +41,8 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from .reference import RouteError, validate_digest
-from .router import Origin
+from .plan import Origin
+from .routes import RouteError, validate_digest
 from .verify import MAX_MANIFEST_SIZE
 
 __all__ = ["MAX_DIGESTS_PER_MANIFEST", "MAX_MANIFEST_SIZE", "ContextStore", "Origin", "referenced_digests"]

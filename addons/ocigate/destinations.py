@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .reference import RouteError, split_host_port
+from .routes import RouteError, split_host_port
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

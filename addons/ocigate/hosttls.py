@@ -19,7 +19,7 @@ import certifi
 from OpenSSL import SSL, crypto
 
 from .files import NotRegularFileError, check_regular
-from .rules import Host
+from .hoststoml import Host
 
 
 @dataclass(frozen=True)

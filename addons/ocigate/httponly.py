@@ -19,7 +19,7 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from .askagain import AskAgainHttpLayer, Instead
-from .rules import Rule
+from .hoststoml import Rule
 
 log = logging.getLogger("ocigate")
 

@@ -24,8 +24,11 @@ from .credentials import (
     OcigateStore,
 )
 from .destinations import Destinations
+from .hostclient import HostClient, HostFailed
+from .hoststoml import CAPABILITIES, DEFAULT_PORTS, Host
 from .hosttls import HostTLSError
-from .reference import (
+from .plan import ping_target
+from .routes import (
     DOCKER_HUB,
     DOCKER_HUB_SERVER,
     RouteError,
@@ -33,9 +36,6 @@ from .reference import (
     split_host_port,
     validate_repository,
 )
-from .router import ping_target
-from .rules import CAPABILITIES, DEFAULT_PORTS, Host
-from .upstream import HostFailed, Upstream
 
 COMMANDS = ("login", "logout")
 
@@ -179,7 +179,7 @@ async def verify(
     destinations: Destinations,
 ) -> Verified:
     """GET of the host's /v2/ (with ns= for a mirror) authenticated as the gateway would be. Raises LoginFailed."""
-    client = Upstream()
+    client = HostClient()
     client.destinations = destinations
     broker = Broker(client, CredentialChain([_Given(credential, source)]))
     target = ping_target(host, upstream)

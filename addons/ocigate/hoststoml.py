@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .files import NotRegularFileError, read_regular_file
-from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
+from .routes import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ocigate import rules
-from ocigate.rules import CAPABILITIES, Host, RulesError, load_rules, parse_hosts_toml
+from ocigate import hoststoml as rules
+from ocigate.hoststoml import CAPABILITIES, Host, RulesError, load_rules, parse_hosts_toml
 from tests.support.within import returns_within
 
 DATA = Path(__file__).parent / "data" / "certs.d"

@@ -4,8 +4,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
-from .reference import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
-from .rules import DEFAULT_PORTS, Host, Rule
+from .hoststoml import DEFAULT_PORTS, Host, Rule
+from .routes import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

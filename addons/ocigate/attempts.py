@@ -8,11 +8,11 @@ from urllib.parse import urljoin
 from .auth import Access, AuthFailed, Authorization, Broker
 from .destinations import DestinationError
 from .health import HostHealth
+from .hostclient import HostFailed, HostResponse
+from .plan import Attempt, Plan, is_proxy_for, ping_target
 from .redaction import echo_forms, hides_echoes, mask, mask_headers, may_echo
-from .reference import RouteKind
-from .router import Attempt, Plan, is_proxy_for, ping_target
+from .routes import RouteKind
 from .tokens import RealmURL, TokenError
-from .upstream import HostFailed, HostResponse
 from .verify import REDIRECTS, Problem, header_value, manifest_problem
 
 # Hop-by-hop headers belong to one connection, never to the message forwarded on another.
@@ -114,7 +114,7 @@ class Asker:
         access = _on_host(access, attempt)
         try:
             if attempt.forward_authorization:
-                answer = await self.broker.upstream.send(attempt.host, method, attempt.target, headers), None
+                answer = await self.broker.hostclient.send(attempt.host, method, attempt.target, headers), None
             else:
                 answer = await self.broker.send(attempt.host, method, attempt.target, headers, access)
         except HostFailed as e:
@@ -149,7 +149,7 @@ class Asker:
             except TokenError:
                 raise HostFailed(f"a redirect ({answer.status}) to a Location ocigate cannot use") from None
             url = next_url.url
-            target = self.broker.upstream.realm_host(next_url.scheme, next_url.host, next_url.port)
+            target = self.broker.hostclient.realm_host(next_url.scheme, next_url.host, next_url.port)
             if plan.offline and not is_proxy_for(target, plan.upstream):
                 raise HostFailed(f"a redirect to {plan.upstream} itself, which its offline rule never contacts")
             same_host = (target.scheme, target.host, target.port) == (host.scheme, host.host, host.port)
@@ -159,7 +159,7 @@ class Asker:
                 # request (ocigate's, or the client's own where its rule says the client authenticates).
                 dropped = own | {b"authorization", b"proxy-authorization"}
                 lines = [(k, v) for k, v in lines if k.lower() not in dropped]
-            answer = await self.broker.upstream.send(target, method, next_url.target, lines)
+            answer = await self.broker.hostclient.send(target, method, next_url.target, lines)
             answer = without_echoes(answer, authorization if same_host else None)
             where = target.netloc
         raise HostFailed(f"more than {MAX_REDIRECTS} redirects")
@@ -258,7 +258,7 @@ async def _may_stream_to(asker: Asker, attempt: Attempt, digest: str | None) -> 
     if not_now:
         return not_now
     try:
-        await asker.broker.upstream.destinations.resolve(attempt.host.host, attempt.host.port)
+        await asker.broker.hostclient.destinations.resolve(attempt.host.host, attempt.host.port)
     except DestinationError as e:
         return Outcome(attempt.host.url, str(e), True)
     return None

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ocigate.reference import Route, RouteKind
-from ocigate.router import Origin, is_proxy_for, location_for_client, make_plan, required_capabilities
-from ocigate.rules import Host, Rule
+from ocigate.hoststoml import Host, Rule
+from ocigate.plan import Origin, is_proxy_for, location_for_client, make_plan, required_capabilities
+from ocigate.routes import Route, RouteKind
 
 DIGEST = "sha256:" + "a" * 64
 ALL = frozenset({"pull", "resolve", "push", "referrers"})

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 
 from .destinations import DestinationError, Destinations
+from .hoststoml import Host
 from .hosttls import HostTLS, HostTLSError, python_context
-from .rules import Host
 
 # Registries refuse manifests above 4 MiB (distribution's limit); anything much larger is not a manifest.
 MAX_SMALL_BODY = 16 * 1024 * 1024
@@ -100,7 +100,7 @@ class ClientPool:
         return len(self._clients)
 
 
-class Upstream:
+class HostClient:
     """Timeouts and trust roots are set from the options before the first request."""
 
     def __init__(self) -> None:

@@ -1,13 +1,13 @@
-"""ocigate's own HTTP client (Upstream) against small local hosts."""
+"""ocigate's own HTTP client (HostClient) against small local hosts."""
 
 import asyncio
 import threading
 
 import pytest
 
+from ocigate.hostclient import MAX_CLIENTS, ClientPool, HostClient, HostFailed
+from ocigate.hoststoml import Host
 from ocigate.hosttls import HostTLS, forget_contexts, python_context
-from ocigate.rules import Host
-from ocigate.upstream import MAX_CLIENTS, ClientPool, HostFailed, Upstream
 from tests.support.http_host import http_host
 
 ANSWER = b'{"schemaVersion":2}'
@@ -18,7 +18,7 @@ def local(port: int) -> Host:
 
 
 async def test_a_host_dripping_its_answer_fails_as_unreachable_once_the_read_timeout_is_spent() -> None:
-    upstream = Upstream()
+    upstream = HostClient()
     upstream.read_timeout = 1
     # Never a second without a byte, yet the whole answer would take over ten seconds.
     with http_host(lambda h: (200, ANSWER), drip=0.05) as (port, seen):
@@ -33,7 +33,7 @@ async def test_a_host_dripping_its_answer_fails_as_unreachable_once_the_read_tim
 
 
 async def test_a_silent_host_fails_the_same_way() -> None:
-    upstream = Upstream()
+    upstream = HostClient()
     upstream.read_timeout = 1
     with http_host(lambda h: (200, ANSWER), drip=5) as (port, _):
         try:
@@ -44,7 +44,7 @@ async def test_a_silent_host_fails_the_same_way() -> None:
 
 
 async def test_an_answer_that_comes_in_time_is_read_whole_even_in_pieces() -> None:
-    upstream = Upstream()
+    upstream = HostClient()
     upstream.read_timeout = 10
     with http_host(lambda h: (200, ANSWER), drip=0.001) as (port, _):
         try:
@@ -59,7 +59,7 @@ def named(name: str) -> Host:
 
 
 async def test_a_new_realm_host_in_every_challenge_keeps_max_clients_and_closes_the_rest() -> None:
-    upstream = Upstream()
+    upstream = HostClient()
     forget_contexts()
     used = []
     for number in range(5000):
@@ -101,7 +101,7 @@ async def test_a_client_pushed_out_or_retired_while_a_request_holds_it_closes_wh
 
 
 async def test_a_request_under_way_finishes_when_its_client_is_pushed_out_of_the_pool() -> None:
-    upstream = Upstream()
+    upstream = HostClient()
     upstream.clients = ClientPool(1)
     go_on = threading.Event()
 

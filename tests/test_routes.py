@@ -4,7 +4,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ocigate.reference import (
+from ocigate.routes import (
     MAX_REPOSITORY_LENGTH,
     Route,
     RouteError,
