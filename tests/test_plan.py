@@ -8,7 +8,16 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ocigate.hoststoml import Host, Rule
-from ocigate.plan import Origin, is_proxy_for, location_for_client, make_plan, required_capabilities
+from ocigate.ocierror import OciError
+from ocigate.plan import (
+    Handling,
+    Origin,
+    classify,
+    is_proxy_for,
+    location_for_client,
+    make_plan,
+    required_capabilities,
+)
 from ocigate.routes import Route, RouteKind
 
 DIGEST = "sha256:" + "a" * 64
@@ -289,3 +298,135 @@ def test_a_cross_repository_mount_names_its_source_as_the_host_knows_it() -> Non
     (plain,) = plan_for(route, [host("m.test")], method="POST", query=f"mount={DIGEST}&from=team%2Fbase").attempts
     assert plain.target == f"/v2/team/app/blobs/uploads/?mount={DIGEST}&from=team%2Fbase&ns=upstream.test"
     assert plain.mounted_from == "team/base"
+
+
+# Every decision on how a request is handled is the planner's: the gateway only applies it.
+
+_PULLER = host("mirror.test", {"pull", "resolve"})
+_SERVER = host("upstream.test")
+
+
+@pytest.mark.parametrize(
+    ("route", "method", "handling", "probe", "verify"),
+    [
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "GET", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.MANIFEST, "a/b", digest=DIGEST), "HEAD", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.TAGS, "a/b"), "GET", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.CATALOG), "GET", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.REFERRERS, "a/b", digest=DIGEST), "GET", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "HEAD", Handling.READ_WHOLE, False, None),
+        (Route(RouteKind.BLOB, "a/b", digest=DIGEST), "GET", Handling.STREAM, True, DIGEST),
+        (Route(RouteKind.BLOB_UPLOAD, "a/b"), "POST", Handling.STREAM, False, None),
+        (Route(RouteKind.MANIFEST, "a/b", tag="v1"), "PUT", Handling.STREAM, False, None),
+        (Route(RouteKind.PING), "GET", Handling.PING, False, None),
+    ],
+)
+def test_the_plan_says_who_answers_whether_hosts_are_probed_and_which_digest_is_verified(
+    route: Route, method: str, handling: Handling, probe: bool, verify: str | None
+) -> None:
+    plan = plan_for(route, [_PULLER, _SERVER], method)
+    assert (plan.handling, plan.probe, plan.verify) == (handling, probe, verify)
+
+
+def test_a_ping_goes_to_the_registry_itself_only_when_its_client_authenticates() -> None:
+    ours = plan_for(Route(RouteKind.PING), [_PULLER, _SERVER])
+    assert ours.handling is Handling.PING and ours.attempts == ()
+    theirs = plan_for(Route(RouteKind.PING), [_PULLER, _SERVER], client_authenticates=True)
+    assert theirs.handling is Handling.READ_WHOLE
+    assert [a.host.netloc for a in theirs.attempts] == ["upstream.test"]
+
+
+def test_no_host_with_the_capabilities_is_the_gateways_answer() -> None:
+    plan = plan_for(Route(RouteKind.BLOB_UPLOAD, "a/b"), [_PULLER], "POST")
+    assert plan.handling is Handling.NO_HOST and plan.push and plan.attempts == ()
+
+
+def test_each_host_gets_the_token_scope_of_its_own_repository_name() -> None:
+    prefixed = host("mirror.test", ALL, repository_prefix="cache")
+    route = Route(RouteKind.BLOB_UPLOAD, "team/app")
+    plan = plan_for(route, [prefixed], "POST", query="mount=" + DIGEST + "&from=team/base")
+    (attempt,) = plan.attempts
+    assert attempt.access.scopes == ("repository:cache/team/app:pull,push", "repository:cache/team/base:pull")
+    catalog = plan_for(Route(RouteKind.CATALOG), [_SERVER])
+    assert [a.access.scopes for a in catalog.attempts] == [("registry:catalog:*",)]
+
+
+def test_a_manifest_that_names_its_pull_is_remembered_and_nothing_else_is() -> None:
+    assert plan_for(Route(RouteKind.MANIFEST, "a/b", tag="v1"), [_SERVER]).remembers
+    assert plan_for(Route(RouteKind.MANIFEST, "a/b", digest=DIGEST), [_SERVER]).remembers
+    assert not plan_for(Route(RouteKind.BLOB, "a/b", digest=DIGEST), [_SERVER]).remembers
+    assert not plan_for(Route(RouteKind.TAGS, "a/b"), [_SERVER]).remembers
+
+
+_ROUTES = st.one_of(
+    st.just(Route(RouteKind.PING)),
+    st.just(Route(RouteKind.CATALOG)),
+    st.builds(Route, st.just(RouteKind.TAGS), st.just("team/app")),
+    st.builds(lambda t: Route(RouteKind.MANIFEST, "team/app", tag=t), st.sampled_from(["v1", "latest"])),
+    st.just(Route(RouteKind.MANIFEST, "team/app", digest=DIGEST)),
+    st.just(Route(RouteKind.BLOB, "team/app", digest=DIGEST)),
+    st.just(Route(RouteKind.REFERRERS, "team/app", digest=DIGEST)),
+    st.just(Route(RouteKind.BLOB_UPLOAD, "team/app")),
+)
+_HOSTS = st.lists(
+    st.builds(
+        lambda name, caps, prefix: host(f"{name}.test", caps, repository_prefix=prefix),
+        st.sampled_from(["upstream", "m1", "m2", "m3"]),
+        st.sets(st.sampled_from(sorted(ALL))),
+        st.sampled_from([None, "cache"]),
+    ),
+    max_size=4,
+)
+
+
+@given(_ROUTES, st.sampled_from(["GET", "HEAD", "PUT", "POST", "DELETE"]), _HOSTS, st.booleans())
+def test_every_plan_is_consistent_with_its_own_decisions(
+    route: Route, method: str, hosts: list[Host], client_authenticates: bool
+) -> None:
+    plan = plan_for(route, hosts, method, client_authenticates=client_authenticates)
+    assert plan.method == method and plan.route == route
+    if plan.handling in (Handling.PING, Handling.NO_HOST):
+        assert plan.attempts == ()
+    else:
+        assert plan.attempts
+    assert (plan.handling is Handling.PING) == (route.kind is RouteKind.PING and not plan.attempts)
+    assert plan.verify == (route.digest if route.kind is RouteKind.BLOB and method == "GET" else None)
+    assert plan.probe == (route.kind is RouteKind.BLOB and not plan.push)
+    if plan.push:
+        assert len(plan.attempts) <= 1
+    for attempt in plan.attempts:
+        assert plan.capabilities <= attempt.host.capabilities
+        assert attempt.access.push == plan.push and attempt.access.upstream == plan.upstream
+        assert attempt.access.catalog == (route.kind is RouteKind.CATALOG)
+        assert attempt.access.host_repository == attempt.repository
+        if attempt.repository:
+            actions = "pull,push" if plan.push else "pull"
+            assert attempt.access.scopes[0] == f"repository:{attempt.repository}:{actions}"
+
+
+def test_a_request_the_gateway_cannot_forward_is_refused_before_any_plan() -> None:
+    rule = Rule("upstream.test", None, (_SERVER,), False)
+    offline = Rule("upstream.test", None, (_SERVER,), False, offline=True)
+    assert classify("/v2/team/app/manifests/v1?x=1", rule, "upstream.test") == Route(
+        RouteKind.MANIFEST, "team/app", tag="v1"
+    )
+    assert classify("/v2/app/manifests/v1", rule, "docker.io") == Route(RouteKind.MANIFEST, "library/app", tag="v1")
+    assert classify("/token?scope=x", rule, "upstream.test") is None
+    refused = classify("/token?scope=x", offline, "upstream.test")
+    assert isinstance(refused, OciError) and refused.status == 404 and "offline" in refused.message
+    bad = classify("/v2/Team/app/manifests/v1", rule, "upstream.test")
+    assert isinstance(bad, OciError) and (bad.status, bad.code) == (400, "NAME_INVALID")
+    assert classify("/v2/team/app/manifests/v\u00e9", rule, "upstream.test") == OciError(
+        400, "UNSUPPORTED", "request target has bytes that are not percent-encoded ASCII"
+    )
+
+
+@given(st.text())
+@example("/v2/%2F/manifests/x")
+@example("/v2/a/b/blobs/sha256:zz")
+def test_any_request_target_is_classified_without_an_exception(target: str) -> None:
+    rule = Rule("upstream.test", None, (_SERVER,), False)
+    classified = classify(target, rule, "upstream.test")
+    assert classified is None or isinstance(classified, Route | OciError)
+    if isinstance(classified, OciError):
+        assert classified.status in (400, 404) and classified.message

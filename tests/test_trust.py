@@ -2,14 +2,16 @@
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from ocigate.addon import METADATA_KEY, reason_phrase
+from ocigate.addon import METADATA_KEY
 from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
+from ocigate.ocierror import OciError
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.support.registry import free_port
@@ -131,9 +133,9 @@ async def test_a_blob_that_is_not_its_digest_is_cut_short_and_not_asked_of_that_
 
 
 def test_the_reason_phrase_carries_the_message_in_visible_ascii_for_clients_that_show_only_the_status_line() -> None:
-    body = {"errors": [{"code": "UNAVAILABLE", "message": "no host (http://m\u00fc.test: refused\r\nX: y)"}]}
-    assert reason_phrase(503, body) == "Service Unavailable: no host (http://m?.test: refused??X: y)"
-    assert reason_phrase(404, {"errors": []}) == "Not Found"
+    error = OciError(503, "UNAVAILABLE", "no host (http://m\u00fc.test: refused\r\nX: y)")
+    assert error.reason() == "Service Unavailable: no host (http://m?.test: refused??X: y)"
+    assert OciError(404, "NAME_UNKNOWN", "").reason() == "Not Found"
 
 
 async def test_an_offline_rule_answers_what_is_not_the_distribution_api_itself(tmp_path: Path) -> None:
@@ -477,7 +479,8 @@ async def test_what_mitmproxy_says_of_a_failed_host_reaches_nobody_with_ocigates
         with gateway(rules, ["a.test=127.0.0.1"]) as (gw, _):
             flow = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
             await gw.requestheaders(flow)
-            gw._streamed[flow.id].authorization = Authorization(sent, "ocigate store", "u")
+            streamed = gw.streams.flows[flow]
+            streamed.chosen = replace(streamed.chosen, authorization=Authorization(sent, "ocigate store", "u"))
             flow.server_conn.timestamp_start = flow.request.timestamp_start + 1  # a new connection, not a stale one
             quoted = f"unexpected server response: b'HTTP/1.1 200 OK\\r\\nX-Echo: {sent}\\r\\n" + "x" * 500
             answer = gw.instead(flow, quoted)

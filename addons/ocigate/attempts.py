@@ -1,38 +1,19 @@
 """Working through a plan's hosts in order: the first good answer wins, and every host tried is accounted for."""
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import urljoin
 
-from .auth import Access, AuthFailed, Authorization, Broker
+from .auth import AuthFailed, Authorization, Broker
 from .destinations import DestinationError
+from .headers import HOP_BY_HOP, header_value
 from .health import HostHealth
 from .hostclient import HostFailed, HostResponse
-from .plan import Attempt, Plan, is_proxy_for, ping_target
-from .redaction import echo_forms, hides_echoes, mask, mask_headers, may_echo
+from .plan import READ_WHOLE_KINDS, Attempt, Plan, is_proxy_for, ping_target
+from .redaction import Body, echo_forms, mask, masked_answer
 from .routes import RouteKind
 from .tokens import RealmURL, TokenError
-from .verify import REDIRECTS, Problem, header_value, manifest_problem
-
-# Hop-by-hop headers belong to one connection, never to the message forwarded on another.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-
-# What ocigate reads whole (it is small) and passes on as the host's answer: it follows their redirects itself.
-READ_WHOLE_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG})
+from .verify import REDIRECTS, Problem, manifest_problem
 
 
 @dataclass(frozen=True)
@@ -80,11 +61,6 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
 
 
-def _on_host(access: Access, attempt: Attempt) -> Access:
-    """The access as the attempt's host names its repositories (a repository_prefix applied), for token scopes."""
-    return replace(access, host_repository=attempt.repository, mounted_from=attempt.mounted_from)
-
-
 class Asker:
     """Asks hosts: with the client's credentials where they may go, else with ocigate's; not a host that is cooling
     down after it could not be reached, nor one for content it sent wrong before."""
@@ -108,15 +84,14 @@ class Asker:
         return Outcome(url, failed, True) if failed else None
 
     async def ask(
-        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]], access: Access
+        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]]
     ) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
-        access = _on_host(access, attempt)
         try:
             if attempt.forward_authorization:
                 answer = await self.broker.hostclient.send(attempt.host, method, attempt.target, headers), None
             else:
-                answer = await self.broker.send(attempt.host, method, attempt.target, headers, access)
+                answer = await self.broker.send(attempt.host, method, attempt.target, headers, attempt.access)
         except HostFailed as e:
             if e.unreachable:
                 self.health.unreachable(url, str(e))
@@ -170,26 +145,15 @@ def refusal(status: int, authorization: Authorization) -> str:
     return f"{status} {'unauthorized' if status == 401 else 'denied'} {authorization.describe()}"
 
 
-def refusal_code(status: int) -> str:
-    """The OCI error code of a 401 or 403."""
-    return "UNAUTHORIZED" if status == 401 else "DENIED"
-
-
 def without_echoes(response: HostResponse, authorization: Authorization | None) -> HostResponse:
-    """`response` with every form of what ocigate sent as `authorization` masked where a host may echo it: headers,
-    reason phrase and, of an answer that is no content (not 2xx), the body; such a body in a content coding is
-    dropped, since it could hide it."""
+    """`response` with every form of what ocigate sent as `authorization` masked where a host may echo it (see
+    redaction.masked_answer)."""
     secrets = echo_forms(authorization.header) if authorization else ()
     if not secrets:
         return response
-    headers = mask_headers(response.headers, secrets)
-    body = response.body
-    if may_echo(response.status):
-        if hides_echoes(header_value(headers, b"content-encoding")):
-            headers = [(k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")]
-            body = b""
-        body = mask(body, secrets)
-    return replace(response, headers=tuple(headers), reason=mask(response.reason, secrets), body=body)
+    masked = masked_answer(response.status, response.reason, response.headers, secrets)
+    body = {Body.PASS: response.body, Body.MASK: mask(response.body, secrets), Body.DROP: b""}[masked.body]
+    return replace(response, headers=masked.headers, reason=masked.reason, body=body)
 
 
 def _answered(
@@ -205,16 +169,12 @@ def _answered(
 
 
 async def first_good(
-    plan: Plan,
-    method: str,
-    client_headers: Sequence[tuple[bytes, bytes]],
-    asker: Asker,
-    access: Access,
+    plan: Plan, client_headers: Sequence[tuple[bytes, bytes]], asker: Asker
 ) -> tuple[HostResponse | None, list[Outcome]]:
     """Asks each host in turn; returns the first answer that does not fall through, with what every host said. A
     manifest whose bytes or Docker-Content-Digest are not what was asked for falls through like a host that failed."""
     outcomes: list[Outcome] = []
-    route = plan.route
+    route, method = plan.route, plan.method
     for attempt in plan.attempts:
         url = attempt.host.url
         not_now = asker.not_now(attempt, route.digest)
@@ -223,7 +183,7 @@ async def first_good(
             continue
         headers = request_headers(client_headers, attempt)
         try:
-            response, authorization = await asker.ask(attempt, method, headers, access)
+            response, authorization = await asker.ask(attempt, method, headers)
             redirected = None
             if route.kind in READ_WHOLE_KINDS:
                 response, redirected = await asker.follow(plan, attempt, method, headers, response, authorization)
@@ -276,15 +236,10 @@ class Streamed:
 
 
 async def choose_streamed_host(
-    plan: Plan,
-    client_headers: Sequence[tuple[bytes, bytes]],
-    asker: Asker,
-    access: Access,
-    *,
-    probe: bool,
+    plan: Plan, client_headers: Sequence[tuple[bytes, bytes]], asker: Asker
 ) -> tuple[Streamed | None, list[Outcome]]:
     """The host mitmproxy will stream a request to: the first the dialling policy allows and that is not cooling
-    down, that ocigate can make an Authorization for and, with `probe`, that answers a HEAD for it (a blob). The
+    down, that ocigate can make an Authorization for and, when the plan probes, that answers a HEAD for it (a blob). The
     last candidate is not probed, since whatever it answers is then the answer. None when no host is left: the
     gateway answers the client itself, as it cannot once mitmproxy has the flow."""
     # Whether each host may be asked at all is known up front: the last that may is not probed.
@@ -296,10 +251,10 @@ async def choose_streamed_host(
         if check is not None:
             outcomes.append(check)
             continue
-        if probe and attempt is not candidates[-1]:
+        if plan.probe and attempt is not candidates[-1]:
             try:
                 headers = request_headers(client_headers, attempt)
-                response, probed_with = await asker.ask(attempt, "HEAD", headers, access)
+                response, probed_with = await asker.ask(attempt, "HEAD", headers)
             except HostFailed as e:
                 outcomes.append(Outcome(host.url, f"probe: {e}", True, unreachable=e.unreachable))
                 continue
@@ -315,48 +270,9 @@ async def choose_streamed_host(
         try:
             # A streamed request cannot be sent again after a 401: its Authorization has to be right the first time.
             await asker.broker.prepare(host, ping_target(host, plan.upstream))
-            authorization = await asker.broker.authorize(host, _on_host(access, attempt))
+            authorization = await asker.broker.authorize(host, attempt.access)
         except AuthFailed as e:
             outcomes.append(Outcome(host.url, str(e), True, auth_failure=True))
             continue
         return Streamed(attempt, authorization, fallback), outcomes
     return None, outcomes
-
-
-_NOT_FOUND_CODES = {
-    RouteKind.MANIFEST: "MANIFEST_UNKNOWN",
-    RouteKind.BLOB: "BLOB_UNKNOWN",
-}
-
-
-def failure(plan: Plan, outcomes: Sequence[Outcome], source: str) -> tuple[int, dict]:
-    """The status and OCI error body when no host could serve the request, naming every host and why."""
-    if not plan.attempts:
-        wanted = " and ".join(repr(c) for c in sorted(plan.capabilities))
-        message = f"no host for {plan.upstream} in {source} has the capabilities {wanted}"
-        return 405, error_body("UNSUPPORTED", message)
-    tried = "; ".join(f"{o.host}: {o.result}" for o in outcomes)
-    # "Not found" from every host that could be asked is the answer, though others were down: a client checking
-    # whether something exists (a signature tag, say) must not take an outage of one mirror for an error.
-    answered = [o.status for o in outcomes if o.status is not None]
-    if answered and all(status == 404 for status in answered) and not any(o.auth_failure for o in outcomes):
-        code = _NOT_FOUND_CODES.get(plan.route.kind, "NAME_UNKNOWN")
-        return 404, error_body(code, f"not found on any host for {plan.upstream} ({tried})")
-    # Like containerd's resolver, the first refusal is what the client hears: credentials to fix, not an outage.
-    refused = next((o for o in outcomes if o.auth_failure), None)
-    if refused is not None:
-        status = 403 if refused.status == 403 else 401
-        message = f"no host for {plan.upstream} accepted ocigate's credentials ({tried})"
-        return status, error_body(refusal_code(status), message)
-    if all(o.unreachable for o in outcomes):
-        # Nobody could be reached, now or lately: a 503 tells the client to come back later.
-        return 503, error_body("UNAVAILABLE", f"no host for {plan.upstream} could be reached ({tried})")
-    return 502, error_body("UNAVAILABLE", f"no host for {plan.upstream} could answer ({tried})")
-
-
-def error_body(code: str, message: str) -> dict:
-    return {"errors": [{"code": code, "message": message}]}
-
-
-def encode_error(body: dict) -> bytes:
-    return json.dumps(body).encode()

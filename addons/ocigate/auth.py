@@ -20,7 +20,7 @@ from cachetools import LRUCache
 from .credentials import Credential, CredentialChain, CredentialError
 from .hostclient import HostClient, HostFailed, HostResponse
 from .hoststoml import Host
-from .plan import is_proxy_for
+from .plan import Access, is_proxy_for
 from .tokens import (
     MAX_TOKEN_RESPONSE,
     Challenge,
@@ -45,36 +45,6 @@ MAX_KNOWN_HOSTS = 1024
 class AuthFailed(Exception):
     """No Authorization could be made for a host: no usable token, or a credential that cannot be used. The message
     names the host and where the credential came from, never a secret."""
-
-
-@dataclass(frozen=True)
-class Access:
-    """What a request does to which repository of which upstream: the token scope it needs."""
-
-    upstream: str
-    repository: str | None  # None: the registry's catalog, or its /v2/ ping
-    push: bool = False
-    catalog: bool = False
-    # The repository as the host asked names it (a mirror's repository_prefix applied), for its token scope;
-    # credentials are looked up for the upstream's own name.
-    host_repository: str | None = None
-    # A cross-repository mount's source, as the host names it: the token must allow pulling from it too.
-    mounted_from: str | None = None
-    # The upstream's rule is offline: no token realm on the registry itself may be asked either.
-    offline: bool = False
-
-    @property
-    def scopes(self) -> tuple[str, ...]:
-        if self.catalog:
-            return ("registry:catalog:*",)
-        repository = self.host_repository or self.repository
-        if repository is None:
-            return ()
-        actions = "pull,push" if self.push else "pull"
-        scopes = (f"repository:{repository}:{actions}",)
-        if self.mounted_from and self.mounted_from != repository:
-            scopes += (f"repository:{self.mounted_from}:pull",)
-        return scopes
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,26 @@
-"""From a classified request and its upstream's rule to the ordered attempts, as containerd would make them."""
+"""Every routing decision, made without asking anyone: from a request and its upstream's rule to the hosts to ask in
+order (as containerd would make them), what each is sent and the token scope it needs, and how the gateway handles
+the request: reads the answer whole itself, lets mitmproxy stream it (probing hosts first, verifying a blob's
+digest), answers it itself, or refuses it."""
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
 from .hoststoml import DEFAULT_PORTS, Host, Rule
-from .routes import DOCKER_HUB, DOCKER_HUB_SERVER, Route, RouteKind, format_route, named_reference
+from .ocierror import OciError
+from .routes import (
+    DOCKER_HUB,
+    DOCKER_HUB_SERVER,
+    Route,
+    RouteError,
+    RouteKind,
+    format_route,
+    named_reference,
+    normalize_repository,
+    parse_route,
+)
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -14,6 +29,9 @@ PUSH = frozenset({"push"})
 REFERRERS = frozenset({"referrers"})
 PULL = frozenset({"pull"})
 PULL_AND_RESOLVE = frozenset({"pull", "resolve"})
+
+# What ocigate reads whole (it is small) and passes on as the host's answer: it follows their redirects itself.
+READ_WHOLE_KINDS = frozenset({RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG})
 
 # The headers hosts read a named reference from, whichever ocigate_named_ref_headers names: only the gateway says it.
 NAMED_REFERENCE_HEADERS = ("OCI-Named-Ref", "OCI-Ref")
@@ -39,6 +57,36 @@ def is_proxy_for(host: Host, upstream: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Access:
+    """What a request does to which repository of which upstream: the token scope it needs."""
+
+    upstream: str
+    repository: str | None  # None: the registry's catalog, or its /v2/ ping
+    push: bool = False
+    catalog: bool = False
+    # The repository as the host asked names it (a mirror's repository_prefix applied), for its token scope;
+    # credentials are looked up for the upstream's own name.
+    host_repository: str | None = None
+    # A cross-repository mount's source, as the host names it: the token must allow pulling from it too.
+    mounted_from: str | None = None
+    # The upstream's rule is offline: no token realm on the registry itself may be asked either.
+    offline: bool = False
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        if self.catalog:
+            return ("registry:catalog:*",)
+        repository = self.host_repository or self.repository
+        if repository is None:
+            return ()
+        actions = "pull,push" if self.push else "pull"
+        scopes = (f"repository:{repository}:{actions}",)
+        if self.mounted_from and self.mounted_from != repository:
+            scopes += (f"repository:{self.mounted_from}:pull",)
+        return scopes
+
+
+@dataclass(frozen=True)
 class Attempt:
     host: Host
     target: str  # path and query as sent to this host
@@ -51,17 +99,40 @@ class Attempt:
     # The client's credentials go along, to the upstream's own host only and only when its rule says the client
     # authenticates; otherwise ocigate authenticates with its own.
     forward_authorization: bool
+    access: Access  # the token scope ocigate's own Authorization for this host must carry
+
+
+class Handling(enum.Enum):
+    """Who answers the client."""
+
+    READ_WHOLE = "read whole"  # ocigate asks the hosts in turn, reads the first good answer whole and passes it on
+    STREAM = "stream"  # mitmproxy streams the request to the first host that may be asked, and its answer back
+    PING = "ping"  # the gateway answers the /v2/ ping itself: ocigate authenticates for the client
+    NO_HOST = "no host"  # no host of the rule has the capabilities: the gateway answers with an error
 
 
 @dataclass(frozen=True)
 class Plan:
     upstream: str
     route: Route
+    method: str
     capabilities: frozenset[str]
     named_reference: str | None
     attempts: tuple[Attempt, ...]
+    handling: Handling
+    source: str  # the rule's file, for messages
     # The rule is offline: nothing may go to the registry itself, not even where a host's answer points.
     offline: bool = False
+    # A streamed blob: each host but the last that may be asked is asked first (HEAD) whether it has it.
+    probe: bool = False
+    # A blob GET: the digest its bytes must hash to as they pass.
+    verify: str | None = None
+    # A manifest a pull names: what it references belongs to that pull (see context.ContextStore).
+    remembers: bool = False
+
+    @property
+    def push(self) -> bool:
+        return self.capabilities == PUSH
 
 
 def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
@@ -158,6 +229,44 @@ def _serves_this_pull(host: Host, by_tag: bool) -> bool:
     return (host.pull_from_mirror == "tag-only") == by_tag
 
 
+def classify(target: str, rule: Rule, upstream: str) -> Route | OciError | None:
+    """What a request (its path and query) to a ruled upstream asks for, its repository as the upstream names it; an
+    error when it is no request the gateway can forward; None when it is none of the distribution API and passes
+    untouched."""
+    if not target.isascii():
+        # Anything else is not a valid request target (RFC 9112 3.2): it has no one spelling to forward.
+        return OciError(400, "UNSUPPORTED", "request target has bytes that are not percent-encoded ASCII")
+    try:
+        route = parse_route(target.partition("?")[0])
+    except RouteError as e:
+        return OciError(400, e.code, str(e))
+    if route is None:
+        if rule.offline:
+            # Anything but the distribution API would go to the registry itself, which an offline rule never
+            # contacts (a token endpoint under /v2/, a Location outside a mirror's API).
+            message = f"{target} is not a distribution request; {upstream} is offline ({rule.source})"
+            return OciError(404, "UNSUPPORTED", message)
+        return None
+    if route.repository:
+        route = replace(route, repository=normalize_repository(upstream, route.repository))
+    return route
+
+
+@dataclass(frozen=True)
+class OriginQuery:
+    """The request is for content by digest: the pull it belongs to is looked up (see context.ContextStore.origin)."""
+
+    repository: str
+    digest: str
+    fetch: bool  # a manifest GET: its bytes are about to be read, so what they reference need not be fetched
+
+
+def origin_query(route: Route, method: str) -> OriginQuery | None:
+    if not (route.digest and route.repository and method in ("GET", "HEAD")):
+        return None
+    return OriginQuery(route.repository, route.digest, fetch=route.kind is RouteKind.MANIFEST and method == "GET")
+
+
 def make_plan(
     route: Route,
     method: str,
@@ -167,8 +276,9 @@ def make_plan(
     named_ref_headers: Sequence[str],
     origin: Origin | None = None,
 ) -> Plan:
-    """The hosts to ask, in order. `origin`: the pull this request belongs to, when a manifest the client fetched
-    referenced what it asks for; its host is asked first (the sticky host), and its reference is named."""
+    """The hosts to ask, in order, and how the request is handled. `origin`: the pull this request belongs to, when
+    a manifest the client fetched referenced what it asks for; its host is asked first (the sticky host), and its
+    reference is named."""
     capabilities = required_capabilities(route, method)
     pushing = origin is None and any("push" in host.capabilities for host in rule.hosts)
     if route.kind is RouteKind.BLOB and method == "HEAD" and pushing:
@@ -176,16 +286,28 @@ def make_plan(
         # answer, not a mirror that has it (as containerd's pusher asks its push host). A blob of a pull the gateway
         # served a manifest for is being pulled: its pull hosts answer.
         capabilities = PUSH
-    named_ref = _named_reference(route, upstream, origin if capabilities != PUSH else None)
+    push = capabilities == PUSH
+    named_ref = _named_reference(route, upstream, origin if not push else None)
     context = tuple((name, named_ref) for name in named_ref_headers) if named_ref else ()
     withheld = frozenset(name.lower() for name in (*NAMED_REFERENCE_HEADERS, *named_ref_headers))
     hosts = [host for host in rule.hosts if capabilities <= host.capabilities]
-    if capabilities != PUSH and named_ref:
+    if not push and named_ref:
         by_tag = "@" not in named_ref
         hosts = [host for host in hosts if _serves_this_pull(host, by_tag)]
-    if origin is not None and route.tag is None and capabilities != PUSH:
+    if origin is not None and route.tag is None and not push:
         hosts.sort(key=lambda host: host.url != origin.host)  # stable: the others keep their order
+    if route.kind is RouteKind.PING:
+        # The client needs no credentials for a registry ocigate authenticates to. One that authenticates itself
+        # hears the registry's own challenge (and only the registry's own host hears its credentials).
+        hosts = [host for host in hosts if rule.client_authenticates and not is_proxy_for(host, upstream)]
+    if push:
+        # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
+        # one host cannot go on on another, and content pushed must land where it is meant to.
+        hosts = hosts[:1]
     source = mounted_from(query)
+    access = Access(
+        upstream, route.repository, push=push, catalog=route.kind is RouteKind.CATALOG, offline=rule.offline
+    )
     attempts = tuple(
         Attempt(
             host=host,
@@ -195,11 +317,35 @@ def make_plan(
             repository=host_repository(host, route.repository) if route.repository else None,
             mounted_from=host_repository(host, source) if source else None,
             forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
+            access=replace(
+                access,
+                host_repository=host_repository(host, route.repository) if route.repository else None,
+                mounted_from=host_repository(host, source) if source else None,
+            ),
         )
         for host in hosts
     )
-    if capabilities == PUSH:
-        # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
-        # one host cannot go on on another, and content pushed must land where it is meant to.
-        attempts = attempts[:1]
-    return Plan(upstream, route, capabilities, named_ref, attempts, rule.offline)
+    blob = route.kind is RouteKind.BLOB
+    return Plan(
+        upstream,
+        route,
+        method,
+        capabilities,
+        named_ref,
+        attempts,
+        _handling(route, method, push, bool(attempts)),
+        str(rule.source),
+        offline=rule.offline,
+        probe=blob and not push,
+        verify=route.digest if blob and method == "GET" else None,
+        remembers=route.kind is RouteKind.MANIFEST and named_ref is not None,
+    )
+
+
+def _handling(route: Route, method: str, push: bool, any_host: bool) -> Handling:
+    if not any_host:
+        return Handling.PING if route.kind is RouteKind.PING else Handling.NO_HOST
+    small_answer = route.kind in READ_WHOLE_KINDS and not push
+    if small_answer or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and method == "HEAD"):
+        return Handling.READ_WHOLE
+    return Handling.STREAM

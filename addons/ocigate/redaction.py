@@ -8,9 +8,13 @@ Secrets are masked where they appear, byte for byte with `*`: an answer keeps it
 
 import base64
 import binascii
+import enum
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
+
+from .headers import Lines, header_value, without
 
 # A shorter form would mask ordinary text everywhere (a short user:password pair); the whole header value is still
 # masked.
@@ -45,6 +49,38 @@ def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
         ):
             forms.add(form.encode())
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+class Body(enum.Enum):
+    """What becomes of the body of an answer to a request that carried ocigate's own credential."""
+
+    PASS = "pass"  # content (2xx): passed as it is
+    MASK = "mask"  # masked as it passes
+    DROP = "drop"  # in a content coding that could hide an echo: not passed on at all
+
+
+# What frames or encodes a body, which a dropped body does not keep.
+_BODY_FRAMING = (b"content-encoding", b"content-length", b"transfer-encoding")
+
+
+@dataclass(frozen=True)
+class MaskedAnswer:
+    reason: bytes
+    headers: Lines
+    body: Body
+
+
+def masked_answer(
+    status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]], secrets: Sequence[bytes]
+) -> MaskedAnswer:
+    """An answer's reason and headers with every echo of `secrets` masked, and what becomes of its body: whether it is
+    read whole by ocigate or streamed through, a host's answer is masked by this one rule."""
+    masked = tuple(mask_headers(headers, secrets))
+    if not may_echo(status):
+        return MaskedAnswer(mask(reason, secrets), masked, Body.PASS)
+    if hides_echoes(header_value(masked, b"content-encoding")):
+        return MaskedAnswer(mask(reason, secrets), without(masked, _BODY_FRAMING), Body.DROP)
+    return MaskedAnswer(mask(reason, secrets), masked, Body.MASK)
 
 
 def may_echo(status: int) -> bool:

@@ -1,0 +1,96 @@
+"""What ocigate decided for a flow and what each host answered: one typed record per flow, its log line, and the
+plain form kept in the flow's metadata (which captures save and mitmweb shows, so it holds no secret)."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from .attempts import Outcome
+from .plan import Plan
+
+# The flow metadata key of the record.
+METADATA_KEY = "ocigate"
+# served_by of a flow the gateway answered itself.
+GATEWAY = "gateway"
+
+
+@dataclass
+class FlowRecord:
+    upstream: str
+    rule: str  # the rule's file
+    route: str  # the request's kind (routes.RouteKind), "invalid" for one the gateway refused
+    repository: str | None = None
+    reference: str | None = None
+    capabilities: tuple[str, ...] | None = None  # those a host needed to be asked
+    named_reference: str | None = None
+    attempts: list[Outcome] = field(default_factory=list)  # every host asked or passed over, in order
+    served_by: str = GATEWAY  # the URL of the host that answered, or GATEWAY
+    status: int | None = None  # the client's answer's, once sent
+    error: str | None = None  # why the client did not get what it asked for
+    verified: str | None = None  # the digest the answer's bytes were checked against as they passed
+    unchecked: str | None = None  # why the answer passed without a check
+
+    @classmethod
+    def refused(cls, upstream: str, rule: str) -> "FlowRecord":
+        """A request the gateway refused before planning it."""
+        return cls(upstream, rule, "invalid")
+
+    @classmethod
+    def of(cls, plan: Plan, outcomes: Sequence[Outcome] = (), served_by: str = GATEWAY) -> "FlowRecord":
+        route = plan.route
+        return cls(
+            upstream=plan.upstream,
+            rule=plan.source,
+            route=route.kind.value,
+            repository=route.repository,
+            reference=route.reference,
+            capabilities=tuple(sorted(plan.capabilities)),
+            named_reference=plan.named_reference,
+            attempts=list(outcomes),
+            served_by=served_by,
+        )
+
+    def as_metadata(self) -> dict[str, Any]:
+        """The record as flow metadata holds it: plain values (mitmproxy saves metadata in captures), and the end
+        of the flow (status, error, verified, unchecked) only once known."""
+        shown: dict[str, Any] = {
+            "upstream": self.upstream,
+            "rule": self.rule,
+            "route": self.route,
+            "repository": self.repository,
+            "reference": self.reference,
+            "capabilities": list(self.capabilities) if self.capabilities is not None else None,
+            "named_reference": self.named_reference,
+            "attempts": [o.as_dict() for o in self.attempts],
+            "served_by": self.served_by,
+        }
+        for name in ("status", "error", "verified", "unchecked"):
+            if getattr(self, name) is not None:
+                shown[name] = getattr(self, name)
+        return shown
+
+    def publish(self, flow: http.HTTPFlow) -> None:
+        flow.metadata[METADATA_KEY] = self.as_metadata()
+
+    def describe(self, method: str) -> str:
+        """One log line a person can read: what was asked, who served it, who was skipped and why."""
+        what = f"{method} {self.upstream}"
+        if self.repository:
+            what += f"/{self.repository}"
+        what += f" {self.route} {self.reference}" if self.reference else f" {self.route}"
+        line = f"{what} -> {urlsplit(self.served_by).netloc or self.served_by}"
+        if self.status is not None:
+            line += f" {self.status}"
+        if self.error is not None:
+            line += f" failed: {self.error}"
+        elif self.unchecked is not None:
+            line += f" unchecked: {self.unchecked}"
+        skipped = [f"{a.host}: {a.result}" for a in self.attempts if a.fell_through]
+        if skipped:
+            # Hosts passed over for one that answered were skipped; when the gateway answered, every one was tried.
+            verb = "tried" if self.served_by == GATEWAY else "skipped"
+            line += f" ({verb} {'; '.join(skipped)})"
+        return line
