@@ -87,17 +87,19 @@ class Asker:
         self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]]
     ) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
+        authorization: Authorization | None = None
         try:
             if attempt.forward_authorization:
-                answer = await self.broker.hostclient.send(attempt.host, method, attempt.target, headers), None
+                response = await self.broker.hostclient.send(attempt.host, method, attempt.target, headers)
             else:
-                answer = await self.broker.send(attempt.host, method, attempt.target, headers, attempt.access)
+                response, authorization = await self.broker.send(
+                    attempt.host, method, attempt.target, headers, attempt.access
+                )
         except HostFailed as e:
             if e.unreachable:
                 self.health.unreachable(url, str(e))
             raise
         self.health.answered(url)
-        response, authorization = answer
         return without_echoes(response, authorization), authorization
 
     async def follow(
@@ -161,7 +163,7 @@ def _answered(
 ) -> Outcome:
     status = response.status
     refused = authorization is not None and status in (401, 403)
-    result = refusal(status, authorization) if refused else str(status)
+    result = refusal(status, authorization) if authorization is not None and refused else str(status)
     if probe:
         result = f"probe: {result}"
     fell_through = status >= 400 if probe else falls_through(status, attempt)

@@ -80,10 +80,10 @@ class Access:
         if repository is None:
             return ()
         actions = "pull,push" if self.push else "pull"
-        scopes = (f"repository:{repository}:{actions}",)
+        scope = f"repository:{repository}:{actions}"
         if self.mounted_from and self.mounted_from != repository:
-            scopes += (f"repository:{self.mounted_from}:pull",)
-        return scopes
+            return (scope, f"repository:{self.mounted_from}:pull")
+        return (scope,)
 
 
 @dataclass(frozen=True)
@@ -308,23 +308,22 @@ def make_plan(
     access = Access(
         upstream, route.repository, push=push, catalog=route.kind is RouteKind.CATALOG, offline=rule.offline
     )
-    attempts = tuple(
-        Attempt(
-            host=host,
-            target=host_target(host, route, query, upstream),
-            headers=host.headers + context,
-            withheld=withheld,
-            repository=host_repository(host, route.repository) if route.repository else None,
-            mounted_from=host_repository(host, source) if source else None,
-            forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
-            access=replace(
-                access,
-                host_repository=host_repository(host, route.repository) if route.repository else None,
-                mounted_from=host_repository(host, source) if source else None,
-            ),
+    attempts = []
+    for host in hosts:
+        repository = host_repository(host, route.repository) if route.repository else None
+        mounted = host_repository(host, source) if source else None
+        attempts.append(
+            Attempt(
+                host=host,
+                target=host_target(host, route, query, upstream),
+                headers=host.headers + context,
+                withheld=withheld,
+                repository=repository,
+                mounted_from=mounted,
+                forward_authorization=rule.client_authenticates and not is_proxy_for(host, upstream),
+                access=replace(access, host_repository=repository, mounted_from=mounted),
+            )
         )
-        for host in hosts
-    )
     blob = route.kind is RouteKind.BLOB
     return Plan(
         upstream,
@@ -332,7 +331,7 @@ def make_plan(
         method,
         capabilities,
         named_ref,
-        attempts,
+        tuple(attempts),
         _handling(route, method, push, bool(attempts)),
         str(rule.source),
         offline=rule.offline,

@@ -13,6 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error
 
 from .answers import AskAgain, after_failed_host, error_response, failure, refused
 from .attempts import Outcome, Streamed, refusal
@@ -134,17 +135,20 @@ class Streams:
         """Why a flow failed, as the log and record may say it; a blob's host that broke off or fell silent is not
         asked for that blob during a cool-down."""
         streamed = self.flows.pop(flow, None)
-        why = flow.error.msg if flow.error else None
+        said = flow.error.msg if flow.error else None
         if streamed is None:
-            return why
+            return said
         _stop(streamed)
-        why = streamed.shown(streamed.cut_off or why) if (streamed.cut_off or why) else None
-        killed = flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE
-        host_failed = streamed.plan.verify and flow.error and (streamed.cut_off or not killed)
-        if host_failed and flow.client_conn.connected:
+        why = streamed.cut_off or said
+        if why is None:
+            return None
+        why = streamed.shown(why)
+        killed = said == Error.KILLED_MESSAGE
+        digest = streamed.plan.verify
+        if digest and said and (streamed.cut_off or not killed) and flow.client_conn.connected:
             # The host broke off or stopped talking (the client is still there to hear of it): the client's retry goes
             # elsewhere.
-            self.shared.health.failed(streamed.host.url, streamed.plan.verify, why or "failed")
+            self.shared.health.failed(streamed.host.url, digest, why)
             if flow.response is None and flow.killable:
                 # Before any answer, mitmproxy would send its own HTML page: the client's connection is closed
                 # instead, a failure no client takes for an answer (and one Go clients retry on a reused connection).
@@ -167,7 +171,7 @@ class Streams:
             return AskAgain(streamed.asked_as).response()
         url, why = streamed.host.url, streamed.shown(streamed.cut_off or why)
         outcome = Outcome(url, why, True, unreachable=True)
-        marked = bool(digest) and self.shared.health.failed(url, digest, why)
+        marked = digest is not None and self.shared.health.failed(url, digest, why)
         replacement = self._ask_again_or_fail(flow, streamed, outcome, marked)
         streamed.replacement = replacement.content or b""
         return replacement
