@@ -71,7 +71,7 @@ class Access:
         if repository is None:
             return ()
         actions = "pull,push" if self.push else "pull"
-        scopes = (f"repository:{repository}:{actions}",)
+        scopes: tuple[str, ...] = (f"repository:{repository}:{actions}",)
         if self.mounted_from and self.mounted_from != repository:
             scopes += (f"repository:{self.mounted_from}:pull",)
         return scopes

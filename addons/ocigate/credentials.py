@@ -311,18 +311,18 @@ async def run_credential_helper(
     except PermissionError:
         raise CredentialError(f"credential helper {program} is not executable") from None
     try:
-        stdout, stderr = await asyncio.wait_for(_exchange(process, server_url.encode()), timeout)
+        stdout, stderr, returncode = await asyncio.wait_for(_exchange(process, server_url.encode()), timeout)
     except TimeoutError:
         await _kill(process)
         raise CredentialError(f"credential helper {program} did not answer within {timeout:g} s; killed") from None
     except _TooMuchOutput as e:
         await _kill(process)
         raise CredentialError(f"credential helper {program} wrote more than {e}; killed") from None
-    if process.returncode != 0:
+    if returncode != 0:
         if _HELPER_NOT_FOUND in stdout.decode(errors="replace") + stderr.decode(errors="replace"):
             return None
         # Neither of its outputs: stdout may hold half a secret, and a helper may well print one on stderr.
-        status = f"signal {-process.returncode}" if process.returncode < 0 else f"exit {process.returncode}"
+        status = f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
         raise CredentialError(f"credential helper {program} failed ({status})")
     try:
         answer = json.loads(stdout)
@@ -342,27 +342,30 @@ class _TooMuchOutput(Exception):
     """A helper wrote more than an answer can be; str() says how much and where."""
 
 
-async def _exchange(process: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes]:
+async def _exchange(process: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes, int]:
     """communicate(), with each output read up to HELPER_OUTPUT_LIMIT only: a helper that prints without end must
-    not grow the gateway. Both are read at once, so that a helper blocked writing one cannot stall the other."""
+    not grow the gateway. Both are read at once, so that a helper blocked writing one cannot stall the other.
+    Returns stdout, stderr and the exit status."""
+    stdin, stdout_pipe, stderr_pipe = process.stdin, process.stdout, process.stderr
+    # run_credential_helper starts every helper with all three as pipes.
+    assert stdin is not None and stdout_pipe is not None and stderr_pipe is not None
     reads = [
-        asyncio.ensure_future(_read_at_most(process.stdout, "stdout")),
-        asyncio.ensure_future(_read_at_most(process.stderr, "stderr")),
+        asyncio.ensure_future(_read_at_most(stdout_pipe, "stdout")),
+        asyncio.ensure_future(_read_at_most(stderr_pipe, "stderr")),
     ]
     try:
-        process.stdin.write(request)
+        stdin.write(request)
         # A helper may exit without reading its stdin; what it answers says what went wrong.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await process.stdin.drain()
-        process.stdin.close()
+            await stdin.drain()
+        stdin.close()
         stdout, stderr = await asyncio.gather(*reads)
     finally:
         # Ended before a read is left waiting on a stream that _kill goes on to read.
         for read in reads:
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
-    await process.wait()
-    return stdout, stderr
+    return stdout, stderr, await process.wait()
 
 
 async def _read_at_most(stream: asyncio.StreamReader, name: str) -> bytes:
@@ -389,8 +392,8 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
         )
 
 
-async def _drop(stream: asyncio.StreamReader) -> None:
-    while await stream.read(64 * 1024):
+async def _drop(stream: asyncio.StreamReader | None) -> None:
+    while stream is not None and await stream.read(64 * 1024):
         pass
 
 
@@ -595,7 +598,7 @@ class OcigateStore(CredentialSource):
     applies wins; among equals, the first in the file. Written atomically with mode 0600."""
 
     def __init__(self, path: Path | str) -> None:
-        self._file = _WatchedFile(Path(path), _parse_store, ())
+        self._file: _WatchedFile[tuple[StoreEntry, ...]] = _WatchedFile(Path(path), _parse_store, ())
         self.description = f"ocigate credentials {self._file.path}"
 
     @property

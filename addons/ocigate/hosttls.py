@@ -86,7 +86,9 @@ def openssl_context(tls: HostTLS) -> SSL.Context:
     except SSL.Error as e:
         raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
     # OpenSSL's own default is not strict; the store's flags reach the connection that mitmproxy set a name on.
-    context.get_cert_store().set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    store = context.get_cert_store()
+    assert store is not None  # OpenSSL gives every context a store of its own
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     context.set_verify(SSL.VERIFY_NONE if tls.skip_verify else SSL.VERIFY_PEER, None)
     return context
 

@@ -485,7 +485,7 @@ async def fetch_token(
     secret = ""
     username = ""
     if credential is not None:
-        secret = credential.identity_token or credential.password
+        secret = credential.identity_token or credential.password or ""
         username = "" if credential.identity_token else credential.username or ""
     accept = {"Accept": "application/json"}
     if credential is not None and secret:
