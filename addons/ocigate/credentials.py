@@ -34,11 +34,14 @@ from typing import Any, Generic, TypeVar
 from cachetools import TTLCache
 
 from .files import NotRegularFileError, read_regular_file
+from .routes import DEFAULT_PORTS, DOCKER_HUB_ALIASES, DOCKER_HUB_INDEX
 
 log = logging.getLogger("ocigate")
 
-DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
-_DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+# The key `docker login` writes Docker Hub's credentials under, and the server URL its helpers are asked for.
+DOCKER_HUB_LEGACY_KEY = f"https://{DOCKER_HUB_INDEX}/v1/"
+# A credential key's host written with the port a host without one is on.
+_DEFAULT_PORT_SUFFIX = f":{DEFAULT_PORTS['https']}"
 _HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HELPER_NOT_FOUND = "credentials not found in native keychain"
 _IDENTITY_TOKEN_USERNAME = "<token>"
@@ -183,11 +186,13 @@ def _load_json(data: bytes) -> Any:
 def _host_variants(host: str) -> set[str]:
     """The spellings of one registry host in credential keys: Docker Hub's three names are one registry, and 443 is
     the port of a host written without one."""
-    host = host.lower()
-    if host in _DOCKER_HUB_HOSTS or host.removesuffix(":443") in _DOCKER_HUB_HOSTS:
-        return {h for name in _DOCKER_HUB_HOSTS for h in (name, f"{name}:443")}
-    bare = host.removesuffix(":443")
-    return {bare, f"{bare}:443"}
+    bare = _without_default_port(host)
+    names = DOCKER_HUB_ALIASES if bare in DOCKER_HUB_ALIASES else {bare}
+    return {spelling for name in names for spelling in (name, name + _DEFAULT_PORT_SUFFIX)}
+
+
+def _without_default_port(host: str) -> str:
+    return host.lower().removesuffix(_DEFAULT_PORT_SUFFIX)
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -230,7 +235,7 @@ def _matching_keys(keys: Iterable[str], host: str, repository: str, narrow_by_pa
 
 def _helper_server_url(host: str) -> str:
     """The server URL docker hands a credential helper: Docker Hub's legacy key, else host[:port]."""
-    return DOCKER_HUB_LEGACY_KEY if host.lower().removesuffix(":443") in _DOCKER_HUB_HOSTS else host.lower()
+    return DOCKER_HUB_LEGACY_KEY if _without_default_port(host) in DOCKER_HUB_ALIASES else host.lower()
 
 
 # --- docker's config format (also auth.json's and a dockerconfigjson secret's) ------------------------------------

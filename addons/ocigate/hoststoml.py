@@ -9,7 +9,6 @@ Where containerd silently ignores or misreads part of a file (unknown keys, a ho
 settings it overwrites), ocigate refuses the file instead, so a rule never routes other than as it reads.
 """
 
-import ipaddress
 import json
 import os
 import posixpath
@@ -23,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .files import NotRegularFileError, read_regular_file
-from .routes import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
+from .routes import DEFAULT_PORTS, DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, ip_address, validate_repository
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
 
@@ -43,7 +42,6 @@ PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 AUTHENTICATION_MODES = ("gateway", "client")
 # containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
 _KEYS_NEEDING_SERVER = ("capabilities", "override_path")
-DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def netloc(scheme: str, host: str, port: int) -> str:
@@ -297,7 +295,7 @@ def _split_upstream(upstream: str) -> tuple[str, int | None]:
         port = int(match["port"]) if match["port"] else None
         if port is None or 0 < port < 65536:
             return match["bracketed"] or match["plain"], port
-    if ":" in upstream and _is_ip_address(upstream):
+    if ":" in upstream and ip_address(upstream) is not None:
         return upstream, None
     raise ValueError(f"not a registry host[:port]: {upstream!r}")
 
@@ -306,26 +304,16 @@ def host_problem(host: str, *, bracketed: bool) -> str | None:
     """What is wrong with a URL's host name (urlsplit's hostname: lowercased, without brackets) for dialling it, or
     None: in brackets an IPv6 address, else a DNS name or an IPv4 address."""
     if bracketed:
-        return None if ":" in host and _is_ip_address(host) else f"invalid IPv6 address {host!r}"
+        return None if ":" in host and ip_address(host) is not None else f"invalid IPv6 address {host!r}"
     return None if _HOST_NAME.fullmatch(host) else f"invalid host name {host!r}"
-
-
-def _is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_localhost(host: str) -> bool:
     # docker.IsLocalhost (core/remotes/docker/resolver.go): "localhost" or a loopback IP.
     if host == "localhost":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = ip_address(host)
+    return address is not None and address.is_loopback
 
 
 def _upstream_host(upstream: str, top_level: _Settings) -> Host:
@@ -334,15 +322,15 @@ def _upstream_host(upstream: str, top_level: _Settings) -> Host:
     granted whatever the file says."""
     settings = replace(top_level, capabilities=CAPABILITIES, override_path=False)
     if upstream == DOCKER_HUB:
-        return settings.host("https", DOCKER_HUB_SERVER, 443, "/v2", is_server=True)
+        return settings.host("https", DOCKER_HUB_SERVER, DEFAULT_PORTS["https"], "/v2", is_server=True)
     host, port = _split_upstream(upstream)
     scheme = "https"
     if _is_localhost(host):
-        # containerd talks plain HTTP to a local registry on a port other than 443 and skips TLS verification
-        # unless the port is 80 (hosts.go:105-122).
-        if port not in (None, 443):
+        # containerd talks plain HTTP to a local registry on a port other than https's and skips TLS verification
+        # unless the port is http's (hosts.go:105-122).
+        if port not in (None, DEFAULT_PORTS["https"]):
             scheme = "http"
-        if port != 80:
+        if port != DEFAULT_PORTS["http"]:
             settings = replace(settings, skip_verify=True)
     return settings.host(scheme, host.lower(), port or DEFAULT_PORTS[scheme], "/v2", is_server=True)
 

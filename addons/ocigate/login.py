@@ -25,10 +25,11 @@ from .credentials import (
 )
 from .destinations import Destinations
 from .hostclient import HostClient, HostFailed
-from .hoststoml import CAPABILITIES, DEFAULT_PORTS, Host
+from .hoststoml import CAPABILITIES, Host
 from .hosttls import HostTLSError
 from .plan import ping_target
 from .routes import (
+    DEFAULT_PORTS,
     DOCKER_HUB,
     DOCKER_HUB_SERVER,
     RouteError,
@@ -73,7 +74,7 @@ def parse_host(text: str, *, ca_file: Path | None = None, insecure: bool = False
     scheme = parts.scheme.lower()
     port = port or DEFAULT_PORTS[scheme]
     hostname = hostname.strip("[]")
-    if scheme == "https" and port == 443 and normalize_upstream(hostname) == DOCKER_HUB:
+    if scheme == "https" and port == DEFAULT_PORTS["https"] and normalize_upstream(hostname) == DOCKER_HUB:
         hostname = DOCKER_HUB_SERVER
     path = parts.path.rstrip("/")
     if not path.endswith("/v2"):
