@@ -87,6 +87,16 @@ class RulesError(Exception):
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """What hosts.toml says about TLS to one host: the CAs it adds to the trusted roots (`ca`), the certificates it
+    presents with their keys (`client`, a key of None: in the certificate's file), and whether it is not verified."""
+
+    ca: tuple[Path, ...] = ()
+    client: tuple[tuple[Path, Path | None], ...] = ()
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True)
 class Host:
     scheme: str
     host: str
@@ -114,6 +124,10 @@ class Host:
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.netloc}{self.path}"
+
+    @property
+    def tls(self) -> TLSSettings:
+        return TLSSettings(self.ca, self.client, self.skip_verify)
 
 
 @dataclass(frozen=True)
