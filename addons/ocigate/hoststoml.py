@@ -480,51 +480,12 @@ class _HostsFileParser:
         return tuple(hosts[name] for name in order)
 
     def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
-        scheme, host, port, path = self.url(url, key)
-        if settings.override_path:
-            full_path = path
-        elif path.endswith("/v2"):
-            # containerd keeps a path that already ends in /v2 (hosts.go:440-447).
-            full_path = path
-        else:
-            full_path = f"{path}/v2"
-        return settings.host(scheme, host, port, full_path, is_server=is_server)
-
-    def url(self, url: Any, key: tuple[str, ...]) -> tuple[str, str, int, str]:
-        """(scheme, host, port, cleaned path without the /v2 containerd may add)"""
-        if not isinstance(url, str):
-            raise self.error(key, f"expected a URL string like https://mirror.example, got {_kind(url)}")
-        if not url:
-            raise self.error(key, "expected a URL like https://mirror.example, got an empty string")
-        if any(char.isspace() or not char.isprintable() for char in url):
-            raise self.error(key, "URL contains whitespace or control characters")
-        scheme_match = _URL_SCHEME.match(url)
-        if scheme_match is None:
-            # containerd reads a URL without a scheme as https (hosts.go:431-433).
-            url = f"https://{url}"
-        elif scheme_match[1].lower() not in DEFAULT_PORTS:
-            raise self.error(key, f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as error:
-            raise self.error(key, f"not a valid URL: {error}") from None
-        if "?" in url or "#" in url:
-            raise self.error(key, "URL has a query or fragment, which containerd drops; remove it")
-        if "@" in parts.netloc:
-            raise self.error(key, "URL has credentials, which containerd drops; remove them")
-        host = parts.hostname or ""
-        if not host:
-            raise self.error(key, "URL has no host name")
-        problem = host_problem(host, bracketed=parts.netloc.startswith("["))
-        if problem:
-            raise self.error(key, problem)
-        if parts.netloc.endswith(":"):
-            raise self.error(key, "URL has an empty port")
-        if port == 0:
-            raise self.error(key, "invalid port 0 (expected 1-65535)")
-        scheme = parts.scheme.lower()
-        return scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path)
+            parsed = parse_host_url(url)
+        except HostURLError as error:
+            raise self.error(key, str(error)) from None
+        path = parsed.api_path(override_path=settings.override_path)
+        return settings.host(parsed.scheme, parsed.host, parsed.port, path, is_server=is_server)
 
     def check_keys(self, table: dict[str, Any], allowed: frozenset[str], prefix: tuple[str, ...]) -> None:
         for key in table:
@@ -644,6 +605,66 @@ class _HostsFileParser:
             if not isinstance(item, str):
                 raise self.error(key, f"expected {expected}, found an item that is {_kind(item)}")
         return value
+
+
+class HostURLError(ValueError):
+    """A host URL that hosts.toml cannot use; str() says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class HostURL:
+    """A host as a [host."..."] key or `server` names it."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lowercased; an IPv6 address without its brackets
+    port: int
+    path: str  # cleaned, "" for the root, without the /v2 containerd may add
+
+    def api_path(self, *, override_path: bool = False) -> str:
+        """Where the registry API lives: containerd appends /v2 unless override_path, and keeps a path that already
+        ends in /v2 (hosts.go:440-447)."""
+        if override_path or self.path.endswith("/v2"):
+            return self.path
+        return f"{self.path}/v2"
+
+
+def parse_host_url(url: object) -> HostURL:
+    """The host a hosts.toml URL names, as containerd reads it: http or https (https when the URL has no scheme), a
+    host name or IP address, and a port. Whatever containerd would drop (a query, a fragment, credentials) is
+    refused rather than dropped. Raises HostURLError."""
+    if not isinstance(url, str):
+        raise HostURLError(f"expected a URL string like https://mirror.example, got {_kind(url)}")
+    if not url:
+        raise HostURLError("expected a URL like https://mirror.example, got an empty string")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise HostURLError("URL contains whitespace or control characters")
+    scheme_match = _URL_SCHEME.match(url)
+    if scheme_match is None:
+        # containerd reads a URL without a scheme as https (hosts.go:431-433).
+        url = f"https://{url}"
+    elif scheme_match[1].lower() not in DEFAULT_PORTS:
+        raise HostURLError(f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise HostURLError(f"not a valid URL: {error}") from None
+    if "?" in url or "#" in url:
+        raise HostURLError("URL has a query or fragment, which containerd drops; remove it")
+    if "@" in parts.netloc:
+        raise HostURLError("URL has credentials, which containerd drops; remove them")
+    host = parts.hostname or ""
+    if not host:
+        raise HostURLError("URL has no host name")
+    problem = host_problem(host, bracketed=parts.netloc.startswith("["))
+    if problem:
+        raise HostURLError(problem)
+    if parts.netloc.endswith(":"):
+        raise HostURLError("URL has an empty port")
+    if port == 0:
+        raise HostURLError("invalid port 0 (expected 1-65535)")
+    scheme = parts.scheme.lower()
+    return HostURL(scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path))
 
 
 def _clean_path(path: str) -> str:
