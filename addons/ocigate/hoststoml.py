@@ -26,9 +26,6 @@ from .routes import DEFAULT_PORTS, DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, ip
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
 
-# Keys that later ocigate features read from hosts.toml; accepted at the top level and in host tables.
-EXTENSION_KEYS: frozenset[str] = frozenset()
-
 HOSTS_FILE = "hosts.toml"
 DEFAULT_DIRECTORY = "_default"
 
@@ -274,12 +271,6 @@ def _is_directory(entry: Path) -> bool:
         raise RulesError(entry, None, f"cannot be resolved: {error.strerror or error}") from None
 
 
-def parse_hosts_toml(text: str, *, upstream: str, path: Path) -> tuple[Host, ...]:
-    """The hosts for `upstream` that a hosts.toml with this text, read from `path`, describes; in containerd's
-    order, the server last."""
-    return _parse_hosts_file(text, path).hosts_for(upstream)
-
-
 def _directory_candidates(upstream: str) -> list[str]:
     _, port = _split_upstream(upstream)
     # containerd's hostPaths (config_unix.go) and hostDirectory (hosts.go:307-313): "host:port" is first
@@ -489,9 +480,9 @@ class _HostsFileParser:
 
     def check_keys(self, table: dict[str, Any], allowed: frozenset[str], prefix: tuple[str, ...]) -> None:
         for key in table:
-            if key in allowed or key in EXTENSION_KEYS:
+            if key in allowed:
                 continue
-            expected = ", ".join(sorted(allowed | EXTENSION_KEYS))
+            expected = ", ".join(sorted(allowed))
             hint = ""
             if key.lower() in allowed:
                 # go-toml matches struct keys case-insensitively, so containerd would accept it.
