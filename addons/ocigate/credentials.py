@@ -580,16 +580,15 @@ def _parse_store(data: bytes) -> tuple[StoreEntry, ...]:
         )
         if not (credential.password or credential.identity_token or credential.registry_token):
             raise _Malformed(f"entry {index} ({item['host']}) has no password, identity_token or registry_token")
-        prefix = item.get("repository_prefix")
-        entries.append(
-            StoreEntry(
-                item["host"].lower(),
-                credential,
-                item["upstream"].lower() if "upstream" in item else None,
-                prefix.strip("/") if prefix else None,
-            )
-        )
+        narrowing = _narrowing(item.get("upstream"), item.get("repository_prefix"))
+        entries.append(StoreEntry(item["host"].lower(), credential, *narrowing))
     return tuple(entries)
+
+
+def _narrowing(upstream: str | None, repository_prefix: str | None) -> tuple[str | None, str | None]:
+    """An entry's upstream and repository prefix as they are kept: the upstream lowercased, the prefix without the
+    slashes around it."""
+    return upstream.lower() if upstream else None, repository_prefix.strip("/") if repository_prefix else None
 
 
 class OcigateStore(CredentialSource):
@@ -626,17 +625,13 @@ class OcigateStore(CredentialSource):
         """Adds the entry, or replaces the one with the same host, upstream and prefix."""
         if not (credential.password or credential.identity_token or credential.registry_token):
             raise CredentialError(f"{self.path}: a credential for {host} needs a password or a token")
-        entry = StoreEntry(host.lower(), credential, upstream.lower() if upstream else None, repository_prefix or None)
-        if entry.repository_prefix:
-            entry = StoreEntry(entry.host, credential, entry.upstream, entry.repository_prefix.strip("/"))
+        entry = StoreEntry(host.lower(), credential, *_narrowing(upstream, repository_prefix))
         kept = [e for e in self._current_entries() if not self._same_key(e, entry)]
         self._write([*kept, entry])
 
     def remove(self, host: str, upstream: str | None = None, repository_prefix: str | None = None) -> bool:
         """Removes the entry with exactly this host, upstream and prefix; False if there was none."""
-        key = StoreEntry(host.lower(), Credential(), upstream.lower() if upstream else None, repository_prefix or None)
-        if key.repository_prefix:
-            key = StoreEntry(key.host, key.credential, key.upstream, key.repository_prefix.strip("/"))
+        key = StoreEntry(host.lower(), Credential(), *_narrowing(upstream, repository_prefix))
         entries = self._current_entries()
         kept = [e for e in entries if not self._same_key(e, key)]
         if len(kept) == len(entries):

@@ -25,7 +25,6 @@ from .credentials import (
 from .destinations import Destinations
 from .hostclient import HostClient, HostFailed
 from .hoststoml import CAPABILITIES, Host, HostURLError, parse_host_url
-from .hosttls import HostTLSError
 from .plan import ping_target
 from .routes import (
     DEFAULT_PORTS,
@@ -35,8 +34,6 @@ from .routes import (
     normalize_upstream,
     validate_repository,
 )
-
-COMMANDS = ("login", "logout")
 
 
 class LoginFailed(Exception):
@@ -178,8 +175,6 @@ async def verify(
         response, authorization = await broker.send(host, "GET", target, [], Access(upstream, prefix))
     except (AuthFailed, HostFailed) as e:
         raise LoginFailed(f"{host.netloc}: {e}" if host.netloc not in str(e) else str(e)) from None
-    except HostTLSError as e:
-        raise LoginFailed(str(e)) from None
     finally:
         await client.aclose()
     if 200 <= response.status < 300:
