@@ -6,14 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ocigate.context import (
-    MAX_DIGESTS_PER_MANIFEST,
-    MAX_MANIFEST_SIZE,
-    ContextStore,
-    Origin,
-    referenced_digests,
-)
+from ocigate.context import MAX_DIGESTS_PER_MANIFEST, ContextStore, referenced_digests
+from ocigate.plan import Origin
 from ocigate.routes import RouteError, validate_digest
+from ocigate.verify import MAX_MANIFEST_SIZE
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -2,6 +2,8 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -11,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ocigate import hoststoml as rules
-from ocigate.hoststoml import CAPABILITIES, Host, RulesError, load_rules, parse_hosts_toml
+from ocigate.hoststoml import CAPABILITIES, Host, RulesError, load_rules
 from tests.support.within import returns_within
 
 DATA = Path(__file__).parent / "data" / "certs.d"
@@ -30,8 +32,26 @@ def write_hosts(root: Path, directory: str, text: str) -> Path:
     return path
 
 
+def parse_hosts_toml(text: str, *, upstream: str, path: Path) -> tuple[Host, ...]:
+    """The hosts for `upstream` that load_rules reads from a hosts.toml with this text at `path`, in containerd's
+    order, the server last; without a file on disk."""
+    return rules._parse_hosts_file(text, path).hosts_for(upstream)
+
+
 def hosts_for(text: str, upstream: str = "registry.example") -> tuple[Host, ...]:
     return parse_hosts_toml(text, upstream=upstream, path=Path("/rules/registry.example/hosts.toml"))
+
+
+@contextmanager
+def extra_keys(*names: str) -> Iterator[None]:
+    """Lets the top level and host tables carry keys hosts.toml does not have, to show how the text around them is
+    read."""
+    extra = frozenset(names)
+    with (
+        mock.patch.object(rules, "_ROOT_KEYS", rules._ROOT_KEYS | extra),
+        mock.patch.object(rules, "_MIRROR_KEYS", rules._MIRROR_KEYS | extra),
+    ):
+        yield
 
 
 def urls(hosts: tuple[Host, ...]) -> list[str]:
@@ -422,7 +442,7 @@ def test_host_order_ignores_header_lookalikes_in_strings_comments_and_arrays() -
         '[host."https://c.example"]\n'
         'note = "\\"[host.\\"https://escaped.example\\"]"\n'
     )
-    with mock.patch.object(rules, "EXTENSION_KEYS", frozenset({"note", "lines"})):
+    with extra_keys("note", "lines"):
         # The "]" inside the quoted key does not end the header: the host is listed, then its URL refused.
         with pytest.raises(RulesError, match="not a valid URL"):
             hosts_for(text)
@@ -432,14 +452,6 @@ def test_host_order_ignores_header_lookalikes_in_strings_comments_and_arrays() -
             "https://c.example/v2",
             "https://registry.example/v2",
         ]
-
-
-def test_extension_keys_are_accepted_once_registered() -> None:
-    text = 'note = 1\n[host."https://m.example"]\nnote = "x"\n'
-    with pytest.raises(RulesError, match="unknown key"):
-        hosts_for(text)
-    with mock.patch.object(rules, "EXTENSION_KEYS", frozenset({"note"})):
-        assert urls(hosts_for(text))[0] == "https://m.example/v2"
 
 
 # Docker certificate files (containerd's loadCertFiles, hosts.go:622-650)
@@ -809,7 +821,7 @@ def test_generated_toml_documents_are_parsed_or_refused_with_rules_error(
 labels = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
 
 
-# TOML that holds text looking like a [host."..."] header without being one; "note" is made an extension key.
+# TOML that holds text looking like a [host."..."] header without being one; "note" is let in by extra_keys.
 HEADER_LOOKALIKES = [
     '# [host."https://fake.example"]',
     'note = """\n[host."https://fake.example"]\n"""',
@@ -841,7 +853,7 @@ def test_hosts_are_listed_in_header_order_whatever_their_tables_contain(
         lines += [f'[ host."https://{name}.example" ]', noise]
         if header_table:
             lines += [f'[host."https://{name}.example".header]', f'x-{name} = "]"']
-    with mock.patch.object(rules, "EXTENSION_KEYS", frozenset({"note"})):
+    with extra_keys("note"):
         parsed = hosts_for("\n".join(lines) + "\n")
     assert urls(parsed) == [f"https://{name}.example/v2" for name, _, _ in hosts] + ["https://registry.example/v2"]
 

@@ -15,6 +15,7 @@ import pytest
 from cryptography import x509
 from OpenSSL import SSL
 
+from ocigate.hoststoml import CAPABILITIES, Host
 from ocigate.hosttls import HostTLS, HostTLSError, openssl_context, python_context
 from tests.support.tls import CA, ServerTLS, issue_server_cert, make_ca, make_openssl_req_ca
 from tests.support.within import returns_within
@@ -150,3 +151,12 @@ def test_a_tls_file_that_is_a_fifo_is_an_error_naming_it(context: Callable[[Host
     os.mkfifo(fifo)
     with pytest.raises(HostTLSError, match=re.escape(f"{fifo}: not a regular file but a FIFO")):
         returns_within(5, lambda: context(HostTLS(ca=(fifo,))))
+
+
+def test_a_hosts_tls_settings_are_its_ca_client_and_skip_verify() -> None:
+    ca, cert, key = Path("/etc/ca.pem"), Path("/etc/client.pem"), Path("/etc/client.key")
+    host = Host("https", NAME, 443, "/v2", CAPABILITIES, ca=(ca,), client=((cert, key),), headers=(("X-A", "b"),))
+    roots = Path("/etc/roots.pem")
+    assert HostTLS.of(host, roots=roots) == HostTLS(ca=(ca,), client=((cert, key),), roots=roots)
+    # mitmproxy's ssl_insecure turns verification off for every host, whatever its own settings say.
+    assert HostTLS.of(host, insecure=True) == HostTLS(ca=(ca,), client=((cert, key),), skip_verify=True)

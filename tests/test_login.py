@@ -10,9 +10,12 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ocigate import cli, login
+from ocigate import cli, hoststoml, login
 from ocigate.credentials import Credential, OcigateStore, StoreEntry
+from ocigate.routes import DEFAULT_PORTS, DOCKER_HUB_ALIASES, DOCKER_HUB_SERVER
 from tests.support.http_host import http_host
 
 USER, PASSWORD = "alice", "s3cret-Pa55"
@@ -250,6 +253,67 @@ def test_host_key_is_the_gateways_netloc(text: str, url: str, key: str) -> None:
 def test_bad_host_is_a_usage_error(text: str) -> None:
     with pytest.raises(ValueError, match=r"HOST|invalid"):
         login.parse_host(text)
+
+
+def test_a_host_no_image_names_needs_a_namespace() -> None:
+    host = login.parse_host("my_mirror.test:5000")
+    assert host.netloc == "my_mirror.test:5000"
+    with pytest.raises(ValueError, match="give --namespace"):
+        login.upstream_of(host)
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: everything but printable ASCII escaped."""
+    escaped = (c if c.isascii() and c.isprintable() and c not in '"\\' else f"\\U{ord(c):08X}" for c in text)
+    return '"' + "".join(escaped) + '"'
+
+
+URL_PIECES = [
+    *("https://", "http://", "HTTPS://", "ftp://", "//", "://"),
+    *("mirror", ".test", ".", "-", "_", "Docker.io", "index.docker.io", "registry-1.docker.io", "1.2.3.4"),
+    *("[::1]", "[0:0::1]", "[fe80::1%25eth0]", "[", "]", "::1"),
+    *(":", ":443", ":80", ":0", ":5000", ":99999", ":x"),
+    *("/", "/v2", "/v2/", "/api/docker", "/..", "//x", "%2F"),
+    *("?", "?x=1", "#", "@", "u:p@", " ", "\t", "\n", "é"),
+]
+well_formed_urls = st.builds(
+    lambda *parts: "".join(parts),
+    st.sampled_from(["", "https://", "http://", "HTTP://"]),
+    st.one_of(
+        st.from_regex(r"[A-Za-z0-9_-]{1,8}(\.[A-Za-z0-9_-]{1,8}){0,2}\.?", fullmatch=True),
+        st.sampled_from(["[::1]", "[0:0::1]", "1.2.3.4", "docker.io", "Index.Docker.IO", "registry-1.docker.io"]),
+    ),
+    st.sampled_from(["", ":443", ":80", ":5000", ":0", ":", ":65536"]),
+    st.from_regex(r"(/[a-z0-9.]{0,4}){0,3}/?", fullmatch=True),
+)
+host_texts = st.one_of(
+    well_formed_urls,
+    st.lists(st.sampled_from(URL_PIECES), max_size=8).map("".join),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=24),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(host_texts)
+def test_login_takes_exactly_the_host_urls_hosts_toml_takes(text: str) -> None:
+    path = Path("/rules/registry.test/hosts.toml")
+    try:
+        login_host = login.parse_host(text)
+    except ValueError:
+        login_host = None
+    for document in (f"[host.{toml_string(text)}]\n", f"server = {toml_string(text)}\n"):
+        try:
+            toml_host = hoststoml._parse_hosts_file(document, path).hosts_for("registry.test")[0]
+        except hoststoml.RulesError:
+            toml_host = None
+        assert (login_host is None) == (toml_host is None), document
+        if login_host is None or toml_host is None:
+            continue
+        # The one difference: a login to Docker Hub is for the host the gateway asks for Docker Hub's images.
+        docker_hub = toml_host.scheme == "https" and toml_host.port == DEFAULT_PORTS["https"]
+        hostname = DOCKER_HUB_SERVER if docker_hub and toml_host.host in DOCKER_HUB_ALIASES else toml_host.host
+        expected = (toml_host.scheme, hostname, toml_host.port, toml_host.path)
+        assert (login_host.scheme, login_host.host, login_host.port, login_host.path) == expected
 
 
 def test_logout_removes_exactly_that_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,11 @@
 """The `ocigate` command: mitmdump with the ocigate addons loaded and the settings they depend on."""
 
+import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from mitmproxy.options import Options
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.tools.main import run
@@ -16,7 +19,7 @@ ocigate takes every mitmdump flag. Its own:
 
 
 class OcigateMaster(DumpMaster):
-    def __init__(self, options, **kwargs) -> None:
+    def __init__(self, options: Options, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
         ours = make_addons()
         self.addons.add(*ours)
@@ -27,7 +30,7 @@ class OcigateMaster(DumpMaster):
         self.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
 
 
-def _mitmdump_filters(args) -> dict:
+def _mitmdump_filters(args: argparse.Namespace) -> dict[str, str]:
     # What mitmdump itself does with trailing filter expressions.
     if args.filter_args:
         expression = " ".join(args.filter_args)

@@ -24,9 +24,9 @@ from .credentials import (
 )
 from .health import DEFAULT_COOLDOWN, HostHealth
 from .hostclient import HostClient
-from .hoststoml import DEFAULT_PORTS, Host, Rule, RulesError, RuleSet, load_rules
+from .hoststoml import Host, Rule, RulesError, RuleSet, load_rules
 from .hosttls import HostTLSError, forget_contexts, openssl_context, python_context
-from .routes import RouteError, normalize_upstream
+from .routes import RouteError, default_port, normalize_upstream
 
 log = logging.getLogger("ocigate")
 
@@ -57,9 +57,8 @@ class Shared:
 
     def upstream_rule(self, host: str, port: int, scheme: str) -> tuple[str, Rule] | None:
         """The upstream a request to scheme://host:port is for, and its rule; None when no rule names it."""
-        default_port = DEFAULT_PORTS.get(scheme, DEFAULT_PORTS["http"])
         try:
-            upstream = normalize_upstream(host, None if port == default_port else port)
+            upstream = normalize_upstream(host, None if port == default_port(scheme) else port)
         except RouteError:
             return None
         rule = self.rules.lookup(upstream) if self.rules else None
@@ -278,6 +277,6 @@ def _hosts_by_address(rules: RuleSet | None) -> dict[tuple[str, int], Host]:
         for host in rule.hosts:
             address = (host.host, host.port)
             known = entries.setdefault(address, host)
-            if (known.ca, known.client, known.skip_verify) != (host.ca, host.client, host.skip_verify):
+            if known.tls != host.tls:
                 conflicting.add(address)
     return {address: host for address, host in entries.items() if address not in conflicting}

@@ -45,8 +45,6 @@ from .plan import Origin
 from .routes import RouteError, validate_digest
 from .verify import MAX_MANIFEST_SIZE
 
-__all__ = ["MAX_DIGESTS_PER_MANIFEST", "MAX_MANIFEST_SIZE", "ContextStore", "Origin", "referenced_digests"]
-
 # Real images have tens of layers (overlayfs stacks at most 128), an index a few dozen platforms and at most a few
 # hundred entries with attestations; this is beyond any of them, and remembering it costs the event loop a few
 # milliseconds (10,000 cost it tens of milliseconds, which every other client waited through).

@@ -34,11 +34,14 @@ from typing import Any, Generic, TypeVar
 from cachetools import TTLCache
 
 from .files import NotRegularFileError, read_regular_file
+from .routes import DEFAULT_PORTS, DOCKER_HUB_ALIASES, DOCKER_HUB_INDEX
 
 log = logging.getLogger("ocigate")
 
-DOCKER_HUB_LEGACY_KEY = "https://index.docker.io/v1/"
-_DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+# The key `docker login` writes Docker Hub's credentials under, and the server URL its helpers are asked for.
+DOCKER_HUB_LEGACY_KEY = f"https://{DOCKER_HUB_INDEX}/v1/"
+# A credential key's host written with the port a host without one is on.
+_DEFAULT_PORT_SUFFIX = f":{DEFAULT_PORTS['https']}"
 _HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HELPER_NOT_FOUND = "credentials not found in native keychain"
 _IDENTITY_TOKEN_USERNAME = "<token>"
@@ -183,11 +186,13 @@ def _load_json(data: bytes) -> Any:
 def _host_variants(host: str) -> set[str]:
     """The spellings of one registry host in credential keys: Docker Hub's three names are one registry, and 443 is
     the port of a host written without one."""
-    host = host.lower()
-    if host in _DOCKER_HUB_HOSTS or host.removesuffix(":443") in _DOCKER_HUB_HOSTS:
-        return {h for name in _DOCKER_HUB_HOSTS for h in (name, f"{name}:443")}
-    bare = host.removesuffix(":443")
-    return {bare, f"{bare}:443"}
+    bare = _without_default_port(host)
+    names = DOCKER_HUB_ALIASES if bare in DOCKER_HUB_ALIASES else {bare}
+    return {spelling for name in names for spelling in (name, name + _DEFAULT_PORT_SUFFIX)}
+
+
+def _without_default_port(host: str) -> str:
+    return host.lower().removesuffix(_DEFAULT_PORT_SUFFIX)
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -230,7 +235,7 @@ def _matching_keys(keys: Iterable[str], host: str, repository: str, narrow_by_pa
 
 def _helper_server_url(host: str) -> str:
     """The server URL docker hands a credential helper: Docker Hub's legacy key, else host[:port]."""
-    return DOCKER_HUB_LEGACY_KEY if host.lower().removesuffix(":443") in _DOCKER_HUB_HOSTS else host.lower()
+    return DOCKER_HUB_LEGACY_KEY if _without_default_port(host) in DOCKER_HUB_ALIASES else host.lower()
 
 
 # --- docker's config format (also auth.json's and a dockerconfigjson secret's) ------------------------------------
@@ -311,18 +316,18 @@ async def run_credential_helper(
     except PermissionError:
         raise CredentialError(f"credential helper {program} is not executable") from None
     try:
-        stdout, stderr = await asyncio.wait_for(_exchange(process, server_url.encode()), timeout)
+        stdout, stderr, returncode = await asyncio.wait_for(_exchange(process, server_url.encode()), timeout)
     except TimeoutError:
         await _kill(process)
         raise CredentialError(f"credential helper {program} did not answer within {timeout:g} s; killed") from None
     except _TooMuchOutput as e:
         await _kill(process)
         raise CredentialError(f"credential helper {program} wrote more than {e}; killed") from None
-    if process.returncode != 0:
+    if returncode != 0:
         if _HELPER_NOT_FOUND in stdout.decode(errors="replace") + stderr.decode(errors="replace"):
             return None
         # Neither of its outputs: stdout may hold half a secret, and a helper may well print one on stderr.
-        status = f"signal {-process.returncode}" if process.returncode < 0 else f"exit {process.returncode}"
+        status = f"signal {-returncode}" if returncode < 0 else f"exit {returncode}"
         raise CredentialError(f"credential helper {program} failed ({status})")
     try:
         answer = json.loads(stdout)
@@ -342,27 +347,30 @@ class _TooMuchOutput(Exception):
     """A helper wrote more than an answer can be; str() says how much and where."""
 
 
-async def _exchange(process: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes]:
+async def _exchange(process: asyncio.subprocess.Process, request: bytes) -> tuple[bytes, bytes, int]:
     """communicate(), with each output read up to HELPER_OUTPUT_LIMIT only: a helper that prints without end must
-    not grow the gateway. Both are read at once, so that a helper blocked writing one cannot stall the other."""
+    not grow the gateway. Both are read at once, so that a helper blocked writing one cannot stall the other.
+    Returns stdout, stderr and the exit status."""
+    stdin, stdout_pipe, stderr_pipe = process.stdin, process.stdout, process.stderr
+    # run_credential_helper starts every helper with all three as pipes.
+    assert stdin is not None and stdout_pipe is not None and stderr_pipe is not None
     reads = [
-        asyncio.ensure_future(_read_at_most(process.stdout, "stdout")),
-        asyncio.ensure_future(_read_at_most(process.stderr, "stderr")),
+        asyncio.ensure_future(_read_at_most(stdout_pipe, "stdout")),
+        asyncio.ensure_future(_read_at_most(stderr_pipe, "stderr")),
     ]
     try:
-        process.stdin.write(request)
+        stdin.write(request)
         # A helper may exit without reading its stdin; what it answers says what went wrong.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await process.stdin.drain()
-        process.stdin.close()
+            await stdin.drain()
+        stdin.close()
         stdout, stderr = await asyncio.gather(*reads)
     finally:
         # Ended before a read is left waiting on a stream that _kill goes on to read.
         for read in reads:
             read.cancel()
         await asyncio.gather(*reads, return_exceptions=True)
-    await process.wait()
-    return stdout, stderr
+    return stdout, stderr, await process.wait()
 
 
 async def _read_at_most(stream: asyncio.StreamReader, name: str) -> bytes:
@@ -389,8 +397,8 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
         )
 
 
-async def _drop(stream: asyncio.StreamReader) -> None:
-    while await stream.read(64 * 1024):
+async def _drop(stream: asyncio.StreamReader | None) -> None:
+    while stream is not None and await stream.read(64 * 1024):
         pass
 
 
@@ -572,16 +580,15 @@ def _parse_store(data: bytes) -> tuple[StoreEntry, ...]:
         )
         if not (credential.password or credential.identity_token or credential.registry_token):
             raise _Malformed(f"entry {index} ({item['host']}) has no password, identity_token or registry_token")
-        prefix = item.get("repository_prefix")
-        entries.append(
-            StoreEntry(
-                item["host"].lower(),
-                credential,
-                item["upstream"].lower() if "upstream" in item else None,
-                prefix.strip("/") if prefix else None,
-            )
-        )
+        narrowing = _narrowing(item.get("upstream"), item.get("repository_prefix"))
+        entries.append(StoreEntry(item["host"].lower(), credential, *narrowing))
     return tuple(entries)
+
+
+def _narrowing(upstream: str | None, repository_prefix: str | None) -> tuple[str | None, str | None]:
+    """An entry's upstream and repository prefix as they are kept: the upstream lowercased, the prefix without the
+    slashes around it."""
+    return upstream.lower() if upstream else None, repository_prefix.strip("/") if repository_prefix else None
 
 
 class OcigateStore(CredentialSource):
@@ -595,7 +602,7 @@ class OcigateStore(CredentialSource):
     applies wins; among equals, the first in the file. Written atomically with mode 0600."""
 
     def __init__(self, path: Path | str) -> None:
-        self._file = _WatchedFile(Path(path), _parse_store, ())
+        self._file: _WatchedFile[tuple[StoreEntry, ...]] = _WatchedFile(Path(path), _parse_store, ())
         self.description = f"ocigate credentials {self._file.path}"
 
     @property
@@ -618,17 +625,13 @@ class OcigateStore(CredentialSource):
         """Adds the entry, or replaces the one with the same host, upstream and prefix."""
         if not (credential.password or credential.identity_token or credential.registry_token):
             raise CredentialError(f"{self.path}: a credential for {host} needs a password or a token")
-        entry = StoreEntry(host.lower(), credential, upstream.lower() if upstream else None, repository_prefix or None)
-        if entry.repository_prefix:
-            entry = StoreEntry(entry.host, credential, entry.upstream, entry.repository_prefix.strip("/"))
+        entry = StoreEntry(host.lower(), credential, *_narrowing(upstream, repository_prefix))
         kept = [e for e in self._current_entries() if not self._same_key(e, entry)]
         self._write([*kept, entry])
 
     def remove(self, host: str, upstream: str | None = None, repository_prefix: str | None = None) -> bool:
         """Removes the entry with exactly this host, upstream and prefix; False if there was none."""
-        key = StoreEntry(host.lower(), Credential(), upstream.lower() if upstream else None, repository_prefix or None)
-        if key.repository_prefix:
-            key = StoreEntry(key.host, key.credential, key.upstream, key.repository_prefix.strip("/"))
+        key = StoreEntry(host.lower(), Credential(), *_narrowing(upstream, repository_prefix))
         entries = self._current_entries()
         kept = [e for e in entries if not self._same_key(e, key)]
         if len(kept) == len(entries):

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .routes import RouteError, split_host_port
+from .routes import RouteError, ip_address, split_host_port
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -26,14 +26,6 @@ def _split_host_port(text: str, what: str) -> tuple[str, int | None]:
     except RouteError as e:
         raise ValueError(f"{what} {text!r}: {e}") from None
     return host.strip("[]"), port
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -84,7 +76,7 @@ class Destinations:
     async def resolve(self, host: str, port: int) -> tuple[str, int]:
         """The address and port to dial for host:port, resolving names only where the policy allows it."""
         target_host, target_port = self.mapped(host, port) or (host.strip("[]"), port)
-        if _is_ip(target_host):
+        if ip_address(target_host) is not None:
             self.check_address(host, port, target_host)
             return target_host, target_port
         if not self.dns:

@@ -9,7 +9,6 @@ Where containerd silently ignores or misreads part of a file (unknown keys, a ho
 settings it overwrites), ocigate refuses the file instead, so a rule never routes other than as it reads.
 """
 
-import ipaddress
 import json
 import os
 import posixpath
@@ -23,12 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .files import NotRegularFileError, read_regular_file
-from .routes import DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, validate_repository
+from .routes import DEFAULT_PORTS, DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, ip_address, validate_repository
 
 CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
-
-# Keys that later ocigate features read from hosts.toml; accepted at the top level and in host tables.
-EXTENSION_KEYS: frozenset[str] = frozenset()
 
 HOSTS_FILE = "hosts.toml"
 DEFAULT_DIRECTORY = "_default"
@@ -43,7 +39,6 @@ PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
 AUTHENTICATION_MODES = ("gateway", "client")
 # containerd overwrites these for the upstream's own entry when `server` is absent (hosts.go:134-135).
 _KEYS_NEEDING_SERVER = ("capabilities", "override_path")
-DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def netloc(scheme: str, host: str, port: int) -> str:
@@ -89,6 +84,16 @@ class RulesError(Exception):
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """What hosts.toml says about TLS to one host: the CAs it adds to the trusted roots (`ca`), the certificates it
+    presents with their keys (`client`, a key of None: in the certificate's file), and whether it is not verified."""
+
+    ca: tuple[Path, ...] = ()
+    client: tuple[tuple[Path, Path | None], ...] = ()
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True)
 class Host:
     scheme: str
     host: str
@@ -116,6 +121,10 @@ class Host:
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.netloc}{self.path}"
+
+    @property
+    def tls(self) -> TLSSettings:
+        return TLSSettings(self.ca, self.client, self.skip_verify)
 
 
 @dataclass(frozen=True)
@@ -262,12 +271,6 @@ def _is_directory(entry: Path) -> bool:
         raise RulesError(entry, None, f"cannot be resolved: {error.strerror or error}") from None
 
 
-def parse_hosts_toml(text: str, *, upstream: str, path: Path) -> tuple[Host, ...]:
-    """The hosts for `upstream` that a hosts.toml with this text, read from `path`, describes; in containerd's
-    order, the server last."""
-    return _parse_hosts_file(text, path).hosts_for(upstream)
-
-
 def _directory_candidates(upstream: str) -> list[str]:
     _, port = _split_upstream(upstream)
     # containerd's hostPaths (config_unix.go) and hostDirectory (hosts.go:307-313): "host:port" is first
@@ -297,7 +300,7 @@ def _split_upstream(upstream: str) -> tuple[str, int | None]:
         port = int(match["port"]) if match["port"] else None
         if port is None or 0 < port < 65536:
             return match["bracketed"] or match["plain"], port
-    if ":" in upstream and _is_ip_address(upstream):
+    if ":" in upstream and ip_address(upstream) is not None:
         return upstream, None
     raise ValueError(f"not a registry host[:port]: {upstream!r}")
 
@@ -306,26 +309,16 @@ def host_problem(host: str, *, bracketed: bool) -> str | None:
     """What is wrong with a URL's host name (urlsplit's hostname: lowercased, without brackets) for dialling it, or
     None: in brackets an IPv6 address, else a DNS name or an IPv4 address."""
     if bracketed:
-        return None if ":" in host and _is_ip_address(host) else f"invalid IPv6 address {host!r}"
+        return None if ":" in host and ip_address(host) is not None else f"invalid IPv6 address {host!r}"
     return None if _HOST_NAME.fullmatch(host) else f"invalid host name {host!r}"
-
-
-def _is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_localhost(host: str) -> bool:
     # docker.IsLocalhost (core/remotes/docker/resolver.go): "localhost" or a loopback IP.
     if host == "localhost":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = ip_address(host)
+    return address is not None and address.is_loopback
 
 
 def _upstream_host(upstream: str, top_level: _Settings) -> Host:
@@ -334,15 +327,15 @@ def _upstream_host(upstream: str, top_level: _Settings) -> Host:
     granted whatever the file says."""
     settings = replace(top_level, capabilities=CAPABILITIES, override_path=False)
     if upstream == DOCKER_HUB:
-        return settings.host("https", DOCKER_HUB_SERVER, 443, "/v2", is_server=True)
+        return settings.host("https", DOCKER_HUB_SERVER, DEFAULT_PORTS["https"], "/v2", is_server=True)
     host, port = _split_upstream(upstream)
     scheme = "https"
     if _is_localhost(host):
-        # containerd talks plain HTTP to a local registry on a port other than 443 and skips TLS verification
-        # unless the port is 80 (hosts.go:105-122).
-        if port not in (None, 443):
+        # containerd talks plain HTTP to a local registry on a port other than https's and skips TLS verification
+        # unless the port is http's (hosts.go:105-122).
+        if port not in (None, DEFAULT_PORTS["https"]):
             scheme = "http"
-        if port != 80:
+        if port != DEFAULT_PORTS["http"]:
             settings = replace(settings, skip_verify=True)
     return settings.host(scheme, host.lower(), port or DEFAULT_PORTS[scheme], "/v2", is_server=True)
 
@@ -478,57 +471,18 @@ class _HostsFileParser:
         return tuple(hosts[name] for name in order)
 
     def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
-        scheme, host, port, path = self.url(url, key)
-        if settings.override_path:
-            full_path = path
-        elif path.endswith("/v2"):
-            # containerd keeps a path that already ends in /v2 (hosts.go:440-447).
-            full_path = path
-        else:
-            full_path = f"{path}/v2"
-        return settings.host(scheme, host, port, full_path, is_server=is_server)
-
-    def url(self, url: Any, key: tuple[str, ...]) -> tuple[str, str, int, str]:
-        """(scheme, host, port, cleaned path without the /v2 containerd may add)"""
-        if not isinstance(url, str):
-            raise self.error(key, f"expected a URL string like https://mirror.example, got {_kind(url)}")
-        if not url:
-            raise self.error(key, "expected a URL like https://mirror.example, got an empty string")
-        if any(char.isspace() or not char.isprintable() for char in url):
-            raise self.error(key, "URL contains whitespace or control characters")
-        scheme_match = _URL_SCHEME.match(url)
-        if scheme_match is None:
-            # containerd reads a URL without a scheme as https (hosts.go:431-433).
-            url = f"https://{url}"
-        elif scheme_match[1].lower() not in DEFAULT_PORTS:
-            raise self.error(key, f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as error:
-            raise self.error(key, f"not a valid URL: {error}") from None
-        if "?" in url or "#" in url:
-            raise self.error(key, "URL has a query or fragment, which containerd drops; remove it")
-        if "@" in parts.netloc:
-            raise self.error(key, "URL has credentials, which containerd drops; remove them")
-        host = parts.hostname or ""
-        if not host:
-            raise self.error(key, "URL has no host name")
-        problem = host_problem(host, bracketed=parts.netloc.startswith("["))
-        if problem:
-            raise self.error(key, problem)
-        if parts.netloc.endswith(":"):
-            raise self.error(key, "URL has an empty port")
-        if port == 0:
-            raise self.error(key, "invalid port 0 (expected 1-65535)")
-        scheme = parts.scheme.lower()
-        return scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path)
+            parsed = parse_host_url(url)
+        except HostURLError as error:
+            raise self.error(key, str(error)) from None
+        path = parsed.api_path(override_path=settings.override_path)
+        return settings.host(parsed.scheme, parsed.host, parsed.port, path, is_server=is_server)
 
     def check_keys(self, table: dict[str, Any], allowed: frozenset[str], prefix: tuple[str, ...]) -> None:
         for key in table:
-            if key in allowed or key in EXTENSION_KEYS:
+            if key in allowed:
                 continue
-            expected = ", ".join(sorted(allowed | EXTENSION_KEYS))
+            expected = ", ".join(sorted(allowed))
             hint = ""
             if key.lower() in allowed:
                 # go-toml matches struct keys case-insensitively, so containerd would accept it.
@@ -642,6 +596,66 @@ class _HostsFileParser:
             if not isinstance(item, str):
                 raise self.error(key, f"expected {expected}, found an item that is {_kind(item)}")
         return value
+
+
+class HostURLError(ValueError):
+    """A host URL that hosts.toml cannot use; str() says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class HostURL:
+    """A host as a [host."..."] key or `server` names it."""
+
+    scheme: str  # "http" or "https"
+    host: str  # lowercased; an IPv6 address without its brackets
+    port: int
+    path: str  # cleaned, "" for the root, without the /v2 containerd may add
+
+    def api_path(self, *, override_path: bool = False) -> str:
+        """Where the registry API lives: containerd appends /v2 unless override_path, and keeps a path that already
+        ends in /v2 (hosts.go:440-447)."""
+        if override_path or self.path.endswith("/v2"):
+            return self.path
+        return f"{self.path}/v2"
+
+
+def parse_host_url(url: object) -> HostURL:
+    """The host a hosts.toml URL names, as containerd reads it: http or https (https when the URL has no scheme), a
+    host name or IP address, and a port. Whatever containerd would drop (a query, a fragment, credentials) is
+    refused rather than dropped. Raises HostURLError."""
+    if not isinstance(url, str):
+        raise HostURLError(f"expected a URL string like https://mirror.example, got {_kind(url)}")
+    if not url:
+        raise HostURLError("expected a URL like https://mirror.example, got an empty string")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise HostURLError("URL contains whitespace or control characters")
+    scheme_match = _URL_SCHEME.match(url)
+    if scheme_match is None:
+        # containerd reads a URL without a scheme as https (hosts.go:431-433).
+        url = f"https://{url}"
+    elif scheme_match[1].lower() not in DEFAULT_PORTS:
+        raise HostURLError(f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise HostURLError(f"not a valid URL: {error}") from None
+    if "?" in url or "#" in url:
+        raise HostURLError("URL has a query or fragment, which containerd drops; remove it")
+    if "@" in parts.netloc:
+        raise HostURLError("URL has credentials, which containerd drops; remove them")
+    host = parts.hostname or ""
+    if not host:
+        raise HostURLError("URL has no host name")
+    problem = host_problem(host, bracketed=parts.netloc.startswith("["))
+    if problem:
+        raise HostURLError(problem)
+    if parts.netloc.endswith(":"):
+        raise HostURLError("URL has an empty port")
+    if port == 0:
+        raise HostURLError("invalid port 0 (expected 1-65535)")
+    scheme = parts.scheme.lower()
+    return HostURL(scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path))
 
 
 def _clean_path(path: str) -> str:

@@ -11,7 +11,7 @@ is an intermediate (Go's root pool; OpenSSL's PARTIAL_CHAIN, which only Python 3
 
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -19,14 +19,13 @@ import certifi
 from OpenSSL import SSL, crypto
 
 from .files import NotRegularFileError, check_regular
-from .hoststoml import Host
+from .hoststoml import Host, TLSSettings
 
 
 @dataclass(frozen=True)
-class HostTLS:
-    ca: tuple[Path, ...] = ()
-    client: tuple[tuple[Path, Path | None], ...] = ()
-    skip_verify: bool = False
+class HostTLS(TLSSettings):
+    """A host's TLS settings, and the roots every host is verified with: what both contexts are built from."""
+
     # Replaces the default roots (the system store and certifi) for every host: mitmproxy's
     # ssl_verify_upstream_trusted_ca, so that both stacks honour it.
     roots: Path | None = None
@@ -35,7 +34,8 @@ class HostTLS:
     def of(cls, host: Host, *, roots: Path | None = None, insecure: bool = False) -> "HostTLS":
         """`insecure` is mitmproxy's ssl_insecure: it turns verification off for every host, as it does for
         mitmproxy's own connections."""
-        return cls(host.ca, host.client, host.skip_verify or insecure, roots)
+        settings = replace(host.tls, skip_verify=True) if insecure else host.tls
+        return cls(**vars(settings), roots=roots)
 
 
 class HostTLSError(Exception):
@@ -86,7 +86,9 @@ def openssl_context(tls: HostTLS) -> SSL.Context:
     except SSL.Error as e:
         raise HostTLSError(f"cannot load TLS files {_files(tls)}: {e}") from None
     # OpenSSL's own default is not strict; the store's flags reach the connection that mitmproxy set a name on.
-    context.get_cert_store().set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    store = context.get_cert_store()
+    assert store is not None  # OpenSSL gives every context a store of its own
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     context.set_verify(SSL.VERIFY_NONE if tls.skip_verify else SSL.VERIFY_PEER, None)
     return context
 

@@ -91,7 +91,8 @@ class HttpOnly:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         upstream = self._flows.pop(flow, None)
-        if upstream is not None and flow.response.status_code == 101 and flow.killable:
+        response = flow.response
+        if upstream is not None and response is not None and response.status_code == 101 and flow.killable:
             _refused("a protocol switch (101)", upstream)
             flow.kill()
 

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .auth import Access, AuthFailed, Broker
 from .credentials import (
@@ -25,19 +24,16 @@ from .credentials import (
 )
 from .destinations import Destinations
 from .hostclient import HostClient, HostFailed
-from .hoststoml import CAPABILITIES, DEFAULT_PORTS, Host
-from .hosttls import HostTLSError
+from .hoststoml import CAPABILITIES, Host, HostURLError, parse_host_url
 from .plan import ping_target
 from .routes import (
-    DOCKER_HUB,
+    DEFAULT_PORTS,
+    DOCKER_HUB_ALIASES,
     DOCKER_HUB_SERVER,
     RouteError,
     normalize_upstream,
-    split_host_port,
     validate_repository,
 )
-
-COMMANDS = ("login", "logout")
 
 
 class LoginFailed(Exception):
@@ -48,41 +44,22 @@ class LoginFailed(Exception):
 
 
 def parse_host(text: str, *, ca_file: Path | None = None, insecure: bool = False) -> Host:
-    """The host HOST names, as a hosts.toml entry would: `host[:port]` is https, a URL may say http; a URL path
-    is where the registry API lives below (/v2 appended as containerd does). Docker Hub's names are its registry
-    host, since that is the host the gateway looks Docker Hub's credentials up for. Raises ValueError."""
-    url = text.strip()
-    scheme, separator, _ = url.partition("://")
-    if not separator:
-        url = f"https://{url}"
-    elif scheme.lower() not in DEFAULT_PORTS:
-        raise ValueError(f"HOST {text!r}: unsupported scheme {scheme!r} (expected http or https)")
+    """The host HOST names, exactly as a [host."HOST"] table of hosts.toml would: `host[:port]` is https, a URL may
+    say http; a URL path is where the registry API lives below (/v2 appended as containerd does). Docker Hub's names
+    are its registry host, since that is the host the gateway looks Docker Hub's credentials up for. Raises
+    ValueError."""
     try:
-        parts = urlsplit(url)
-    except ValueError as e:
+        url = parse_host_url(text)
+    except HostURLError as e:
         raise ValueError(f"HOST {text!r}: {e}") from None
-    if "@" in parts.netloc:
-        # Credentials in the URL would sit in shell history, which is what stdin and the prompt avoid.
-        raise ValueError(f"HOST {text!r}: the URL carries credentials; give them on stdin or at the prompt")
-    if parts.query or parts.fragment:
-        raise ValueError(f"HOST {text!r}: a URL with a query or fragment is no registry host")
-    try:
-        hostname, port = split_host_port(parts.netloc)
-    except RouteError as e:
-        raise ValueError(str(e)) from None
-    scheme = parts.scheme.lower()
-    port = port or DEFAULT_PORTS[scheme]
-    hostname = hostname.strip("[]")
-    if scheme == "https" and port == 443 and normalize_upstream(hostname) == DOCKER_HUB:
+    hostname = url.host
+    if url.scheme == "https" and url.port == DEFAULT_PORTS["https"] and hostname in DOCKER_HUB_ALIASES:
         hostname = DOCKER_HUB_SERVER
-    path = parts.path.rstrip("/")
-    if not path.endswith("/v2"):
-        path += "/v2"
     return Host(
-        scheme=scheme,
+        scheme=url.scheme,
         host=hostname,
-        port=port,
-        path=path,
+        port=url.port,
+        path=url.api_path(),
         capabilities=CAPABILITIES,
         ca=(ca_file,) if ca_file else (),
         skip_verify=insecure,
@@ -97,6 +74,17 @@ def parse_namespace(text: str | None) -> str | None:
         return normalize_upstream(text.strip())
     except RouteError as e:
         raise ValueError(f"--namespace {text!r}: {e}") from None
+
+
+def upstream_of(host: Host) -> str:
+    """The registry a login without --namespace is for: the host itself, as an image reference names it."""
+    try:
+        return normalize_upstream(host.netloc)
+    except RouteError as e:
+        # hosts.toml allows names (with "_", say) that no image reference can carry: such a host is only a mirror.
+        raise ValueError(
+            f"HOST {host.netloc!r} names no registry an image could come from ({e}); give --namespace"
+        ) from None
 
 
 def parse_prefix(text: str | None) -> str | None:
@@ -187,8 +175,6 @@ async def verify(
         response, authorization = await broker.send(host, "GET", target, [], Access(upstream, prefix))
     except (AuthFailed, HostFailed) as e:
         raise LoginFailed(f"{host.netloc}: {e}" if host.netloc not in str(e) else str(e)) from None
-    except HostTLSError as e:
-        raise LoginFailed(str(e)) from None
     finally:
         await client.aclose()
     if 200 <= response.status < 300:
@@ -285,6 +271,7 @@ def login(argv: Sequence[str]) -> int:
         host = parse_host(args.host, ca_file=args.ca_file, insecure=args.insecure)
         namespace = parse_namespace(args.namespace)
         prefix = parse_prefix(args.repository)
+        upstream = namespace or upstream_of(host)
         destinations = Destinations.from_options(args.map_host, [], True)
     except ValueError as e:
         parser.error(str(e))
@@ -292,7 +279,6 @@ def login(argv: Sequence[str]) -> int:
     what = describe(host.netloc, namespace, prefix)
     try:
         credential, source = read_credential(args)
-        upstream = namespace or normalize_upstream(host.netloc)
         verified = asyncio.run(verify(host, upstream, prefix, credential, source, destinations))
         store.save(host.netloc, credential, namespace, prefix)
     except (LoginFailed, CredentialError) as e:

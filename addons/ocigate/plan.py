@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
 
-from .hoststoml import DEFAULT_PORTS, Host, Rule
+from .hoststoml import Host, Rule
 from .ocierror import OciError
 from .routes import (
     DOCKER_HUB,
@@ -16,6 +16,7 @@ from .routes import (
     Route,
     RouteError,
     RouteKind,
+    default_port,
     format_route,
     named_reference,
     normalize_repository,
@@ -185,7 +186,7 @@ def location_for_client(location: str, host: Host) -> str:
     name; one anywhere else (object storage) is left as it is."""
     try:
         parts = urlsplit(location)
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme, DEFAULT_PORTS["http"])
+        port = parts.port or default_port(parts.scheme)
     except ValueError:
         return location  # not a URL ocigate can read: the client makes of it what it can
     elsewhere = (parts.scheme, (parts.hostname or "").lower(), port) != (host.scheme, host.host, host.port)

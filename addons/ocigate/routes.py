@@ -25,10 +25,25 @@ _LOWER_HEX_PATTERN = re.compile(r"[a-f0-9]+")
 _HOST_LABEL_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _MAX_HOST_NAME_LENGTH = 253
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
-_DEFAULT_HTTPS_PORT = 443
+
+# The port of a URL that names none. An image reference's registry is reached over https, so a registry written
+# without a port is on DEFAULT_PORTS["https"].
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def default_port(scheme: str) -> int:
+    """The port a URL of `scheme` names when it names none; a scheme no host uses counts as http's."""
+    return DEFAULT_PORTS.get(scheme, DEFAULT_PORTS["http"])
+
+
+# Docker Hub: how image references name it, the host its registry API is served on, and the name docker's
+# credential keys use. All three name one registry.
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_SERVER = "registry-1.docker.io"
-_DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, "index.docker.io", DOCKER_HUB_SERVER})
+DOCKER_HUB_INDEX = "index.docker.io"
+DOCKER_HUB_ALIASES = frozenset({DOCKER_HUB, DOCKER_HUB_INDEX, DOCKER_HUB_SERVER})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SHOWN_VALUE_LIMIT = 80
 
@@ -283,8 +298,8 @@ def normalize_upstream(host: str, port: int | None = None) -> str:
         port = embedded_port
     if port is not None and not 1 <= port <= 65535:
         raise RouteError("NAME_INVALID", f"registry port {port} is invalid: it must be 1 to 65535")
-    if port is None or port == _DEFAULT_HTTPS_PORT:
-        return DOCKER_HUB if hostname in _DOCKER_HUB_ALIASES else hostname
+    if port is None or port == DEFAULT_PORTS["https"]:
+        return DOCKER_HUB if hostname in DOCKER_HUB_ALIASES else hostname
     return f"{hostname}:{port}"
 
 
@@ -312,12 +327,17 @@ def split_host_port(original: str) -> tuple[str, int | None]:
     return _checked_host_name(host, original), None
 
 
-def _bracketed_ipv6(address: str, original: str) -> str:
+def ip_address(text: str) -> IPAddress | None:
+    """The IP address `text` is (an IPv6 one without brackets), or None when it is a name or nothing at all."""
     try:
-        parsed = ipaddress.IPv6Address(address)
+        return ipaddress.ip_address(text)
     except ValueError:
-        parsed = None
-    if parsed is None or parsed.scope_id is not None:
+        return None
+
+
+def _bracketed_ipv6(address: str, original: str) -> str:
+    parsed = ip_address(address)
+    if not isinstance(parsed, ipaddress.IPv6Address) or parsed.scope_id is not None:
         raise RouteError(
             "NAME_INVALID", f"registry host {_shown(original)} is invalid: not an IPv6 address without zone"
         )

@@ -22,7 +22,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from cachetools import TLRUCache
 
 from .credentials import Credential
-from .hoststoml import DEFAULT_PORTS, host_problem, netloc
+from .hoststoml import host_problem, netloc
+from .routes import DEFAULT_PORTS
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
 DEFAULT_EXPIRES_IN = 60.0
@@ -485,7 +486,7 @@ async def fetch_token(
     secret = ""
     username = ""
     if credential is not None:
-        secret = credential.identity_token or credential.password
+        secret = credential.identity_token or credential.password or ""
         username = "" if credential.identity_token else credential.username or ""
     accept = {"Accept": "application/json"}
     if credential is not None and secret:
