@@ -1,12 +1,11 @@
 """Working through a plan's hosts in order: the first good answer wins, and every host tried is accounted for."""
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import urljoin
 
 from .auth import AuthFailed, Authorization, Broker
 from .destinations import DestinationError
-from .headers import HOP_BY_HOP, header_value
+from .headers import HOP_BY_HOP, Lines, header_value, without
 from .health import HostHealth
 from .hostclient import HostFailed, HostResponse
 from .plan import READ_WHOLE_KINDS, Attempt, Plan, is_proxy_for, ping_target
@@ -48,7 +47,7 @@ _PARTIAL_OR_CONDITIONAL = frozenset(
 MAX_REDIRECTS = 5
 
 
-def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Attempt) -> list[tuple[bytes, bytes]]:
+def request_headers(client_headers: Lines, attempt: Attempt) -> Lines:
     """The client's header lines as they came (several Accept lines stay several), for one request ocigate sends and
     reads whole itself. Content codings, ranges and conditions are not asked for: ocigate reads what it asks for
     whole and as it is (and checks it against its digest)."""
@@ -57,8 +56,8 @@ def request_headers(client_headers: Sequence[tuple[bytes, bytes]], attempt: Atte
     if not attempt.forward_authorization:
         dropped |= {b"authorization"}
     added = {name.lower().encode() for name, _ in attempt.headers}
-    kept = [(k, v) for k, v in client_headers if k.lower() not in dropped and k.lower() not in added]
-    return kept + [(name.encode(), value.encode()) for name, value in attempt.headers]
+    kept = without(client_headers, dropped | added)
+    return kept + tuple((name.encode(), value.encode()) for name, value in attempt.headers)
 
 
 class Asker:
@@ -83,9 +82,7 @@ class Asker:
         failed = self.health.failed_lately(url, digest)
         return Outcome(url, failed, True) if failed else None
 
-    async def ask(
-        self, attempt: Attempt, method: str, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[HostResponse, Authorization | None]:
+    async def ask(self, attempt: Attempt, method: str, headers: Lines) -> tuple[HostResponse, Authorization | None]:
         url = attempt.host.url
         authorization: Authorization | None = None
         try:
@@ -107,7 +104,7 @@ class Asker:
         plan: Plan,
         attempt: Attempt,
         method: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: Lines,
         answer: HostResponse,
         authorization: Authorization | None,
     ) -> tuple[HostResponse, str | None]:
@@ -135,7 +132,7 @@ class Asker:
                 # Nothing that was for the host: its hosts.toml headers, and whatever Authorization went with the
                 # request (ocigate's, or the client's own where its rule says the client authenticates).
                 dropped = own | {b"authorization", b"proxy-authorization"}
-                lines = [(k, v) for k, v in lines if k.lower() not in dropped]
+                lines = without(lines, dropped)
             answer = await self.broker.hostclient.send(target, method, next_url.target, lines)
             answer = without_echoes(answer, authorization if same_host else None)
             where = target.netloc
@@ -170,9 +167,7 @@ def _answered(
     return Outcome(attempt.host.url, result, fell_through, status, refused)
 
 
-async def first_good(
-    plan: Plan, client_headers: Sequence[tuple[bytes, bytes]], asker: Asker
-) -> tuple[HostResponse | None, list[Outcome]]:
+async def first_good(plan: Plan, client_headers: Lines, asker: Asker) -> tuple[HostResponse | None, list[Outcome]]:
     """Asks each host in turn; returns the first answer that does not fall through, with what every host said. A
     manifest whose bytes or Docker-Content-Digest are not what was asked for falls through like a host that failed."""
     outcomes: list[Outcome] = []
@@ -238,7 +233,7 @@ class Streamed:
 
 
 async def choose_streamed_host(
-    plan: Plan, client_headers: Sequence[tuple[bytes, bytes]], asker: Asker
+    plan: Plan, client_headers: Lines, asker: Asker
 ) -> tuple[Streamed | None, list[Outcome]]:
     """The host mitmproxy will stream a request to: the first the dialling policy allows and that is not cooling
     down, that ocigate can make an Authorization for and, when the plan probes, that answers a HEAD for it (a blob). The

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from cachetools import LRUCache
 
 from .credentials import Credential, CredentialChain, CredentialError
+from .headers import Lines
 from .hostclient import HostClient, HostFailed, HostResponse
 from .hoststoml import Host
 from .plan import Access, is_proxy_for
@@ -36,7 +37,6 @@ from .tokens import (
     preferred_challenge,
 )
 
-Headers = list[tuple[bytes, bytes]]
 # Hosts whose challenge (or openness) is remembered, the least recently asked forgotten first: far more than rules
 # name, and a forgotten host costs one 401 more.
 MAX_KNOWN_HOSTS = 1024
@@ -65,8 +65,8 @@ class Authorization:
         who = f" of {self.username!r}" if self.username else ""
         return f"with the credential{who} from {self.credential_source}"
 
-    def lines(self) -> Headers:
-        return [(b"Authorization", self.header.encode())] if self.header else []
+    def lines(self) -> Lines:
+        return ((b"Authorization", self.header.encode()),) if self.header else ()
 
 
 _ANONYMOUS = Authorization()
@@ -174,7 +174,7 @@ class Broker:
         if self.knows(host):
             return
         try:
-            response = await self.hostclient.send(host, "GET", ping_target, [])
+            response = await self.hostclient.send(host, "GET", ping_target, ())
         except HostFailed:
             return  # the request itself will find out and say so
         self.learn(host, response)
@@ -185,7 +185,7 @@ class Broker:
             self.tokens.drop(authorization.token_request, authorization.token)
 
     async def send(
-        self, host: Host, method: str, target: str, headers: Headers, access: Access
+        self, host: Host, method: str, target: str, headers: Lines, access: Access
     ) -> tuple[HostResponse, Authorization]:
         """Sends a request authenticated as ocigate: with the Authorization the host is known to want, and on a 401
         once more with one answering its challenge (a fresh token when the refused one was cached)."""
@@ -207,7 +207,7 @@ class Broker:
         self, method: str, url: RealmURL, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, Mapping[str, str], bytes]:
         host = self.hostclient.realm_host(url.scheme, url.host, url.port)
-        lines = [(k.encode(), v.encode()) for k, v in headers.items()]
+        lines = tuple((k.encode(), v.encode()) for k, v in headers.items())
         try:
             response = await self.hostclient.send(host, method, url.target, lines, MAX_TOKEN_RESPONSE, body)
         except HostFailed as e:

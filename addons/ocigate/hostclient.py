@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from .destinations import DestinationError, Destinations
+from .headers import Lines
 from .hoststoml import Host
 from .hosttls import HostTLS, HostTLSError, python_context
 
@@ -133,7 +134,7 @@ class HostClient:
         host: Host,
         method: str,
         target: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: Lines,
         max_body: int = MAX_SMALL_BODY,
         body: bytes | None = None,
     ) -> HostResponse:
@@ -203,7 +204,7 @@ class HostClient:
         await self.clients.aclose()
 
 
-def _drop_invented_headers(request: httpx.Request, sent: list[tuple[bytes, bytes]]) -> None:
+def _drop_invented_headers(request: httpx.Request, sent: Lines) -> None:
     """httpx adds Accept, Accept-Encoding and User-Agent of its own: a host must see the client's request, not
     httpx's (distribution answers an Accept of */* differently from none), and an answer the client did not ask to
     be compressed must not arrive compressed."""

@@ -172,7 +172,7 @@ async def verify(
     broker = Broker(client, CredentialChain([_Given(credential, source)]))
     target = ping_target(host, upstream)
     try:
-        response, authorization = await broker.send(host, "GET", target, [], Access(upstream, prefix))
+        response, authorization = await broker.send(host, "GET", target, (), Access(upstream, prefix))
     except (AuthFailed, HostFailed) as e:
         raise LoginFailed(f"{host.netloc}: {e}" if host.netloc not in str(e) else str(e)) from None
     finally:

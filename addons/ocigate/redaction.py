@@ -70,12 +70,10 @@ class MaskedAnswer:
     body: Body
 
 
-def masked_answer(
-    status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]], secrets: Sequence[bytes]
-) -> MaskedAnswer:
+def masked_answer(status: int, reason: bytes, headers: Lines, secrets: Sequence[bytes]) -> MaskedAnswer:
     """An answer's reason and headers with every echo of `secrets` masked, and what becomes of its body: whether it is
     read whole by ocigate or streamed through, a host's answer is masked by this one rule."""
-    masked = tuple(mask_headers(headers, secrets))
+    masked = mask_headers(headers, secrets)
     if not may_echo(status):
         return MaskedAnswer(mask(reason, secrets), masked, Body.PASS)
     if hides_echoes(header_value(masked, b"content-encoding")):
@@ -102,8 +100,8 @@ def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:
     return data
 
 
-def mask_headers(headers: Sequence[tuple[bytes, bytes]], secrets: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-    return [(name, mask(value, secrets)) for name, value in headers]
+def mask_headers(headers: Lines, secrets: Sequence[bytes]) -> Lines:
+    return tuple((name, mask(value, secrets)) for name, value in headers)
 
 
 class MaskingStream:

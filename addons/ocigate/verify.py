@@ -9,8 +9,10 @@ import hashlib
 import json
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .headers import Lines, header_value
 
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
@@ -26,14 +28,6 @@ def checkable(digest: str) -> bool:
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{_ALGORITHMS[algorithm](data).hexdigest()}"
-
-
-def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The first value of header `name` (lowercase), stripped; None when there is none."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
 
 
 def _decoded(body: bytes, coding: str | None) -> bytes:
@@ -62,9 +56,7 @@ class Problem:
     wrong: bool
 
 
-def manifest_problem(
-    requested_digest: str | None, headers: Sequence[tuple[bytes, bytes]], body: bytes, *, head: bool
-) -> Problem | None:
+def manifest_problem(requested_digest: str | None, headers: Lines, body: bytes, *, head: bool) -> Problem | None:
     """Why a host's 2xx answer to a manifest request cannot be trusted, or None when it can.
 
     By digest, the bytes must hash to that digest; any request's `Docker-Content-Digest` must name the bytes sent
@@ -160,8 +152,8 @@ class BlobAnswer:
 
 def judge_blob_answer(
     status: int,
-    response_headers: Sequence[tuple[bytes, bytes]],
-    request_headers: Sequence[tuple[bytes, bytes]],
+    response_headers: Lines,
+    request_headers: Lines,
     digest: str,
     *,
     client: str,
