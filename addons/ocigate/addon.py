@@ -27,7 +27,7 @@ from .attempts import (
 )
 from .auth import Access, Authorization
 from .captures import Redaction
-from .configuration import Configuration, Credentials, Shared
+from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hostclient import HostResponse
 from .hoststoml import Host, Rule
@@ -639,7 +639,6 @@ def make_addons() -> list:
         Redaction(),
         HttpOnly(shared.upstream_rule, gateway.instead),
         Dialing(shared),
-        Credentials(shared),
         Configuration(shared),
         gateway,
     ]

@@ -145,10 +145,6 @@ class HostClient:
             return replace(known, scheme=scheme, path="", headers=())
         return Host(scheme=scheme, host=host, port=port, path="", capabilities=frozenset())
 
-    def forget_clients(self) -> None:
-        """Rules or trust settings changed: new requests get new clients; the old ones close once idle."""
-        self.clients.retire_all()
-
     def retire(self) -> None:
         """Another host client took this one's place: its requests under way finish, and every client closes once no
         request holds it."""
