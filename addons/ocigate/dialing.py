@@ -70,6 +70,8 @@ class Dialing:
             # Loaded as a script, ocigate comes before mitmproxy's tlsconfig: have it build the connection now (it
             # leaves a connection that exists alone), so that there is one to give this host's settings.
             ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
-        tls_start.ssl_conn.set_context(openssl_context(host_tls))
+        ssl_conn = tls_start.ssl_conn
+        assert ssl_conn is not None, "mitmproxy's tlsconfig builds every server connection's TLS"
+        ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
-            tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
+            ssl_conn.set_verify(SSL.VERIFY_NONE)
