@@ -122,8 +122,8 @@ class Configuration:
             ctx.options.update(connection_strategy="lazy")
         if not any(is_settings_option(name) for name in updated):
             return
-        # Nothing is replaced before everything parsed and built: on an OptionsError mitmproxy puts the options
-        # back, and the settings and services in use stay.
+        # Nothing is replaced before everything is parsed and built. On an OptionsError mitmproxy puts the options
+        # back and configures again: settings equal to those in force replace nothing.
         settings = Settings.parse(ctx.options)
         shared = self.shared
         if not shared.configured or updated & _RELOADED_WHEN_SET or rebuilt_by(shared.settings, settings):
