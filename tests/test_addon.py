@@ -17,7 +17,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from ocigate import configuration
 from ocigate import dialing as dialing_module
 from ocigate.addon import METADATA_KEY, Gateway
-from ocigate.configuration import Configuration, Credentials, Shared
+from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
@@ -36,20 +36,19 @@ def write_rules(root: Path, upstream: str, text: str) -> Path:
 def gateway(rules: Path, host_map: list[str] = (), read_timeout: int = 5) -> Iterator[tuple[Gateway, taddons.context]]:
     """The addons as the gateway runs them; credentials only from ocigate's own store, `<rules>/credentials.json`."""
     shared = Shared()
-    dialing, credentials, configuration = Dialing(shared), Credentials(shared), Configuration(shared)
+    dialing, configuration = Dialing(shared), Configuration(shared)
     gw = Gateway(shared)
-    with taddons.context(dialing, credentials, configuration, gw) as tctx:
+    with taddons.context(dialing, configuration, gw) as tctx:
         tctx.configure(
-            dialing,
+            configuration,
             ocigate_map_hosts=list(host_map),
             ocigate_allow_destinations=["127.0.0.0/8"],
             ocigate_dns=False,
-        )
-        tctx.configure(
-            credentials, ocigate_credential_sources=["ocigate"], ocigate_credentials=str(rules / "credentials.json")
-        )
-        tctx.configure(
-            configuration, ocigate_rules=str(rules), ocigate_connect_timeout=2, ocigate_read_timeout=read_timeout
+            ocigate_credential_sources=["ocigate"],
+            ocigate_credentials=str(rules / "credentials.json"),
+            ocigate_rules=str(rules),
+            ocigate_connect_timeout=2,
+            ocigate_read_timeout=read_timeout,
         )
         yield gw, tctx
 

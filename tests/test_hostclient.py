@@ -18,8 +18,7 @@ def local(port: int) -> Host:
 
 
 async def test_a_host_dripping_its_answer_fails_as_unreachable_once_the_read_timeout_is_spent() -> None:
-    upstream = HostClient()
-    upstream.read_timeout = 1
+    upstream = HostClient(read_timeout=1)
     # Never a second without a byte, yet the whole answer would take over ten seconds.
     with http_host(lambda h: (200, ANSWER), drip=0.05) as (port, seen):
         try:
@@ -33,8 +32,7 @@ async def test_a_host_dripping_its_answer_fails_as_unreachable_once_the_read_tim
 
 
 async def test_a_silent_host_fails_the_same_way() -> None:
-    upstream = HostClient()
-    upstream.read_timeout = 1
+    upstream = HostClient(read_timeout=1)
     with http_host(lambda h: (200, ANSWER), drip=5) as (port, _):
         try:
             with pytest.raises(HostFailed, match=r"^answer not complete within 1 s$"):
@@ -44,8 +42,7 @@ async def test_a_silent_host_fails_the_same_way() -> None:
 
 
 async def test_an_answer_that_comes_in_time_is_read_whole_even_in_pieces() -> None:
-    upstream = HostClient()
-    upstream.read_timeout = 10
+    upstream = HostClient(read_timeout=10)
     with http_host(lambda h: (200, ANSWER), drip=0.001) as (port, _):
         try:
             response = await upstream.send(local(port), "GET", "/v2/", [])
@@ -124,3 +121,19 @@ async def test_a_request_under_way_finishes_when_its_client_is_pushed_out_of_the
             go_on.set()
             await upstream.aclose()
     assert answer.status == 200 and answer.body == ANSWER
+
+
+async def test_a_retired_pool_closes_every_client_once_idle_even_those_handed_out_after_it_retired() -> None:
+    pool = ClientPool()
+    busy = pool.hold(named("busy.test"), HostTLS())
+    idle = pool.hold(named("idle.test"), HostTLS())
+    pool.release(idle)
+    pool.retire()
+    # A request under way when its pool was replaced goes on to its next host.
+    late = pool.hold(named("next.test"), HostTLS())
+    await asyncio.sleep(0)
+    assert idle.is_closed and not busy.is_closed and not late.is_closed and len(pool) == 0
+    pool.release(busy)
+    pool.release(late)
+    await asyncio.sleep(0)
+    assert busy.is_closed and late.is_closed

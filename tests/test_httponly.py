@@ -16,9 +16,8 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from ocigate.askagain import AskAgainHttpLayer
-from ocigate.configuration import Shared
+from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
-from ocigate.hoststoml import load_rules
 from ocigate.httponly import HttpOnly
 
 # What a client sends first inside the decrypted connection when it writes its request in two pieces.
@@ -33,9 +32,10 @@ def http_only(tmp_path: Path, **options: object) -> Iterator[tuple[HttpOnly, tad
     (tmp_path / "upstream.test").mkdir()
     (tmp_path / "upstream.test" / "hosts.toml").write_text('[host."http://mirror.test:5000"]\n')
     shared = Shared()
-    shared.rules = load_rules(tmp_path)
+    configuration = Configuration(shared)
     addon = HttpOnly(shared.upstream_rule, lambda flow, why: None)
-    with taddons.context(addon, NextLayer()) as tctx:
+    with taddons.context(configuration, addon, NextLayer()) as tctx:
+        tctx.configure(configuration, ocigate_rules=str(tmp_path))
         tctx.options.update(**options)
         yield addon, tctx
 
@@ -166,9 +166,9 @@ def test_a_udp_stream_already_connected_to_a_ruled_upstream_carries_nothing_of_t
 
 async def test_dialing_leaves_a_refused_connection_alone(tmp_path: Path) -> None:
     shared = Shared()
-    dialing = Dialing(shared)
-    with taddons.context(dialing) as tctx:
-        tctx.configure(dialing, ocigate_dns=False)
+    dialing, configuration = Dialing(shared), Configuration(shared)
+    with taddons.context(dialing, configuration) as tctx:
+        tctx.configure(configuration, ocigate_dns=False)
         data = tflow.tserver_conn()
         data.address, data.error = ("upstream.test", 443), "ocigate refused a raw TCP connection to upstream.test"
         await dialing.server_connect(server_hooks.ServerConnectionHookData(data, tflow.tclient_conn()))

@@ -10,12 +10,12 @@ import logging
 import weakref
 from dataclasses import dataclass
 
-from mitmproxy import ctx, http, tls
+from mitmproxy import http, tls
 
 from .answers import error_response, from_host, internal_error, ping_answer
 from .attempts import Streamed, choose_streamed_host, first_good
 from .captures import Redaction
-from .configuration import Configuration, Credentials, Shared
+from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .headers import header_value
 from .hostclient import HostResponse
@@ -57,7 +57,7 @@ class Gateway:
         self.streams = Streams(shared)
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if ctx.options.ocigate_intercept_unruled or self.shared.rules is None:
+        if self.shared.rules is None or self.shared.settings.intercept_unruled:
             return
         address = data.context.server.address
         if address and self.shared.upstream_rule(address[0], address[1], "https") is None:
@@ -101,7 +101,7 @@ class Gateway:
         if wanted is not None:
             origin = self.shared.contexts.origin(client, upstream, wanted.repository, wanted.digest, fetch=wanted.fetch)
         query = request.path.partition("?")[2]
-        plan = make_plan(route, request.method, rule, upstream, query, ctx.options.ocigate_named_ref_headers, origin)
+        plan = make_plan(route, request.method, rule, upstream, query, self.shared.settings.named_ref_headers, origin)
         if plan.handling is Handling.PING:
             return Answer(ping_answer(request.method), FlowRecord.of(plan))
         if plan.handling is Handling.NO_HOST:
@@ -186,7 +186,6 @@ def make_addons() -> list:
         Redaction(),
         HttpOnly(shared.upstream_rule, gateway.instead),
         Dialing(shared),
-        Credentials(shared),
         Configuration(shared),
         gateway,
     ]

@@ -105,11 +105,6 @@ class Broker:
         self._clock = clock
         self._challenges: LRUCache[str, Challenge] = LRUCache(MAX_KNOWN_HOSTS)
 
-    def forget(self) -> None:
-        """Rules or credential sources changed: what hosts asked for and every token are forgotten."""
-        self._challenges.clear()
-        self.tokens = TokenCache(clock=self._clock)
-
     def knows(self, host: Host) -> bool:
         return _host_key(host) in self._challenges
 

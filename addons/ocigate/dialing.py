@@ -1,61 +1,27 @@
 """Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings."""
 
 import logging
-from collections.abc import Sequence
 
 from cachetools import LRUCache
-from mitmproxy import connection, ctx, exceptions, tls
-from mitmproxy.addonmanager import Loader
+from mitmproxy import connection, ctx, tls
 from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .configuration import MAX_CONNECTIONS, Shared
-from .destinations import DestinationError, Destinations
+from .destinations import DestinationError
 from .hosttls import openssl_context
 
 log = logging.getLogger("ocigate")
 
 
 class Dialing:
-    """Every connection mitmproxy opens goes where the host map says, only to allowed addresses, and with the TLS
-    settings its host has in hosts.toml."""
+    """Every connection mitmproxy opens goes where the host map says and only to allowed addresses, as ocigate's own
+    requests do, and with the TLS settings its host has in hosts.toml."""
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         # The address each connection was asked for, until it is connected (see server_connect).
         self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "ocigate_map_hosts",
-            Sequence[str],
-            [],
-            "Host map, NAME[:PORT]=ADDRESS[:PORT]: connections to NAME go to ADDRESS instead of resolving it "
-            "(an air-gap box without DNS, or test registries under made-up names).",
-        )
-        loader.add_option(
-            "ocigate_allow_destinations",
-            Sequence[str],
-            [],
-            "Networks (CIDR) every connection must go to; anything else is refused. Empty: no limit.",
-        )
-        loader.add_option(
-            "ocigate_dns",
-            bool,
-            True,
-            "Resolve names that ocigate_map_hosts does not map. Off: such names are refused, never resolved.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if updated & {"ocigate_map_hosts", "ocigate_allow_destinations", "ocigate_dns"}:
-            try:
-                self.shared.hostclient.destinations = Destinations.from_options(
-                    ctx.options.ocigate_map_hosts,
-                    ctx.options.ocigate_allow_destinations,
-                    ctx.options.ocigate_dns,
-                )
-            except ValueError as e:
-                raise exceptions.OptionsError(str(e)) from None
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
@@ -104,6 +70,8 @@ class Dialing:
             # Loaded as a script, ocigate comes before mitmproxy's tlsconfig: have it build the connection now (it
             # leaves a connection that exists alone), so that there is one to give this host's settings.
             ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
-        tls_start.ssl_conn.set_context(openssl_context(host_tls))
+        ssl_conn = tls_start.ssl_conn
+        assert ssl_conn is not None, "mitmproxy's tlsconfig builds every server connection's TLS"
+        ssl_conn.set_context(openssl_context(host_tls))
         if host_tls.skip_verify:
-            tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
+            ssl_conn.set_verify(SSL.VERIFY_NONE)

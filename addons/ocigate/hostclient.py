@@ -2,6 +2,7 @@
 
 import asyncio
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from .destinations import DestinationError, Destinations
 from .headers import Lines
 from .hoststoml import Host
 from .hosttls import HostTLS, HostTLSError, python_context
+from .verify import MAX_MANIFEST_SIZE
 
-# Registries refuse manifests above 4 MiB (distribution's limit); anything much larger is not a manifest.
-MAX_SMALL_BODY = 16 * 1024 * 1024
+# The most ocigate reads of one answer (a manifest, a tag list, a catalog page): a manifest above MAX_MANIFEST_SIZE is
+# refused by registries, and anything much larger is no answer ocigate reads whole.
+MAX_SMALL_BODY = 4 * MAX_MANIFEST_SIZE
 # Clients (each with its idle connections) kept for hosts and token realms. Rules name far fewer hosts; a mirror
 # naming a new realm in every challenge could name any number.
 MAX_CLIENTS = 256
@@ -39,8 +42,8 @@ class HostResponse:
 
 class ClientPool:
     """An httpx client per host name, port and TLS settings, for at most `size` of them: the least recently used
-    beyond that is retired, like every client when the settings change, and a retired client is closed once no
-    request holds it (closing it under a request would break that request)."""
+    beyond that is retired, like every client when the pool itself is (see retire), and a retired client is closed
+    once no request holds it (closing it under a request would break that request)."""
 
     def __init__(self, size: int = MAX_CLIENTS) -> None:
         self._size = size
@@ -48,6 +51,7 @@ class ClientPool:
         self._holders: Counter[httpx.AsyncClient] = Counter()  # requests under way with each client
         self._retired: set[httpx.AsyncClient] = set()  # not handed out any more; closed once idle
         self._closing: set[asyncio.Task[None]] = set()
+        self._replaced = False  # see retire
 
     def hold(self, host: Host, tls: HostTLS) -> httpx.AsyncClient:
         """The client for a request to `host`, held until release(); HostTLSError when its TLS files cannot be
@@ -59,8 +63,11 @@ class ClientPool:
         if client is None:
             # The TLS context even for http: one built for it would cost a fresh load of the default roots.
             client = httpx.AsyncClient(verify=python_context(tls), follow_redirects=False, trust_env=False)
-        self._clients[key] = client
         self._holders[client] += 1
+        if self._replaced:
+            self._retired.add(client)
+        else:
+            self._clients[key] = client
         while len(self._clients) > self._size:
             self._retired.add(self._clients.popitem(last=False)[1])
         self._close_idle()
@@ -76,6 +83,12 @@ class ClientPool:
         self._retired.update(self._clients.values())
         self._clients.clear()
         self._close_idle()
+
+    def retire(self) -> None:
+        """Another pool took this one's place: every client is retired, and so is any a request already under way
+        still asks for (its next host, its token), which would otherwise stay open with nobody left to close it."""
+        self._replaced = True
+        self.retire_all()
 
     def _close_idle(self) -> None:
         idle = [client for client in self._retired if client not in self._holders]
@@ -102,17 +115,27 @@ class ClientPool:
 
 
 class HostClient:
-    """Timeouts and trust roots are set from the options before the first request."""
+    """Sends ocigate's own requests: dialled as `destinations` say, within `connect_timeout` (unless the host has a
+    dial_timeout) and `read_timeout`; trusting `roots` instead of the default roots when given, and nothing at all
+    when `insecure`. `hosts_by_address`: the one hosts.toml entry for an address that every rule agrees on, the TLS
+    settings for connections to it that no plan chose (a token realm on a mirror, a ruled host's passthrough)."""
 
-    def __init__(self) -> None:
-        self.destinations = Destinations()
-        self.connect_timeout = 30.0
-        self.read_timeout = 60.0
-        self.roots: Path | None = None
-        self.insecure = False
-        # The one hosts.toml entry for an address that every rule agrees on: the TLS settings for connections to it
-        # that no plan chose (a token realm on a mirror, a ruled host's passthrough).
-        self.hosts_by_address: dict[tuple[str, int], Host] = {}
+    def __init__(
+        self,
+        destinations: Destinations | None = None,
+        *,
+        connect_timeout: float = 30.0,
+        read_timeout: float = 60.0,
+        roots: Path | None = None,
+        insecure: bool = False,
+        hosts_by_address: Mapping[tuple[str, int], Host] | None = None,
+    ) -> None:
+        self.destinations = Destinations() if destinations is None else destinations
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.roots = roots
+        self.insecure = insecure
+        self.hosts_by_address: Mapping[tuple[str, int], Host] = dict(hosts_by_address or {})
         self.clients = ClientPool()
 
     def host_tls(self, host: Host) -> HostTLS:
@@ -125,9 +148,10 @@ class HostClient:
             return replace(known, scheme=scheme, path="", headers=())
         return Host(scheme=scheme, host=host, port=port, path="", capabilities=frozenset())
 
-    def forget_clients(self) -> None:
-        """Rules or trust settings changed: new requests get new clients; the old ones close once idle."""
-        self.clients.retire_all()
+    def retire(self) -> None:
+        """Another host client took this one's place: its requests under way finish, and every client closes once no
+        request holds it."""
+        self.clients.retire()
 
     async def send(
         self,

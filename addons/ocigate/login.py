@@ -167,8 +167,7 @@ async def verify(
     destinations: Destinations,
 ) -> Verified:
     """GET of the host's /v2/ (with ns= for a mirror) authenticated as the gateway would be. Raises LoginFailed."""
-    client = HostClient()
-    client.destinations = destinations
+    client = HostClient(destinations)
     broker = Broker(client, CredentialChain([_Given(credential, source)]))
     target = ping_target(host, upstream)
     try:

@@ -85,7 +85,7 @@ class Streams:
         self.shared.repointed.setdefault(flow.client_conn.id, {})[(host.host, host.port)] = host
         self.flows[flow] = streamed
         if plan.verify:
-            streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, ctx.options.ocigate_read_timeout))
+            streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, self.shared.settings.read_timeout))
         flow.request.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -1,0 +1,124 @@
+"""What the settings make: the rules, ocigate's own HTTP client and its authentication, what it knows of hosts' health
+and of pulls. Built as one frozen bundle from one Settings, and replaced as a whole when the settings change, so
+that no request ever sees a host client of one setting and a broker of another."""
+
+from dataclasses import dataclass, replace
+
+from mitmproxy import exceptions
+
+from .attempts import Asker
+from .auth import Broker
+from .context import ContextStore
+from .credentials import (
+    ContainersAuth,
+    CredentialChain,
+    CredentialSource,
+    DockerConfig,
+    KubernetesSecrets,
+    OcigateStore,
+    default_containers_auth_paths,
+)
+from .health import HostHealth
+from .hostclient import HostClient
+from .hoststoml import Host, RulesError, RuleSet, load_rules
+from .hosttls import HostTLS, HostTLSError, forget_contexts, openssl_context, python_context
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    rules: RuleSet | None  # None: no ocigate_rules, every request passes through untouched
+    hostclient: HostClient
+    broker: Broker
+    health: HostHealth
+    asker: Asker
+    contexts: ContextStore
+
+    @classmethod
+    def unconfigured(cls) -> "Services":
+        """What the addons use before any settings were parsed: no rules, so nothing is routed, and connections
+        dialled as asked."""
+        return cls.of(None, HostClient(), HostHealth(), credentials=None)
+
+    @classmethod
+    def of(
+        cls, rules: RuleSet | None, hostclient: HostClient, health: HostHealth, credentials: CredentialChain | None
+    ) -> "Services":
+        """The services for these rules, host client, health and credentials: with a broker and an asker of their own
+        and nothing known of any pull."""
+        broker = Broker(hostclient, credentials)
+        return cls(rules, hostclient, broker, health, Asker(broker, health), ContextStore())
+
+
+def build(settings: Settings) -> Services:
+    """The services `settings` make, with the rules and every TLS file they name read afresh; an OptionsError naming
+    ocigate_rules and the file when one cannot be used."""
+    # The files may have changed on disk since their contexts were made.
+    forget_contexts()
+    rules = _load_rules(settings)
+    hostclient = HostClient(
+        settings.destinations,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        roots=settings.upstream_trusted_ca,
+        insecure=settings.ssl_insecure,
+        hosts_by_address=_hosts_by_address(rules),
+    )
+    return Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
+
+
+def rebuilt_by(current: Settings, new: Settings) -> bool:
+    """Whether `new` makes other services than `current` did: what only the Gateway reads (the named-reference
+    headers, whether unruled hosts are intercepted) changes none, so what they know of hosts and pulls is kept."""
+    return replace(current, named_ref_headers=new.named_ref_headers, intercept_unruled=new.intercept_unruled) != new
+
+
+def credential_chain(settings: Settings) -> CredentialChain:
+    """The credential sources in the order the settings name them (an empty chain: anonymous only)."""
+    sources: list[CredentialSource] = []
+    for name in settings.credential_sources:
+        sources += _sources(name, settings)
+    return CredentialChain(sources)
+
+
+def _sources(name: str, settings: Settings) -> list[CredentialSource]:
+    timeout = settings.credential_helper_timeout
+    if name == "ocigate":
+        return [OcigateStore(settings.credentials)]
+    if name == "docker":
+        return [DockerConfig(settings.docker_config, helper_timeout=timeout)]
+    if name == "containers":
+        paths = [settings.containers_auth] if settings.containers_auth else default_containers_auth_paths()
+        return [ContainersAuth(path, helper_timeout=timeout) for path in paths]
+    return [KubernetesSecrets(settings.kubernetes_secrets)] if settings.kubernetes_secrets else []
+
+
+def _load_rules(settings: Settings) -> RuleSet | None:
+    if settings.rules is None:
+        return None
+    try:
+        rules = load_rules(settings.rules)
+    except RulesError as e:
+        raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
+    # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
+    for rule in rules.rules():
+        for host in rule.hosts:
+            host_tls = HostTLS.of(host, roots=settings.upstream_trusted_ca, insecure=settings.ssl_insecure)
+            try:
+                python_context(host_tls)
+                openssl_context(host_tls)
+            except HostTLSError as e:
+                raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
+    return rules
+
+
+def _hosts_by_address(rules: RuleSet | None) -> dict[tuple[str, int], Host]:
+    entries: dict[tuple[str, int], Host] = {}
+    conflicting: set[tuple[str, int]] = set()
+    for rule in rules.rules() if rules else ():
+        for host in rule.hosts:
+            address = (host.host, host.port)
+            known = entries.setdefault(address, host)
+            if known.tls != host.tls:
+                conflicting.add(address)
+    return {address: host for address, host in entries.items() if address not in conflicting}

@@ -1,0 +1,114 @@
+"""The addon that owns ocigate's options: the settings and the services built from them, replaced whole when an option
+that makes them changes, and left in force when a value is refused."""
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mitmproxy import connection, exceptions
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow
+
+from ocigate.configuration import Configuration, Shared
+from ocigate.dialing import Dialing
+from ocigate.hosttls import HostTLS
+from tests.test_addon import write_rules
+
+MIRROR = "https://mirror.test/v2"
+
+
+@contextmanager
+def configured(tmp_path: Path) -> Iterator[tuple[Shared, Dialing, Configuration, taddons.context]]:
+    rules = write_rules(tmp_path / "rules", "upstream.test", '[host."https://mirror.test"]\n')
+    shared = Shared()
+    dialing, configuration = Dialing(shared), Configuration(shared)
+    with taddons.context(dialing, configuration) as tctx:
+        tctx.configure(
+            configuration,
+            ocigate_rules=str(rules),
+            ocigate_map_hosts=["mirror.test=127.0.0.2"],
+            ocigate_credential_sources=[],
+            ocigate_cooldown=30,
+        )
+        yield shared, dialing, configuration, tctx
+
+
+async def dialled(dialing: Dialing, host: str) -> tuple[str, int] | None:
+    server = connection.Server(address=(host, 443))
+    await dialing.server_connect(server_hooks.ServerConnectionHookData(server, tflow.tclient_conn()))
+    return server.address
+
+
+async def test_a_changed_cooldown_swaps_in_new_services_with_a_health_of_that_cooldown(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        before = shared.services
+        tctx.configure(configuration, ocigate_cooldown=5)
+        assert shared.services is not before
+        assert shared.settings.cooldown == 5 and shared.health.cooldown == 5
+        assert before.health.cooldown == 30
+        assert shared.broker.hostclient is shared.hostclient and shared.asker.health is shared.health
+
+
+async def test_dialing_follows_the_host_map_of_the_settings_in_force(tmp_path: Path) -> None:
+    with configured(tmp_path) as (_, dialing, configuration, tctx):
+        assert await dialled(dialing, "mirror.test") == ("127.0.0.2", 443)
+        tctx.configure(configuration, ocigate_map_hosts=["mirror.test=127.0.0.3"])
+        assert await dialled(dialing, "mirror.test") == ("127.0.0.3", 443)
+
+
+async def test_a_refused_value_leaves_the_settings_and_services_in_force(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, dialing, configuration, tctx):
+        services, settings = shared.services, shared.settings
+        shared.health.unreachable(MIRROR, "connection refused")
+        with pytest.raises(exceptions.OptionsError, match=r"^ocigate_cooldown "):
+            tctx.configure(configuration, ocigate_cooldown=-1)
+        with pytest.raises(exceptions.OptionsError, match=r"^ocigate_map_hosts "):
+            tctx.configure(configuration, ocigate_map_hosts=["mirror.test"])
+        assert tctx.options.ocigate_cooldown == 30
+        assert shared.services is services and shared.settings == settings
+        assert shared.health.skipped(MIRROR)
+        assert await dialled(dialing, "mirror.test") == ("127.0.0.2", 443)
+
+
+async def test_broken_rules_set_later_leave_the_rules_in_force(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        broken = write_rules(tmp_path / "broken", "upstream.test", '[host."https://mirror.test"]\ncapabilities = 1\n')
+        with pytest.raises(exceptions.OptionsError, match=r"^ocigate_rules: "):
+            tctx.configure(configuration, ocigate_rules=str(broken))
+        assert shared.upstream_rule("upstream.test", 443, "https") is not None
+        assert shared.settings.rules == tmp_path / "rules"
+
+
+async def test_what_only_the_gateway_reads_keeps_the_services_and_what_they_learned(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        services = shared.services
+        shared.health.unreachable(MIRROR, "connection refused")
+        tctx.configure(configuration, ocigate_named_ref_headers=["X-Ref"], ocigate_intercept_unruled=True)
+        tctx.configure(configuration, ocigate_cooldown=30)  # set again, to what it was
+        assert shared.settings.named_ref_headers == ("X-Ref",) and shared.settings.intercept_unruled
+        assert shared.services is services and shared.health.skipped(MIRROR)
+
+
+async def test_setting_the_rules_again_reads_them_again(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        write_rules(tmp_path / "rules", "other.test", '[host."https://mirror.test"]\n')
+        assert shared.upstream_rule("other.test", 443, "https") is None
+        tctx.configure(configuration, ocigate_rules=str(tmp_path / "rules"))
+        assert shared.upstream_rule("other.test", 443, "https") is not None
+
+
+async def test_the_host_client_replaced_closes_its_clients_once_the_requests_under_way_are_done(
+    tmp_path: Path,
+) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        old = shared.hostclient
+        under_way = old.clients.hold(shared.rules.lookup("upstream.test").hosts[0], HostTLS())
+        tctx.configure(configuration, ocigate_connect_timeout=5)
+        assert shared.hostclient is not old and shared.hostclient.connect_timeout == 5
+        await asyncio.sleep(0)
+        assert not under_way.is_closed
+        old.clients.release(under_way)
+        await asyncio.sleep(0)
+        assert under_way.is_closed
