@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ocigate.context import MAX_DIGESTS_PER_MANIFEST, ContextStore, referenced_digests
-from ocigate.plan import Origin
-from ocigate.routes import RouteError, validate_digest
+from ocigate.hostclient import HostResponse
+from ocigate.hoststoml import Host, Rule
+from ocigate.plan import Origin, Plan, make_plan
+from ocigate.routes import Route, RouteError, RouteKind, validate_digest
 from ocigate.verify import MAX_MANIFEST_SIZE
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, make_image, make_index
 
@@ -481,3 +483,33 @@ def test_an_index_of_45000_references_remembers_no_more_than_the_cap():
     # Both maps, the client's and anyone's, hold one entry per digest remembered.
     assert len(store) == 2 * MAX_DIGESTS_PER_MANIFEST
     assert store.origin("client-1", UPSTREAM, REPOSITORY, manifests[-1]) is None
+
+
+# -- served: what the gateway tells the store of a manifest it served ---------------------------------------------
+
+
+def _plan(route: Route, method: str) -> Plan:
+    rule = Rule(UPSTREAM, None, (Host("http", "mirror-a.test", 5000, "/v2", frozenset({"pull", "resolve"})),), False)
+    return make_plan(route, method, rule, UPSTREAM, "", ["OCI-Named-Ref"])
+
+
+def test_a_served_manifest_gives_what_it_references_to_its_pull_and_nothing_else_does() -> None:
+    store = ContextStore()
+    layer, manifest = digest("layer"), body(docker_manifest(digest("config"), [digest("layer")]))
+    by_tag = _plan(Route(RouteKind.MANIFEST, REPOSITORY, tag="v1"), "GET")
+    headers = ((b"Content-Type", DOCKER_MANIFEST.encode()),)
+    store.served("c1", by_tag, MIRROR_A, HostResponse(404, b"", headers, manifest))
+    assert store.origin("c1", UPSTREAM, REPOSITORY, layer) is None  # a 404 served no manifest
+    tags = _plan(Route(RouteKind.TAGS, REPOSITORY), "GET")
+    store.served("c1", tags, MIRROR_A, HostResponse(200, b"", headers, manifest))
+    assert store.origin("c1", UPSTREAM, REPOSITORY, layer) is None  # a tag list names no pull
+    store.served("c1", by_tag, MIRROR_A, HostResponse(200, b"", headers, manifest))
+    assert store.origin("c1", UPSTREAM, REPOSITORY, layer) == Origin(V1, MIRROR_A)
+
+
+def test_a_tag_resolved_by_head_lends_its_reference_to_the_get_of_its_digest() -> None:
+    store = ContextStore()
+    resolved = digest("manifest")
+    head = _plan(Route(RouteKind.MANIFEST, REPOSITORY, tag="v1"), "HEAD")
+    store.served("c1", head, MIRROR_A, HostResponse(200, b"", ((b"Docker-Content-Digest", resolved.encode()),), b""))
+    assert store.origin("c1", UPSTREAM, REPOSITORY, resolved, fetch=True) == Origin(V1, MIRROR_A)

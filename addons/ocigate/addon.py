@@ -17,9 +17,7 @@ from .attempts import Streamed, choose_streamed_host, first_good
 from .captures import Redaction
 from .configuration import Configuration, Shared
 from .dialing import Dialing
-from .headers import header_value
-from .hostclient import HostResponse
-from .hoststoml import Host, Rule
+from .hoststoml import Rule
 from .httponly import HttpOnly
 from .ocierror import OciError
 from .plan import Handling, Plan, classify, make_plan, origin_query
@@ -113,26 +111,12 @@ class Gateway:
             served_by = next(a.host for a in plan.attempts if a.host.url == outcomes[-1].host)
             response = from_host(answer, head=request.method == "HEAD")
             point_location_at_the_gateway(response, served_by)
-            if plan.remembers and 200 <= answer.status < 300:
-                self._remember(client, plan, served_by, answer)
+            self.shared.contexts.served(client, plan, served_by.url, answer)
             return Answer(response, FlowRecord.of(plan, outcomes, served_by.url))
         chosen, outcomes = await choose_streamed_host(plan, request.headers.fields, self.shared.asker)
         if chosen is None:
             return Answer(*failed_plan(request.method, plan, outcomes))
         return Forward(chosen, plan, FlowRecord.of(plan, outcomes, chosen.attempt.host.url))
-
-    def _remember(self, client: str, plan: Plan, host: Host, answer: HostResponse) -> None:
-        """What the manifest just served references belongs to its pull; a tag resolved by HEAD lends its reference
-        to the GET of its digest that follows."""
-        route, contexts = plan.route, self.shared.contexts
-        assert plan.named_reference is not None and route.repository is not None
-        if plan.method == "GET":
-            content_type = header_value(answer.headers, b"content-type")
-            contexts.remember(
-                client, plan.upstream, route.repository, plan.named_reference, host.url, answer.body, content_type
-            )
-        elif route.tag and (digest := header_value(answer.headers, b"docker-content-digest")):
-            contexts.resolved(client, plan.upstream, route.repository, digest, plan.named_reference, host.url)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.streams.responseheaders(flow)

@@ -41,7 +41,9 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from .plan import Origin
+from .headers import header_value
+from .hostclient import HostResponse
+from .plan import Origin, Plan
 from .routes import RouteError, validate_digest
 from .verify import MAX_MANIFEST_SIZE
 
@@ -189,6 +191,19 @@ class ContextStore:
             self._by_client[(_BY_CLIENT, client, upstream, repository, digest)] = origin
             self._by_anyone[(upstream, repository, digest)] = origin
         return digests
+
+    def served(self, client: str, plan: Plan, host: str, answer: HostResponse) -> None:
+        """`host` served `client` a manifest the plan names a pull for (plan.remembers): what a GET brought
+        references belongs to that pull; a tag resolved by HEAD lends its reference to the GET of its digest that
+        follows."""
+        route, named_reference = plan.route, plan.named_reference
+        if not (plan.remembers and route.repository and named_reference and 200 <= answer.status < 300):
+            return
+        if plan.method == "GET":
+            content_type = header_value(answer.headers, b"content-type")
+            self.remember(client, plan.upstream, route.repository, named_reference, host, answer.body, content_type)
+        elif route.tag and (digest := header_value(answer.headers, b"docker-content-digest")):
+            self.resolved(client, plan.upstream, route.repository, digest, named_reference, host)
 
     def resolved(
         self, client: str, upstream: str, repository: str, digest: str, named_reference: str, host: str
