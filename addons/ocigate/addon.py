@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from mitmproxy import http, tls
 
-from .answers import error_response, from_host, internal_error, ping_answer
+from .answers import (
+    error_response,
+    failed_plan,
+    from_host,
+    internal_error,
+    ping_answer,
+    point_location_at_the_gateway,
+)
 from .attempts import Streamed, choose_streamed_host, first_good
 from .captures import Redaction
 from .configuration import Configuration, Shared
@@ -22,7 +29,7 @@ from .httponly import HttpOnly
 from .ocierror import OciError
 from .plan import Handling, Plan, classify, make_plan, origin_query
 from .record import METADATA_KEY, FlowRecord
-from .streaming import Streams, failed_plan, point_location_at_the_gateway
+from .streaming import Streams
 
 log = logging.getLogger("ocigate")
 

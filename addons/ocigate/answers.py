@@ -1,5 +1,6 @@
-"""What the client gets when ocigate answers itself: OCI errors and the status that names what went wrong, and a
-host's answer read whole, passed on as the client's."""
+"""What the client gets: when ocigate answers itself, OCI errors with the status that names what went wrong; a
+host's answer read whole, passed on as the client's; and any host's Location, pointed back at the gateway where it
+names the host itself."""
 
 import time
 from collections.abc import Sequence
@@ -11,8 +12,10 @@ from .attempts import Outcome, refusal
 from .auth import Authorization
 from .headers import HOP_BY_HOP, header_value
 from .hostclient import HostResponse
+from .hoststoml import Host
 from .ocierror import OciError
-from .plan import Plan
+from .plan import Plan, location_for_client
+from .record import FlowRecord
 from .routes import RouteKind
 
 
@@ -110,3 +113,14 @@ def ping_answer(method: str) -> http.Response:
         b"" if method == "HEAD" else b"{}",
         {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"},
     )
+
+
+def failed_plan(method: str, plan: Plan, outcomes: list[Outcome]) -> tuple[http.Response, FlowRecord]:
+    """No host could serve the request: the client's OCI error naming every host, and the record."""
+    return error_response(method, failure(plan, outcomes)), FlowRecord.of(plan, outcomes)
+
+
+def point_location_at_the_gateway(response: http.Response, host: Host) -> None:
+    location = response.headers.get("Location")
+    if location:
+        response.headers["Location"] = location_for_client(location, host)

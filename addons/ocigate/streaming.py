@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, http
 from mitmproxy.flow import Error
 
-from .answers import AskAgain, after_failed_host, error_response, failure, refused
+from .answers import AskAgain, after_failed_host, error_response, point_location_at_the_gateway, refused
 from .attempts import Outcome, Streamed, refusal
 from .configuration import Shared
 from .hostclient import HostResponse
 from .hoststoml import Host
-from .plan import Attempt, Plan, location_for_client
+from .plan import Attempt, Plan
 from .record import GATEWAY, FlowRecord
 from .redaction import Body, MaskingStream, echo_forms, mask, masked_answer
 from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
@@ -294,11 +294,6 @@ class Streams:
         streamed.record.error = f"{streamed.host.url} sent {why} for {streamed.plan.verify}: transfer aborted"
 
 
-def failed_plan(method: str, plan: Plan, outcomes: list[Outcome]) -> tuple[http.Response, FlowRecord]:
-    """No host could serve the request: the client's OCI error naming every host, and the record."""
-    return error_response(method, failure(plan, outcomes)), FlowRecord.of(plan, outcomes)
-
-
 def _stop(streamed: StreamedFlow) -> None:
     if streamed.watchdog:
         streamed.watchdog.cancel()
@@ -323,12 +318,6 @@ def _repoint(request: http.Request, chosen: Streamed, *, as_digest_names_it: boo
     if as_digest_names_it:
         # The bytes are checked against the blob's digest as they pass: they must come as the digest names them.
         request.headers["Accept-Encoding"] = "identity"
-
-
-def point_location_at_the_gateway(response: http.Response, host: Host) -> None:
-    location = response.headers.get("Location")
-    if location:
-        response.headers["Location"] = location_for_client(location, host)
 
 
 def _mask_echoes(flow: http.HTTPFlow, streamed: StreamedFlow) -> None:
