@@ -404,3 +404,22 @@ def test_at_most_max_known_hosts_have_their_challenge_remembered_the_latest_kept
         challenge = f'Bearer realm="https://realm{number}.test/token"'.encode()
         broker.learn(host, HostResponse(401, b"", ((b"WWW-Authenticate", challenge),), b""))
     assert [host for host in hosts if broker.knows(host)] == hosts[-MAX_KNOWN_HOSTS:]
+
+
+async def test_the_record_names_the_credential_its_source_and_whether_the_token_was_fetched_or_cached(
+    tmp_path: Path,
+) -> None:
+    with token_registry(tmp_path) as (gw, registry, store):
+        store.save(f"registry.test:{registry.port}", Credential("alice", PASSWORD))
+        first = await fetch(gw, "/v2/team/app/manifests/v1")
+        second = await fetch(gw, "/v2/team/app/manifests/v1")
+        blob = await fetch(gw, f"/v2/team/app/blobs/{DIGEST}")
+    records = [flow.metadata[METADATA_KEY] for flow in (first, second, blob)]
+    assert [r["token"] for r in records] == ["fetched", "cached", "cached"]
+    # The credential by its source and the key it was found under, never its value.
+    used = f"'alice' from ocigate credentials {tmp_path / 'credentials.json'} (host registry.test:"
+    assert all(r["credential"].startswith(used) for r in records)
+    assert records[0]["attempts"][0]["token"] == "fetched" and records[1]["attempts"][0]["token"] == "cached"
+    # A mirror is asked with ns=, and the record says so; the token and the password are nowhere in it.
+    assert all(r["ns"] == "upstream.test" and r["method"] == "GET" for r in records)
+    assert not any(secret in json.dumps(records) for secret in (PASSWORD, "token-0"))

@@ -80,14 +80,16 @@ class Gateway:
         except Exception:
             # Fail closed: a flow of a ruled upstream that was not routed must not leave for the upstream as sent.
             log.exception("ocigate: internal error routing %s %s", flow.request.method, flow.request.pretty_url)
-            decision = Answer(
-                error_response(flow.request.method, internal_error()), FlowRecord.refused(upstream, str(rule.source))
-            )
+            error = internal_error()
+            record = FlowRecord.refused(upstream, str(rule.source), flow.request.method)
+            record.error = error.message
+            decision = Answer(error_response(flow.request.method, error), record)
         if isinstance(decision, Forward):
             self.streams.start(flow, decision.chosen, decision.plan, decision.record)
         elif decision is not None:
             flow.response = decision.response
         if decision is not None:
+            decision.record.client_of(flow)
             self.records[flow] = decision.record
             decision.record.publish(flow)
 
@@ -99,7 +101,9 @@ class Gateway:
         if route is None:
             return None
         if isinstance(route, OciError):
-            return Answer(error_response(request.method, route), FlowRecord.refused(upstream, str(rule.source)))
+            return Answer(
+                error_response(request.method, route), FlowRecord.refused(upstream, str(rule.source), request.method)
+            )
         client = _client_key(flow)
         wanted = origin_query(route, request.method)
         origin = None
@@ -119,11 +123,21 @@ class Gateway:
             response = from_host(answer, head=request.method == "HEAD")
             point_location_at_the_gateway(response, served_by)
             self.shared.contexts.served(client, plan, served_by.url, answer)
-            return Answer(response, FlowRecord.of(plan, outcomes, served_by.url))
+            served = outcomes[-1]
+            record = FlowRecord.of(plan, outcomes, served_by.url, credential=served.credential, token=served.token)
+            return Answer(response, record)
         chosen, outcomes = await choose_streamed_host(plan, request.headers.fields, self.shared.asker)
         if chosen is None:
             return Answer(*failed_plan(request.method, plan, outcomes))
-        return Forward(chosen, plan, FlowRecord.of(plan, outcomes, chosen.attempt.host.url))
+        authorization = chosen.authorization
+        record = FlowRecord.of(
+            plan,
+            outcomes,
+            chosen.attempt.host.url,
+            credential=authorization.credential() if authorization else None,
+            token=authorization.token_source if authorization else None,
+        )
+        return Forward(chosen, plan, record)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.streams.responseheaders(flow)
@@ -142,9 +156,9 @@ class Gateway:
             record.status = flow.response.status_code
         record.publish(flow)
         if cut_short:
-            log.warning("ocigate: %s", record.describe(flow.request.method))
+            log.warning("ocigate: %s", record.describe())
         else:
-            log.info("ocigate: %s", record.describe(flow.request.method))
+            log.info("ocigate: %s", record.describe())
 
     def error(self, flow: http.HTTPFlow) -> None:
         why = self.streams.error(flow)
@@ -152,7 +166,7 @@ class Gateway:
         if record is not None and why and record.error is None:
             record.error = why
             record.publish(flow)
-            log.warning("ocigate: %s", record.describe(flow.request.method))
+            log.warning("ocigate: %s", record.describe())
 
     async def done(self) -> None:
         self.streams.stop()

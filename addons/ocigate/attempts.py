@@ -25,9 +25,16 @@ class Outcome:
     auth_failure: bool = False
     # The host could not be connected to or did not answer in time, now or in its cool-down.
     unreachable: bool = False
+    credential: str | None = None  # the credential ocigate presented, by source and user (Authorization.credential)
+    token: str | None = None  # its token: "cached" or "fetched" (Authorization.token_source)
 
     def as_dict(self) -> dict[str, str | bool]:
-        return {"host": self.host, "result": self.result, "fell_through": self.fell_through}
+        shown: dict[str, str | bool] = {"host": self.host, "result": self.result, "fell_through": self.fell_through}
+        if self.credential is not None:
+            shown["credential"] = self.credential
+        if self.token is not None:
+            shown["token"] = self.token
+        return shown
 
 
 def falls_through(status: int, attempt: Attempt) -> bool:
@@ -164,7 +171,9 @@ def _answered(
     if probe:
         result = f"probe: {result}"
     fell_through = status >= 400 if probe else falls_through(status, attempt)
-    return Outcome(attempt.host.url, result, fell_through, status, refused)
+    credential = authorization.credential() if authorization else None
+    token = authorization.token_source if authorization else None
+    return Outcome(attempt.host.url, result, fell_through, status, refused, credential=credential, token=token)
 
 
 async def first_good(plan: Plan, client_headers: Lines, asker: Asker) -> tuple[HostResponse | None, list[Outcome]]:
@@ -201,7 +210,7 @@ async def first_good(plan: Plan, client_headers: Lines, asker: Asker) -> tuple[H
             if problem:
                 if route.digest and problem.wrong:
                     asker.health.bad_content(url, route.digest, problem.text)
-                outcome = Outcome(url, f"{response.status}{via} but {problem.text}", True, response.status)
+                outcome = replace(outcome, result=f"{response.status}{via} but {problem.text}", fell_through=True)
         outcomes.append(outcome)
         if not outcome.fell_through:
             return response, outcomes

@@ -57,6 +57,9 @@ class Authorization:
     username: str | None = None
     token_request: TokenRequest | None = None
     token: Token | None = None
+    # Where the token came from: "cached" (the token cache had it) or "fetched" (from the token endpoint, by this
+    # request or one it waited for); None without a token.
+    token_source: str | None = None
 
     def describe(self) -> str:
         """What was presented, in words fit for a log line or the client's error."""
@@ -64,6 +67,12 @@ class Authorization:
             return "anonymously" if self.header else "without credentials"
         who = f" of {self.username!r}" if self.username else ""
         return f"with the credential{who} from {self.credential_source}"
+
+    def credential(self) -> str | None:
+        """Which credential was used, by its source and user, never its value; None when none was."""
+        if self.credential_source is None:
+            return None
+        return f"{self.username!r} from {self.credential_source}" if self.username else self.credential_source
 
     def lines(self) -> Lines:
         return ((b"Authorization", self.header.encode()),) if self.header else ()
@@ -158,11 +167,14 @@ class Broker:
             async def fetch() -> Token:
                 return await fetch_token(request, credential, self._send_token_request, clock=self._clock)
 
+            # Asked before the fetch, with nothing awaited in between: what the cache held is what was used.
+            cached = self.tokens.get(request) is not None
             token = await self.tokens.get_or_fetch(request, fetch)
         except TokenError as e:
             with_what = Authorization("", source, credential.username if credential else None).describe()
             raise AuthFailed(f"no token for {host.netloc} {with_what}: {e}") from None
-        return Authorization(token.authorization, source, credential.username if credential else None, request, token)
+        username = credential.username if credential else None
+        return Authorization(token.authorization, source, username, request, token, "cached" if cached else "fetched")
 
     async def prepare(self, host: Host, ping_target: str) -> None:
         """Learns what `host` asks for before a request ocigate cannot retry (a streamed one): a GET of its /v2/."""

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from .attempts import Outcome
-from .plan import Plan
+from .plan import Plan, is_proxy_for
 
 # The flow metadata key of the record.
 METADATA_KEY = "ocigate"
@@ -22,6 +22,7 @@ class FlowRecord:
     upstream: str
     rule: str  # the rule's file
     route: str  # the request's kind (routes.RouteKind), "invalid" for one the gateway refused
+    method: str
     repository: str | None = None
     reference: str | None = None
     capabilities: tuple[str, ...] | None = None  # those a host needed to be asked
@@ -32,26 +33,55 @@ class FlowRecord:
     error: str | None = None  # why the client did not get what it asked for
     verified: str | None = None  # the digest the answer's bytes were checked against as they passed
     unchecked: str | None = None  # why the answer passed without a check
+    ns: str | None = None  # the ns= the host that served was asked with (a mirror's: the upstream)
+    credential: str | None = None  # the credential ocigate presented to it, by source and user (never its value)
+    token: str | None = None  # its token: "cached" or "fetched"
+    client: str | None = None  # the client's address
+    proxy_user: str | None = None  # the user the client authenticated to the proxy as (mitmproxy's proxyauth)
 
     @classmethod
-    def refused(cls, upstream: str, rule: str) -> "FlowRecord":
+    def refused(cls, upstream: str, rule: str, method: str) -> "FlowRecord":
         """A request the gateway refused before planning it."""
-        return cls(upstream, rule, "invalid")
+        return cls(upstream, rule, "invalid", method)
 
     @classmethod
-    def of(cls, plan: Plan, outcomes: Sequence[Outcome] = (), served_by: str = GATEWAY) -> "FlowRecord":
+    def of(
+        cls,
+        plan: Plan,
+        outcomes: Sequence[Outcome] = (),
+        served_by: str = GATEWAY,
+        *,
+        credential: str | None = None,
+        token: str | None = None,
+    ) -> "FlowRecord":
+        """The record of a planned request; `served_by` the URL of the host that answered, with the `credential` and
+        `token` ocigate presented to it."""
         route = plan.route
+        served = next((a.host for a in plan.attempts if a.host.url == served_by), None)
         return cls(
             upstream=plan.upstream,
             rule=plan.source,
             route=route.kind.value,
+            method=plan.method,
             repository=route.repository,
             reference=route.reference,
             capabilities=tuple(sorted(plan.capabilities)),
             named_reference=plan.named_reference,
             attempts=list(outcomes),
             served_by=served_by,
+            ns=plan.upstream if served is not None and is_proxy_for(served, plan.upstream) else None,
+            credential=credential,
+            token=token,
         )
+
+    def client_of(self, flow: http.HTTPFlow) -> None:
+        """Who asked: the client's address and, when the proxy asked it to authenticate, its user (never the
+        password that mitmproxy's proxyauth keeps beside it)."""
+        peer = flow.client_conn.peername
+        self.client = f"{peer[0]}:{peer[1]}" if peer else None
+        proxy_user = flow.metadata.get("proxyauth")
+        if isinstance(proxy_user, tuple | list) and proxy_user and isinstance(proxy_user[0], str):
+            self.proxy_user = proxy_user[0]
 
     def as_metadata(self) -> dict[str, Any]:
         """The record as flow metadata holds it: plain values (mitmproxy saves metadata in captures), and the end
@@ -60,6 +90,7 @@ class FlowRecord:
             "upstream": self.upstream,
             "rule": self.rule,
             "route": self.route,
+            "method": self.method,
             "repository": self.repository,
             "reference": self.reference,
             "capabilities": list(self.capabilities) if self.capabilities is not None else None,
@@ -67,7 +98,7 @@ class FlowRecord:
             "attempts": [o.as_dict() for o in self.attempts],
             "served_by": self.served_by,
         }
-        for name in ("status", "error", "verified", "unchecked"):
+        for name in ("status", "error", "verified", "unchecked", "ns", "credential", "token", "client", "proxy_user"):
             if getattr(self, name) is not None:
                 shown[name] = getattr(self, name)
         return shown
@@ -75,9 +106,9 @@ class FlowRecord:
     def publish(self, flow: http.HTTPFlow) -> None:
         flow.metadata[METADATA_KEY] = self.as_metadata()
 
-    def describe(self, method: str) -> str:
+    def describe(self) -> str:
         """One log line a person can read: what was asked, who served it, who was skipped and why."""
-        what = f"{method} {self.upstream}"
+        what = f"{self.method} {self.upstream}"
         if self.repository:
             what += f"/{self.repository}"
         what += f" {self.route} {self.reference}" if self.reference else f" {self.route}"
