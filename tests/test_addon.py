@@ -545,6 +545,23 @@ async def test_an_internal_error_answers_500_instead_of_letting_the_request_out(
     assert flow.request.host == "upstream.test"
 
 
+async def test_a_failure_while_a_streamed_request_is_re_pointed_is_answered_by_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("ocigate.streaming._repoint", broken)
+    rules = write_rules(tmp_path, "upstream.test", f'[host."http://mirror.test:{free_port()}"]\n')
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+        flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}")
+        await gw.requestheaders(flow)
+        assert flow not in gw.streams.flows
+    # Not half re-pointed and sent anyway: the gateway's own error, and nothing left watching the flow.
+    assert flow.response is not None and flow.response.status_code == 500
+    assert flow.metadata[METADATA_KEY]["error"].startswith("ocigate failed on this request")
+
+
 def test_tls_settings_of_an_address_in_two_rules_that_disagree_are_not_guessed(tmp_path: Path) -> None:
     write_rules(tmp_path, "a.test", '[host."https://mirror.test"]\n  skip_verify = true\n')
     write_rules(tmp_path, "b.test", '[host."https://mirror.test"]\n')

@@ -41,14 +41,39 @@ async def dialled(dialing: Dialing, host: str) -> tuple[str, int] | None:
     return server.address
 
 
-async def test_a_changed_cooldown_swaps_in_new_services_with_a_health_of_that_cooldown(tmp_path: Path) -> None:
+async def test_a_changed_cooldown_swaps_in_new_services_that_keep_what_was_learned(tmp_path: Path) -> None:
     with configured(tmp_path) as (shared, _, configuration, tctx):
         before = shared.services
+        shared.health.unreachable(MIRROR, "connection refused")
         tctx.configure(configuration, ocigate_cooldown=5)
         assert shared.services is not before
         assert shared.settings.cooldown == 5 and shared.health.cooldown == 5
         assert before.health.cooldown == 30
         assert shared.broker.hostclient is shared.hostclient and shared.asker.health is shared.health
+        # What the gateway learned of hosts, pulls and tokens outlives an option that says nothing of them.
+        assert shared.health.skipped(MIRROR)
+        assert shared.contexts is before.contexts and shared.broker.tokens is before.broker.tokens
+        assert shared.rules is before.rules
+
+
+async def test_changed_credentials_or_rules_forget_the_tokens_and_a_rules_change_reads_them_again(
+    tmp_path: Path,
+) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        before = shared.services
+        tctx.configure(configuration, ocigate_credential_sources=["ocigate"])
+        assert shared.broker.tokens is not before.broker.tokens and shared.rules is before.rules
+        again = shared.services
+        tctx.configure(configuration, ocigate_rules=tctx.options.ocigate_rules)
+        assert shared.rules is not again.rules and shared.broker.tokens is not again.broker.tokens
+        assert shared.contexts is before.contexts
+
+
+async def test_an_option_beside_the_rules_does_not_read_them_again(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        (Path(tctx.options.ocigate_rules) / "upstream.test" / "hosts.toml").write_text("capabilities = 1\n")
+        tctx.configure(configuration, ocigate_read_timeout=61)
+        assert shared.upstream_rule("upstream.test", 443, "https") is not None
 
 
 async def test_dialing_follows_the_host_map_of_the_settings_in_force(tmp_path: Path) -> None:

@@ -336,6 +336,13 @@ def test_a_ping_goes_to_the_registry_itself_only_when_its_client_authenticates()
     assert [a.host.netloc for a in theirs.attempts] == ["upstream.test"]
 
 
+def test_a_ping_sent_as_a_push_is_the_gateways_when_the_push_host_is_a_mirror() -> None:
+    # The push goes to the first host that takes it; a mirror never hears the client's own credentials.
+    mirror = host("mirror.test", ALL)
+    plan = plan_for(Route(RouteKind.PING), [mirror, _SERVER], "POST", client_authenticates=True)
+    assert plan.handling is Handling.PING and plan.attempts == ()
+
+
 def test_no_host_with_the_capabilities_is_the_gateways_answer() -> None:
     plan = plan_for(Route(RouteKind.BLOB_UPLOAD, "a/b"), [_PULLER], "POST")
     assert plan.handling is Handling.NO_HOST and plan.push and plan.attempts == ()
@@ -367,6 +374,7 @@ _ROUTES = st.one_of(
     st.just(Route(RouteKind.BLOB, "team/app", digest=DIGEST)),
     st.just(Route(RouteKind.REFERRERS, "team/app", digest=DIGEST)),
     st.just(Route(RouteKind.BLOB_UPLOAD, "team/app")),
+    st.just(Route(RouteKind.UPLOAD_SESSION, "team/app", upload_id="u-1")),
 )
 _HOSTS = st.lists(
     st.builds(
@@ -392,6 +400,13 @@ def test_every_plan_is_consistent_with_its_own_decisions(
     assert (plan.handling is Handling.PING) == (route.kind is RouteKind.PING and not plan.attempts)
     assert plan.verify == (route.digest if route.kind is RouteKind.BLOB and method == "GET" else None)
     assert plan.probe == (route.kind is RouteKind.BLOB and not plan.push)
+    # ocigate reads whole what is small and not pushed (and a ping, and a blob HEAD); mitmproxy streams the rest.
+    small = route.kind in (RouteKind.MANIFEST, RouteKind.TAGS, RouteKind.REFERRERS, RouteKind.CATALOG) and not plan.push
+    whole = small or route.kind is RouteKind.PING or (route.kind is RouteKind.BLOB and method == "HEAD")
+    if plan.attempts:
+        assert plan.handling is (Handling.READ_WHOLE if whole else Handling.STREAM)
+    if route.kind is RouteKind.UPLOAD_SESSION or method in ("PUT", "POST", "DELETE"):
+        assert plan.push
     if plan.push:
         assert len(plan.attempts) <= 1
     for attempt in plan.attempts:

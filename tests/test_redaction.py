@@ -6,6 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
@@ -14,7 +15,7 @@ from ocigate.attempts import without_echoes
 from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.hostclient import HostResponse
-from ocigate.redaction import MIN_SECRET, MaskingStream, echo_forms, mask
+from ocigate.redaction import MIN_SECRET, Body, MaskingStream, echo_forms, mask, masked_answer
 from ocigate.tokens import basic_authorization
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, gateway, write_rules
@@ -109,6 +110,26 @@ def test_an_error_answer_in_a_content_coding_that_could_hide_an_echo_is_dropped(
     cleaned = without_echoes(answer, Authorization(sent, "ocigate store", "alice"))
     assert cleaned.body == b"" and (b"Content-Encoding", b"gzip") not in cleaned.headers
     assert sent.encode() not in cleaned.reason and sent.encode() not in dict(cleaned.headers)[b"X-Echo"]
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        ((b"Content-Encoding", b"identity"), (b"Content-Encoding", b"gzip")),
+        ((b"Content-Encoding", b"identity, gzip"),),
+        ((b"Content-Encoding", b" GZIP "),),
+    ],
+)
+def test_a_coding_anywhere_in_the_content_encoding_lines_drops_an_error_body(
+    codings: tuple[tuple[bytes, bytes], ...],
+) -> None:
+    sent = basic_authorization("alice", PASSWORD)
+    echoed = gzip.compress(sent.encode())
+    cleaned = without_echoes(HostResponse(400, b"", codings, echoed), Authorization(sent, "ocigate store", "alice"))
+    assert cleaned.body == b""
+    # The streamed path follows the same rule.
+    assert masked_answer(400, b"", codings, echo_forms(sent)).body is Body.DROP
+    assert masked_answer(400, b"", ((b"Content-Encoding", b"identity"),), echo_forms(sent)).body is Body.MASK
 
 
 def test_content_is_never_masked_only_what_is_no_content() -> None:

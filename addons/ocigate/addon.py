@@ -77,16 +77,17 @@ class Gateway:
         upstream, rule = found
         try:
             decision = await self._decide(flow, upstream, rule)
+            if isinstance(decision, Forward):
+                self.streams.start(flow, decision.chosen, decision.plan, decision.record)
         except Exception:
-            # Fail closed: a flow of a ruled upstream that was not routed must not leave for the upstream as sent.
+            # Fail closed: a flow of a ruled upstream that was not routed (or only half re-pointed) must not leave for
+            # any host: the gateway answers it.
             log.exception("ocigate: internal error routing %s %s", flow.request.method, flow.request.pretty_url)
+            self.streams.forget(flow)
             error = internal_error()
-            record = FlowRecord.refused(upstream, str(rule.source), flow.request.method)
-            record.error = error.message
+            record = FlowRecord.failed(upstream, rule, flow.request.method, error.message)
             decision = Answer(error_response(flow.request.method, error), record)
-        if isinstance(decision, Forward):
-            self.streams.start(flow, decision.chosen, decision.plan, decision.record)
-        elif decision is not None:
+        if isinstance(decision, Answer):
             flow.response = decision.response
         if decision is not None:
             decision.record.client_of(flow)
@@ -101,9 +102,7 @@ class Gateway:
         if route is None:
             return None
         if isinstance(route, OciError):
-            return Answer(
-                error_response(request.method, route), FlowRecord.refused(upstream, str(rule.source), request.method)
-            )
+            return Answer(error_response(request.method, route), FlowRecord.refused(upstream, rule, request.method))
         client = _client_key(flow)
         wanted = origin_query(route, request.method)
         origin = None

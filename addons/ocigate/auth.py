@@ -114,6 +114,13 @@ class Broker:
         self._clock = clock
         self._challenges: LRUCache[str, Challenge] = LRUCache(MAX_KNOWN_HOSTS)
 
+    def with_client(self, hostclient: HostClient) -> "Broker":
+        """This broker's credentials, tokens and what hosts asked for, sending through another host client (its
+        dialling or timeouts changed, not the rules, the trust or the credentials)."""
+        broker = Broker(hostclient, self.credentials, clock=self._clock)
+        broker.tokens, broker._challenges = self.tokens, self._challenges
+        return broker
+
     def knows(self, host: Host) -> bool:
         return _host_key(host) in self._challenges
 

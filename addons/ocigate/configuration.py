@@ -125,8 +125,11 @@ class Configuration:
         # back and configures again: settings equal to those in force replace nothing.
         settings = Settings.parse(ctx.options)
         shared = self.shared
-        if not shared.configured or updated & _RELOADED_WHEN_SET or rebuilt_by(shared.settings, settings):
+        reread = bool(updated & _RELOADED_WHEN_SET)
+        if not shared.configured:
             shared.use(settings, build(settings))
+        elif reread or rebuilt_by(shared.settings, settings):
+            shared.use(settings, build(settings, (shared.settings, shared.services), reread=reread))
         else:
             shared.use(settings, shared.services)
 

@@ -35,6 +35,13 @@ class HostHealth:
         self._bad_content: TTLCache[tuple[str, str], str] = TTLCache(MAX_BAD_CONTENT, BAD_CONTENT_TTL, timer=clock)
         self._failed: TTLCache[tuple[str, str], _Down] = TTLCache(MAX_BAD_CONTENT, BAD_CONTENT_TTL, timer=clock)
 
+    def with_cooldown(self, cooldown: float) -> "HostHealth":
+        """What is known of hosts, under another cool-down (the options changed): nothing learned is forgotten, and
+        what a request still under way finds out lands here too."""
+        health = HostHealth(cooldown, self._clock)
+        health._down, health._bad_content, health._failed = self._down, self._bad_content, self._failed
+        return health
+
     def unreachable(self, host: str, why: str) -> None:
         """`host` (its URL) could not be connected to or did not answer in time."""
         if self.cooldown > 0:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .auth import Access, AuthFailed, Broker
+from .auth import AuthFailed, Broker
 from .credentials import (
     DEFAULT_STORE_PATH,
     Credential,
@@ -25,7 +25,7 @@ from .credentials import (
 from .destinations import Destinations
 from .hostclient import HostClient, HostFailed
 from .hoststoml import CAPABILITIES, Host, HostURLError, parse_host_url
-from .plan import ping_target
+from .plan import Access, ping_target
 from .routes import (
     DEFAULT_PORTS,
     DOCKER_HUB_ALIASES,

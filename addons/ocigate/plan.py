@@ -297,14 +297,14 @@ def make_plan(
         hosts = [host for host in hosts if _serves_this_pull(host, by_tag)]
     if origin is not None and route.tag is None and not push:
         hosts.sort(key=lambda host: host.url != origin.host)  # stable: the others keep their order
-    if route.kind is RouteKind.PING:
-        # The client needs no credentials for a registry ocigate authenticates to. One that authenticates itself
-        # hears the registry's own challenge (and only the registry's own host hears its credentials).
-        hosts = [host for host in hosts if rule.client_authenticates and not is_proxy_for(host, upstream)]
     if push:
         # A push goes to one host, the first that may take it, as containerd pushes: an upload session started on
         # one host cannot go on on another, and content pushed must land where it is meant to.
         hosts = hosts[:1]
+    if route.kind is RouteKind.PING:
+        # The client needs no credentials for a registry ocigate authenticates to. One that authenticates itself
+        # hears the registry's own challenge (and only the registry's own host hears its credentials).
+        hosts = [host for host in hosts if rule.client_authenticates and not is_proxy_for(host, upstream)]
     source = mounted_from(query)
     access = Access(
         upstream, route.repository, push=push, catalog=route.kind is RouteKind.CATALOG, offline=rule.offline

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from .attempts import Outcome
+from .hoststoml import Rule
 from .plan import Plan, is_proxy_for
 
 # The flow metadata key of the record.
@@ -40,9 +41,14 @@ class FlowRecord:
     proxy_user: str | None = None  # the user the client authenticated to the proxy as (mitmproxy's proxyauth)
 
     @classmethod
-    def refused(cls, upstream: str, rule: str, method: str) -> "FlowRecord":
+    def refused(cls, upstream: str, rule: Rule, method: str) -> "FlowRecord":
         """A request the gateway refused before planning it."""
-        return cls(upstream, rule, "invalid", method)
+        return cls(upstream, str(rule.source), "invalid", method)
+
+    @classmethod
+    def failed(cls, upstream: str, rule: Rule, method: str, error: str) -> "FlowRecord":
+        """A request ocigate failed on itself (see the gateway's log), whatever it asked for."""
+        return cls(upstream, str(rule.source), "unknown", method, error=error)
 
     @classmethod
     def of(

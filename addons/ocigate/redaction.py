@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .headers import Lines, header_value, without
+from .headers import Lines, without
 
 # A shorter form would mask ordinary text everywhere (a short user:password pair); the whole header value is still
 # masked.
@@ -76,7 +76,7 @@ def masked_answer(status: int, reason: bytes, headers: Lines, secrets: Sequence[
     masked = mask_headers(headers, secrets)
     if not may_echo(status):
         return MaskedAnswer(mask(reason, secrets), masked, Body.PASS)
-    if hides_echoes(header_value(masked, b"content-encoding")):
+    if hides_echoes([v.decode("latin-1") for k, v in masked if k.lower() == b"content-encoding"]):
         return MaskedAnswer(mask(reason, secrets), without(masked, _BODY_FRAMING), Body.DROP)
     return MaskedAnswer(mask(reason, secrets), masked, Body.MASK)
 
@@ -87,10 +87,11 @@ def may_echo(status: int) -> bool:
     return status >= 300
 
 
-def hides_echoes(coding: str | None) -> bool:
-    """Whether a body in this Content-Encoding could hide an echo from masking: any coding but identity. Such a body
-    (of an answer that may echo) is not passed on."""
-    return (coding or "identity").strip().lower() != "identity"
+def hides_echoes(codings: Sequence[str]) -> bool:
+    """Whether a body in these Content-Encoding values (every line, every comma-separated coding in it) could hide
+    an echo from masking: any coding but identity. Such a body (of an answer that may echo) is not passed on."""
+    names = (name.strip().lower() for value in codings for name in value.split(","))
+    return any(name not in ("", "identity") for name in names)
 
 
 def mask(data: bytes, secrets: Sequence[bytes]) -> bytes:

@@ -50,12 +50,18 @@ class Services:
         return cls(rules, hostclient, broker, health, Asker(broker, health), ContextStore())
 
 
-def build(settings: Settings) -> Services:
-    """The services `settings` make, with the rules and every TLS file they name read afresh; an OptionsError naming
-    ocigate_rules and the file when one cannot be used."""
-    # The files may have changed on disk since their contexts were made.
-    forget_contexts()
-    rules = _load_rules(settings)
+def build(settings: Settings, before: "tuple[Settings, Services] | None" = None, *, reread: bool = False) -> Services:
+    """The services `settings` make. `before`, the settings and services in force, hands on what was learned: what
+    is known of hosts' health and of pulls always, the tokens and challenges unless the rules, trust or credentials
+    changed, and the rules themselves unless their options changed or `reread` asks to read them again. Rules and
+    the TLS files they name are checked as they are read: an OptionsError naming ocigate_rules and the file."""
+    same_rules = before is not None and not reread and _rules_inputs(before[0]) == _rules_inputs(settings)
+    if before is not None and same_rules:
+        rules = before[1].rules
+    else:
+        # The files may have changed on disk since their contexts were made.
+        forget_contexts()
+        rules = _load_rules(settings)
     hostclient = HostClient(
         settings.destinations,
         connect_timeout=settings.connect_timeout,
@@ -64,13 +70,38 @@ def build(settings: Settings) -> Services:
         insecure=settings.ssl_insecure,
         hosts_by_address=_hosts_by_address(rules),
     )
-    return Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
+    if before is None:
+        return Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
+    old_settings, old = before
+    if same_rules and _credential_inputs(old_settings) == _credential_inputs(settings):
+        broker = old.broker.with_client(hostclient)
+    else:
+        broker = Broker(hostclient, credential_chain(settings))
+    health = old.health.with_cooldown(settings.cooldown)
+    return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts)
 
 
 def rebuilt_by(current: Settings, new: Settings) -> bool:
     """Whether `new` makes other services than `current` did: what only the Gateway reads (the named-reference
-    headers, whether unruled hosts are intercepted) changes none, so what they know of hosts and pulls is kept."""
+    headers, whether unruled hosts are intercepted) changes none."""
     return replace(current, named_ref_headers=new.named_ref_headers, intercept_unruled=new.intercept_unruled) != new
+
+
+def _rules_inputs(settings: Settings) -> tuple[object, ...]:
+    """What the rules, and the TLS settings of their hosts, are made from."""
+    return (settings.rules, settings.upstream_trusted_ca, settings.ssl_insecure)
+
+
+def _credential_inputs(settings: Settings) -> tuple[object, ...]:
+    """What the credential chain is made from."""
+    return (
+        settings.credential_sources,
+        settings.credentials,
+        settings.docker_config,
+        settings.containers_auth,
+        settings.kubernetes_secrets,
+        settings.credential_helper_timeout,
+    )
 
 
 def credential_chain(settings: Settings) -> CredentialChain:

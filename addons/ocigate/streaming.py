@@ -88,6 +88,12 @@ class Streams:
             streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, self.shared.settings.read_timeout))
         flow.request.stream = True
 
+    def forget(self, flow: http.HTTPFlow) -> None:
+        """The flow is not streamed after all (ocigate failed on it): nothing more is done for it."""
+        streamed = self.flows.pop(flow, None)
+        if streamed is not None:
+            _stop(streamed)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         streamed = self.flows.get(flow)
         if streamed is None or flow.response is None:
@@ -112,9 +118,11 @@ class Streams:
         """Accounts for a streamed flow's answer in its record. True when the client's transfer was cut short: the
         host sent something else than the blob."""
         streamed = self.flows.pop(flow, None)
-        if streamed is None or flow.response is None:
+        if streamed is None:
             return False
         _stop(streamed)
+        if flow.response is None:
+            return False
         if streamed.replacement is not None:
             # A host answer that ended with its headers was read whole into the replacement: it keeps its own body.
             flow.response.content = streamed.replacement
