@@ -137,3 +137,13 @@ async def test_the_host_client_replaced_closes_its_clients_once_the_requests_und
         old.clients.release(under_way)
         await asyncio.sleep(0)
         assert under_way.is_closed
+
+
+async def test_when_the_gateway_stops_a_replaced_host_client_still_in_use_closes_too(tmp_path: Path) -> None:
+    with configured(tmp_path) as (shared, _, configuration, tctx):
+        old = shared.hostclient
+        under_way = old.clients.hold(shared.rules.lookup("upstream.test").hosts[0], HostTLS())
+        tctx.configure(configuration, ocigate_connect_timeout=5)
+        current = shared.hostclient.clients.hold(shared.rules.lookup("upstream.test").hosts[0], HostTLS())
+        await shared.aclose()
+    assert under_way.is_closed and current.is_closed

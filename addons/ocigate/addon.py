@@ -169,7 +169,7 @@ class Gateway:
 
     async def done(self) -> None:
         self.streams.stop()
-        await self.shared.hostclient.aclose()
+        await self.shared.aclose()
 
     def _publish(self, flow: http.HTTPFlow) -> None:
         record = self.records.get(flow)

@@ -1,7 +1,9 @@
 """The gateway's options, owned by one addon, and what the addons share: the settings parsed from the options, the
 services built from them, and which host each re-pointed client connection talks to."""
 
+import asyncio
 import logging
+import weakref
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -37,6 +39,8 @@ class Shared:
     def __init__(self) -> None:
         self._settings: Settings | None = None
         self._services = Services.unconfigured()
+        # Host clients replaced by others: each closes once idle, and is forgotten once nothing holds it.
+        self._retired: weakref.WeakSet[HostClient] = weakref.WeakSet()
         # The hosts.toml entry behind each connection a client's flows were re-pointed to, by client and address:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
@@ -61,7 +65,13 @@ class Shared:
         finish, and its connections close once idle."""
         if services.hostclient is not self._services.hostclient:
             self._services.hostclient.retire()
+            self._retired.add(self._services.hostclient)
         self._settings, self._services = settings, services
+
+    async def aclose(self) -> None:
+        """The gateway stops: every host client closes, those replaced whose last request is still under way too."""
+        clients = [self._services.hostclient, *self._retired]
+        await asyncio.gather(*(client.aclose() for client in clients))
 
     @property
     def rules(self) -> RuleSet | None:
