@@ -187,9 +187,10 @@ def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
     return [
-        Redaction(),
         HttpOnly(shared.upstream_rule, gateway.instead),
         Dialing(shared),
         Configuration(shared),
         gateway,
+        # After the gateway, whose decisions need the request as the client sent it (see captures.py).
+        Redaction(),
     ]

@@ -1,54 +1,184 @@
-"""What captures and other addons see of a flow: no credential once it has been sent."""
+"""What captures and other addons see of a flow: no secret once it has reached where it was going.
+
+Whatever records flows (mitmdump's `-w`/save_stream_file, hardump, mitmweb's view and export, the dumper at any
+flow_detail) records them in the hooks that come after this addon's (see cli.OcigateMaster), and reads the flow
+object itself. So a secret is redacted in the flow, in place, but only once nobody needs it any more (scrub.py says
+what is redacted and how):
+
+- a request's secrets (Authorization, Proxy-Authorization, Cookie, secret query fields, a form's password or
+  refresh token, a JSON body's tokens) once the request was sent: at its answer's headers (or at once, when the
+  gateway answered it without passing it on);
+- an answer's (Set-Cookie, a Location's userinfo, a token endpoint's tokens) once the client has it. mitmproxy sends
+  the client an answer it reads whole only after the response hook, where the recorders look at it; so an answer that
+  passes through and may hold a secret is streamed to the client instead, as it comes, with a copy kept, and the copy
+  (redacted) is what the flow holds at the response hook. An answer mitmproxy sends only after that hook (one without
+  a body, one the gateway made) carries its Set-Cookie values and Location userinfo redacted to the client too.
+
+Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
+save addon writes them; a body cut short that cannot be read whole is dropped with a note.
+"""
 
 import weakref
 
 from mitmproxy import http
+from mitmproxy.net import encoding
 
-
-class Redaction:
-    """No credential stays in a flow once it has been sent: what mitmproxy shows (flow_detail), writes
-    (save_stream_file) or hands to other addons afterwards carries `<scheme> <redacted>` instead, and proxyauth's
-    record of the proxy password is redacted too. Flows still under way when the gateway stops are redacted before
-    mitmproxy's save addon writes them. Runs before mitmproxy's save and dumper addons (see cli.OcigateMaster)."""
-
-    def __init__(self) -> None:
-        self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._under_way.add(flow)
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-        self._under_way.discard(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        _redact(flow)
-        self._under_way.discard(flow)
-
-    def done(self) -> None:
-        for flow in list(self._under_way):
-            _redact(flow)
-
+from . import scrub
+from .record import METADATA_KEY
 
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
 # mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
 _PROXYAUTH_METADATA = "proxyauth"
 
 
-def _redact(flow: http.HTTPFlow) -> None:
-    headers = flow.request.headers
+class _Kept:
+    """mitmproxy's `response.stream`: passes an answer on to the client as it comes, keeping a copy for the flow."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.streaming = False  # mitmproxy called it: the client has the headers, and every byte so far
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.streaming = True
+        self.data += chunk
+        return chunk
+
+
+class Redaction:
+    """Redacts every secret of a flow once it is no longer needed, before mitmproxy's recorders see it. Runs after
+    the gateway (whose decisions need the request as the client sent it) and before mitmproxy's save, har and
+    dumper addons and mitmweb's view."""
+
+    def __init__(self) -> None:
+        self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._under_way.add(flow)
+        if flow.response is not None:
+            # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
+            _redact_request(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _redact_request(flow)
+        response = flow.response
+        if response is not None and not response.stream and _passes_through(flow) and _may_hold_secrets(response):
+            kept = _Kept()
+            response.stream = kept
+            self._kept[flow] = kept
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        _redact_request(flow)
+        kept = self._kept.pop(flow, None)
+        response = flow.response
+        if response is not None:
+            # A kept answer never streamed (it ended with its headers) goes to the client after this hook, as one
+            # streamed by the gateway or mitmproxy has gone already.
+            sent = kept.streaming if kept is not None else bool(response.stream)
+            _redact_response(response, kept, sent=sent, complete=True)
+        _redact_record(flow)
+        self._under_way.discard(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended_early(flow)
+        self._under_way.discard(flow)
+
+    def done(self) -> None:
+        for flow in list(self._under_way):
+            self._ended_early(flow)
+
+    def _ended_early(self, flow: http.HTTPFlow) -> None:
+        """A flow that failed or was cut off: nothing more of it reaches anybody."""
+        _redact_request(flow)
+        kept = self._kept.pop(flow, None)
+        if flow.response is not None:
+            _redact_response(flow.response, kept, sent=True, complete=False)
+        _redact_record(flow)
+
+
+def _passes_through(flow: http.HTTPFlow) -> bool:
+    """An answer ocigate neither made nor streams itself: from a token realm, a registry without rules, anything
+    else the proxy decrypts."""
+    return METADATA_KEY not in flow.metadata
+
+
+def _may_hold_secrets(response: http.Response) -> bool:
+    return bool(
+        response.headers.get_all("Set-Cookie")
+        or "Location" in response.headers
+        or scrub.may_hold_fields(response.headers.get("Content-Type"))
+    )
+
+
+def _redact_request(flow: http.HTTPFlow) -> None:
+    request = flow.request
+    headers = request.headers
     for name in _CREDENTIAL_HEADERS:
-        values = headers.get_all(name)
-        if values:
-            headers.set_all(name, [_redacted(value) for value in values])
+        _redact_header(headers, name, scrub.credential)
+    _redact_header(headers, "Cookie", scrub.cookie)
+    path, question, query = request.path.partition("?")
+    if question:
+        redacted_query = scrub.form(query)
+        if redacted_query != query:
+            request.path = f"{path}?{redacted_query}"
+    if request.raw_content:
+        _redact_body(request, request.raw_content, complete=True)
     proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
     if isinstance(proxy_user, tuple | list) and proxy_user:
-        flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], "<redacted>")
+        flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], scrub.REDACTED)
 
 
-def _redacted(value: str) -> str:
-    scheme, space, _ = value.strip().partition(" ")
-    return f"{scheme} <redacted>" if space else "<redacted>"
+def _redact_response(response: http.Response, kept: _Kept | None, *, sent: bool, complete: bool) -> None:
+    """`sent`: the client has the answer (or will get nothing more of it), so its body may change too."""
+    _redact_header(response.headers, "Set-Cookie", scrub.set_cookie)
+    _redact_header(response.headers, "Location", scrub.url)
+    if not sent:
+        return
+    data = bytes(kept.data) if kept is not None else response.raw_content
+    if data:
+        _redact_body(response, data, complete=complete)
+
+
+def _redact_header(headers: http.Headers, name: str, redact: scrub.Redact) -> None:
+    values = headers.get_all(name)
+    redacted = [redact(value) for value in values]
+    if redacted != values:
+        headers.set_all(name, redacted)
+
+
+def _redact_body(message: http.Message, data: bytes, *, complete: bool) -> None:
+    """The flow's record of a body that went as `data` (as sent: in its Content-Encoding): `data` itself when it
+    holds no secret, else redacted in the same encoding; dropped with a note when it cannot be read to tell."""
+    content_type = message.headers.get("Content-Type")
+    if not scrub.may_hold_fields(content_type):
+        message.raw_content = data
+        return
+    coding = message.headers.get("Content-Encoding")
+    try:
+        decoded = encoding.decode(data, coding) if coding else data
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, bytes):
+        _drop(message, f"in Content-Encoding {coding}, which could not be decoded to look for secrets")
+        return
+    redacted = scrub.body(content_type, decoded)
+    if redacted is None and not complete:
+        _drop(message, "cut short, so it could not be read whole to look for secrets")
+    elif redacted is None or redacted is decoded:
+        message.raw_content = data
+    else:
+        message.content = redacted
+
+
+def _drop(message: http.Message, why: str) -> None:
+    message.headers.pop("Content-Encoding", None)
+    message.raw_content = f"{scrub.REDACTED[:-1]}: the body was {why}>".encode()
+
+
+def _redact_record(flow: http.HTTPFlow) -> None:
+    """ocigate's record of the flow, and its comment, name hosts by URL: never with their userinfo."""
+    record = flow.metadata.get(METADATA_KEY)
+    if record is not None:
+        flow.metadata[METADATA_KEY] = scrub.in_strings(record)
+    if flow.comment:
+        flow.comment = scrub.text_userinfo(flow.comment)

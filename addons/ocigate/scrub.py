@@ -1,0 +1,166 @@
+"""What a capture must not hold, and what it holds instead: each secret replaced by `<redacted>` where it stood, so
+the capture still shows the exchange (`Bearer <redacted>`, `"access_token": "<redacted>"`, `password=<redacted>`).
+
+Pure functions of text and bytes; captures.py applies them to flows. Whatever is not a secret is left exactly as it
+was (a JSON body without a secret field keeps its bytes, a form its other pairs byte for byte).
+"""
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
+
+REDACTED = "<redacted>"
+
+# One of the functions below that redact a header's value.
+Redact = Callable[[str], str]
+
+# Fields whose value is a credential, in token endpoint answers (distribution's token and OAuth2 specs: token,
+# access_token, refresh_token; OpenID's id_token; docker's login answer: IdentityToken), OAuth2 forms (password,
+# refresh_token, client_secret) and query strings. Compared without regard to case.
+SECRET_FIELDS = frozenset(
+    {"token", "access_token", "refresh_token", "id_token", "identitytoken", "password", "client_secret"}
+)
+
+
+def is_secret_field(name: str) -> bool:
+    return name.strip().lower() in SECRET_FIELDS
+
+
+def credential(value: str) -> str:
+    """An Authorization value: its scheme kept (`Bearer <redacted>`), or wholly redacted when it has none."""
+    scheme, space, _ = value.strip().partition(" ")
+    return f"{scheme} {REDACTED}" if space else REDACTED
+
+
+def cookie(value: str) -> str:
+    """A Cookie header: every cookie's name kept, its value redacted (`a=<redacted>; b=<redacted>`)."""
+    return "; ".join(_cookie_pair(piece) for piece in value.split(";") if piece.strip())
+
+
+def set_cookie(value: str) -> str:
+    """A Set-Cookie header: the cookie's value redacted, its name and attributes (Path, Expires...) kept."""
+    pair, semicolon, attributes = value.partition(";")
+    return _cookie_pair(pair) + semicolon + attributes
+
+
+def _cookie_pair(pair: str) -> str:
+    name, equals, _ = pair.strip().partition("=")
+    return f"{name}={REDACTED}" if equals else REDACTED
+
+
+def form(text: str) -> str:
+    """An application/x-www-form-urlencoded body or a query string: the value of each secret field redacted
+    (`password=<redacted>`); every other pair, and the separators, kept as they were."""
+    return "&".join(_form_pair(pair) for pair in text.split("&"))
+
+
+def _form_pair(pair: str) -> str:
+    name, equals, value = pair.partition("=")
+    if equals and value and is_secret_field(unquote_plus(name)):
+        return f"{name}={REDACTED}"
+    return pair
+
+
+def json_body(data: bytes) -> bytes | None:
+    """A JSON document with the value of every secret field, at any depth, redacted; the same bytes when it has
+    none. None when `data` is no JSON document."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    redacted, found = _redact_json(document)
+    return json.dumps(redacted).encode() if found else data
+
+
+def _redact_json(value: Any) -> tuple[Any, bool]:
+    if isinstance(value, dict):
+        out, found = {}, False
+        for key, item in value.items():
+            if is_secret_field(key) and item not in (None, ""):
+                out[key], found = REDACTED, True
+            else:
+                out[key], inner = _redact_json(item)
+                found = found or inner
+        return out, found
+    if isinstance(value, list):
+        pairs = [_redact_json(item) for item in value]
+        return [item for item, _ in pairs], any(found for _, found in pairs)
+    return value, False
+
+
+def url(value: str) -> str:
+    """A URL (a request's, a Location): the password of its userinfo redacted (a user alone is redacted whole: it
+    is often a token), and the secret fields of its query."""
+    try:
+        parts = urlsplit(value)
+        netloc = _netloc(parts)
+    except ValueError:
+        return text_userinfo(value)
+    query = form(parts.query) if parts.query else parts.query
+    if netloc == parts.netloc and query == parts.query:
+        return value
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _netloc(parts: SplitResult) -> str:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return parts.netloc
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+
+
+# scheme://userinfo@ within free text (an error message naming a URL)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#@]+)@")
+
+
+def text_userinfo(text: str) -> str:
+    """Free text with the userinfo of every URL in it redacted as `url` does."""
+
+    def redact(match: re.Match[str]) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:{REDACTED}@" if colon else f"{match['scheme']}{REDACTED}@"
+
+    return _USERINFO.sub(redact, text)
+
+
+def is_form(content_type: str | None) -> bool:
+    return _media_type(content_type) == "application/x-www-form-urlencoded"
+
+
+def may_hold_fields(content_type: str | None) -> bool:
+    """Whether a body of this Content-Type may hold secret fields: a form, JSON (of any kind: `+json` too), text
+    (token endpoints answer JSON as text/plain too) or a body of no stated type. Not a blob, a tarball, an image."""
+    kind = _media_type(content_type)
+    return not kind or is_form(content_type) or kind.startswith("text/") or "json" in kind
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def in_strings(value: Any) -> Any:
+    """A plain value (a flow's record: dicts, lists, strings, numbers) with the userinfo of every URL in its
+    strings redacted."""
+    if isinstance(value, str):
+        return text_userinfo(value)
+    if isinstance(value, dict):
+        return {key: in_strings(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(in_strings(item) for item in value)
+    return value
+
+
+def body(content_type: str | None, data: bytes) -> bytes | None:
+    """A request's or answer's (decoded) body with its secret fields redacted, read by what it is: a form when its
+    Content-Type says so, else JSON whatever its Content-Type (token endpoints answer JSON as text/plain too).
+    `data` itself when it holds no secret; None when it could not be read as either (nothing in it is known to be a
+    secret)."""
+    if is_form(content_type):
+        # surrogateescape: bytes that are no UTF-8 come back out as they were
+        text = data.decode("utf-8", "surrogateescape")
+        redacted = form(text)
+        return data if redacted == text else redacted.encode("utf-8", "surrogateescape")
+    return json_body(data)

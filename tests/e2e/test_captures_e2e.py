@@ -1,0 +1,295 @@
+"""Captures safe to share: an authenticated pull through the gateway (token auth, and basic auth) with flow_detail=4,
+a `-w` capture and a HAR capture, in which every secret the test handed out or was issued is searched for (as text,
+base64 and URL-encoded) in the capture, the HAR and the log: found nowhere; while the redacted forms are there, and
+every client got its secrets whole.
+
+The client authenticates itself (`authentication = "client"`), so its requests carry its credentials through the
+gateway, and its token realm (plain HTTP, by a name only the gateway's host map knows) is reached through the gateway
+too: the token exchange is a recorded flow. An HTTP client then makes the OAuth2 exchanges skopeo does not (password
+and refresh-token forms) and visits a host that sets a cookie, answers a token gzip'd and redirects with userinfo.
+"""
+
+import base64
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, quote
+
+import httpx
+from mitmproxy import http, io
+
+from ocigate.credentials import Credential, OcigateStore
+from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
+from tests.support.gateway import Gateway, running_gateway
+from tests.support.http_host import http_host
+from tests.support.images import make_image, push_image
+from tests.support.registry import running_registry, write_htpasswd
+from tests.support.secrets import remember
+from tests.support.token_server import running_token_server
+
+REDACTED = "<redacted>"
+ALICE, ALICE_PASSWORD = "alice", "captures-alice-password-0451"  # the token server's account
+BOB, BOB_PASSWORD = "bob", "captures-bob-password-0452"  # the htpasswd registry's
+COOKIE = "captures-session-cookie-0453"
+GZIPPED_TOKEN = "captures-gzipped-token-0454"
+LOCATION_PASSWORD = "captures-location-password-0455"
+QUERY_TOKEN = "captures-query-token-0456"
+remember(ALICE_PASSWORD, BOB_PASSWORD, COOKIE, GZIPPED_TOKEN, LOCATION_PASSWORD, QUERY_TOKEN)
+
+STORAGE = f"https://storage-user:{LOCATION_PASSWORD}@storage.test/blob"
+
+
+@dataclass
+class Recorded:
+    """One exchange as a capture holds it, whether mitmproxy's own format or HAR."""
+
+    url: str
+    request_headers: list[tuple[str, str]]
+    request_body: str
+    response_headers: list[tuple[str, str]]
+    response_body: str
+
+    def request_header(self, name: str) -> list[str]:
+        return [v for k, v in self.request_headers if k.lower() == name.lower()]
+
+    def response_header(self, name: str) -> list[str]:
+        return [v for k, v in self.response_headers if k.lower() == name.lower()]
+
+
+def from_flows(path: Path) -> list[Recorded]:
+    with path.open("rb") as capture:
+        flows = [f for f in io.FlowReader(capture).stream() if isinstance(f, http.HTTPFlow)]
+    return [
+        Recorded(
+            f.request.pretty_url,
+            [(k, v) for k, v in f.request.headers.items(multi=True)],
+            f.request.get_text(strict=False) or "",
+            [(k, v) for k, v in f.response.headers.items(multi=True)] if f.response else [],
+            (f.response.get_text(strict=False) or "") if f.response else "",
+        )
+        for f in flows
+    ]
+
+
+def from_har(path: Path) -> list[Recorded]:
+    entries = json.loads(path.read_text())["log"]["entries"]
+    return [
+        Recorded(
+            e["request"]["url"],
+            [(h["name"], h["value"]) for h in e["request"]["headers"]],
+            e["request"].get("postData", {}).get("text") or "",
+            [(h["name"], h["value"]) for h in e["response"]["headers"]],
+            e["response"]["content"].get("text", "") if e["response"]["content"].get("encoding") != "base64" else "",
+        )
+        for e in entries
+    ]
+
+
+def forms(secret: str) -> set[bytes]:
+    """How a secret could stand in a capture or a log: as text, URL-encoded, JSON-escaped, and base64 at any of the
+    three alignments it could have inside a longer encoded value."""
+    data = secret.encode()
+    found = {data, quote(secret, safe="").encode(), json.dumps(secret)[1:-1].encode()}
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + data)
+        # the characters that encode only the secret's own bytes
+        core = encoded[(offset * 4 + 2) // 3 : (len(data) + offset) // 3 * 4]
+        if len(core) >= 8:
+            found.add(core)
+    return found
+
+
+def assert_nowhere(secrets: list[str], *outputs: Path) -> None:
+    for output in outputs:
+        data = output.read_bytes()
+        for secret in secrets:
+            for form in forms(secret):
+                assert form not in data, f"{output.name} holds {secret!r} (as {form!r})"
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def start_gateway(directory: Path, rules: Path, host_map: dict[str, str]):
+    options = [
+        "flow_detail=4",
+        f"save_stream_file={directory / 'capture.flows'}",
+        f"hardump={directory / 'capture.har'}",
+    ]
+    return running_gateway(directory, rules, host_map, options)
+
+
+def outputs_of(gateway: Gateway) -> tuple[Path, Path, Path]:
+    directory = gateway.log_path.parent
+    return directory / "capture.flows", directory / "capture.har", gateway.log_path
+
+
+def client_auth_rule(rules: Path, upstream: str) -> None:
+    (rules / upstream).mkdir(parents=True)
+    (rules / upstream / "hosts.toml").write_text(f'authentication = "client"\nserver = "http://{upstream}"\n')
+
+
+def write_client_auth(home: Path, registry: str, user: str, password: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "auth.json").write_text(json.dumps({"auths": {registry: {"auth": basic(user, password)}}}))
+
+
+def cookie_host_answer(handler) -> tuple[int, bytes, dict[str, str]]:
+    if handler.path.startswith("/session"):
+        body = gzip.compress(json.dumps({"token": GZIPPED_TOKEN, "expires_in": 60}).encode())
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        return 200, body, headers | {"Set-Cookie": f"session={COOKIE}; Path=/; HttpOnly"}
+    return 302, b"moved to storage", {"Location": STORAGE, "Content-Type": "text/plain"}
+
+
+def recorded(gateway_dir: Path) -> Iterator[tuple[str, list[Recorded]]]:
+    yield "-w", from_flows(gateway_dir / "capture.flows")
+    yield "HAR", from_har(gateway_dir / "capture.har")
+
+
+def test_a_token_auth_pull_and_its_token_exchanges_leave_no_secret_in_the_capture_the_har_or_the_log(
+    tmp_path: Path,
+) -> None:
+    image = make_image("captures-token", layers=2)
+    upstream = "t.test:5000"
+    with (
+        running_token_server(tmp_path / "tokens", {ALICE: ALICE_PASSWORD}) as tokens,
+        http_host(cookie_host_answer) as (cookie_port, _),
+    ):
+        realm_host = f"tokens.test:{tokens.port}"
+        auth = tokens.registry_auth_config()
+        auth["auth"]["token"]["realm"] = f"http://{realm_host}/token"
+        with running_registry(tmp_path / "registry", extra_config=auth) as registry:
+            pusher = tokens.mint("pusher", [{"type": "repository", "name": "team/app", "actions": ["pull", "push"]}])
+            with httpx.Client(headers={"Authorization": f"Bearer {pusher}"}) as pushing:
+                push_image(registry.url, "team/app", "v1", image, client=pushing)
+            rules = tmp_path / "rules"
+            client_auth_rule(rules, upstream)
+            cookies = f"cookies.test:{cookie_port}"
+            host_map = {
+                upstream: f"127.0.0.1:{registry.port}",
+                realm_host: f"127.0.0.1:{tokens.port}",
+                cookies: f"127.0.0.1:{cookie_port}",
+            }
+            home = tmp_path / "client"
+            write_client_auth(home, upstream, ALICE, ALICE_PASSWORD)
+            gateway_dir = tmp_path / "gateway"
+            with start_gateway(gateway_dir, rules, host_map) as gateway:
+                result, layout = skopeo_copy_to_layout(gateway, home, f"{upstream}/team/app:v1")
+                assert result.returncode == 0, f"{result.stderr.decode()}\n{gateway.log_text()[-4000:]}"
+                assert_layout_holds(layout, image)
+                issued = oauth_exchanges(gateway, f"http://{realm_host}/token", tokens.service, f"http://{cookies}")
+    # skopeo fetched its token through the gateway, as alice.
+    assert any(r.account == ALICE and r.method == "GET" and r.status == 200 for r in tokens.requests)
+    jwt_header = pusher.split(".")[0]  # every token this server signs starts with it
+    secrets = [
+        ALICE_PASSWORD,
+        basic(ALICE, ALICE_PASSWORD),
+        f"{ALICE}:{ALICE_PASSWORD}",
+        jwt_header,
+        *issued,
+        *tokens.identity_tokens,  # every refresh token it issued
+        COOKIE,
+        GZIPPED_TOKEN,
+        LOCATION_PASSWORD,
+        QUERY_TOKEN,
+    ]
+    remember(*issued, *tokens.identity_tokens)
+    assert_nowhere(secrets, *outputs_of(gateway))
+
+    # And what is there instead, in both captures: each exchange still explained.
+    for name, flows in recorded(gateway_dir):
+        realm = [f for f in flows if f.url.startswith(f"http://{realm_host}/token")]
+        assert f"Basic {REDACTED}" in {v for f in realm for v in f.request_header("Authorization")}, name
+        answers = [json.loads(f.response_body) for f in realm if f.response_body.startswith("{")]
+        assert {"token": REDACTED, "access_token": REDACTED} in [
+            {k: a[k] for k in ("token", "access_token") if k in a} for a in answers
+        ], name
+        assert any(a.get("refresh_token") == REDACTED for a in answers), name
+        posted = [dict(parse_qsl(f.request_body)) for f in realm if f.request_body]
+        assert any(
+            p.get("grant_type") == "password" and p.get("password") == REDACTED and p.get("username") == ALICE
+            for p in posted
+        ), name
+        assert any(p.get("grant_type") == "refresh_token" and p.get("refresh_token") == REDACTED for p in posted), name
+        assert any(f.url.endswith(f"access_token={REDACTED}") for f in realm), name
+        assert f"session={REDACTED}" in {v for f in flows for v in f.request_header("Cookie")}, name
+        registry_flows = [f for f in flows if f"://{upstream}/v2/team/app/" in f.url]
+        assert registry_flows and all(
+            f.request_header("Authorization") == [f"Bearer {REDACTED}"] for f in registry_flows
+        ), name
+        session = next(f for f in flows if f.url.startswith(f"http://{cookies}/session"))
+        assert session.response_header("Set-Cookie") == [f"session={REDACTED}; Path=/; HttpOnly"], name
+        assert json.loads(session.response_body) == {"token": REDACTED, "expires_in": 60}, name
+        moved = next(f for f in flows if f.url.startswith(f"http://{cookies}/moved"))
+        assert moved.response_header("Location") == [f"https://storage-user:{REDACTED}@storage.test/blob"], name
+    log = gateway.log_path.read_text(errors="replace")
+    assert f"Bearer {REDACTED}" in log and f"Basic {REDACTED}" in log and f"session={REDACTED}" in log
+
+
+def oauth_exchanges(gateway: Gateway, realm: str, service: str, cookie_host: str) -> list[str]:
+    """What skopeo does not do, through the gateway: OAuth2's password and refresh-token forms (with a cookie),
+    distribution's offline token by GET, a token in a query, and a host that sets a cookie, answers a token gzip'd
+    and redirects to a URL with userinfo. Each client gets its secrets whole. Returns the tokens it was issued."""
+    scope = "repository:team/app:pull"
+    form = {"service": service, "scope": scope, "client_id": "captures-test", "access_type": "offline"}
+    with httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client:
+        by_password = client.post(
+            realm,
+            data=form | {"grant_type": "password", "username": ALICE, "password": ALICE_PASSWORD},
+            headers={"Cookie": f"session={COOKIE}"},
+        )
+        assert by_password.status_code == 200, by_password.text
+        refresh_token = by_password.json()["refresh_token"]
+        by_refresh = client.post(realm, data=form | {"grant_type": "refresh_token", "refresh_token": refresh_token})
+        assert by_refresh.status_code == 200 and by_refresh.json()["refresh_token"] == refresh_token
+        offline = client.get(
+            realm, params={"service": service, "scope": scope, "offline_token": "true"}, auth=(ALICE, ALICE_PASSWORD)
+        )
+        assert offline.status_code == 200 and offline.json()["refresh_token"]
+        client.get(realm, params={"service": service, "access_token": QUERY_TOKEN})
+        session = client.get(f"{cookie_host}/session")
+        assert session.json()["token"] == GZIPPED_TOKEN and session.cookies["session"] == COOKIE
+        moved = client.get(f"{cookie_host}/moved", follow_redirects=False)
+        assert moved.status_code == 302 and moved.headers["Location"] == STORAGE
+    return [
+        *(answer.json()[key] for answer in (by_password, by_refresh, offline) for key in ("token", "access_token")),
+        refresh_token,
+        offline.json()["refresh_token"],
+    ]
+
+
+def test_a_basic_auth_pull_leaves_no_password_in_the_capture_the_har_or_the_log(tmp_path: Path) -> None:
+    image = make_image("captures-basic", layers=2)
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {BOB: BOB_PASSWORD})
+    with running_registry(tmp_path / "registry", htpasswd=htpasswd) as registry:
+        with httpx.Client(auth=(BOB, BOB_PASSWORD)) as pushing:
+            push_image(registry.url, "team/app", "v1", image, client=pushing)
+        rules = tmp_path / "rules"
+        # b.test: the client's own basic credential goes through; d.test: the gateway's, from its store.
+        client_auth_rule(rules, "b.test:5000")
+        (rules / "d.test").mkdir(parents=True)
+        (rules / "d.test" / "hosts.toml").write_text('[host."http://basic.test:5000"]\n')
+        host_map = {"b.test:5000": f"127.0.0.1:{registry.port}", "basic.test:5000": f"127.0.0.1:{registry.port}"}
+        gateway_dir = tmp_path / "gateway"
+        OcigateStore(gateway_dir / "ocigate-credentials.json").save("basic.test:5000", Credential(BOB, BOB_PASSWORD))
+        client_home, plain_home = tmp_path / "client", tmp_path / "plain"
+        write_client_auth(client_home, "b.test:5000", BOB, BOB_PASSWORD)
+        with start_gateway(gateway_dir, rules, host_map) as gateway:
+            for home, reference in ((client_home, "b.test:5000/team/app:v1"), (plain_home, "d.test/team/app:v1")):
+                result, layout = skopeo_copy_to_layout(gateway, home, reference)
+                assert result.returncode == 0, f"{result.stderr.decode()}\n{gateway.log_text()[-4000:]}"
+                assert_layout_holds(layout, image)
+    assert_nowhere([BOB_PASSWORD, basic(BOB, BOB_PASSWORD), f"{BOB}:{BOB_PASSWORD}"], *outputs_of(gateway))
+    for name, flows in recorded(gateway_dir):
+        for host in ("b.test:5000", "basic.test:5000"):
+            blobs = [f for f in flows if f"://{host}/v2/team/app/blobs/" in f.url]
+            assert blobs and all(f.request_header("Authorization") == [f"Basic {REDACTED}"] for f in blobs), (
+                name,
+                host,
+                [f.url for f in flows],
+            )
+    assert f"Basic {REDACTED}" in gateway.log_path.read_text(errors="replace")

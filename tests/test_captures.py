@@ -1,0 +1,302 @@
+"""Captures safe to share: what scrub.py calls a secret and how it redacts one, and the Redaction addon that applies it
+to flows only once the secret has reached where it was going (the client gets its token; the capture does not)."""
+
+import gzip
+import json
+import time
+from urllib.parse import parse_qsl, urlencode
+
+from hypothesis import given
+from hypothesis import strategies as st
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from ocigate import scrub
+from ocigate.captures import Redaction
+from ocigate.record import METADATA_KEY
+from tests.test_addon import flow_to
+
+R = scrub.REDACTED
+
+# --- scrub: what a secret is, and its redacted form ---
+
+
+def test_a_credential_keeps_its_scheme() -> None:
+    assert scrub.credential("Bearer eyJhbGciOi.x.y") == "Bearer <redacted>"
+    assert scrub.credential("Basic YWxpY2U6cw==") == "Basic <redacted>"
+    assert scrub.credential("ghp_TOKEN") == "<redacted>"
+
+
+def test_cookies_keep_their_names_and_attributes() -> None:
+    assert scrub.cookie("session=abc123; theme=dark") == f"session={R}; theme={R}"
+    assert scrub.cookie("lonevalue") == R
+    assert scrub.set_cookie("session=abc123; Path=/; HttpOnly") == f"session={R}; Path=/; HttpOnly"
+    assert scrub.set_cookie("session=abc123") == f"session={R}"
+
+
+def test_urls_lose_their_userinfo_and_secret_query_fields_only() -> None:
+    assert scrub.url("https://alice:pw@storage.test/blob?x=1") == f"https://alice:{R}@storage.test/blob?x=1"
+    assert scrub.url("https://ghp_TOKEN@storage.test/") == f"https://{R}@storage.test/"
+    assert scrub.url("/token?service=s&access_token=abc&scope=a") == f"/token?service=s&access_token={R}&scope=a"
+    unchanged = "https://storage.test/blob?X-Amz-Date=20240101&sig=1"
+    assert scrub.url(unchanged) is unchanged
+    assert scrub.url("http://[::1/x:pw@h") == "http://[::1/x:pw@h"  # no URL: nothing redacted that is not one
+    assert scrub.text_userinfo("GET https://u:pw@h.test/v2: 401 and http://tok@h2.test") == (
+        f"GET https://u:{R}@h.test/v2: 401 and http://{R}@h2.test"
+    )
+
+
+def test_an_oauth_form_keeps_every_pair_but_its_secrets() -> None:
+    sent = "grant_type=password&username=alice&password=p%40ss&scope=repository%3Ateam%2Fapp%3Apull&client_id=c"
+    assert scrub.form(sent) == sent.replace("password=p%40ss", f"password={R}")
+    assert scrub.form("grant_type=refresh_token&refresh_token=r-1&Password=x") == (
+        f"grant_type=refresh_token&refresh_token={R}&Password={R}"
+    )
+    assert scrub.form("password=&token") == "password=&token"  # nothing to hide
+
+
+def test_a_token_answer_stays_json_with_its_tokens_redacted() -> None:
+    answer = {"token": "t-1", "access_token": "t-1", "refresh_token": "r-1", "expires_in": 300, "issued_at": "now"}
+    redacted = scrub.json_body(json.dumps(answer).encode())
+    assert redacted is not None
+    assert json.loads(redacted) == {**answer, "token": R, "access_token": R, "refresh_token": R}
+    docker_login = scrub.json_body(b'{"Status": "Login Succeeded", "IdentityToken": "id-1"}')
+    assert docker_login is not None and json.loads(docker_login)["IdentityToken"] == R
+    manifest = b'{"schemaVersion": 2,\n "layers": []}'
+    assert scrub.json_body(manifest) is manifest  # no secret: the same bytes, so its digest still holds
+    assert scrub.json_body(b"\x1f\x8b\x08 binary") is None
+
+
+def test_a_body_is_read_by_its_type() -> None:
+    form = b"grant_type=password&password=pw"
+    redacted = f"grant_type=password&password={R}".encode()
+    assert scrub.body("application/x-www-form-urlencoded; charset=utf-8", form) == redacted
+    assert scrub.body("text/plain", b'{"token": "t"}') == json.dumps({"token": R}).encode()
+    errors = b'{"errors": []}'
+    assert scrub.body("application/json", errors) is errors
+    assert scrub.body("application/json", b"not json") is None
+    assert scrub.may_hold_fields(None) and scrub.may_hold_fields("application/vnd.oci.image.index.v1+json")
+    assert not scrub.may_hold_fields("application/octet-stream")
+
+
+def test_a_record_loses_userinfo_in_every_string() -> None:
+    record = {"served_by": "https://u:pw@m.test", "attempts": [{"host": "https://u:pw@m.test", "result": "ok"}], "n": 1}
+    assert scrub.in_strings(record) == {
+        "served_by": f"https://u:{R}@m.test",
+        "attempts": [{"host": f"https://u:{R}@m.test", "result": "ok"}],
+        "n": 1,
+    }
+
+
+# --- scrub: properties over any input ---
+
+_names = st.one_of(st.sampled_from([*sorted(scrub.SECRET_FIELDS), "Access_Token", "PASSWORD"]), st.text(max_size=12))
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_names, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _expected_json(value: object) -> object:
+    if isinstance(value, dict):
+        return {
+            k: R if scrub.is_secret_field(k) and v not in (None, "") else _expected_json(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expected_json(item) for item in value]
+    return value
+
+
+@given(_json)
+def test_any_json_parses_the_same_with_every_secret_value_and_only_those_redacted(value: object) -> None:
+    data = json.dumps(value).encode()
+    redacted = scrub.json_body(data)
+    assert redacted is not None
+    assert json.loads(redacted) == _expected_json(value)
+    if _expected_json(value) == value:
+        assert redacted == data
+
+
+_pairs = st.lists(st.tuples(_names, st.text(max_size=16)), max_size=6)
+
+
+@given(_pairs)
+def test_any_form_parses_the_same_with_every_secret_value_and_only_those_redacted(pairs: list) -> None:
+    sent = urlencode(pairs)
+    redacted = scrub.form(sent)
+    expected = [(k, R if scrub.is_secret_field(k) and v else v) for k, v in parse_qsl(sent, keep_blank_values=True)]
+    assert parse_qsl(redacted, keep_blank_values=True) == expected
+
+
+@given(st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True), st.text("abc123+/=", min_size=4))))
+def test_no_cookie_value_is_left(cookies: list) -> None:
+    header = "; ".join(f"{name}={value}" for name, value in cookies)
+    redacted = scrub.cookie(header)
+    assert redacted == "; ".join(f"{name}={R}" for name, _ in cookies)
+
+
+# --- the addon: flows ---
+
+TOKEN_ANSWER = {"token": "jwt-0123456789", "access_token": "jwt-0123456789", "refresh_token": "refresh-0123456789"}
+
+
+def _passing_through(path: str = "/token", method: str = "GET", headers=(), content: bytes = b"") -> http.HTTPFlow:
+    flow = flow_to("tokens.test", path, method, headers=headers)
+    flow.request.content = content
+    flow.response = None
+    return flow
+
+
+def _answer(flow: http.HTTPFlow, headers: dict[str, str]) -> None:
+    """The host's answer as mitmproxy has it at the responseheaders hook: headers, no body yet."""
+    fields = [(name.encode(), value.encode()) for name, value in headers.items()]
+    flow.response = http.Response(b"HTTP/1.1", 200, b"OK", http.Headers(fields), None, None, time.time(), None)
+
+
+def _stream(flow: http.HTTPFlow, *chunks: bytes) -> bytes:
+    """What mitmproxy hands the client of a streamed answer's body: every piece through `response.stream`."""
+    stream = flow.response.stream
+    assert callable(stream), "the answer was not streamed"
+    sent = b"".join(stream(chunk) for chunk in chunks)
+    assert stream(b"") == b""
+    return sent
+
+
+def test_a_token_answer_reaches_the_client_whole_and_the_flow_redacted() -> None:
+    redaction = Redaction()
+    flow = _passing_through("/token?service=registry&scope=repository%3Ateam%2Fapp%3Apull")
+    flow.request.headers["Authorization"] = "Basic YWxpY2U6cGFzc3dvcmQtMDEyMzQ1"
+    redaction.requestheaders(flow)
+    body = json.dumps({**TOKEN_ANSWER, "expires_in": 300}).encode()
+    _answer(flow, {"Content-Type": "application/json", "Content-Length": str(len(body))})
+    redaction.responseheaders(flow)
+    assert flow.request.headers["Authorization"] == "Basic <redacted>"
+    assert _stream(flow, body[:10], body[10:]) == body  # the client got the tokens
+    redaction.response(flow)
+    recorded = json.loads(flow.response.content)
+    assert recorded == {"token": R, "access_token": R, "refresh_token": R, "expires_in": 300}
+    assert flow.response.headers["Content-Length"] == str(len(flow.response.raw_content))
+
+
+def test_a_gzipped_token_answer_is_recorded_redacted_in_its_encoding() -> None:
+    redaction = Redaction()
+    flow = _passing_through()
+    redaction.requestheaders(flow)
+    body = gzip.compress(json.dumps(TOKEN_ANSWER).encode())
+    _answer(flow, {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    redaction.responseheaders(flow)
+    assert _stream(flow, body) == body
+    redaction.response(flow)
+    assert flow.response.headers["Content-Encoding"] == "gzip"
+    assert b"0123456789" not in gzip.decompress(flow.response.raw_content)
+    assert json.loads(flow.response.content) == {"token": R, "access_token": R, "refresh_token": R}
+
+
+def test_a_body_in_an_encoding_that_cannot_be_read_is_dropped_with_a_note() -> None:
+    redaction = Redaction()
+    flow = _passing_through()
+    redaction.requestheaders(flow)
+    _answer(flow, {"Content-Type": "application/json", "Content-Encoding": "x-unknown"})
+    redaction.responseheaders(flow)
+    _stream(flow, b'{"token": "jwt-0123456789"}')
+    redaction.response(flow)
+    assert b"0123456789" not in flow.response.raw_content
+    assert b"could not be decoded" in flow.response.raw_content
+    assert "Content-Encoding" not in flow.response.headers
+
+
+def test_an_oauth_form_cookies_and_query_tokens_are_redacted_once_the_request_is_sent() -> None:
+    redaction = Redaction()
+    form = b"grant_type=refresh_token&refresh_token=refresh-0123456789&service=registry&client_id=skopeo"
+    flow = _passing_through(
+        "/token?access_token=query-0123456789",
+        "POST",
+        headers=[(b"Cookie", b"session=cookie-0123456789"), (b"Content-Type", b"application/x-www-form-urlencoded")],
+        content=form,
+    )
+    redaction.requestheaders(flow)
+    assert flow.request.content == form  # not yet sent: untouched
+    _answer(flow, {"Content-Type": "application/json"})
+    redaction.responseheaders(flow)
+    redacted = f"grant_type=refresh_token&refresh_token={R}&service=registry&client_id=skopeo"
+    assert flow.request.content == redacted.encode()
+    assert flow.request.headers["Cookie"] == f"session={R}"
+    assert flow.request.path == f"/token?access_token={R}"
+
+
+def test_set_cookie_and_location_userinfo_are_redacted_after_the_client_has_them() -> None:
+    redaction = Redaction()
+    flow = _passing_through("/v2/team/app/blobs/sha256:0")
+    redaction.requestheaders(flow)
+    location = "https://u:storage-0123456789@storage.test/blob"
+    _answer(flow, {"Set-Cookie": "lb=cookie-0123456789; Path=/", "Location": location, "Content-Type": "text/html"})
+    redaction.responseheaders(flow)
+    # mitmproxy sends these headers to the client when the hook returns: they must be the host's.
+    assert flow.response.headers["Location"] == location
+    _stream(flow, b"<a>moved</a>")
+    redaction.response(flow)
+    assert flow.response.headers["Set-Cookie"] == f"lb={R}; Path=/"
+    assert flow.response.headers["Location"] == f"https://u:{R}@storage.test/blob"
+    assert flow.response.content == b"<a>moved</a>"
+
+
+def test_an_answer_that_cannot_hold_secrets_is_left_to_mitmproxy() -> None:
+    redaction = Redaction()
+    flow = _passing_through("/v2/team/app/blobs/sha256:0")
+    redaction.requestheaders(flow)
+    _answer(flow, {"Content-Type": "application/octet-stream"})
+    redaction.responseheaders(flow)
+    assert not flow.response.stream
+
+
+def test_what_the_gateway_answered_or_streams_itself_is_not_taken_over() -> None:
+    redaction = Redaction()
+    flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", headers=[(b"Cookie", b"c=cookie-0123456789")])
+    manifest = b'{"schemaVersion": 2, "token": "part of the manifest"}'
+    flow.response = http.Response.make(200, manifest, {"Set-Cookie": "lb=cookie-0123456789", "Content-Type": "x+json"})
+    flow.metadata[METADATA_KEY] = {"served_by": "https://u:pw@mirror.test"}
+    redaction.requestheaders(flow)  # the gateway answered it: the request goes nowhere
+    assert flow.request.headers["Cookie"] == f"c={R}"
+    redaction.responseheaders(flow)
+    assert not flow.response.stream
+    redaction.response(flow)
+    # mitmproxy sends it to the client after this hook: its body stays the manifest (its digest), its cookie is
+    # ocigate's own session's, not the client's.
+    assert flow.response.content == manifest
+    assert flow.response.headers["Set-Cookie"] == f"lb={R}"
+    assert flow.metadata[METADATA_KEY] == {"served_by": f"https://u:{R}@mirror.test"}
+
+
+def test_a_flow_cut_off_mid_answer_keeps_no_secret_it_could_not_read_whole() -> None:
+    redaction = Redaction()
+    flow = _passing_through()
+    redaction.requestheaders(flow)
+    _answer(flow, {"Content-Type": "application/json"})
+    redaction.responseheaders(flow)
+    flow.response.stream(b'{"expires_in": 300, "token": "jwt-01234')
+    redaction.done()  # the gateway stops: mitmproxy's save addon writes it next
+    assert b"jwt" not in flow.response.raw_content
+    assert b"cut short" in flow.response.raw_content
+
+
+def test_a_failed_flow_is_redacted_as_it_stands() -> None:
+    redaction = Redaction()
+    flow = _passing_through(headers=[(b"Authorization", b"Bearer jwt-0123456789")])
+    redaction.requestheaders(flow)
+    flow.error = tflow.terr()
+    redaction.error(flow)
+    assert flow.request.headers["Authorization"] == "Bearer <redacted>"
+
+
+def test_redacting_twice_changes_nothing_more() -> None:
+    redaction = Redaction()
+    flow = _passing_through(headers=[(b"Cookie", b"a=1")])
+    redaction.requestheaders(flow)
+    _answer(flow, {"Content-Type": "application/json", "Set-Cookie": "b=2"})
+    redaction.responseheaders(flow)
+    _stream(flow, json.dumps(TOKEN_ANSWER).encode())
+    redaction.response(flow)
+    once = flow.get_state()
+    redaction.error(flow)
+    assert flow.get_state() == once
