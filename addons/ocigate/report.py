@@ -333,11 +333,12 @@ def _size(flow: http.HTTPFlow) -> int | None:
         return None
     if flow.request.method == "HEAD" or response.status_code in (204, 304):
         return 0
-    kept = len(response.raw_content) if response.raw_content is not None else None
+    if response.raw_content:
+        return len(response.raw_content)
     declared = response.headers.get("content-length", "").strip()
-    announced = int(declared) if declared.isdigit() and len(declared) < 19 else None
-    known = [n for n in (kept, announced) if n is not None]
-    return max(known) if known else None
+    if declared.isdigit() and len(declared) < 19:
+        return int(declared)
+    return 0 if response.raw_content is not None else None
 
 
 def _where(number: int, flow: http.HTTPFlow) -> str:
