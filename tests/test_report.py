@@ -189,6 +189,18 @@ def test_token_fetches_and_cache_hits_are_counted_once_per_host_asked() -> None:
     assert "tokens: 1 cached, 2 fetched" in report.as_text(built)
 
 
+def test_credentials_presented_and_digest_checks_are_summed_up() -> None:
+    credential = "'ci' from ocigate credentials (host good.test:5000)"
+    flows = [
+        flow(f"/v2/team/app/blobs/{CONFIG}", record("blob", CONFIG, credential=credential, verified=CONFIG)),
+        flow(f"/v2/team/app/blobs/{LAYER}", record("blob", LAYER, credential=credential, unchecked="a redirect")),
+        flow("/v2/team/app/manifests/v1", record("manifest", "v1")),
+    ]
+    text = report.as_text(build(flows, "c"))
+    assert f"credentials: {credential} x2" in text
+    assert "digests: 1 verified, 1 unchecked (a redirect)" in text
+
+
 def test_a_request_no_host_could_serve_is_an_error_naming_every_host_and_no_fallback() -> None:
     failed = record(
         "blob",

@@ -95,6 +95,7 @@ class Request:
     end: float | None
     size: int | None  # bytes of the answer's body
     token: str | None  # the token of the host that served: "fetched" or "cached"
+    credential: str | None  # the credential ocigate presented to it, by source and user
     verified: bool  # its bytes were checked against a digest
     unchecked: str | None  # why they were not
 
@@ -173,6 +174,19 @@ class Pull:
     @property
     def failed(self) -> tuple[Request, ...]:
         return tuple(r for r in self.requests if r.failed)
+
+    @property
+    def credentials(self) -> Counter[str]:
+        return Counter(r.credential for r in self.requests if r.credential is not None)
+
+    @property
+    def checks(self) -> Counter[str]:
+        """How many answers were verified against their digest, and why the others passed unchecked."""
+        return Counter(
+            "verified" if r.verified else f"unchecked ({r.unchecked})"
+            for r in self.requests
+            if r.verified or r.unchecked
+        )
 
     @property
     def tokens(self) -> Counter[str]:
@@ -373,6 +387,7 @@ def _request(number: int, flow: http.HTTPFlow, fields: _Fields) -> Request:
         end=end,
         size=size if size is not None else _size(flow),
         token=fields.text("token"),
+        credential=fields.text("credential"),
         verified=fields.text("verified") is not None,
         unchecked=fields.text("unchecked"),
     )
@@ -546,6 +561,12 @@ def summary_lines(pull: Pull) -> list[str]:
             f"fallback: {fallback.host} ({fallback.result}) -> {fallback.served_by}: "
             f"{_plural(fallback.count, 'request')}"
         )
+    credentials = pull.credentials
+    if credentials:
+        lines.append("credentials: " + ", ".join(f"{name} x{n}" for name, n in credentials.most_common()))
+    checks = pull.checks
+    if checks:
+        lines.append("digests: " + ", ".join(f"{n} {how}" for how, n in checks.most_common()))
     tokens = pull.tokens
     if tokens:
         lines.append("tokens: " + ", ".join(f"{n} {how}" for how, n in sorted(tokens.items())))
@@ -615,9 +636,9 @@ def main(argv: Sequence[str]) -> int:
         return 1
     sys.stdout.write(as_text(report))
     if args.html is not None:
-        try:
-            from .reporthtml import as_html  # only when a page is asked for
+        from .reporthtml import as_html  # here: reporthtml builds on this module
 
+        try:
             args.html.write_text(as_html(report), encoding="utf-8")
         except OSError as e:
             print(f"ocigate report: cannot write {args.html}: {e.strerror or e}", file=sys.stderr)
