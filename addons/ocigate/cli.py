@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from . import login  # only here: the gateway itself never needs it
 
         raise SystemExit(login.main(argv))
+    if argv and argv[0] == "report":
+        from . import report  # only here: the gateway itself never needs it
+
+        raise SystemExit(report.main(argv))
     if "-h" in argv or "--help" in argv:
         print(USAGE_EXTRA)
     run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
