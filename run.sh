@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # ./run.sh [gateway flags]   start ocigate on 127.0.0.1:8080 with rules/ (installs into .venv first if needed)
+# ./run.sh web [flags]        the same with mitmweb's UI (on 127.0.0.1:8081), each flow explained
 # ./run.sh test [pytest args] install what the tests need and run the whole suite
 # ./run.sh matrix             write README.md's client matrix from the last full test run's results
 set -euo pipefail
@@ -56,7 +57,8 @@ ensure_venv() {
     fi
 }
 
-# Debian packages the end-to-end tests drive: a real registry (distribution 2.8) and the real clients.
+# Debian packages the end-to-end tests drive: a real registry (distribution 2.8), the real clients, and a browser
+# for mitmweb's page.
 ensure_test_packages() {
     local missing=() package
     command -v docker-registry >/dev/null || missing+=(docker-registry)
@@ -67,6 +69,7 @@ ensure_test_packages() {
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v unshare >/dev/null || missing+=(util-linux)
     command -v ip >/dev/null || missing+=(iproute2)
+    command -v chromium >/dev/null || missing+=(chromium)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
         say "the tests need the Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})"
@@ -112,10 +115,15 @@ if [ "${1:-}" = "matrix" ]; then
 fi
 
 ensure_venv ""
+mode=()
+if [ "${1:-}" = "web" ]; then
+    mode=(web)
+    shift
+fi
 defaults=(--listen-host "${OCIGATE_HOST:-127.0.0.1}" --listen-port "${OCIGATE_PORT:-8080}")
 # mitmproxy refuses an option set twice, so the default rules apply only when the command line names none.
 case " $* " in
 *" --rules"* | *"ocigate_rules="*) ;;
 *) defaults+=(--rules "${OCIGATE_RULES:-$here/rules}") ;;
 esac
-exec "$venv/bin/ocigate" "${defaults[@]}" "$@"
+exec "$venv/bin/ocigate" "${mode[@]}" "${defaults[@]}" "$@"

@@ -85,7 +85,7 @@ class Gateway:
             log.exception("ocigate: internal error routing %s %s", flow.request.method, flow.request.pretty_url)
             self.streams.forget(flow)
             error = internal_error()
-            record = FlowRecord.failed(upstream, rule, flow.request.method, error.message)
+            record = FlowRecord.ocigate_failed(upstream, rule, flow.request.method, error.message)
             decision = Answer(error_response(flow.request.method, error), record)
         if isinstance(decision, Answer):
             flow.response = decision.response

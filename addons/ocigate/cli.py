@@ -1,4 +1,5 @@
-"""The `ocigate` command: mitmdump with the ocigate addons loaded and the settings they depend on."""
+"""The `ocigate` command: mitmdump (or, as `ocigate web`, mitmweb) with the ocigate addons loaded and the settings they
+depend on."""
 
 import argparse
 import sys
@@ -9,25 +10,42 @@ from mitmproxy.options import Options
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.tools.main import run
+from mitmproxy.tools.web.master import WebMaster
 
 from .addon import make_addons
 
 USAGE_EXTRA = """
-ocigate takes every mitmdump flag. Its own:
+ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
+flows in mitmweb's UI, each with ocigate's decision as its comment. Its own:
   --rules DIR      containerd hosts.toml tree (certs.d layout); same as --set ocigate_rules=DIR
 """
+
+
+def _add_ocigate(master: DumpMaster | WebMaster) -> None:
+    ours = make_addons()
+    master.addons.add(*ours)
+    # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without proxy
+    # credentials never reaches a rule) and before save, dumper and mitmweb's view (which then see redacted flows,
+    # and a flow's comment as soon as it is shown).
+    scripts = master.addons.chain.index(master.addons.get("scriptloader"))
+    rest = [addon for addon in master.addons.chain if addon not in ours]
+    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
 
 
 class OcigateMaster(DumpMaster):
     def __init__(self, options: Options, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        ours = make_addons()
-        self.addons.add(*ours)
-        # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without
-        # proxy credentials never reaches a rule) and before save and dumper (which then see redacted flows).
-        scripts = self.addons.chain.index(self.addons.get("scriptloader"))
-        rest = [addon for addon in self.addons.chain if addon not in ours]
-        self.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
+        _add_ocigate(self)
+
+
+class OcigateWebMaster(WebMaster):
+    """The gateway with mitmweb's UI."""
+
+    def __init__(self, options: Options, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        _add_ocigate(self)
+        # The flow list shows each flow's comment, where ocigate says what it decided (a --set web_columns= wins).
+        self.options.update(web_columns=[*self.options.web_columns, "comment"])
 
 
 def _mitmdump_filters(args: argparse.Namespace) -> dict[str, str]:
@@ -67,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(report.main(argv))
     if "-h" in argv or "--help" in argv:
         print(USAGE_EXTRA)
-    run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
+    if argv and argv[0] == "web":
+        run(OcigateWebMaster, cmdline.mitmweb, translate(argv[1:]))
+    else:
+        run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
 
 
 if __name__ == "__main__":

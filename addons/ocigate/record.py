@@ -16,6 +16,8 @@ from .plan import Plan, is_proxy_for
 METADATA_KEY = "ocigate"
 # served_by of a flow the gateway answered itself.
 GATEWAY = "gateway"
+# flow.marked of a failed flow: mitmweb and the console show it as ❌ beside the flow.
+FAILED_MARK = ":x:"
 
 
 @dataclass
@@ -46,7 +48,7 @@ class FlowRecord:
         return cls(upstream, str(rule.source), "invalid", method)
 
     @classmethod
-    def failed(cls, upstream: str, rule: Rule, method: str, error: str) -> "FlowRecord":
+    def ocigate_failed(cls, upstream: str, rule: Rule, method: str, error: str) -> "FlowRecord":
         """A request ocigate failed on itself (see the gateway's log), whatever it asked for."""
         return cls(upstream, str(rule.source), "unknown", method, error=error)
 
@@ -110,7 +112,35 @@ class FlowRecord:
         return shown
 
     def publish(self, flow: http.HTTPFlow) -> None:
+        """The record on the flow, refreshed each time it says more: in metadata, as the flow's comment, and a
+        failure as its mark. A mark is only ever set, so that one a person put on the flow in mitmweb stays."""
         flow.metadata[METADATA_KEY] = self.as_metadata()
+        flow.comment = self.comment()
+        if self.failed():
+            flow.marked = FAILED_MARK
+
+    def failed(self) -> bool:
+        """The client did not get what it asked for: an error (a blob that was not what its digest says among
+        them), or an answer of 400 or more, whoever gave it."""
+        return self.error is not None or (self.status is not None and self.status >= 400)
+
+    def comment(self) -> str:
+        """The log line with what ocigate added and presented: the context the serving host was asked with, the
+        credential by source and user (never its value), the token's origin, and the digest the answer was checked
+        against. One line, as mitmweb shows a flow's comment."""
+        details = []
+        if self.ns is not None:
+            details.append(f"ns={self.ns}")
+        if self.named_reference is not None:
+            details.append(f"OCI-Named-Ref {self.named_reference}")
+        if self.credential is not None:
+            details.append(f"credential {self.credential}")
+        if self.token is not None:
+            details.append(f"token {self.token}")
+        if self.verified is not None:
+            details.append(f"verified {self.verified}")
+        # A host's words in an error may span lines; the comment is one.
+        return " ".join("; ".join([self.describe(), *details]).split())
 
     def describe(self) -> str:
         """One log line a person can read: what was asked, who served it, who was skipped and why."""
