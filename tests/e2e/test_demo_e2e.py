@@ -43,14 +43,18 @@ def demo(tmp: Path) -> Iterator[subprocess.Popen[str]]:
 
 
 def left_in_session(session: int) -> list[str]:
-    """The command lines of the processes still in `session`."""
+    """The processes still in `session`: pid, parent, state and command name of each."""
     left = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             if os.getsid(int(entry.name)) == session:
-                left.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                # comm is in parentheses and may hold spaces; state and parent follow it.
+                stat = (entry / "stat").read_text()
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+                left.append(f"{entry.name} (parent {parent}, state {state}) {comm}")
         except (ProcessLookupError, FileNotFoundError, PermissionError):
             continue
     return left

@@ -12,12 +12,14 @@ dir, removed at the end; every process is stopped, also on failure, Ctrl-C, SIGT
 end-to-end tests' own (tests/support/), so the demo shows the gateway as the tests prove it.
 """
 
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from types import FrameType
 
@@ -35,6 +37,8 @@ TAG = "v1"
 REFERENCE = f"{UPSTREAM}/{REPOSITORY}:{TAG}"
 # How long the gateway's log lines of the pull are waited for.
 _LOG_WAIT = 5.0
+# How long children left over get to end after SIGTERM, before SIGKILL.
+_CHILD_STOP_TIMEOUT = 5.0
 # What the process answers when a signal stopped it: 128 + the signal's number, as a shell reports it.
 _SIGNALLED = 128
 
@@ -69,7 +73,10 @@ def main() -> int:
         signal.signal(number, _stop)
     try:
         with tempfile.TemporaryDirectory(prefix="ocigate-demo-") as workdir:
-            demo(Path(workdir), say)
+            try:
+                demo(Path(workdir), say)
+            finally:
+                _stop_children()
     except DemoFailed as failure:
         say(f"\ndemo failed: {failure}\neverything it started is stopped and its temp dir removed")
         return 1
@@ -81,6 +88,26 @@ def main() -> int:
         return _SIGNALLED + stopped.number
     say("\nDone: the registry, the recording hop and the gateway are stopped, the temp dir is removed.")
     return 0
+
+
+def _stop_children() -> None:
+    """Stops and reaps any child of the demo still there. Each process is stopped where it was started, but Ctrl-C
+    landing between a fork and the code that would stop its child (inside subprocess.Popen) leaves a child nobody
+    holds a handle to."""
+    tasks = Path("/proc/self/task").iterdir()
+    children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+    for pid in children:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _CHILD_STOP_TIMEOUT
+    for pid in children:
+        with suppress(ChildProcessError):
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.05)
 
 
 def say(text: str) -> None:
