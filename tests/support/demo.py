@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from types import FrameType
@@ -74,7 +73,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="ocigate-demo-") as workdir:
             try:
-                demo(Path(workdir), say)
+                demo(Path(workdir))
             finally:
                 _stop_children()
     except DemoFailed as failure:
@@ -114,7 +113,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def demo(workdir: Path, say: Callable[[str], None]) -> None:
+def demo(workdir: Path) -> None:
     image = make_image("ocigate-demo", layers=2, layer_size=16 * 1024)
     say(f"ocigate demo, everything under {workdir} (removed at the end)\n")
     with (
