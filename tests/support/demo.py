@@ -85,6 +85,10 @@ def main() -> int:
     except Stopped as stopped:
         say(f"\nstopped by {stopped}: everything the demo started is stopped and its temp dir removed")
         return _SIGNALLED + stopped.number
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`./run.sh demo | head`); what is still buffered goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     say("\nDone: the registry, the recording hop and the gateway are stopped, the temp dir is removed.")
     return 0
 
