@@ -3,6 +3,7 @@
 # ./run.sh web [flags]        the same with mitmweb's UI (on 127.0.0.1:8081), each flow explained
 # ./run.sh test [pytest args] install what the tests need and run the whole suite
 # ./run.sh matrix             write README.md's client matrix from the last full test run's results
+# ./run.sh demo               a first look: a pull through the gateway from a throwaway mirror, on this machine alone
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
@@ -71,17 +72,33 @@ ensure_test_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     command -v chromium >/dev/null || missing+=(chromium)
     [ ${#missing[@]} -eq 0 ] && return 0
+    install_debian_packages "the tests need" "${missing[@]}"
+}
+
+# What ./run.sh demo drives: a real registry as the mirror, skopeo as the client.
+ensure_demo_packages() {
+    local missing=()
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
+    command -v skopeo >/dev/null || missing+=(skopeo)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    install_debian_packages "the demo needs" "${missing[@]}"
+}
+
+# install_debian_packages WHO PACKAGE...: as root with apt-get; otherwise stops, saying which packages WHO needs.
+install_debian_packages() {
+    local who=$1 package
+    shift
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
-        say "the tests need the Debian packages: ${missing[*]} (install them as root: apt-get install ${missing[*]})"
+        say "$who the Debian packages: $* (install them as root: apt-get install $*)"
         exit 1
     fi
-    say "installing Debian packages: ${missing[*]}"
+    say "installing Debian packages: $*"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; then
+    if ! apt-get install -y -qq "$@" >/dev/null 2>&1; then
         apt-get update -qq
-        apt-get install -y -qq "${missing[@]}"
+        apt-get install -y -qq "$@"
     fi
-    for package in "${missing[@]}"; do
+    for package in "$@"; do
         dpkg -s "$package" >/dev/null 2>&1 || { say "Debian package $package did not install"; exit 1; }
     done
 }
@@ -107,6 +124,12 @@ run_tests() {
 if [ "${1:-}" = "test" ]; then
     shift
     run_tests "$@"
+fi
+
+if [ "${1:-}" = "demo" ]; then
+    ensure_venv ""
+    ensure_demo_packages
+    exec "$venv/bin/python" -m tests.support.demo
 fi
 
 if [ "${1:-}" = "matrix" ]; then

@@ -4,6 +4,7 @@ services built from them, and which host each re-pointed client connection talks
 import asyncio
 import logging
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -15,7 +16,7 @@ from .auth import Broker
 from .context import ContextStore
 from .health import HostHealth
 from .hostclient import HostClient
-from .hoststoml import Host, Rule, RuleSet
+from .hoststoml import DEFAULT_DIRECTORY, HOSTS_FILE, Host, Rule, RuleSet
 from .routes import RouteError, default_port, normalize_upstream
 from .services import Services, build, rebuilt_by
 from .settings import MITMPROXY_OPTIONS, Settings, declare, is_settings_option
@@ -26,6 +27,9 @@ log = logging.getLogger("ocigate")
 # when its connection ends or is dialled, so only those whose end never came (a client gone while mitmproxy waited to
 # dial) pile up; a connection forgotten while alive loses only its host's own TLS settings in hosts.toml.
 MAX_CONNECTIONS = 10_000
+
+# What the shipped rules/ holds instead of rules: containerd (and ocigate) read only files named hosts.toml.
+EXAMPLE_FILE = f"{HOSTS_FILE}.example"
 
 # Options whose files are read again whenever they are set, even to the value they had: setting ocigate_rules again
 # reloads hosts.toml and the TLS files its hosts name.
@@ -147,6 +151,11 @@ class Configuration:
         rules = self.shared.rules
         if rules is None:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
+        else:
+            # Read once at start-up, before any flow, so the listing blocks nothing.
+            hint = unrouted_hint(rules, sorted(rules.root.glob(f"*/{EXAMPLE_FILE}")))
+            if hint is not None:
+                log.warning("ocigate: %s", hint)
         host = ctx.options.listen_host or "127.0.0.1"
         proxy = f"http://{host}:{ctx.options.listen_port or 8080}"
         ca = Path(ctx.options.confdir).expanduser() / "mitmproxy-ca-cert.pem"
@@ -159,3 +168,24 @@ class Configuration:
             proxy,
             ca,
         )
+
+
+def unrouted_hint(rules: RuleSet, examples: Sequence[Path]) -> str | None:
+    """What the start-up lines say when `rules` route no registry (the shipped rules/ holds examples only, which
+    nothing reads): that everything passes through, and which of `examples` (its `*/hosts.toml.example` files) to copy
+    where. None when some registry is routed. A registry's own example is named before `_default`'s, which would route
+    every registry through the gateway."""
+    if next(rules.rules(), None) is not None:
+        return None
+    root = rules.root
+    unrouted = f"{root} routes no registry: every registry passes through untouched"
+    if not examples:
+        return f"{unrouted}\n  write {root}/<registry>/{HOSTS_FILE} to route one (README: 'A worked example')"
+    own = [example for example in examples if example.parent.name != DEFAULT_DIRECTORY]
+    chosen = (own or list(examples))[0]
+    return (
+        f"{unrouted}\n"
+        f"  its examples: {', '.join(str(example) for example in examples)}\n"
+        f"  copy one to {HOSTS_FILE} beside it with your mirrors, e.g. "
+        f"cp {chosen} {chosen.with_name(HOSTS_FILE)} (README: 'A worked example')"
+    )
