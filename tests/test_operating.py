@@ -5,6 +5,8 @@ import asyncio
 import hashlib
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -186,3 +188,26 @@ def test_a_metrics_address_in_use_is_an_options_error_naming_the_option_and_addr
             operating(rules, ocigate_metrics=f"127.0.0.1:{port}"),
         ):
             pass
+
+
+@pytest.mark.parametrize("option", ["ocigate_access_log={missing}", "ocigate_metrics=127.0.0.1:{taken}"])
+def test_the_ocigate_command_stops_at_its_start_naming_a_log_or_address_it_cannot_use(
+    option: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        value = option.format(missing=tmp_path / "missing" / "access.log", taken=taken.getsockname()[1])
+        command = [sys.executable, "-m", "ocigate.cli", "--listen-port", "0", "--set", f"confdir={tmp_path}"]
+        started = subprocess.run(
+            [*command, "--set", "ocigate_credential_sources=ocigate", "--set", value],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = started.stdout + started.stderr
+    assert started.returncode == 1
+    name = value.partition("=")[0]
+    assert f"{name}: cannot " in output
+    # Refused once and rolled back, not refused again by each option set during the roll-back.
+    assert "Traceback" not in output and output.count("setting connection_strategy=lazy") == 1

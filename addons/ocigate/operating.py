@@ -21,6 +21,7 @@ from .settings import MetricsAddress
 
 log = logging.getLogger("ocigate")
 
+_OPTIONS = frozenset({"ocigate_access_log", "ocigate_metrics"})
 # How long a scrape waits for the event loop to read the hosts' health.
 _READ_TIMEOUT = 5.0
 
@@ -41,7 +42,10 @@ class Operating:
         self._names_of: object = None  # the rules `_names` were taken from
 
     def configure(self, updated: set[str]) -> None:
-        if not self.shared.configured:
+        # Only on its own options: an option another addon sets while a refused value is being rolled back
+        # (Configuration's connection_strategy) would otherwise meet the refused settings still in force, and
+        # refuse them again, and again.
+        if not self.shared.configured or not updated & _OPTIONS:
             return
         self._note_loop()
         settings = self.shared.settings
