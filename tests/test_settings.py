@@ -1,6 +1,7 @@
 """ocigate's options parsed into Settings: the defaults, paths expanded, and every bad value refused naming its
 option."""
 
+import re
 import string
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mitmproxy.optmanager import OptManager
 from mitmproxy.test import taddons
 
 from ocigate.destinations import Destinations
-from ocigate.settings import CREDENTIAL_SOURCES, Settings, declare
+from ocigate.settings import CREDENTIAL_SOURCES, STDERR, MetricsAddress, Settings, declare
 
 
 def options(**values: object) -> OptManager:
@@ -85,6 +86,49 @@ def test_a_cooldown_of_0_is_no_cooldown() -> None:
     assert Settings.parse(options(ocigate_cooldown=0)).cooldown == 0
 
 
+def test_the_access_log_is_a_file_or_standard_error_or_none() -> None:
+    assert Settings.parse(options(ocigate_access_log="~/access.log")).access_log == Path.home() / "access.log"
+    assert Settings.parse(options(ocigate_access_log="-")).access_log == STDERR
+    assert Settings.parse(options()).access_log is None
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("9090", MetricsAddress("127.0.0.1", 9090)),
+        ("0", MetricsAddress("127.0.0.1", 0)),
+        ("0.0.0.0:9090", MetricsAddress("0.0.0.0", 9090)),
+        ("gateway.internal:9090", MetricsAddress("gateway.internal", 9090)),
+        ("[::1]:9090", MetricsAddress("::1", 9090)),
+        ("", None),
+    ],
+)
+def test_metrics_listen_on_loopback_unless_a_host_is_written_out(value: str, address: MetricsAddress | None) -> None:
+    assert Settings.parse(options(ocigate_metrics=value)).metrics == address
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (":9090", "is not HOST:PORT or PORT"),
+        ("::1:9090", "is not HOST:PORT or PORT"),
+        ("127.0.0.1", "is not HOST:PORT or PORT"),
+        ("127.0.0.1:http", "has no port number"),
+        ("127.0.0.1:65536", "has no port number"),
+        ("99999", "has no port number"),
+        ("a b:9090", "is not HOST:PORT or PORT"),
+    ],
+)
+def test_a_metrics_address_that_is_not_one_is_refused_naming_the_option(value: str, message: str) -> None:
+    with pytest.raises(exceptions.OptionsError, match=re.escape(f"ocigate_metrics: {value!r} {message}")):
+        Settings.parse(options(ocigate_metrics=value))
+
+
+def test_an_ipv6_metrics_address_is_shown_with_brackets() -> None:
+    assert str(MetricsAddress("::1", 9090)) == "[::1]:9090"
+    assert str(MetricsAddress("127.0.0.1", 9090)) == "127.0.0.1:9090"
+
+
 BAD_VALUES = {
     "ocigate_connect_timeout": (0, "ocigate_connect_timeout must be a positive number of seconds"),
     "ocigate_read_timeout": (-1, "ocigate_read_timeout must be a positive number of seconds"),
@@ -103,6 +147,7 @@ BAD_VALUES = {
         "ocigate_map_hosts entry 'mirror.test': expected NAME[:PORT]=ADDRESS[:PORT]",
     ),
     "ocigate_allow_destinations": (["10.0.0.0/33"], "ocigate_allow_destinations entry '10.0.0.0/33': "),
+    "ocigate_metrics": (":9090", "ocigate_metrics: ':9090' is not HOST:PORT or PORT"),
 }
 
 

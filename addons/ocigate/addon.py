@@ -27,6 +27,7 @@ from .dialing import Dialing
 from .hoststoml import Rule
 from .httponly import HttpOnly
 from .ocierror import OciError
+from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
 from .record import METADATA_KEY, FlowRecord
 from .streaming import Streams
@@ -191,6 +192,9 @@ def make_addons() -> list:
         Dialing(shared),
         Configuration(shared),
         gateway,
-        # After the gateway, whose decisions need the request as the client sent it (see captures.py).
+        # After the gateway: each flow's record is complete when it ends.
+        Operating(shared, gateway.records),
+        # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
+        # before mitmproxy's own recorders.
         Redaction(),
     ]

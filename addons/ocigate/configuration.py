@@ -128,13 +128,16 @@ class Configuration:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def configure(self, updated: set[str]) -> None:
+        if any(is_settings_option(name) for name in updated):
+            self._settings_changed(updated)
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # An eager proxy dials the CONNECT target before any hook can re-point it, and upstream names may not
-            # resolve at all (an air-gap box, a mirror-only registry).
+            # resolve at all (an air-gap box, a mirror-only registry). Set once the settings are in force: a value
+            # refused meanwhile is put back before this runs.
             log.info("ocigate: setting connection_strategy=lazy")
             ctx.options.update(connection_strategy="lazy")
-        if not any(is_settings_option(name) for name in updated):
-            return
+
+    def _settings_changed(self, updated: set[str]) -> None:
         # Nothing is replaced before everything is parsed and built. On an OptionsError mitmproxy puts the options
         # back and configures again: settings equal to those in force replace nothing.
         settings = Settings.parse(ctx.options)

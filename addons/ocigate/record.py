@@ -41,6 +41,9 @@ class FlowRecord:
     token: str | None = None  # its token: "cached" or "fetched"
     client: str | None = None  # the client's address
     proxy_user: str | None = None  # the user the client authenticated to the proxy as (mitmproxy's proxyauth)
+    mismatch: str | None = None  # what the serving host streamed instead of the digest's bytes (the client's cut short)
+    bytes_sent: int | None = None  # of the answer's body, sent to the client, once the flow ended
+    duration: float | None = None  # seconds from the request to the end of the flow, once it ended
 
     @classmethod
     def refused(cls, upstream: str, rule: Rule, method: str) -> "FlowRecord":
@@ -93,7 +96,7 @@ class FlowRecord:
 
     def as_metadata(self) -> dict[str, Any]:
         """The record as flow metadata holds it: plain values (mitmproxy saves metadata in captures), and the end
-        of the flow (status, error, verified, unchecked) only once known."""
+        of the flow (status, error, verified, unchecked, mismatch, bytes_sent, duration) only once known."""
         shown: dict[str, Any] = {
             "upstream": self.upstream,
             "rule": self.rule,
@@ -106,7 +109,8 @@ class FlowRecord:
             "attempts": [o.as_dict() for o in self.attempts],
             "served_by": self.served_by,
         }
-        for name in ("status", "error", "verified", "unchecked", "ns", "credential", "token", "client", "proxy_user"):
+        optional = ("status", "error", "verified", "unchecked", "ns", "credential", "token", "client", "proxy_user")
+        for name in (*optional, "mismatch", "bytes_sent", "duration"):
             if getattr(self, name) is not None:
                 shown[name] = getattr(self, name)
         return shown

@@ -83,8 +83,15 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
 
 def rebuilt_by(current: Settings, new: Settings) -> bool:
     """Whether `new` makes other services than `current` did: what only the Gateway reads (the named-reference
-    headers, whether unruled hosts are intercepted) changes none."""
-    return replace(current, named_ref_headers=new.named_ref_headers, intercept_unruled=new.intercept_unruled) != new
+    headers, whether unruled hosts are intercepted) and what only the access log and metrics read change none."""
+    kept = replace(
+        current,
+        named_ref_headers=new.named_ref_headers,
+        intercept_unruled=new.intercept_unruled,
+        access_log=new.access_log,
+        metrics=new.metrics,
+    )
+    return kept != new
 
 
 def _rules_inputs(settings: Settings) -> tuple[object, ...]:

@@ -8,6 +8,7 @@ services are built from the settings (see services).
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mitmproxy import exceptions
 from mitmproxy.addonmanager import Loader
@@ -18,6 +19,11 @@ from .destinations import Destinations
 from .health import DEFAULT_COOLDOWN
 
 CREDENTIAL_SOURCES = ("ocigate", "docker", "containers", "kubernetes")
+
+# ocigate_access_log's value for standard error.
+STDERR: Literal["-"] = "-"
+# Where a metrics address given as a bare port listens: only what is written out may listen beyond this machine.
+METRICS_DEFAULT_HOST = "127.0.0.1"
 
 # mitmproxy's own options that ocigate honours too: the roots upstream certificates are checked against, and
 # whether they are checked at all.
@@ -121,11 +127,34 @@ def declare(loader: Loader) -> None:
         int(DEFAULT_HELPER_TIMEOUT),
         "Seconds a docker-credential-<name> helper may take before it is killed.",
     )
+    loader.add_option(
+        "ocigate_access_log",
+        str,
+        "",
+        "File the access log is appended to, one JSON object per request the gateway handled; - for standard "
+        "error. Empty: no access log.",
+    )
+    loader.add_option(
+        "ocigate_metrics",
+        str,
+        "",
+        "Address the Prometheus metrics are served on (/metrics), HOST:PORT, or PORT alone for 127.0.0.1:PORT "
+        "(0: any free port). Empty: no metrics.",
+    )
 
 
 def is_settings_option(name: str) -> bool:
     """Whether the option named goes into Settings."""
     return name.startswith("ocigate_") or name in MITMPROXY_OPTIONS
+
+
+@dataclass(frozen=True)
+class MetricsAddress:
+    host: str  # a name or an address as written (an IPv6 address without its brackets)
+    port: int  # 0: any free port
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -147,6 +176,8 @@ class Settings:
     credential_helper_timeout: int
     upstream_trusted_ca: Path | None  # mitmproxy's ssl_verify_upstream_trusted_ca
     ssl_insecure: bool
+    access_log: Path | Literal["-"] | None = None  # ocigate_access_log: a file, STDERR, or None for none
+    metrics: MetricsAddress | None = None  # ocigate_metrics
 
     @classmethod
     def parse(cls, options: OptManager) -> "Settings":
@@ -180,6 +211,8 @@ class Settings:
             credential_helper_timeout=credential_helper_timeout,
             upstream_trusted_ca=_path_or_none(options.ssl_verify_upstream_trusted_ca),
             ssl_insecure=options.ssl_insecure,
+            access_log=_access_log(options.ocigate_access_log),
+            metrics=_metrics_address(options.ocigate_metrics),
         )
 
 
@@ -214,3 +247,31 @@ def _credential_sources(names: Sequence[str]) -> tuple[str, ...]:
             f"ocigate_credential_sources: unknown source {unknown[0]!r} (expected {', '.join(CREDENTIAL_SOURCES)})"
         )
     return tuple(dict.fromkeys(names))
+
+
+def _access_log(value: str) -> Path | Literal["-"] | None:
+    if value == STDERR:
+        return STDERR
+    return _path_or_none(value)
+
+
+def _metrics_address(value: str) -> MetricsAddress | None:
+    """HOST:PORT ([ADDRESS]:PORT for IPv6), or PORT alone on loopback; None when empty."""
+    if not value:
+        return None
+    if value.isdigit():
+        host, port = METRICS_DEFAULT_HOST, value
+    else:
+        host, colon, port = value.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            host = ""  # an IPv6 address without brackets: where it ends and the port starts is a guess
+        if not colon or not host or not all(c.isalnum() or c in ".-_:" for c in host):
+            raise exceptions.OptionsError(
+                f"ocigate_metrics: {value!r} is not HOST:PORT or PORT (a host other than loopback is written out, "
+                "e.g. 0.0.0.0:9090)"
+            )
+    if not port.isdigit() or int(port) > 65535:
+        raise exceptions.OptionsError(f"ocigate_metrics: {value!r} has no port number (0-65535)")
+    return MetricsAddress(host, int(port))

@@ -299,6 +299,7 @@ class Streams:
         why = streamed.verifier.mismatch or "something else"
         self.shared.health.bad_content(streamed.host.url, streamed.plan.verify, why)
         flow.kill()
+        streamed.record.mismatch = why
         streamed.record.error = f"{streamed.host.url} sent {why} for {streamed.plan.verify}: transfer aborted"
 
 

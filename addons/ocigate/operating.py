@@ -1,0 +1,197 @@
+"""The addon that writes the access log and counts the metrics: each flow the gateway handled, once, when it ends
+(its answer sent, or its error), from the flow's record as the gateway left it."""
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Literal
+
+from mitmproxy import exceptions, http
+
+from .accesslog import AccessLog, line
+from .configuration import Shared
+from .metrics import Metrics, MetricsServer, Names, observations
+from .record import FlowRecord
+from .settings import MetricsAddress
+
+log = logging.getLogger("ocigate")
+
+_OPTIONS = frozenset({"ocigate_access_log", "ocigate_metrics"})
+# How long a scrape waits for the event loop to read the hosts' health.
+_READ_TIMEOUT = 5.0
+
+
+class Operating:
+    def __init__(self, shared: Shared, records: Mapping[http.HTTPFlow, FlowRecord]) -> None:
+        self.shared = shared
+        self.records = records  # the gateway's, by flow
+        self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        # One registry for the life of the process: counters survive a change of address.
+        self.metrics = Metrics(self._cooling_down)
+        self.access_log: AccessLog | None = None
+        self.access_log_target: Path | Literal["-"] | None = None
+        self.server: MetricsServer | None = None
+        self.metrics_address: MetricsAddress | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._names = Names()
+        self._names_of: object = None  # the rules `_names` were taken from
+
+    def configure(self, updated: set[str]) -> None:
+        # Only on its own options: an option another addon sets while a refused value is being rolled back
+        # (Configuration's connection_strategy) would otherwise meet the refused settings still in force, and
+        # refuse them again, and again.
+        if not self.shared.configured or not updated & _OPTIONS:
+            return
+        self._note_loop()
+        settings = self.shared.settings
+        if settings.access_log != self.access_log_target:
+            self._close_access_log()
+            if settings.access_log is not None:
+                try:
+                    self.access_log = AccessLog.open(settings.access_log)
+                except OSError as e:
+                    raise exceptions.OptionsError(
+                        f"ocigate_access_log: cannot open {settings.access_log}: {e.strerror or e}"
+                    ) from None
+            self.access_log_target = settings.access_log
+        if settings.metrics != self.metrics_address:
+            self._stop_server()
+            if settings.metrics is not None:
+                try:
+                    self.server = MetricsServer.start(settings.metrics, self.metrics.registry)
+                except OSError as e:
+                    raise exceptions.OptionsError(
+                        f"ocigate_metrics: cannot listen on {settings.metrics}: {e.strerror or e}"
+                    ) from None
+                log.info("ocigate: metrics on http://%s/metrics", self.server.address)
+            self.metrics_address = settings.metrics
+
+    def running(self) -> None:
+        self._note_loop()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Around whatever stream hook the gateway gave a host's answer (streaming.Streams), last: what reaches the
+        client is counted as it passes."""
+        if flow.response is not None and flow in self.records:
+            flow.response.stream = Counted.around(flow.response.stream)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._ended(flow)
+
+    def done(self) -> None:
+        self._close_access_log()
+        self._stop_server()
+
+    def _ended(self, flow: http.HTTPFlow) -> None:
+        """Logs and counts a flow of the gateway's the first time it ends (a flow cut short in its response hook
+        ends again with an error)."""
+        record = self.records.get(flow)
+        if record is None or flow in self.ended:
+            return
+        self.ended.add(flow)
+        started = flow.request.timestamp_start
+        record.bytes_sent = bytes_sent(flow.response)
+        record.duration = max(0.0, time.time() - started)
+        record.publish(flow)
+        if self.access_log is not None:
+            self.access_log.write(line(record, started))
+        self.metrics.observe(observations(record, self._rule_names()))
+
+    def _rule_names(self) -> Names:
+        rules = self.shared.rules
+        if rules is not self._names_of:
+            self._names, self._names_of = Names.of(rules), rules
+        return self._names
+
+    def _note_loop(self) -> None:
+        # Options are set before the loop runs too (ocigate's tests): the loop is noted once there is one.
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+
+    def _cooling_down(self) -> dict[str, bool]:
+        """Every host the rules name and whether it is cooling down: read on the event loop, whose hooks change what
+        health knows (a scrape comes on the server's thread)."""
+        loop = self._loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or not loop.is_running():
+            return self._read_cooling_down()
+        read: Future[dict[str, bool]] = Future()
+
+        def on_the_loop() -> None:
+            try:
+                read.set_result(self._read_cooling_down())
+            except Exception as e:
+                read.set_exception(e)
+
+        loop.call_soon_threadsafe(on_the_loop)
+        return read.result(timeout=_READ_TIMEOUT)
+
+    def _read_cooling_down(self) -> dict[str, bool]:
+        health = self.shared.health
+        return {host: health.skipped(host) is not None for host in sorted(self._rule_names().hosts)}
+
+    def _close_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        self.access_log_target = None
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.metrics_address = None
+
+
+StreamHook = Callable[[bytes], bytes | Iterable[bytes]]
+
+
+class Counted:
+    """A stream hook that counts the bytes another hook hands on to the client (as mitmproxy sends them: the body,
+    without its framing), and hands them on as they are."""
+
+    def __init__(self, inner: StreamHook | None) -> None:
+        self._inner = inner
+        self.sent = 0
+        self.called = False  # the answer streamed: mitmproxy sent no body of its own after it
+
+    @classmethod
+    def around(cls, stream: bool | StreamHook) -> "bool | Counted":
+        """`stream` (mitmproxy's response.stream) counted: every piece passed on as it came when it is True; not at
+        all when it is False, since mitmproxy then sends the answer whole."""
+        if stream is False:
+            return False
+        return cls(None if stream is True else stream)
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        self.called = True
+        if self._inner is None:
+            pieces: list[bytes] = [chunk] if chunk else []
+        else:
+            passed = self._inner(chunk)
+            # An empty piece would go out as a chunk of its own: in a chunked answer, the one that ends the body.
+            pieces = ([passed] if passed else []) if isinstance(passed, bytes) else list(passed)
+        self.sent += sum(len(piece) for piece in pieces)
+        return pieces
+
+
+def bytes_sent(response: http.Response | None) -> int:
+    """The bytes of `response`'s body sent to the client: those that passed its counted stream hook, or its content
+    when mitmproxy sent it whole."""
+    if response is None:
+        return 0
+    stream = response.stream
+    if isinstance(stream, Counted) and stream.called:
+        return stream.sent
+    return len(response.raw_content or b"")

@@ -1,0 +1,143 @@
+"""The access log: a flow record as one JSON line, and the thread that writes the lines."""
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ocigate.accesslog import AccessLog, entry, line, reference
+from ocigate.attempts import Outcome
+from ocigate.hoststoml import Rule
+from ocigate.record import GATEWAY, FlowRecord
+
+DIGEST = "sha256:" + "a" * 64
+MIRROR_A, MIRROR_B = "http://mirror-a.test:5000/v2", "http://mirror-b.test:5000/v2"
+
+
+def served_manifest() -> FlowRecord:
+    return FlowRecord(
+        upstream="upstream.test",
+        rule="rules/upstream.test/hosts.toml",
+        route="manifest",
+        method="GET",
+        repository="team/app",
+        reference="v1",
+        named_reference="upstream.test/team/app:v1",
+        attempts=[
+            Outcome(MIRROR_A, "connection refused", True, unreachable=True),
+            Outcome(MIRROR_B, "200", False, 200, credential="'alice' from ocigate", token="fetched"),
+        ],
+        served_by=MIRROR_B,
+        status=200,
+        ns="upstream.test",
+        credential="'alice' from ocigate",
+        token="fetched",
+        client="127.0.0.1:40000",
+        proxy_user="builder",
+        bytes_sent=512,
+        duration=0.0424,
+    )
+
+
+def test_the_reference_is_the_tag_or_the_digest_asked_for() -> None:
+    record = served_manifest()
+    assert reference(record) == "upstream.test/team/app:v1"
+    record.reference = DIGEST
+    assert reference(record) == f"upstream.test/team/app@{DIGEST}"
+    record.reference = None
+    assert reference(record) == "upstream.test/team/app"
+    record.repository = None
+    assert reference(record) is None
+
+
+def test_an_entry_says_who_asked_what_which_hosts_were_tried_who_served_and_how_much() -> None:
+    assert entry(served_manifest(), started=1_700_000_000.25) == {
+        "time": "2023-11-14T22:13:20.250Z",
+        "client": "127.0.0.1:40000",
+        "proxy_user": "builder",
+        "upstream": "upstream.test",
+        "reference": "upstream.test/team/app:v1",
+        "named_reference": "upstream.test/team/app:v1",
+        "method": "GET",
+        "kind": "manifest",
+        "hosts": [
+            {"host": MIRROR_A, "result": "connection refused", "skipped": True, "reason": "unreachable"},
+            {"host": MIRROR_B, "result": "200", "skipped": False, "reason": None},
+        ],
+        "served_by": MIRROR_B,
+        "ns": "upstream.test",
+        "status": 200,
+        "bytes": 512,
+        "ms": 42,
+        "credential": "'alice' from ocigate",
+        "token": "fetched",
+        "verified": None,
+        "unchecked": None,
+        "error": None,
+    }
+
+
+def test_an_entry_of_a_refused_request_has_every_key_with_nothing_known() -> None:
+    rule = Rule("upstream.test", Path("rules/upstream.test/hosts.toml"), ())
+    record = FlowRecord.refused("upstream.test", rule, "GET")
+    record.error = "not a distribution API path"
+    shown = entry(record, started=0)
+    assert shown.keys() == entry(served_manifest(), started=0).keys()
+    assert (shown["kind"], shown["served_by"], shown["bytes"], shown["ms"]) == ("invalid", GATEWAY, None, None)
+    assert shown["error"] == "not a distribution API path"
+
+
+def test_a_line_is_one_line_of_json_whatever_a_value_holds() -> None:
+    record = served_manifest()
+    record.error = "a host said\r\nX-Injected: yes"
+    text = line(record, started=0)
+    assert text.endswith("\n") and text.count("\n") == 1 and "\r" not in text
+    assert json.loads(text)["error"] == "a host said\r\nX-Injected: yes"
+
+
+def test_the_log_writes_every_line_in_order_by_a_thread_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    path.write_text("kept\n")
+    log = AccessLog.open(path)
+    writers = set()
+    original = log._stream.write
+
+    def noting(text: str) -> int:
+        writers.add(threading.current_thread().name)
+        return original(text)
+
+    log._stream.write = noting  # type: ignore[method-assign]
+    for n in range(1000):
+        log.write(f"{n}\n")
+    log.close()
+    assert path.read_text().splitlines() == ["kept", *(str(n) for n in range(1000))]
+    assert writers == {"ocigate-access-log"}
+
+
+def test_the_log_flushes_once_it_has_caught_up(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog.open(path)
+    try:
+        log.write("first\n")
+        for _ in range(200):
+            if path.read_text() == "first\n":
+                break
+            threading.Event().wait(0.01)
+        assert path.read_text() == "first\n"
+    finally:
+        log.close()
+
+
+def test_standard_error_is_written_to_but_not_closed(capsys: pytest.CaptureFixture[str]) -> None:
+    log = AccessLog.open("-")
+    log.write("to stderr\n")
+    log.close()
+    assert capsys.readouterr().err == "to stderr\n"
+    assert not sys.stderr.closed
+
+
+def test_a_file_that_cannot_be_opened_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        AccessLog.open(tmp_path / "no-such-directory" / "access.log")
