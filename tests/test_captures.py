@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from ocigate import scrub
+from ocigate import cli, scrub
 from ocigate.captures import Redaction
 from ocigate.record import METADATA_KEY
 from tests.test_addon import flow_to
@@ -300,3 +300,16 @@ def test_redacting_twice_changes_nothing_more() -> None:
     once = flow.get_state()
     redaction.error(flow)
     assert flow.get_state() == once
+
+
+def test_mitmweb_is_sent_a_flow_under_way_with_its_secrets_redacted_and_the_flow_keeps_them() -> None:
+    flow = tflow.tflow()
+    flow.request.headers["Authorization"] = "Bearer the-gateways-own-token"
+    flow.request.headers["Cookie"] = "session=the-session-cookie"
+    flow.response = None
+    shown = cli._redacted_json(flow)
+    text = json.dumps(shown)
+    assert "the-gateways-own-token" not in text and "the-session-cookie" not in text
+    assert "Bearer <redacted>" in text and shown["id"] == flow.id
+    # The request has yet to be sent: the flow itself still carries what goes to the host.
+    assert flow.request.headers["Authorization"] == "Bearer the-gateways-own-token"

@@ -96,6 +96,19 @@ class Redaction:
         _redact_record(flow)
 
 
+def as_shown(flow: http.HTTPFlow) -> http.HTTPFlow:
+    """The flow as a live view may show it while it is under way: a stand-in (same id) whose request and answer
+    headers, record and comment hold no secret, though the flow itself still carries what it has yet to send."""
+    shown = http.HTTPFlow.from_state(flow.get_state())
+    assert isinstance(shown, http.HTTPFlow)
+    _redact_request(shown)
+    if shown.response is not None:
+        _redact_header(shown.response.headers, "Set-Cookie", scrub.set_cookie)
+        _redact_header(shown.response.headers, "Location", scrub.url)
+    _redact_record(shown)
+    return shown
+
+
 def _passes_through(flow: http.HTTPFlow) -> bool:
     """An answer ocigate neither made nor streams itself: from a token realm, a registry without rules, anything
     else the proxy decrypts."""

@@ -6,13 +6,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mitmproxy import http
+from mitmproxy.flow import Flow
 from mitmproxy.options import Options
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.tools.main import run
+from mitmproxy.tools.web import app as web_app
 from mitmproxy.tools.web.master import WebMaster
 
 from .addon import make_addons
+from .captures import as_shown
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
@@ -44,8 +48,19 @@ class OcigateWebMaster(WebMaster):
     def __init__(self, options: Options, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
         _add_ocigate(self)
+        # mitmweb shows a flow from its request headers on, before the request is sent and its secrets can be
+        # redacted in it (the Authorization ocigate adds among them): its page is sent a redacted stand-in instead.
+        web_app.flow_to_json = _redacted_json
         # The flow list shows each flow's comment, where ocigate says what it decided (a --set web_columns= wins).
         self.options.update(web_columns=[*self.options.web_columns, "comment"])
+
+
+_flow_to_json = web_app.flow_to_json
+
+
+def _redacted_json(flow: Flow) -> dict:
+    """mitmweb's JSON of a flow, from a stand-in with its secrets redacted (see captures.as_shown)."""
+    return _flow_to_json(as_shown(flow) if isinstance(flow, http.HTTPFlow) else flow)
 
 
 def _mitmdump_filters(args: argparse.Namespace) -> dict[str, str]:
