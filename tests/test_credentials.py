@@ -29,6 +29,12 @@ from tests.support.within import returns_within
 MARK = "S3CRET"
 
 
+async def lookup(source: CredentialSource, host: str, upstream: str, repository: str) -> Credential | None:
+    """What `source` has for the host, upstream and repository, without where it found it."""
+    found = await source.locate(host, upstream, repository)
+    return found[0] if found else None
+
+
 def secret(name: str) -> str:
     return f"{name}-{MARK}"
 
@@ -92,11 +98,11 @@ def test_identity_is_stable_distinct_and_not_the_secret():
 )
 async def test_docker_key_variants_with_port(tmp_path, key):
     source = docker_config(tmp_path, {"auths": {key: {"auth": basic("u", secret("p"))}}})
-    assert await source.lookup("registry.example:5000", "registry.example:5000", "team/app") == Credential(
+    assert await lookup(source, "registry.example:5000", "registry.example:5000", "team/app") == Credential(
         "u", secret("p")
     )
-    assert await source.lookup("registry.example", "registry.example", "team/app") is None
-    assert await source.lookup("registry.example:5001", "registry.example:5001", "team/app") is None
+    assert await lookup(source, "registry.example", "registry.example", "team/app") is None
+    assert await lookup(source, "registry.example:5001", "registry.example:5001", "team/app") is None
 
 
 @pytest.mark.parametrize(
@@ -105,8 +111,8 @@ async def test_docker_key_variants_with_port(tmp_path, key):
 async def test_docker_key_variants_default_port(tmp_path, key):
     source = docker_config(tmp_path, {"auths": {key: {"username": "u", "password": secret("p")}}})
     for host in ("registry.example", "REGISTRY.example", "registry.example:443"):
-        assert await source.lookup(host, "registry.example", "app") == Credential("u", secret("p"))
-    assert await source.lookup("other.example", "registry.example", "app") is None
+        assert await lookup(source, host, "registry.example", "app") == Credential("u", secret("p"))
+    assert await lookup(source, "other.example", "registry.example", "app") is None
 
 
 @pytest.mark.parametrize(
@@ -115,7 +121,7 @@ async def test_docker_key_variants_default_port(tmp_path, key):
 @pytest.mark.parametrize("host", ["registry-1.docker.io", "docker.io", "index.docker.io"])
 async def test_docker_hub_keys(tmp_path, key, host):
     source = docker_config(tmp_path, {"auths": {key: {"auth": basic("hubuser", secret("hub"))}}})
-    assert await source.lookup(host, "docker.io", "library/alpine") == Credential("hubuser", secret("hub"))
+    assert await lookup(source, host, "docker.io", "library/alpine") == Credential("hubuser", secret("hub"))
 
 
 async def test_docker_hub_legacy_key_wins_over_other_spellings(tmp_path):
@@ -129,8 +135,8 @@ async def test_docker_hub_legacy_key_wins_over_other_spellings(tmp_path):
         },
     )
     # The spelling of the asked host wins first; among the other spellings, docker's own legacy key.
-    assert (await source.lookup("registry-1.docker.io", "docker.io", "a")).username == "other"
-    assert (await source.lookup("docker.io", "docker.io", "a")).username == "legacy"
+    assert (await lookup(source, "registry-1.docker.io", "docker.io", "a")).username == "other"
+    assert (await lookup(source, "docker.io", "docker.io", "a")).username == "legacy"
 
 
 async def test_docker_exact_host_spelling_wins(tmp_path):
@@ -143,14 +149,14 @@ async def test_docker_exact_host_spelling_wins(tmp_path):
             }
         },
     )
-    assert (await source.lookup("registry.example", "registry.example", "x")).username == "bare"
-    assert (await source.lookup("registry.example:443", "registry.example", "x")).username == "with-port"
+    assert (await lookup(source, "registry.example", "registry.example", "x")).username == "bare"
+    assert (await lookup(source, "registry.example:443", "registry.example", "x")).username == "with-port"
 
 
 async def test_docker_ignores_key_paths(tmp_path):
     # docker compares a key's host only; a path in a key narrows nothing.
     source = docker_config(tmp_path, {"auths": {"registry.example/team": {"auth": basic("u", secret("p"))}}})
-    assert await source.lookup("registry.example", "registry.example", "other/app") == Credential("u", secret("p"))
+    assert await lookup(source, "registry.example", "registry.example", "other/app") == Credential("u", secret("p"))
 
 
 async def test_docker_tokens_and_entry_forms(tmp_path):
@@ -167,27 +173,27 @@ async def test_docker_tokens_and_entry_forms(tmp_path):
             }
         },
     )
-    assert await source.lookup("idt.example", "idt.example", "r") == Credential("u", None, secret("refresh"))
-    assert await source.lookup("idt2.example", "idt2.example", "r") == Credential(identity_token=secret("refresh2"))
-    assert await source.lookup("rt.example", "rt.example", "r") == Credential(registry_token=secret("bearer"))
-    assert await source.lookup("both.example", "both.example", "r") == Credential("from-auth", secret("a"))
-    assert await source.lookup("colon.example", "colon.example", "r") == Credential("u", "pa:ss:" + MARK)
-    assert await source.lookup("empty.example", "empty.example", "r") is None
-    assert await source.lookup("absent.example", "absent.example", "r") is None
+    assert await lookup(source, "idt.example", "idt.example", "r") == Credential("u", None, secret("refresh"))
+    assert await lookup(source, "idt2.example", "idt2.example", "r") == Credential(identity_token=secret("refresh2"))
+    assert await lookup(source, "rt.example", "rt.example", "r") == Credential(registry_token=secret("bearer"))
+    assert await lookup(source, "both.example", "both.example", "r") == Credential("from-auth", secret("a"))
+    assert await lookup(source, "colon.example", "colon.example", "r") == Credential("u", "pa:ss:" + MARK)
+    assert await lookup(source, "empty.example", "empty.example", "r") is None
+    assert await lookup(source, "absent.example", "absent.example", "r") is None
 
 
 @pytest.mark.parametrize("auth", ["!!!not-base64" + MARK, base64.b64encode(b"no-colon-" + MARK.encode()).decode()])
 async def test_docker_invalid_auth_is_an_error_naming_the_file_not_the_secret(tmp_path, auth):
     source = docker_config(tmp_path, {"auths": {"bad.example": {"auth": auth}}})
     with pytest.raises(CredentialError) as raised:
-        await source.lookup("bad.example", "bad.example", "r")
+        await lookup(source, "bad.example", "bad.example", "r")
     assert str(tmp_path / "docker" / "config.json") in str(raised.value)
     assert "bad.example" in str(raised.value)
     assert MARK not in str(raised.value) and auth not in str(raised.value)
 
 
 async def test_missing_docker_config_has_no_credentials(tmp_path, caplog):
-    assert await DockerConfig(tmp_path / "nowhere").lookup("a.example", "a.example", "r") is None
+    assert await lookup(DockerConfig(tmp_path / "nowhere"), "a.example", "a.example", "r") is None
     assert caplog.records == []
 
 
@@ -296,11 +302,11 @@ async def test_missing_helper_is_named(helper_dir):
 
 async def test_docker_cred_helpers_per_host(tmp_path, helper_dir):
     source = docker_config(tmp_path, {"credHelpers": {"found.example:5000": "test"}, "auths": {}})
-    credential = await source.lookup("found.example:5000", "found.example:5000", "r")
+    credential = await lookup(source, "found.example:5000", "found.example:5000", "r")
     assert credential == Credential("helper-user", "helper-S3CRET")
     assert asked(helper_dir) == ["found.example:5000"]
     # Another host has no helper and no auths entry.
-    assert await source.lookup("found.example:5001", "found.example:5001", "r") is None
+    assert await lookup(source, "found.example:5001", "found.example:5001", "r") is None
 
 
 async def test_docker_creds_store_for_every_host_with_hub_server_url(tmp_path, helper_dir):
@@ -308,13 +314,13 @@ async def test_docker_creds_store_for_every_host_with_hub_server_url(tmp_path, h
         tmp_path,
         {"credsStore": "test", "auths": {"fallback.example": {"auth": basic("file", secret("f"))}, "x.example": {}}},
     )
-    assert await source.lookup("registry-1.docker.io", "docker.io", "library/alpine") == Credential(
+    assert await lookup(source, "registry-1.docker.io", "docker.io", "library/alpine") == Credential(
         "helper-user", "helper-S3CRET"
     )
     assert asked(helper_dir) == ["https://index.docker.io/v1/"]
     # The store has nothing: a real auths entry still counts, an empty one does not.
-    assert await source.lookup("fallback.example", "fallback.example", "r") == Credential("file", secret("f"))
-    assert await source.lookup("x.example", "x.example", "r") is None
+    assert await lookup(source, "fallback.example", "fallback.example", "r") == Credential("file", secret("f"))
+    assert await lookup(source, "x.example", "x.example", "r") is None
 
 
 async def test_chain_reports_the_helper_and_stops_on_its_error(tmp_path, helper_dir):
@@ -348,7 +354,7 @@ async def test_containers_most_specific_key_wins(tmp_path):
     source = ContainersAuth(path)
 
     async def user(host: str, repository: str) -> str | None:
-        credential = await source.lookup(host, host, repository)
+        credential = await lookup(source, host, host, repository)
         return credential.username if credential else None
 
     assert await user("registry.example", "team/app") == "repository"
@@ -364,7 +370,7 @@ async def test_containers_most_specific_key_wins(tmp_path):
 
 async def test_containers_legacy_url_key_is_host_wide(tmp_path):
     path = write_json(tmp_path / "auth.json", {"auths": {"https://index.docker.io/v1/": {"auth": basic("u", "p")}}})
-    assert await ContainersAuth(path).lookup("registry-1.docker.io", "docker.io", "any/repo") == Credential("u", "p")
+    assert await lookup(ContainersAuth(path), "registry-1.docker.io", "docker.io", "any/repo") == Credential("u", "p")
 
 
 # --- Kubernetes secrets -------------------------------------------------------------------------------------------
@@ -380,20 +386,20 @@ async def test_kubernetes_secret_directories(tmp_path):
     # A secret names no helpers: they would let a secret run a program.
     write_json(root / "c-pull" / ".dockerconfigjson", {"credsStore": "test", "auths": {}})
     source = KubernetesSecrets(root)
-    assert await source.lookup("registry.example", "registry.example", "r") == Credential("a", "pa")
-    assert await source.lookup("top.example", "top.example", "r") == Credential("t", "pt")
-    assert await source.lookup("none.example", "none.example", "r") is None
+    assert await lookup(source, "registry.example", "registry.example", "r") == Credential("a", "pa")
+    assert await lookup(source, "top.example", "top.example", "r") == Credential("t", "pt")
+    assert await lookup(source, "none.example", "none.example", "r") is None
     chain = CredentialChain([source])
     assert (await chain.lookup("registry.example", "registry.example", "r"))[1].startswith(
         f"kubernetes secret {root / 'a-pull' / '.dockerconfigjson'}"
     )
     # A secret mounted later is seen without a restart.
     write_json(root / "0-new" / ".dockerconfigjson", {"auths": {"registry.example": {"auth": basic("new", "pn")}}})
-    assert await source.lookup("registry.example", "registry.example", "r") == Credential("new", "pn")
+    assert await lookup(source, "registry.example", "registry.example", "r") == Credential("new", "pn")
 
 
 async def test_kubernetes_missing_directory(tmp_path):
-    assert await KubernetesSecrets(tmp_path / "absent").lookup("a", "a", "r") is None
+    assert await lookup(KubernetesSecrets(tmp_path / "absent"), "a", "a", "r") is None
 
 
 # --- ocigate's own store ------------------------------------------------------------------------------------------
@@ -426,7 +432,7 @@ async def test_store_specificity(tmp_path):
     store = OcigateStore(path)
 
     async def user(upstream: str, repository: str) -> str | None:
-        credential = await store.lookup("mirror.example", upstream, repository)
+        credential = await lookup(store, "mirror.example", upstream, repository)
         return credential.username if credential else None
 
     assert await user("docker.io", "library/alpine") == "upstream-longer-prefix"
@@ -436,9 +442,9 @@ async def test_store_specificity(tmp_path):
     assert await user("docker.io", "someone/app") == "host-upstream"
     assert await user("quay.io", "library/app") == "host-prefix"
     assert await user("quay.io", "someone/app") == "host-only"
-    assert await store.lookup("mirror.example", "ghcr.io", "x/y") == Credential(identity_token=secret("6"))
-    assert await store.lookup("MIRROR.example", "quay.io", "a") == Credential("host-only", secret("1"))
-    assert await store.lookup("other.example", "docker.io", "library/alpine") is None
+    assert await lookup(store, "mirror.example", "ghcr.io", "x/y") == Credential(identity_token=secret("6"))
+    assert await lookup(store, "MIRROR.example", "quay.io", "a") == Credential("host-only", secret("1"))
+    assert await lookup(store, "other.example", "docker.io", "library/alpine") is None
 
 
 async def test_store_save_is_atomic_0600_and_replaces(tmp_path):
@@ -456,11 +462,11 @@ async def test_store_save_is_atomic_0600_and_replaces(tmp_path):
         {"host": "mirror.example:5000", "identity_token": secret("idt")},
         {"host": "mirror.example:5000", "upstream": "docker.io", "username": "u", "password": secret("second")},
     ]
-    assert await store.lookup("mirror.example:5000", "docker.io", "r") == Credential("u", secret("second"))
-    assert await store.lookup("mirror.example:5000", "quay.io", "r") == Credential(identity_token=secret("idt"))
+    assert await lookup(store, "mirror.example:5000", "docker.io", "r") == Credential("u", secret("second"))
+    assert await lookup(store, "mirror.example:5000", "quay.io", "r") == Credential(identity_token=secret("idt"))
     assert store.remove("mirror.example:5000", upstream="docker.io") is True
     assert store.remove("mirror.example:5000", upstream="docker.io") is False
-    assert await store.lookup("mirror.example:5000", "docker.io", "r") == Credential(identity_token=secret("idt"))
+    assert await lookup(store, "mirror.example:5000", "docker.io", "r") == Credential(identity_token=secret("idt"))
     with pytest.raises(CredentialError, match="needs a password or a token"):
         store.save("mirror.example:5000", Credential("only-a-name"))
 
@@ -486,7 +492,7 @@ def test_store_refuses_to_overwrite_a_malformed_file(tmp_path):
 )
 async def test_store_malformed_documents_are_rejected(tmp_path, caplog, document):
     path = write_json(tmp_path / "credentials.json", document)
-    assert await OcigateStore(path).lookup("a", "a", "r") is None
+    assert await lookup(OcigateStore(path), "a", "a", "r") is None
     assert len(caplog.records) == 1 and str(path) in caplog.text and "malformed" in caplog.text
 
 
@@ -495,17 +501,17 @@ async def test_store_malformed_documents_are_rejected(tmp_path, caplog, document
 
 async def test_rotation_is_seen_without_restart(tmp_path):
     docker = docker_config(tmp_path, {"auths": {"r.example": {"auth": basic("u", secret("old"))}}})
-    assert (await docker.lookup("r.example", "r.example", "x")).password == secret("old")
+    assert (await lookup(docker, "r.example", "r.example", "x")).password == secret("old")
     rewrite(docker.path, json.dumps({"auths": {"r.example": {"auth": basic("u", secret("new"))}}}))
-    assert (await docker.lookup("r.example", "r.example", "x")).password == secret("new")
+    assert (await lookup(docker, "r.example", "r.example", "x")).password == secret("new")
     # Replaced atomically (a new inode), as tools that write credentials do.
     replacement = docker.path.with_suffix(".new")
     replacement.write_text(json.dumps({"auths": {"r.example": {"auth": basic("u", secret("newer"))}}}))
     os.replace(replacement, docker.path)
-    assert (await docker.lookup("r.example", "r.example", "x")).password == secret("newer")
+    assert (await lookup(docker, "r.example", "r.example", "x")).password == secret("newer")
     # Removed: no credentials any more.
     docker.path.unlink()
-    assert await docker.lookup("r.example", "r.example", "x") is None
+    assert await lookup(docker, "r.example", "r.example", "x") is None
 
 
 KINDS = ["docker", "containers", "store", "kubernetes"]
@@ -537,24 +543,24 @@ async def test_malformed_rewrite_keeps_last_good_and_logs_once(tmp_path, caplog,
     path, source, text = file_source(tmp_path, kind)
     write_json(path, [])
     rewrite(path, text(secret("good")))
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("good"))
 
     rewrite(path, text(secret("half-written"))[:-5])
     for _ in range(3):
-        assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+        assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("good"))
     assert len(caplog.records) == 1
     assert str(path) in caplog.records[0].getMessage() and "malformed" in caplog.records[0].getMessage()
 
     # Broken differently: still the one line.
     rewrite(path, "\xff" + MARK)
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("good"))
     assert len(caplog.records) == 1
 
     # Recovered with a rotated password, then broken again: one more line, and the rotated one is kept.
     rewrite(path, text(secret("rotated")))
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("rotated"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("rotated"))
     rewrite(path, "{")
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("rotated"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("rotated"))
     assert len(caplog.records) == 2
     assert MARK not in caplog.text
 
@@ -582,11 +588,11 @@ async def test_a_file_that_is_no_readable_regular_file_keeps_last_good_logs_once
     path, source, text = file_source(tmp_path, kind)
     write_json(path, [])
     path.write_text(text(secret("good")))
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("good"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("good"))
     problem = put_in_place_of(path, thing)
     for _ in range(3):
         # In a thread of its own: a read that blocks must fail the test, not hang the run.
-        found = returns_within(5, lambda: asyncio.run(source.lookup("r.example", "r.example", "x")))
+        found = returns_within(5, lambda: asyncio.run(lookup(source, "r.example", "r.example", "x")))
         assert found == Credential("u", secret("good"))
     assert len(caplog.records) == 1
     assert f"{path} {problem}; keeping its last good contents" in caplog.records[0].getMessage()
@@ -595,7 +601,7 @@ async def test_a_file_that_is_no_readable_regular_file_keeps_last_good_logs_once
     else:
         path.unlink()
     path.write_text(text(secret("new")))
-    assert await source.lookup("r.example", "r.example", "x") == Credential("u", secret("new"))
+    assert await lookup(source, "r.example", "r.example", "x") == Credential("u", secret("new"))
     assert MARK not in caplog.text
 
 
@@ -635,16 +641,16 @@ async def test_chain_does_not_replace_an_invalid_credential(tmp_path):
 async def test_a_helpers_answer_is_used_for_a_while_and_a_failure_is_not_kept(tmp_path, helper_dir):
     source = docker_config(tmp_path, {"credHelpers": {"found.example": "test", "broken.example": "test"}})
     for _ in range(3):
-        assert await source.lookup("found.example", "found.example", "r") == Credential("helper-user", "helper-S3CRET")
+        assert await lookup(source, "found.example", "found.example", "r") == Credential("helper-user", "helper-S3CRET")
     assert asked(helper_dir) == ["found.example"]
     for _ in range(2):
         with pytest.raises(CredentialError):
-            await source.lookup("broken.example", "broken.example", "r")
+            await lookup(source, "broken.example", "broken.example", "r")
     assert asked(helper_dir) == ["found.example", "broken.example", "broken.example"]
 
 
 async def test_requests_needing_a_helpers_answer_at_once_share_one_run(tmp_path, helper_dir):
     source = docker_config(tmp_path, {"credHelpers": {"found.example": "test"}})
-    answers = await asyncio.gather(*(source.lookup("found.example", "found.example", "r") for _ in range(10)))
+    answers = await asyncio.gather(*(lookup(source, "found.example", "found.example", "r") for _ in range(10)))
     assert answers == [Credential("helper-user", "helper-S3CRET")] * 10
     assert asked(helper_dir) == ["found.example"]

@@ -153,7 +153,7 @@ def scraped(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def test_observations_move_the_counters_in_a_registry_of_ocigates_own() -> None:
-    metrics = Metrics(lambda: {MIRROR_A: True, MIRROR_B: False})
+    metrics = Metrics(lambda: {MIRROR_A: True, MIRROR_B: False}, lambda: {"tokens": 3, "pull_contexts": 7})
     for _ in range(2):
         metrics.observe(observations(served_blob(served_by=MIRROR_B), NAMES))
     seen = scraped(metrics)
@@ -169,11 +169,13 @@ def test_observations_move_the_counters_in_a_registry_of_ocigates_own() -> None:
     assert seen[("ocigate_request_duration_seconds_sum", duration)] == 1.0
     assert seen[("ocigate_host_cooling_down", (("host", MIRROR_A),))] == 1
     assert seen[("ocigate_host_cooling_down", (("host", MIRROR_B),))] == 0
+    assert seen[("ocigate_cache_entries", (("cache", "tokens"),))] == 3
+    assert seen[("ocigate_cache_entries", (("cache", "pull_contexts"),))] == 7
     assert b"ocigate_" not in generate_latest(REGISTRY)
 
 
 def test_the_server_serves_the_registry_and_stops() -> None:
-    metrics = Metrics(dict)
+    metrics = Metrics(dict, dict)
     metrics.observe(observations(served_blob(), NAMES))
     server = MetricsServer.start(MetricsAddress("127.0.0.1", 0), metrics.registry)
     address = server.address
@@ -192,4 +194,4 @@ def test_an_address_in_use_cannot_be_served_on() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError):
-            MetricsServer.start(MetricsAddress("127.0.0.1", taken.getsockname()[1]), Metrics(dict).registry)
+            MetricsServer.start(MetricsAddress("127.0.0.1", taken.getsockname()[1]), Metrics(dict, dict).registry)

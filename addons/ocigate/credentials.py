@@ -406,16 +406,13 @@ async def _drop(stream: asyncio.StreamReader | None) -> None:
 
 
 class CredentialSource:
-    """A place credentials come from. `locate` also says where exactly (for error messages); `lookup` does not."""
+    """A place credentials come from: `locate` finds the credential for a host, upstream and repository, and says
+    where exactly (for error messages)."""
 
     description: str = "credentials"
 
     async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
         raise NotImplementedError
-
-    async def lookup(self, host: str, upstream: str, repository: str) -> Credential | None:
-        found = await self.locate(host, upstream, repository)
-        return found[0] if found else None
 
 
 class _AuthFileSource(CredentialSource):

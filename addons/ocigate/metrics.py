@@ -141,12 +141,34 @@ class _CoolDowns(Collector):
         return iter(())
 
 
+class _CacheEntries(Collector):
+    """How full each bounded cache is, read when scraped: a cache at its cap forgets its oldest entries."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily(
+            "ocigate_cache_entries",
+            "Entries in ocigate's bounded caches: tokens, pull contexts, host clients.",
+            labels=["cache"],
+        )
+        for cache, entries in sorted(self._read().items()):
+            gauge.add_metric([cache], entries)
+        yield gauge
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     """ocigate's metrics in a registry of their own (never prometheus_client's global one, which another addon in
     the same process may fill). `cooling_down` gives, when scraped, every host the rules name and whether it is
-    cooling down."""
+    cooling down; `cache_entries` how full each bounded cache is."""
 
-    def __init__(self, cooling_down: Callable[[], Mapping[str, bool]]) -> None:
+    def __init__(
+        self, cooling_down: Callable[[], Mapping[str, bool]], cache_entries: Callable[[], Mapping[str, int]]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter(
@@ -187,6 +209,7 @@ class Metrics:
             registry=r,
         )
         r.register(_CoolDowns(cooling_down))
+        r.register(_CacheEntries(cache_entries))
 
     def observe(self, seen: Observations) -> None:
         self.requests.labels(seen.upstream, seen.host, seen.kind, seen.status).inc()

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from mitmproxy import exceptions, http
 
@@ -18,6 +18,8 @@ from .configuration import Shared
 from .metrics import Metrics, MetricsServer, Names, observations
 from .record import FlowRecord
 from .settings import MetricsAddress
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("ocigate")
 
@@ -32,7 +34,7 @@ class Operating:
         self.records = records  # the gateway's, by flow
         self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # One registry for the life of the process: counters survive a change of address.
-        self.metrics = Metrics(self._cooling_down)
+        self.metrics = Metrics(self._cooling_down, self._cache_entries)
         self.access_log: AccessLog | None = None
         self.access_log_target: Path | Literal["-"] | None = None
         self.server: MetricsServer | None = None
@@ -117,25 +119,41 @@ class Operating:
             self._loop = asyncio.get_running_loop()
 
     def _cooling_down(self) -> dict[str, bool]:
-        """Every host the rules name and whether it is cooling down: read on the event loop, whose hooks change what
-        health knows (a scrape comes on the server's thread)."""
+        """Every host the rules name and whether it is cooling down."""
+        return self._on_loop(self._read_cooling_down)
+
+    def _cache_entries(self) -> dict[str, int]:
+        """How full each bounded cache is: tokens, pull contexts, host clients."""
+        return self._on_loop(self._read_cache_entries)
+
+    def _on_loop(self, read: Callable[[], _T]) -> _T:
+        """`read()`, run on the event loop, whose hooks change what it reads (a scrape comes on the server's
+        thread)."""
         loop = self._loop
         try:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
         if loop is None or on_loop or not loop.is_running():
-            return self._read_cooling_down()
-        read: Future[dict[str, bool]] = Future()
+            return read()
+        answer: Future[_T] = Future()
 
         def on_the_loop() -> None:
             try:
-                read.set_result(self._read_cooling_down())
+                answer.set_result(read())
             except Exception as e:
-                read.set_exception(e)
+                answer.set_exception(e)
 
         loop.call_soon_threadsafe(on_the_loop)
-        return read.result(timeout=_READ_TIMEOUT)
+        return answer.result(timeout=_READ_TIMEOUT)
+
+    def _read_cache_entries(self) -> dict[str, int]:
+        services = self.shared.services
+        return {
+            "tokens": len(services.broker.tokens),
+            "pull_contexts": len(services.contexts),
+            "host_clients": len(services.hostclient.clients),
+        }
 
     def _read_cooling_down(self) -> dict[str, bool]:
         health = self.shared.health

@@ -129,6 +129,9 @@ def test_the_access_log_and_metrics_reflect_a_pull_with_a_fallback(pull_world: W
     assert total(after, "ocigate_verification_failures_total") == 0
     assert total(after, "ocigate_host_cooling_down", host=down) == 1
     assert total(after, "ocigate_host_cooling_down", host=mirror_b) == 0
+    # The tagged manifest's pull was remembered for its blobs; ocigate's own client asked the mirrors.
+    assert total(after, "ocigate_cache_entries", cache="pull_contexts") > 0
+    assert total(after, "ocigate_cache_entries", cache="host_clients") > 0
     # Scraped while the pull ran: never going back.
     assert scraper.seen, "no scrape finished while skopeo pulled"
     counts = [total(seen, "ocigate_requests_total") for seen in [before, *scraper.seen, after]]
