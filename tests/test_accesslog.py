@@ -76,6 +76,7 @@ def test_an_entry_says_who_asked_what_which_hosts_were_tried_who_served_and_how_
         "verified": None,
         "unchecked": None,
         "error": None,
+        "policy": None,
     }
 
 

@@ -61,6 +61,7 @@ def entry(record: FlowRecord, started: float) -> dict[str, Any]:
         "verified": record.verified,
         "unchecked": record.unchecked,
         "error": record.error,
+        "policy": record.policy,
     }
 
 

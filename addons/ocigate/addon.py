@@ -1,9 +1,9 @@
 """The mitmproxy addons: thin glue from flows to the pure modules.
 
-A request to a ruled upstream: routes (what it asks for) -> plan (every decision: hosts in order, what each is sent,
-who answers) -> attempts (ocigate asks hosts itself, through hostclient and auth) -> answers (what the client gets),
-or streaming (the flow re-pointed at the chosen host and streamed by mitmproxy, its answer judged by verify). The
-record of each flow says what was decided and what each host answered.
+A request to a ruled upstream: routes (what it asks for) -> policy (whether this proxy user may) -> plan (every
+decision: hosts in order, what each is sent, who answers) -> attempts (ocigate asks hosts itself, through hostclient
+and auth) -> answers (what the client gets), or streaming (the flow re-pointed at the chosen host and streamed by
+mitmproxy, its answer judged by verify). The record of each flow says what was decided and what each host answered.
 """
 
 import logging
@@ -29,10 +29,14 @@ from .httponly import HttpOnly
 from .ocierror import OciError
 from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
-from .record import METADATA_KEY, FlowRecord
+from .policy import Decision, audit_line, check
+from .record import METADATA_KEY, FlowRecord, proxy_user_of
+from .routes import Route
 from .streaming import Streams
 
 log = logging.getLogger("ocigate")
+# The audit events (policy.py): every refusal and every push, one line each.
+audit = logging.getLogger("ocigate.audit")
 
 __all__ = ["METADATA_KEY", "Gateway", "make_addons"]
 
@@ -96,14 +100,38 @@ class Gateway:
             decision.record.publish(flow)
 
     async def _decide(self, flow: http.HTTPFlow, upstream: str, rule: Rule) -> Answer | Forward | None:
-        """What becomes of a request to a ruled upstream: planned (plan.py), then answered from what the hosts said or
-        forwarded to the host chosen. None: it is none of the distribution API, and passes untouched."""
+        """What becomes of a request to a ruled upstream: refused when the policy (policy.py) says so, else planned
+        (plan.py), then answered from what the hosts said or forwarded to the host chosen. None: it is none of the
+        distribution API, and passes untouched."""
         request = flow.request
         route = classify(request.path, rule, upstream)
+        policy = self.shared.services.policy
+        user = proxy_user_of(flow)
         if route is None:
-            return None
+            reach = policy.may_reach(user, upstream)
+            if reach.allowed:
+                return None
+            _audit(flow, reach, f"{upstream} {request.path.partition('?')[0]}")
+            return Answer(
+                error_response(request.method, reach.error()),
+                FlowRecord.denied(upstream, rule, request.method, None, reach),
+            )
         if isinstance(route, OciError):
             return Answer(error_response(request.method, route), FlowRecord.refused(upstream, rule, request.method))
+        # Decided before anything is planned: no host is asked and no credential looked up for a request refused.
+        decision = check(policy, user, upstream, route, request.method, request.path.partition("?")[2])
+        if decision is not None and not decision.allowed:
+            _audit(flow, decision, _named(upstream, route))
+            record = FlowRecord.denied(upstream, rule, request.method, route, decision)
+            return Answer(error_response(request.method, decision.error()), record)
+        planned = await self._planned(flow, upstream, rule, route)
+        if decision is not None and decision.push:
+            _audit(flow, decision, _named(upstream, route))
+            planned.record.policy = decision.describe()
+        return planned
+
+    async def _planned(self, flow: http.HTTPFlow, upstream: str, rule: Rule, route: Route) -> Answer | Forward:
+        request = flow.request
         client = _client_key(flow)
         wanted = origin_query(route, request.method)
         origin = None
@@ -182,6 +210,25 @@ def _client_key(flow: http.HTTPFlow) -> str:
     """Who is pulling, for attributing content to pulls: the client's address (one pull spreads over connections)."""
     peer = flow.client_conn.peername
     return str(peer[0]) if peer else flow.client_conn.id
+
+
+def _named(upstream: str, route: Route) -> str:
+    """What a request names, for its audit line: `upstream/repository:tag` or `@digest`, and its kind."""
+    what = f"{upstream}/{route.repository}" if route.repository else upstream
+    if route.tag is not None:
+        what += f":{route.tag}"
+    elif route.digest is not None:
+        what += f"@{route.digest}"
+    return f"{what} {route.kind}"
+
+
+def _audit(flow: http.HTTPFlow, decision: Decision, what: str) -> None:
+    """One audit line: who (the proxy user, else the client's address), what, and the policy's decision."""
+    user = proxy_user_of(flow)
+    peer = flow.client_conn.peername
+    who = f"proxy user {user!r}" if user is not None else f"client {peer[0]}:{peer[1]}" if peer else "client"
+    level = logging.INFO if decision.allowed else logging.WARNING
+    audit.log(level, "ocigate audit: %s", audit_line(who, flow.request.method, what, decision))
 
 
 def make_addons() -> list:

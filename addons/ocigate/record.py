@@ -11,6 +11,8 @@ from mitmproxy import http
 from .attempts import Outcome
 from .hoststoml import Rule
 from .plan import Plan, is_proxy_for
+from .policy import Decision
+from .routes import Route
 
 # The flow metadata key of the record.
 METADATA_KEY = "ocigate"
@@ -44,6 +46,7 @@ class FlowRecord:
     mismatch: str | None = None  # what the serving host streamed instead of the digest's bytes (the client's cut short)
     bytes_sent: int | None = None  # of the answer's body, sent to the client, once the flow ended
     duration: float | None = None  # seconds from the request to the end of the flow, once it ended
+    policy: str | None = None  # the policy's decision on a refused request or a push, naming its rule (policy.py)
 
     @classmethod
     def refused(cls, upstream: str, rule: Rule, method: str) -> "FlowRecord":
@@ -85,14 +88,27 @@ class FlowRecord:
             token=token,
         )
 
+    @classmethod
+    def denied(cls, upstream: str, rule: Rule, method: str, route: Route | None, policy: Decision) -> "FlowRecord":
+        """A request the policy refused (`route` None: one that is none of the distribution API): what it asked for,
+        and the rule that refused it. No host was asked."""
+        return cls(
+            upstream,
+            str(rule.source),
+            route.kind.value if route else "invalid",
+            method,
+            repository=route.repository if route else None,
+            reference=route.reference if route else None,
+            error=policy.error().message,
+            policy=policy.describe(),
+        )
+
     def client_of(self, flow: http.HTTPFlow) -> None:
         """Who asked: the client's address and, when the proxy asked it to authenticate, its user (never the
         password that mitmproxy's proxyauth keeps beside it)."""
         peer = flow.client_conn.peername
         self.client = f"{peer[0]}:{peer[1]}" if peer else None
-        proxy_user = flow.metadata.get("proxyauth")
-        if isinstance(proxy_user, tuple | list) and proxy_user and isinstance(proxy_user[0], str):
-            self.proxy_user = proxy_user[0]
+        self.proxy_user = proxy_user_of(flow)
 
     def as_metadata(self) -> dict[str, Any]:
         """The record as flow metadata holds it: plain values (mitmproxy saves metadata in captures), and the end
@@ -109,7 +125,18 @@ class FlowRecord:
             "attempts": [o.as_dict() for o in self.attempts],
             "served_by": self.served_by,
         }
-        optional = ("status", "error", "verified", "unchecked", "ns", "credential", "token", "client", "proxy_user")
+        optional = (
+            "status",
+            "error",
+            "verified",
+            "unchecked",
+            "ns",
+            "credential",
+            "token",
+            "client",
+            "proxy_user",
+            "policy",
+        )
         for name in (*optional, "mismatch", "bytes_sent", "duration"):
             if getattr(self, name) is not None:
                 shown[name] = getattr(self, name)
@@ -143,6 +170,8 @@ class FlowRecord:
             details.append(f"token {self.token}")
         if self.verified is not None:
             details.append(f"verified {self.verified}")
+        if self.policy is not None:
+            details.append(f"policy {self.policy}")
         # A host's words in an error may span lines; the comment is one.
         return " ".join("; ".join([self.describe(), *details]).split())
 
@@ -165,3 +194,12 @@ class FlowRecord:
             verb = "tried" if self.served_by == GATEWAY else "skipped"
             line += f" ({verb} {'; '.join(skipped)})"
         return line
+
+
+def proxy_user_of(flow: http.HTTPFlow) -> str | None:
+    """The user the client authenticated to the proxy as (mitmproxy's proxyauth keeps (user, password) in the flow's
+    metadata; only the user is taken), or None."""
+    proxy_user = flow.metadata.get("proxyauth")
+    if isinstance(proxy_user, tuple | list) and proxy_user and isinstance(proxy_user[0], str):
+        return proxy_user[0]
+    return None

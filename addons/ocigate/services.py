@@ -2,7 +2,7 @@
 and of pulls. Built as one frozen bundle from one Settings, and replaced as a whole when the settings change, so
 that no request ever sees a host client of one setting and a broker of another."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mitmproxy import exceptions
 
@@ -22,6 +22,7 @@ from .health import HostHealth
 from .hostclient import HostClient
 from .hoststoml import Host, RulesError, RuleSet, load_rules
 from .hosttls import HostTLS, HostTLSError, forget_contexts, openssl_context, python_context
+from .policy import Policy, PolicyError, load_policy
 from .settings import Settings
 
 
@@ -33,6 +34,8 @@ class Services:
     health: HostHealth
     asker: Asker
     contexts: ContextStore
+    # Who may pull and push what (the rules tree's policy.toml), read with the rules.
+    policy: Policy = field(default_factory=Policy)
 
     @classmethod
     def unconfigured(cls) -> "Services":
@@ -57,11 +60,11 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
     the TLS files they name are checked as they are read: an OptionsError naming ocigate_rules and the file."""
     same_rules = before is not None and not reread and _rules_inputs(before[0]) == _rules_inputs(settings)
     if before is not None and same_rules:
-        rules = before[1].rules
+        rules, policy = before[1].rules, before[1].policy
     else:
         # The files may have changed on disk since their contexts were made.
         forget_contexts()
-        rules = _load_rules(settings)
+        rules, policy = _load_rules(settings), _load_policy(settings)
     hostclient = HostClient(
         settings.destinations,
         connect_timeout=settings.connect_timeout,
@@ -71,14 +74,15 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
         hosts_by_address=_hosts_by_address(rules),
     )
     if before is None:
-        return Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
+        services = Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
+        return replace(services, policy=policy)
     old_settings, old = before
     if same_rules and _credential_inputs(old_settings) == _credential_inputs(settings):
         broker = old.broker.with_client(hostclient)
     else:
         broker = Broker(hostclient, credential_chain(settings))
     health = old.health.with_cooldown(settings.cooldown)
-    return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts)
+    return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts, policy)
 
 
 def rebuilt_by(current: Settings, new: Settings) -> bool:
@@ -148,6 +152,15 @@ def _load_rules(settings: Settings) -> RuleSet | None:
             except HostTLSError as e:
                 raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
     return rules
+
+
+def _load_policy(settings: Settings) -> Policy:
+    if settings.rules is None:
+        return Policy()
+    try:
+        return load_policy(settings.rules)
+    except PolicyError as e:
+        raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
 
 
 def _hosts_by_address(rules: RuleSet | None) -> dict[tuple[str, int], Host]:

@@ -1,0 +1,142 @@
+"""The policy in the gateway (mitmproxy's test harness): a refused request gets 403 DENIED naming the rule, no host
+hears of it and no credential is looked up; refusals and pushes are audit lines and in the flow's record."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+
+from ocigate.addon import METADATA_KEY
+from ocigate.credentials import CredentialChain
+from ocigate.policy import POLICY_FILE
+from tests.support.http_host import http_host
+from tests.test_addon import flow_to, gateway, write_rules
+
+POLICY = """
+[user.alice]
+pull = ["upstream.test/team"]
+push = ["upstream.test/team/app"]
+
+[user.bob]
+pull = ["upstream.test/public"]
+"""
+
+
+def as_user(flow, user: str | None):
+    if user is not None:
+        # What mitmproxy's proxyauth keeps for an authenticated client: (user, password).
+        flow.metadata["proxyauth"] = (user, "proxy-password")
+    return flow
+
+
+def ruled(tmp_path: Path, port: int) -> Path:
+    rules = write_rules(tmp_path, "upstream.test", f'[host."http://mirror.test:{port}"]\n')
+    (rules / POLICY_FILE).write_text(POLICY)
+    return rules
+
+
+@pytest.fixture
+def no_credential_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(*args: object) -> None:
+        raise AssertionError("a credential was looked up")
+
+    monkeypatch.setattr(CredentialChain, "lookup", refuse)
+
+
+@pytest.mark.usefixtures("no_credential_lookup")
+@pytest.mark.parametrize("user", ["bob", "carol", None])
+async def test_a_refused_pull_is_403_denied_naming_the_rule_and_no_host_hears_of_it(
+    tmp_path: Path, user: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        http_host(lambda h: (200, b"{}")) as (port, seen),
+        gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (
+            gw,
+            _,
+        ),
+    ):
+        flow = as_user(flow_to("upstream.test", "/v2/team/app/manifests/v1"), user)
+        with caplog.at_level(logging.INFO):
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 403 and seen == []
+    error = json.loads(flow.response.content)["errors"][0]
+    assert error["code"] == "DENIED" and f"{tmp_path / POLICY_FILE}: user" in error["message"]
+    record = flow.metadata[METADATA_KEY]
+    assert record["policy"].startswith("refused by ") and record["error"] == error["message"]
+    assert (record["route"], record["repository"], record["reference"]) == ("manifest", "team/app", "v1")
+    assert "policy refused by" in flow.comment
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == 1 and "GET upstream.test/team/app:v1 manifest: refused by" in audits[0]
+    assert "proxy-password" not in audits[0]
+    who = f"proxy user {user!r}" if user else "client "
+    assert audits[0].startswith(f"ocigate audit: {who}")
+
+
+async def test_an_allowed_pull_goes_to_the_host_without_an_audit_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        http_host(lambda h: (200, b"{}")) as (port, seen),
+        gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (
+            gw,
+            _,
+        ),
+    ):
+        flow = as_user(flow_to("upstream.test", "/v2/team/app/manifests/v1"), "alice")
+        with caplog.at_level(logging.INFO):
+            await gw.requestheaders(flow)
+    assert flow.response.status_code == 200 and len(seen) == 1
+    assert "policy" not in flow.metadata[METADATA_KEY]
+    assert not [r for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+
+
+async def test_a_push_is_an_audit_line_and_in_the_record_and_needs_push_rights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        http_host(lambda h: (202, b"")) as (port, _),
+        gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (
+            gw,
+            _,
+        ),
+    ):
+        allowed = as_user(flow_to("upstream.test", "/v2/team/app/blobs/uploads/", method="POST"), "alice")
+        refused = as_user(flow_to("upstream.test", "/v2/team/lib/blobs/uploads/", method="POST"), "alice")
+        with caplog.at_level(logging.INFO):
+            await gw.requestheaders(allowed)
+            await gw.requestheaders(refused)
+    # The allowed push is streamed to the host (re-pointed, not answered); the other never leaves.
+    assert allowed.response is None and allowed.request.host == "mirror.test"
+    assert allowed.metadata[METADATA_KEY]["policy"].startswith("allowed by ")
+    assert refused.response.status_code == 403 and "user.alice.push" in refused.response.text
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == 2
+    assert "POST upstream.test/team/app blob_upload: allowed by" in audits[0]
+    assert "user.alice.push[0] 'upstream.test/team/app'" in audits[0]
+    assert "POST upstream.test/team/lib blob_upload: refused by" in audits[1]
+
+
+async def test_the_ping_is_answered_to_anyone_and_other_paths_only_to_users_of_the_upstream(tmp_path: Path) -> None:
+    with gateway(ruled(tmp_path, 9)) as (gw, _):
+        ping = flow_to("upstream.test", "/v2/")
+        await gw.requestheaders(ping)
+        token = flow_to("upstream.test", "/v2/token?scope=x")
+        await gw.requestheaders(token)
+        known = as_user(flow_to("upstream.test", "/v2/token?scope=x"), "bob")
+        await gw.requestheaders(known)
+    assert ping.response.status_code == 200
+    assert token.response.status_code == 403 and "did not authenticate" in token.response.text
+    # Passes untouched to the registry, as without a policy.
+    assert known.response is None and known.request.host == "upstream.test"
+
+
+def test_a_bad_policy_refuses_configuration_naming_the_option_the_file_and_the_key(tmp_path: Path) -> None:
+    rules = ruled(tmp_path, 9)
+    (rules / POLICY_FILE).write_text('[user.alice]\npull = ["upstream.test/Team"]\n')
+    with (
+        pytest.raises(exceptions.OptionsError, match=r"ocigate_rules: .*policy\.toml: user\.alice\.pull\[0\]"),
+        gateway(rules),
+    ):
+        pass
