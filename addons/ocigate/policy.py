@@ -102,7 +102,7 @@ class Decision:
 
     def error(self) -> OciError:
         """The client's answer to a refusal: 403 DENIED naming the rule."""
-        return OciError(403, "DENIED", f"denied by ocigate's policy ({self.rule}): {self.why}")
+        return OciError(403, "DENIED", f"refused by ocigate's policy ({self.rule}): {self.why}")
 
 
 @dataclass(frozen=True)
