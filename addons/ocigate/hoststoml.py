@@ -605,8 +605,8 @@ class _HostsFileParser:
 
 def check_rules(root: Path) -> tuple[RuleSet | None, list[RulesError]]:
     """What load_rules reads, without stopping at the first problem: every problem of the tree, each entry's and
-    each hosts.toml's, in file order (a file that is no TOML at all, or cannot be read, is one problem). The rule
-    set only when there is none."""
+    each hosts.toml's, in file order (a file that is no TOML at all, or cannot be read, is one problem), and the rule
+    set of the registry directories that read without one (None when the tree itself cannot be read)."""
     root = Path(root).absolute()
     try:
         if not _is_directory(root):
@@ -634,7 +634,7 @@ def check_rules(root: Path) -> tuple[RuleSet | None, list[RulesError]]:
             )
         except RulesError as error:
             problems += _every_problem(entry / HOSTS_FILE, error)
-    return (None if problems else RuleSet(root, directories)), problems
+    return RuleSet(root, directories), problems
 
 
 def _every_problem(hosts_file: Path, first: RulesError) -> list[RulesError]:
