@@ -98,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from . import report  # only here: the gateway itself never needs it
 
         raise SystemExit(report.main(argv))
+    if argv and argv[0] == "check":
+        from . import check  # only here: the gateway itself never needs it
+
+        raise SystemExit(check.main(argv))
+    if argv and argv[0] == "explain":
+        from . import explain  # only here: the gateway itself never needs it
+
+        raise SystemExit(explain.main(argv))
     if "-h" in argv or "--help" in argv:
         print(USAGE_EXTRA)
     if argv and argv[0] == "web":

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -402,6 +403,52 @@ async def _drop(stream: asyncio.StreamReader | None) -> None:
         pass
 
 
+# --- what `ocigate check` and `ocigate explain` ask of a source: no helper run, no secret read out --------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Where a source would take a credential from: a file's entry, or a credential helper (which may have none, so
+    that what comes after it is asked too). Never the credential itself."""
+
+    where: str
+    helper: bool = False
+
+
+@dataclass(frozen=True)
+class SourceProblem:
+    """Something wrong with a credentials file, by file and key; the message never holds a value of it."""
+
+    path: Path
+    key: str | None
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.key}: {self.problem}" if self.key else f"{self.path}: {self.problem}"
+
+
+def _checked(path: Path, parse: Callable[[bytes], T]) -> tuple[T | None, list[SourceProblem]]:
+    """A credentials file read now, strictly: its contents, or the problem that keeps them from being used (where the
+    gateway would keep its last good contents). A missing file is no problem: it has no credentials."""
+    try:
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        return None, []
+    except NotRegularFileError as e:
+        return None, [SourceProblem(path, None, f"is {e}")]
+    except OSError as e:
+        return None, [SourceProblem(path, None, f"cannot be read ({e.strerror})")]
+    try:
+        return parse(data), []
+    except _Malformed as e:
+        return None, [SourceProblem(path, None, f"is malformed ({e})")]
+
+
+def helper_on_path(helper: str) -> bool:
+    """Whether docker-credential-<helper> is a program on PATH (it is looked for, never run)."""
+    return shutil.which(f"docker-credential-{helper}") is not None
+
+
 # --- sources --------------------------------------------------------------------------------------------------------
 
 
@@ -412,6 +459,15 @@ class CredentialSource:
     description: str = "credentials"
 
     async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
+        raise NotImplementedError
+
+    def find(self, host: str, upstream: str, repository: str) -> list[Finding]:
+        """Where `locate` would look, in its order, up to the entry it would take: said without running a helper.
+        Raises CredentialError where locate would (an entry that is there but unusable)."""
+        raise NotImplementedError
+
+    def problems(self) -> list[SourceProblem]:
+        """Everything wrong with the source's files now, each by file and key."""
         raise NotImplementedError
 
 
@@ -467,6 +523,41 @@ class _AuthFileSource(CredentialSource):
         if not run.cancelled() and run.exception() is None:
             self._helper_answers[key] = run.result()
 
+    def find(self, host: str, upstream: str, repository: str) -> list[Finding]:
+        config = self._file.contents()
+        findings = []
+        if self._helpers:
+            keys = _matching_keys(config.cred_helpers, host, repository, narrow_by_path=False)
+            helper = config.cred_helpers[keys[0]] if keys else config.creds_store
+            if helper:
+                findings.append(Finding(f"credential helper docker-credential-{helper} ({self.description})", True))
+        for key in _matching_keys(config.auths, host, repository, self._narrow_by_path):
+            where = f"{self.description}: auths[{key!r}]"
+            credential = _entry_credential(config.auths[key], where)
+            if credential:
+                user = f" (user {credential.username!r})" if credential.username else ""
+                return [*findings, Finding(where + user)]
+        return findings
+
+    def problems(self) -> list[SourceProblem]:
+        config, problems = _checked(self.path, _parse_auth_file)
+        if config is None:
+            return problems
+        for key, entry in config.auths.items():
+            name = f"auths[{key!r}]"
+            try:
+                _entry_credential(entry, name)
+            except CredentialError as e:
+                problems.append(SourceProblem(self.path, name, str(e).removeprefix(f"{name}: ")))
+        if self._helpers:
+            named = [(f"credHelpers[{key!r}]", helper) for key, helper in config.cred_helpers.items()]
+            if config.creds_store:
+                named.append(("credsStore", config.creds_store))
+            for key, helper in named:
+                if not helper_on_path(helper):
+                    problems.append(SourceProblem(self.path, key, f"docker-credential-{helper} is not on PATH"))
+        return problems
+
 
 class DockerConfig(_AuthFileSource):
     """`DIR/config.json` as docker and nerdctl write it (DOCKER_CONFIG, default ~/.docker)."""
@@ -508,13 +599,28 @@ class KubernetesSecrets(CredentialSource):
         return [p for p in paths if os.path.lexists(p)]
 
     async def locate(self, host: str, upstream: str, repository: str) -> tuple[Credential, str] | None:
-        paths = self._secret_files()
-        self._files = {p: self._files.get(p) or _AuthFileSource(p, "kubernetes secret", True, False, 0) for p in paths}
-        for source in self._files.values():
+        for source in self._current_files():
             found = await source.locate(host, upstream, repository)
             if found:
                 return found
         return None
+
+    def _current_files(self) -> list["_AuthFileSource"]:
+        paths = self._secret_files()
+        self._files = {p: self._files.get(p) or _AuthFileSource(p, "kubernetes secret", True, False, 0) for p in paths}
+        return list(self._files.values())
+
+    def find(self, host: str, upstream: str, repository: str) -> list[Finding]:
+        for source in self._current_files():
+            found = source.find(host, upstream, repository)
+            if found:
+                return found
+        return []
+
+    def problems(self) -> list[SourceProblem]:
+        if not os.path.isdir(self.directory):
+            return [SourceProblem(self.directory, None, "is not a directory of mounted secrets")]
+        return [problem for source in self._current_files() for problem in source.problems()]
 
 
 # --- ocigate's own store -----------------------------------------------------------------------------------------
@@ -616,6 +722,22 @@ class OcigateStore(CredentialSource):
         best = max(applicable, key=StoreEntry.specificity)  # max keeps the first of equals
         return best.credential, f"{self.description} (host {best.host})"
 
+    def find(self, host: str, upstream: str, repository: str) -> list[Finding]:
+        applicable = [e for e in self.entries() if e.applies_to(host, upstream, repository)]
+        if not applicable:
+            return []
+        best = max(applicable, key=StoreEntry.specificity)
+        key = ", ".join(
+            f"{name} {value}"
+            for name, value in (("host", best.host), ("upstream", best.upstream), ("prefix", best.repository_prefix))
+            if value
+        )
+        user = f", user {best.credential.username!r}" if best.credential.username else ""
+        return [Finding(f"{self.description} (entry {key}{user})")]
+
+    def problems(self) -> list[SourceProblem]:
+        return _checked(self.path, _parse_store)[1]
+
     def save(
         self, host: str, credential: Credential, upstream: str | None = None, repository_prefix: str | None = None
     ) -> None:
@@ -689,3 +811,13 @@ class CredentialChain:
             if found:
                 return found
         return None
+
+    def find(self, host: str, upstream: str, repository: str) -> list[Finding]:
+        """Where `lookup` would look, in order, up to the first entry it would surely take (a helper may have none:
+        what comes after it is listed too). Empty: anonymous. Runs no helper."""
+        findings: list[Finding] = []
+        for source in self.sources:
+            findings += source.find(host, upstream, repository)
+            if findings and not findings[-1].helper:
+                break
+        return findings

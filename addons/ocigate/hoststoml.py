@@ -468,7 +468,9 @@ class _HostsFileParser:
                 pull_from_mirror=pull_from_mirror,
                 repository_prefix=self.repository_prefix(table.get("repository_prefix"), (*key, "repository_prefix")),
             )
-        return tuple(hosts[name] for name in order)
+        # A name of `order` without its table is one check_rules set aside as broken (when read as written, every
+        # table header makes its table).
+        return tuple(hosts[name] for name in order if name in hosts)
 
     def host(self, url: Any, key: tuple[str, ...], settings: _Settings, is_server: bool) -> Host:
         try:
@@ -596,6 +598,90 @@ class _HostsFileParser:
             if not isinstance(item, str):
                 raise self.error(key, f"expected {expected}, found an item that is {_kind(item)}")
         return value
+
+
+# --- every problem of a tree at once, for `ocigate check` -----------------------------------------------------------
+
+
+def check_rules(root: Path) -> tuple[RuleSet | None, list[RulesError]]:
+    """What load_rules reads, without stopping at the first problem: every problem of the tree, each entry's and
+    each hosts.toml's, in file order (a file that is no TOML at all, or cannot be read, is one problem), and the rule
+    set of the registry directories that read without one (None when the tree itself cannot be read)."""
+    root = Path(root).absolute()
+    try:
+        if not _is_directory(root):
+            problem = "is not a directory" if root.exists() else "does not exist"
+            return None, [RulesError(root, None, f"rules directory {problem}")]
+        entries = sorted(root.iterdir())
+    except RulesError as error:
+        return None, [error]
+    except OSError as error:
+        return None, [RulesError(root, None, f"cannot list the rules directory: {error.strerror or error}")]
+    problems: list[RulesError] = []
+    directories: dict[str, _RegistryDirectory] = {}
+    for entry in entries:
+        if entry.name == HOSTS_FILE:
+            problems.append(RulesError(entry, None, "never read here: a hosts.toml belongs in a registry directory"))
+            continue
+        try:
+            if not _is_directory(entry):
+                continue
+            _directory_upstream(entry.name)
+            directories[entry.name] = _load_directory(entry)
+        except ValueError:
+            problems.append(
+                RulesError(entry, None, "directory name is not a registry (host, host:port, host_port_ or _default)")
+            )
+        except RulesError as error:
+            problems += _every_problem(entry / HOSTS_FILE, error)
+    return RuleSet(root, directories), problems
+
+
+def _every_problem(hosts_file: Path, first: RulesError) -> list[RulesError]:
+    """`first`, the problem reading hosts_file stopped at, and those after it: the key of each is set aside (as if
+    it were not written) and the file parsed again, until it parses. A problem of the file as a whole ends it."""
+    if first.key is None or first.path != hosts_file:
+        return [first]
+    try:
+        text = read_regular_file(hosts_file).decode("utf-8")
+        document = tomllib.loads(text)
+    except (OSError, ValueError, NotRegularFileError):
+        return [first]  # changed since it was read: what it first said stands
+    problems, problem = [first], first
+    mirror_set_aside = False
+    while problem.key is not None:
+        parts = _header_key(f"[{problem.key}]")
+        if not _set_aside(document, parts):
+            break
+        mirror_set_aside |= parts[0] == "host" and len(parts) <= 2
+        try:
+            _HostsFileParser(hosts_file).parse(text, document)
+            break
+        except RulesError as error:
+            problem = error
+        if problem.key == "offline" and mirror_set_aside and document.get("offline") is True:
+            # "offline without any mirror" only because a broken mirror was set aside: no problem of its own.
+            continue
+        problems.append(problem)
+    return problems
+
+
+def _set_aside(document: dict[str, Any], parts: list[str]) -> bool:
+    """Removes the key `parts` names from the document; False when it is not there. A broken `server` is replaced
+    by a stand-in rather than removed: without it, keys that need a server would be reported too."""
+    table: Any = document
+    for part in parts[:-1]:
+        table = table.get(part) if isinstance(table, dict) else None
+    if not isinstance(table, dict) or parts[-1] not in table:
+        return False
+    if parts == ["server"] and document["server"] != _STAND_IN_SERVER:
+        document["server"] = _STAND_IN_SERVER
+    else:
+        del table[parts[-1]]
+    return True
+
+
+_STAND_IN_SERVER = "https://server.invalid"
 
 
 class HostURLError(ValueError):
