@@ -2,6 +2,7 @@
 labels only the rules name; the registry they are counted in, and the server that serves it."""
 
 import socket
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from ocigate.attempts import Asker, Outcome
 from ocigate.health import HostHealth
 from ocigate.hoststoml import load_rules
 from ocigate.metrics import OTHER, Metrics, MetricsServer, Names, Observations, Reason, observations, reason
+from ocigate.probes import LIVENESS_PATH, READINESS_PATH, Verdict
 from ocigate.record import GATEWAY, FlowRecord
 from ocigate.settings import MetricsAddress
 from tests.test_addon import write_rules
@@ -21,6 +23,10 @@ from tests.test_addon import write_rules
 DIGEST = "sha256:" + "c" * 64
 MIRROR_A, MIRROR_B = "http://mirror-a.test:5000/v2", "http://mirror-b.test:5000/v2"
 NAMES = Names(frozenset({"upstream.test"}), frozenset({MIRROR_A, MIRROR_B}))
+
+
+def fine() -> Verdict:
+    return Verdict(True, "fine")
 
 
 def passed_over_by_health(health: HostHealth, digest: str | None = DIGEST) -> Outcome:
@@ -177,7 +183,7 @@ def test_observations_move_the_counters_in_a_registry_of_ocigates_own() -> None:
 def test_the_server_serves_the_registry_and_stops() -> None:
     metrics = Metrics(dict, dict)
     metrics.observe(observations(served_blob(), NAMES))
-    server = MetricsServer.start(MetricsAddress("127.0.0.1", 0), metrics.registry)
+    server = MetricsServer.start(MetricsAddress("127.0.0.1", 0), metrics.registry, fine, fine)
     address = server.address
     try:
         assert address.host == "127.0.0.1" and address.port > 0
@@ -194,4 +200,42 @@ def test_an_address_in_use_cannot_be_served_on() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError):
-            MetricsServer.start(MetricsAddress("127.0.0.1", taken.getsockname()[1]), Metrics(dict, dict).registry)
+            address = MetricsAddress("127.0.0.1", taken.getsockname()[1])
+            MetricsServer.start(address, Metrics(dict, dict).registry, fine, fine)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_server_answers_the_probes_beside_the_metrics(host: str) -> None:
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    asked: list[str] = []
+
+    def alive() -> Verdict:
+        asked.append("alive")
+        return Verdict(True, "alive")
+
+    def ready() -> Verdict:
+        asked.append("ready")
+        return Verdict(False, "not ready: the proxy is not listening yet")
+
+    try:
+        server = MetricsServer.start(MetricsAddress(host, 0), Metrics(dict, dict).registry, alive, ready)
+    except OSError as e:
+        pytest.skip(f"cannot listen on {host}: {e}")
+    try:
+        base = f"http://{server.address}"
+        assert get(base + LIVENESS_PATH) == (200, "alive\n")
+        assert get(base + READINESS_PATH) == (503, "not ready: the proxy is not listening yet\n")
+        status, text = get(base + "/metrics")
+        assert status == 200 and "ocigate_requests" in text
+    finally:
+        server.stop()
+    assert asked == ["alive", "ready"]  # each probe asked once, the metrics neither

@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from ocigate.addon import METADATA_KEY, Gateway
 from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
 from ocigate.operating import Counted, Operating
+from ocigate.probes import Verdict
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, write_rules
@@ -153,6 +156,42 @@ async def test_metrics_are_served_on_the_option_and_read_health_on_the_event_loo
     assert 'ocigate_host_cooling_down{host="https://upstream.test/v2"} 0.0' in text
     with pytest.raises(OSError):
         scrape(port)  # stopped when the addon is done
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+async def test_the_probes_say_ready_once_the_proxy_listens_and_alive_while_the_event_loop_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ocigate.operating.LIVENESS_TIMEOUT", 0.3)
+    rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
+    with operating(rules, ocigate_metrics="127.0.0.1:0") as (_, op, _):
+        assert op.server is not None
+        port = op.server.address.port
+        # Asked from another thread while the loop runs, as a kubelet does.
+        assert await asyncio.to_thread(probe, port, "/readyz") == (503, "not ready: the proxy is not listening yet\n")
+        op.running()
+        assert await asyncio.to_thread(probe, port, "/readyz") == (200, "ready\n")
+        assert await asyncio.to_thread(probe, port, "/healthz") == (200, "alive\n")
+        # A loop stuck in a blocking call serves no flow: the thread that answers says it is not alive.
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(probe, port, "/healthz")
+            time.sleep(1.0)
+            stuck = asked.result()
+        assert stuck == (503, "not alive: the event loop did not answer within 0.3 s\n")
+        assert await asyncio.to_thread(probe, port, "/healthz") == (200, "alive\n")
+
+
+def test_a_gateway_without_a_running_event_loop_is_not_alive(tmp_path: Path) -> None:
+    rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
+    with operating(rules) as (_, op, _):
+        assert op.alive() == Verdict(False, "not alive: the event loop is not running")
 
 
 async def test_turning_the_log_and_metrics_on_and_off_keeps_what_the_gateway_learned(tmp_path: Path) -> None:

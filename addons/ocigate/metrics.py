@@ -5,18 +5,21 @@ free text or anything a client chooses), counted in a registry of ocigate's own 
 
 import enum
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .attempts import Outcome
 from .hoststoml import RuleSet
+from .probes import Check, with_probes
 from .record import GATEWAY, FlowRecord
 from .settings import MetricsAddress
 
@@ -224,16 +227,27 @@ class Metrics:
 
 
 class MetricsServer:
-    """The registry served over HTTP (GET /metrics, or any path) by a thread of its own."""
+    """The registry served over HTTP (GET /metrics, or any path) by a thread of its own, with the health probes
+    (see probes)."""
 
     def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
         self._server = server
         self._thread = thread
 
     @classmethod
-    def start(cls, address: MetricsAddress, registry: CollectorRegistry) -> "MetricsServer":
+    def start(cls, address: MetricsAddress, registry: CollectorRegistry, alive: Check, ready: Check) -> "MetricsServer":
         """Listening on `address`; OSError when it cannot (in use, not this machine's)."""
-        return cls(*start_http_server(address.port, address.host, registry=registry))
+        # As prometheus_client's start_http_server, with the probes in its app before the first request comes.
+        family, host = _best_family(address)
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        app = with_probes(make_wsgi_app(registry), alive, ready)
+        server = make_server(host, address.port, app, Server, handler_class=_Quiet)
+        thread = threading.Thread(target=server.serve_forever, name="ocigate-metrics", daemon=True)
+        thread.start()
+        return cls(server, thread)
 
     @property
     def address(self) -> MetricsAddress:
@@ -244,3 +258,18 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def _best_family(address: MetricsAddress) -> tuple[socket.AddressFamily, str]:
+    """The address family `address` listens in (an IPv6 address needs AF_INET6), and its host as an address."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, str(sockaddr[0])
+
+
+class _Quiet(WSGIRequestHandler):
+    """Logs nothing: a probe every few seconds would fill the log."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass

@@ -16,6 +16,7 @@ from mitmproxy import exceptions, http
 from .accesslog import AccessLog, line
 from .configuration import Shared
 from .metrics import Metrics, MetricsServer, Names, observations
+from .probes import LIVENESS_TIMEOUT, Verdict
 from .record import FlowRecord
 from .settings import MetricsAddress
 
@@ -40,6 +41,7 @@ class Operating:
         self.server: MetricsServer | None = None
         self.metrics_address: MetricsAddress | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._listening = False  # mitmproxy's running hook came: its proxy servers are up
         self._names = Names()
         self._names_of: object = None  # the rules `_names` were taken from
 
@@ -65,7 +67,7 @@ class Operating:
             self._stop_server()
             if settings.metrics is not None:
                 try:
-                    self.server = MetricsServer.start(settings.metrics, self.metrics.registry)
+                    self.server = MetricsServer.start(settings.metrics, self.metrics.registry, self.alive, self.ready)
                 except OSError as e:
                     raise exceptions.OptionsError(
                         f"ocigate_metrics: cannot listen on {settings.metrics}: {e.strerror or e}"
@@ -75,6 +77,7 @@ class Operating:
 
     def running(self) -> None:
         self._note_loop()
+        self._listening = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Around whatever stream hook the gateway gave a host's answer (streaming.Streams), last: what reaches the
@@ -126,9 +129,31 @@ class Operating:
         """How full each bounded cache is: tokens, pull contexts, host clients."""
         return self._on_loop(self._read_cache_entries)
 
-    def _on_loop(self, read: Callable[[], _T]) -> _T:
+    def alive(self) -> Verdict:
+        """Liveness, asked on the metrics server's thread: whether the event loop, which serves every flow, runs a
+        callback within LIVENESS_TIMEOUT (a thread that answers says nothing about a loop that is stuck)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return Verdict(False, "not alive: the event loop is not running")
+        try:
+            self._on_loop(lambda: None, LIVENESS_TIMEOUT)
+        except TimeoutError:
+            return Verdict(False, f"not alive: the event loop did not answer within {LIVENESS_TIMEOUT:g} s")
+        except RuntimeError:  # it closed meanwhile
+            return Verdict(False, "not alive: the event loop is not running")
+        return Verdict(True, "alive")
+
+    def ready(self) -> Verdict:
+        """Readiness: the settings are parsed and in force (the rules read from them) and the proxy listens."""
+        if not self.shared.configured:
+            return Verdict(False, "not ready: the options have not been parsed")
+        if not self._listening:
+            return Verdict(False, "not ready: the proxy is not listening yet")
+        return Verdict(True, "ready")
+
+    def _on_loop(self, read: Callable[[], _T], timeout: float = _READ_TIMEOUT) -> _T:
         """`read()`, run on the event loop, whose hooks change what it reads (a scrape comes on the server's
-        thread)."""
+        thread); TimeoutError when the loop has not run it within `timeout` seconds."""
         loop = self._loop
         try:
             on_loop = asyncio.get_running_loop() is loop
@@ -145,7 +170,7 @@ class Operating:
                 answer.set_exception(e)
 
         loop.call_soon_threadsafe(on_the_loop)
-        return answer.result(timeout=_READ_TIMEOUT)
+        return answer.result(timeout=timeout)
 
     def _read_cache_entries(self) -> dict[str, int]:
         services = self.shared.services
