@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from ocigate import cli, scrub
+from ocigate import captures, cli, scrub
 from ocigate.captures import Redaction
 from ocigate.record import METADATA_KEY
 from tests.test_addon import flow_to
@@ -306,10 +306,68 @@ def test_mitmweb_is_sent_a_flow_under_way_with_its_secrets_redacted_and_the_flow
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Bearer the-gateways-own-token"
     flow.request.headers["Cookie"] = "session=the-session-cookie"
+    flow.request.headers["X-Api-Key"] = "the-mirrors-api-key"
     flow.response = None
-    shown = cli._redacted_json(flow)
+    redaction = Redaction(lambda f: frozenset({"X-Api-Key"}))
+    redaction.requestheaders(flow)
+    shown = cli._redacted_json(redaction, flow)
     text = json.dumps(shown)
-    assert "the-gateways-own-token" not in text and "the-session-cookie" not in text
+    assert not any(secret in text for secret in ("the-gateways-own-token", "the-session-cookie", "the-mirrors-api-key"))
     assert "Bearer <redacted>" in text and shown["id"] == flow.id
     # The request has yet to be sent: the flow itself still carries what goes to the host.
     assert flow.request.headers["Authorization"] == "Bearer the-gateways-own-token"
+
+
+def test_a_header_ocigate_added_from_hosts_toml_is_redacted_once_sent() -> None:
+    flow = tflow.tflow(resp=True)
+    flow.request.headers["X-Api-Key"] = "the-mirrors-api-key"
+    flow.request.headers["X-Other"] = "kept"
+    redaction = Redaction(lambda f: frozenset({"X-Api-Key"}))
+    redaction.requestheaders(flow)
+    redaction.responseheaders(flow)
+    assert flow.request.headers["X-Api-Key"] == "<redacted>" and flow.request.headers["X-Other"] == "kept"
+
+
+def test_a_connect_proxyauth_refused_keeps_no_proxy_credential() -> None:
+    flow = tflow.tflow()
+    flow.request.method = "CONNECT"
+    flow.request.headers["Proxy-Authorization"] = "Basic YWxpY2U6dHlwby1wYXNzd29yZA=="
+    Redaction().http_connect_error(flow)
+    assert flow.request.headers["Proxy-Authorization"] == "Basic <redacted>"
+
+
+def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
+    kept = captures._Kept()
+    for _ in range(5):
+        assert kept(b"x" * (captures.MAX_KEPT // 4)) == b"x" * (captures.MAX_KEPT // 4)  # the client gets it all
+    assert kept.overflowed and not kept.data
+    bomb = gzip.compress(b'{"access_token": "' + b"a" * (captures.MAX_KEPT * 2) + b'"}')
+    assert len(bomb) < captures.MAX_KEPT // 100 and captures._decoded(bomb, "gzip") is None
+    flow = tflow.tflow(resp=True)
+    flow.response.headers["Content-Type"] = "application/json"
+    flow.response.headers["Content-Encoding"] = "gzip"
+    captures._redact_body(flow.response, bomb, complete=True)
+    assert flow.response.raw_content.startswith(b"<redacted: the body was")
+
+
+def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_and_is_recorded_redacted() -> None:
+    flow = tflow.tflow(resp=True)
+    flow.metadata.clear()
+    flow.response.status_code = 302
+    flow.response.headers["Location"] = "https://cdn.test/blob?token=the-cdn-token"
+    flow.response.headers["Set-Cookie"] = "session=the-session-cookie; Path=/"
+    flow.response.content = b""
+    redaction = Redaction()
+    answer = captures.AnswerAsReceived(redaction)
+    answer._last = True  # placed after the recorders, as cli._add_ocigate places it
+    redaction.requestheaders(flow)
+    redaction.responseheaders(flow)
+    redaction.response(flow)
+    recorded = flow.response.headers.copy()  # what save, har and the dumper see
+    answer.response(flow)
+    sent = flow.response.headers.copy()  # what mitmproxy sends once the hooks are done
+    answer.sent(flow)  # askagain's layer, once it has written the answer out
+    assert "the-cdn-token" not in str(recorded) and "the-session-cookie" not in str(recorded)
+    assert sent["Location"] == "https://cdn.test/blob?token=the-cdn-token"
+    assert sent["Set-Cookie"] == "session=the-session-cookie; Path=/"
+    assert "the-cdn-token" not in str(flow.response.headers)  # redacted again once sent

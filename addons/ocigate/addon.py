@@ -21,7 +21,7 @@ from .answers import (
     point_location_at_the_gateway,
 )
 from .attempts import Streamed, choose_streamed_host, first_good
-from .captures import Redaction
+from .captures import AnswerAsReceived, Redaction
 from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
@@ -234,8 +234,10 @@ def _audit(flow: http.HTTPFlow, decision: Decision, what: str) -> None:
 def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
+    redaction = Redaction(gateway.streams.added_headers)
+    as_received = AnswerAsReceived(redaction)
     return [
-        HttpOnly(shared.upstream_rule, gateway.instead),
+        HttpOnly(shared.upstream_rule, gateway.instead, as_received.sent),
         Dialing(shared),
         Configuration(shared),
         gateway,
@@ -243,5 +245,7 @@ def make_addons() -> list:
         Operating(shared, gateway.records),
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
-        Redaction(),
+        redaction,
+        # Last of all, after the recorders (cli._add_ocigate moves it there).
+        as_received,
     ]

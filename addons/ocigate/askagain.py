@@ -25,25 +25,34 @@ log = logging.getLogger("ocigate")
 
 # What the gateway answers instead of a host that failed before answering (its reason), or None: mitmproxy's own.
 Instead = Callable[[http.HTTPFlow, str], http.Response | None]
+# Told once a flow's answer has been written out to the client (captures.AnswerAsReceived).
+Sent = Callable[[http.HTTPFlow], None]
 
 
 class AskAgainHttpLayer(HttpLayer):
     """mitmproxy's HTTP layer, whose streams let the gateway answer for a host that failed before answering."""
 
-    def __init__(self, context: Context, mode: HTTPMode, instead: Instead) -> None:
+    def __init__(self, context: Context, mode: HTTPMode, instead: Instead, sent: Sent) -> None:
         super().__init__(context, mode)
         self._instead = instead
+        self._sent = sent
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead)
+        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead, self._sent)
         self.streams[stream_id] = stream
         yield from self.event_to_child(stream, events.Start())
 
 
 class _AskAgainStream(HttpStream):
-    def __init__(self, context: Context, stream_id: int, instead: Instead) -> None:
+    def __init__(self, context: Context, stream_id: int, instead: Instead, sent: Sent) -> None:
         super().__init__(context, stream_id)
         self._instead = instead
+        self._sent = sent
+
+    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
+        yield from super().send_response(already_streamed)
+        # Every command that wrote the answer out has been carried out by now.
+        self._sent(self.flow)
 
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError

@@ -19,9 +19,10 @@ save addon writes them; a body cut short that cannot be read whole is dropped wi
 """
 
 import weakref
+import zlib
+from collections.abc import Callable
 
 from mitmproxy import http
-from mitmproxy.net import encoding
 
 from . import scrub
 from .record import METADATA_KEY
@@ -31,16 +32,27 @@ _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
 _PROXYAUTH_METADATA = "proxyauth"
 
 
+# The most of a body passing through that is kept, or decoded, to look for secrets: token answers and forms are
+# small; anything larger is dropped from the flow with a note rather than held or inflated in memory.
+MAX_KEPT = 4 * 1024 * 1024
+
+
 class _Kept:
-    """mitmproxy's `response.stream`: passes an answer on to the client as it comes, keeping a copy for the flow."""
+    """mitmproxy's `response.stream`: passes an answer on to the client as it comes, keeping a copy for the flow (up
+    to MAX_KEPT)."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.streaming = False  # mitmproxy called it: the client has the headers, and every byte so far
+        self.overflowed = False
 
     def __call__(self, chunk: bytes) -> bytes:
         self.streaming = True
-        self.data += chunk
+        if not self.overflowed and len(self.data) + len(chunk) <= MAX_KEPT:
+            self.data += chunk
+        else:
+            self.overflowed = True
+            self.data.clear()
         return chunk
 
 
@@ -49,33 +61,56 @@ class Redaction:
     the gateway (whose decisions need the request as the client sent it) and before mitmproxy's save, har and
     dumper addons and mitmweb's view."""
 
-    def __init__(self) -> None:
+    def __init__(self, added_headers: Callable[[http.HTTPFlow], frozenset[str]] = lambda flow: frozenset()) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
+        # The headers ocigate added to a request from its host's hosts.toml [header] table, whose values may be
+        # secrets (an API key): asked of the gateway once it re-pointed the flow.
+        self._added_headers = added_headers
+        self._added: weakref.WeakKeyDictionary[http.HTTPFlow, frozenset[str]] = weakref.WeakKeyDictionary()
+        # Answers whose headers were redacted, perhaps before mitmproxy sent them: the headers as received, for
+        # AnswerAsReceived to give back for sending.
+        self.received: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
+        added = self._added_headers(flow)
+        if added:
+            self._added[flow] = added
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
-            _redact_request(flow)
+            self._redact_request(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # A CONNECT proxyauth refused still carries the Proxy-Authorization it came with (mitmproxy's dumper shows it).
+        self._redact_request(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        _redact_request(flow)
+        self._redact_request(flow)
         response = flow.response
         if response is not None and not response.stream and _passes_through(flow) and _may_hold_secrets(response):
-            kept = _Kept()
-            response.stream = kept
-            self._kept[flow] = kept
+            if scrub.may_hold_fields(response.headers.get("Content-Type")):
+                kept = _Kept()
+                response.stream = kept
+                self._kept[flow] = kept
+            else:
+                # Secrets in its headers only: streamed, the headers go to the client as they came before the flow's
+                # are redacted.
+                response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        _redact_request(flow)
+        self._redact_request(flow)
         kept = self._kept.pop(flow, None)
         response = flow.response
         if response is not None:
             # A kept answer never streamed (it ended with its headers) goes to the client after this hook, as one
             # streamed by the gateway or mitmproxy has gone already.
             sent = kept.streaming if kept is not None else bool(response.stream)
+            received = response.headers.copy()
             _redact_response(response, kept, sent=sent, complete=True)
+            if response.headers != received:
+                # An answer that ended with its headers has yet to go: it goes as received (AnswerAsReceived).
+                self.received[flow] = received
         _redact_record(flow)
         self._under_way.discard(flow)
 
@@ -87,26 +122,28 @@ class Redaction:
         for flow in list(self._under_way):
             self._ended_early(flow)
 
+    def shown(self, flow: http.HTTPFlow) -> http.HTTPFlow:
+        """The flow as a live view may show it while it is under way: a stand-in (same id) whose request and answer
+        headers, record and comment hold no secret, though the flow itself still carries what it has yet to send."""
+        shown = http.HTTPFlow.from_state(flow.get_state())
+        assert isinstance(shown, http.HTTPFlow)
+        _redact_request(shown, self._added.get(flow, frozenset()))
+        if shown.response is not None:
+            _redact_header(shown.response.headers, "Set-Cookie", scrub.set_cookie)
+            _redact_header(shown.response.headers, "Location", scrub.url)
+        _redact_record(shown)
+        return shown
+
+    def _redact_request(self, flow: http.HTTPFlow) -> None:
+        _redact_request(flow, self._added.get(flow, frozenset()))
+
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
-        _redact_request(flow)
+        self._redact_request(flow)
         kept = self._kept.pop(flow, None)
         if flow.response is not None:
             _redact_response(flow.response, kept, sent=True, complete=False)
         _redact_record(flow)
-
-
-def as_shown(flow: http.HTTPFlow) -> http.HTTPFlow:
-    """The flow as a live view may show it while it is under way: a stand-in (same id) whose request and answer
-    headers, record and comment hold no secret, though the flow itself still carries what it has yet to send."""
-    shown = http.HTTPFlow.from_state(flow.get_state())
-    assert isinstance(shown, http.HTTPFlow)
-    _redact_request(shown)
-    if shown.response is not None:
-        _redact_header(shown.response.headers, "Set-Cookie", scrub.set_cookie)
-        _redact_header(shown.response.headers, "Location", scrub.url)
-    _redact_record(shown)
-    return shown
 
 
 def _passes_through(flow: http.HTTPFlow) -> bool:
@@ -123,11 +160,13 @@ def _may_hold_secrets(response: http.Response) -> bool:
     )
 
 
-def _redact_request(flow: http.HTTPFlow) -> None:
+def _redact_request(flow: http.HTTPFlow, added: frozenset[str] = frozenset()) -> None:
     request = flow.request
     headers = request.headers
     for name in _CREDENTIAL_HEADERS:
         _redact_header(headers, name, scrub.credential)
+    for name in added:
+        _redact_header(headers, name, lambda value: scrub.REDACTED)
     _redact_header(headers, "Cookie", scrub.cookie)
     path, question, query = request.path.partition("?")
     if question:
@@ -166,13 +205,13 @@ def _redact_body(message: http.Message, data: bytes, *, complete: bool) -> None:
     if not scrub.may_hold_fields(content_type):
         message.raw_content = data
         return
+    if len(data) > MAX_KEPT:
+        _drop(message, f"larger than {MAX_KEPT} bytes, too large to look for secrets")
+        return
     coding = message.headers.get("Content-Encoding")
-    try:
-        decoded = encoding.decode(data, coding) if coding else data
-    except ValueError:
-        decoded = None
-    if not isinstance(decoded, bytes):
-        _drop(message, f"in Content-Encoding {coding}, which could not be decoded to look for secrets")
+    decoded = _decoded(data, coding)
+    if decoded is None:
+        _drop(message, f"in Content-Encoding {coding}, which could not be decoded within {MAX_KEPT} bytes")
         return
     redacted = scrub.body(content_type, decoded)
     if redacted is None and not complete:
@@ -181,6 +220,60 @@ def _redact_body(message: http.Message, data: bytes, *, complete: bool) -> None:
         message.raw_content = data
     else:
         message.content = redacted
+
+
+def _decoded(data: bytes, coding: str | None) -> bytes | None:
+    """`data` decoded, at most MAX_KEPT bytes of it (a small answer may inflate to any size); None when it cannot be,
+    or would be larger."""
+    name = (coding or "identity").strip().lower()
+    if name == "identity":
+        return data
+    if name not in ("gzip", "deflate", "x-gzip"):
+        return None
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by their headers
+    try:
+        decoded = inflate.decompress(data, MAX_KEPT + 1)
+    except zlib.error:
+        if name != "deflate":
+            return None
+        try:  # a raw deflate stream, as some hosts send for "deflate"
+            decoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, MAX_KEPT + 1)
+        except zlib.error:
+            return None
+    return decoded if len(decoded) <= MAX_KEPT else None
+
+
+class AnswerAsReceived:
+    """mitmproxy sends an answer that ended with its headers (a redirect, a HEAD's, a 204) only after every response
+    hook, where Redaction has already redacted its Set-Cookie and Location for the recorders: placed last, after
+    them (see cli._add_ocigate), this gives the flow back the headers as received for mitmproxy to send the client,
+    and redacts them again once sent (an answer already streamed is not sent again). Anywhere else in the chain
+    (loaded as a script) it does nothing, and the client gets them redacted."""
+
+    def __init__(self, redaction: Redaction) -> None:
+        self._redaction = redaction
+        self._last = False
+        # Answers given back their headers as received, until mitmproxy has sent them: their redacted headers.
+        self._sending: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        chain = ctx.master.addons.chain
+        self._last = chain[-1] is self
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        received = self._redaction.received.pop(flow, None)
+        if not self._last or received is None or flow.response is None:
+            return
+        self._sending[flow] = flow.response.headers
+        flow.response.headers = received
+
+    def sent(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy has written the flow's answer out (askagain tells): its headers are redacted again."""
+        redacted = self._sending.pop(flow, None)
+        if redacted is not None and flow.response is not None:
+            flow.response.headers = redacted
 
 
 def _drop(message: http.Message, why: str) -> None:

@@ -4,6 +4,7 @@ depend on."""
 import argparse
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from mitmproxy import http
@@ -16,7 +17,7 @@ from mitmproxy.tools.web import app as web_app
 from mitmproxy.tools.web.master import WebMaster
 
 from .addon import make_addons
-from .captures import as_shown
+from .captures import AnswerAsReceived, Redaction
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
@@ -33,7 +34,10 @@ def _add_ocigate(master: DumpMaster | WebMaster) -> None:
     # and a flow's comment as soon as it is shown).
     scripts = master.addons.chain.index(master.addons.get("scriptloader"))
     rest = [addon for addon in master.addons.chain if addon not in ours]
-    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
+    last = [addon for addon in ours if isinstance(addon, AnswerAsReceived)]
+    ours = [addon for addon in ours if addon not in last]
+    # AnswerAsReceived after everything else: the recorders have seen an answer redacted before mitmproxy sends it.
+    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :], *last]
 
 
 class OcigateMaster(DumpMaster):
@@ -50,7 +54,8 @@ class OcigateWebMaster(WebMaster):
         _add_ocigate(self)
         # mitmweb shows a flow from its request headers on, before the request is sent and its secrets can be
         # redacted in it (the Authorization ocigate adds among them): its page is sent a redacted stand-in instead.
-        web_app.flow_to_json = _redacted_json
+        redaction = next(addon for addon in self.addons.chain if isinstance(addon, Redaction))
+        web_app.flow_to_json = partial(_redacted_json, redaction)
         # The flow list shows each flow's comment, where ocigate says what it decided (a --set web_columns= wins).
         self.options.update(web_columns=[*self.options.web_columns, "comment"])
 
@@ -58,9 +63,9 @@ class OcigateWebMaster(WebMaster):
 _flow_to_json = web_app.flow_to_json
 
 
-def _redacted_json(flow: Flow) -> dict:
-    """mitmweb's JSON of a flow, from a stand-in with its secrets redacted (see captures.as_shown)."""
-    return _flow_to_json(as_shown(flow) if isinstance(flow, http.HTTPFlow) else flow)
+def _redacted_json(redaction: Redaction, flow: Flow) -> dict:
+    """mitmweb's JSON of a flow, from a stand-in with its secrets redacted (see captures.Redaction.shown)."""
+    return _flow_to_json(redaction.shown(flow) if isinstance(flow, http.HTTPFlow) else flow)
 
 
 def _mitmdump_filters(args: argparse.Namespace) -> dict[str, str]:

@@ -88,6 +88,11 @@ class Streams:
             streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, self.shared.settings.read_timeout))
         flow.request.stream = True
 
+    def added_headers(self, flow: http.HTTPFlow) -> frozenset[str]:
+        """The headers the flow's host's hosts.toml [header] table added to it (their values may be secrets)."""
+        streamed = self.flows.get(flow)
+        return frozenset(name for name, _ in streamed.host.headers) if streamed else frozenset()
+
     def forget(self, flow: http.HTTPFlow) -> None:
         """The flow is not streamed after all (ocigate failed on it): nothing more is done for it."""
         streamed = self.flows.pop(flow, None)

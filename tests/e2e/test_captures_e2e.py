@@ -142,6 +142,9 @@ def cookie_host_answer(handler) -> tuple[int, bytes, dict[str, str]]:
         body = gzip.compress(json.dumps({"token": GZIPPED_TOKEN, "expires_in": 60}).encode())
         headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
         return 200, body, headers | {"Set-Cookie": f"session={COOKIE}; Path=/; HttpOnly"}
+    if handler.path.startswith("/empty"):
+        # An answer that ends with its headers: mitmproxy sends it only after every response hook.
+        return 302, b"", {"Location": STORAGE, "Set-Cookie": f"session={COOKIE}; Path=/"}
     return 302, b"moved to storage", {"Location": STORAGE, "Content-Type": "text/plain"}
 
 
@@ -255,6 +258,11 @@ def oauth_exchanges(gateway: Gateway, realm: str, service: str, cookie_host: str
         assert session.json()["token"] == GZIPPED_TOKEN and session.cookies["session"] == COOKIE
         moved = client.get(f"{cookie_host}/moved", follow_redirects=False)
         assert moved.status_code == 302 and moved.headers["Location"] == STORAGE
+        # Without a body, and asked by HEAD: the client still gets the headers as the host sent them.
+        empty = client.get(f"{cookie_host}/empty", follow_redirects=False)
+        assert empty.headers["Location"] == STORAGE and empty.headers["Set-Cookie"] == f"session={COOKIE}; Path=/"
+        head = client.head(f"{cookie_host}/session")
+        assert head.headers["Set-Cookie"] == f"session={COOKIE}; Path=/; HttpOnly"
     return [
         *(answer.json()[key] for answer in (by_password, by_refresh, offline) for key in ("token", "access_token")),
         refresh_token,
