@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -226,6 +227,33 @@ class RuleSet:
                     return None
                 return directory.rule(upstream)
         return None
+
+    def directories(self) -> Mapping[str, "RegistryDirectory"]:
+        """Every registry directory read, by its name in the tree (those that change nothing included): what a tree
+        read again one directory at a time (rulewatch.py) starts from."""
+        return MappingProxyType(self._directories)
+
+
+# One registry directory as read, for code that reads a tree again one directory at a time (rulewatch.py).
+RegistryDirectory = _RegistryDirectory
+
+
+def load_registry_directory(entry: Path) -> RegistryDirectory | None:
+    """One entry of a rules root read as load_rules reads it: a registry directory, or None for a file beside the
+    registries (README.md), which nothing reads. RulesError for whatever load_rules would refuse in it."""
+    if entry.name == HOSTS_FILE:
+        raise RulesError(
+            entry, None, f"never read here: a hosts.toml belongs in a registry directory, not in {entry.parent}"
+        )
+    if not _is_directory(entry):
+        return None
+    try:
+        _directory_upstream(entry.name)
+    except ValueError:
+        raise RulesError(
+            entry, None, "directory name is not a registry (host, host:port, host_port_ or _default)"
+        ) from None
+    return _load_directory(entry)
 
 
 def load_rules(root: Path) -> RuleSet:
