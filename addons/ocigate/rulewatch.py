@@ -3,9 +3,11 @@ again, so that an edit applies to the next request without a restart, as contain
 
 Looking costs system calls (a listing of the tree and of each registry directory, a stat of each file there and of
 each TLS file its rule names), so it is done on a thread, on a timer, never in a hook. What those files are (inode,
-size, times) is a directory's fingerprint. A directory whose fingerprint changed is read again and the TLS files its
-rule names are loaded; a broken one keeps its last good rule in force (a new one stays without a rule) and is named in
-one log line (the file, the key, the reason), not again while it stays broken the same way; fixing it says so.
+size, times) is a directory's fingerprint. A directory whose fingerprint changed is read again once two looks in a row
+find it the same (a file may be half written, and half a hosts.toml can be a valid one: an empty one is no rule), and
+the TLS files its rule names are loaded; a broken one keeps its last good rule in force (a new one stays without a
+rule) and is named in one log line (the file, the key, the reason), not again while it stays broken the same way;
+fixing it says so.
 
 File times tick coarsely: a second edit of the same size within one tick leaves a fingerprint as it was. A directory
 holding a file changed within RACY_SECONDS of a look is therefore read again at the next look too (git's "racy clean").
@@ -28,14 +30,16 @@ from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
 
 log = logging.getLogger("ocigate")
 
-# How often the tree is looked at: an edit is in force within this many seconds.
-INTERVAL = 2.0
+# How often the tree is looked at, in seconds: an edit is in force two or three looks later.
+INTERVAL = 1.0
 # A file changed this recently may change again unseen within the same tick of the file system's clock.
 RACY_SECONDS = 2.0
 
 # A file as stat sees it (mode, device, inode, size, mtime and ctime in nanoseconds), or why it cannot be stat-ed.
 Stamp = tuple[int, int, int, int, int, int] | str
 Fingerprint = frozenset[tuple[str, Stamp]]
+# What a gone entry looks like.
+GONE: Fingerprint = frozenset()
 
 
 def stamps(paths: Iterable[Path]) -> Fingerprint:
@@ -108,11 +112,25 @@ class Seen:
 
 
 def to_read(seen: Mapping[str, Seen], now: Mapping[str, Fingerprint], known: Iterable[str]) -> set[str]:
-    """The entries to read again: each one that appeared, changed, or was too fresh to trust at the last look
-    (`now` holds each entry's own fingerprint and that of the TLS files of its rule in force), and each rule in force
+    """The entries that are stale: each one that appeared, changed, or was too fresh to trust when it was read (`now`
+    holds each entry's own fingerprint and that of the TLS files of its rule in force), and each rule in force
     (`known`) whose directory is gone."""
     stale = {name for name, fingerprint in now.items() if _changed(seen.get(name), fingerprint)}
     return stale | (set(known) - set(now))
+
+
+def ready(
+    stale: Iterable[str], seen: Mapping[str, Seen], now: Mapping[str, Fingerprint], pending: Mapping[str, Fingerprint]
+) -> set[str]:
+    """Of the stale entries, those to read now: each that looked as it does now at the last look too (`pending`), and
+    each that is still as it was read (read again because it was too fresh to trust). One that changed since the last
+    look may be being written: half a hosts.toml can be a valid one (an empty one is no rule at all)."""
+    return {
+        name
+        for name in stale
+        if pending.get(name) == now.get(name, GONE)
+        or (name in seen and seen[name].own | seen[name].tls == now.get(name))
+    }
 
 
 def _changed(seen: Seen | None, fingerprint: Fingerprint) -> bool:
@@ -153,7 +171,9 @@ class RulesTree:
         self.rules = rules
         self._roots, self._insecure = roots, insecure
         self._scan, self._clock = scan, clock
-        self._seen: dict[str, Seen] | None = None  # None: never looked; the first look compares, it does not reload
+        # Each entry as last read; one read for the first time is compared with the rule in force, which came from it.
+        self._seen: dict[str, Seen] = {}
+        self._pending: dict[str, Fingerprint] = {}  # each stale entry as the last look found it
         self._broken: dict[str, str] = {}  # what was logged for each entry that is broken
         self._root_problem: str | None = None
 
@@ -175,11 +195,14 @@ class RulesTree:
             notes.append(f"{self.root}: can be listed again")
             self._root_problem = None
         directories = dict(self.rules.directories())
-        first, seen = self._seen is None, dict(self._seen or {})
+        seen = dict(self._seen)
         tls_now = {name: stamps(self._tls_files(name, directories.get(name))) for name in scan.entries}
         now = {name: own | tls_now[name] for name, own in scan.entries.items()}
         changed = tls_changed = False
-        for name in sorted(to_read(seen, now, {*directories, *seen})):
+        stale = to_read(seen, now, {*directories, *seen})
+        reading = ready(stale, seen, now, self._pending)
+        self._pending = {name: now.get(name, GONE) for name in stale - reading}
+        for name in sorted(reading):
             path = self.root / name
             if name not in scan.entries:
                 seen.pop(name, None)
@@ -205,7 +228,7 @@ class RulesTree:
             tls = stamps(self._tls_files(name, directory))
             seen[name] = Seen(scan.entries[name], tls, settled(scan.entries[name] | tls, self._clock()))
             # The same files under the same names with new contents: contexts made from them are stale.
-            moved = bool(tls) and not first and (before is None or not before.settled or before.tls != tls)
+            moved = bool(tls) and before is not None and (not before.settled or before.tls != tls)
             if directory == directories.get(name) and not moved:
                 continue
             directories[name] = directory
