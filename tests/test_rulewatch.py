@@ -211,6 +211,13 @@ def test_a_new_broken_directory_has_no_rule_until_it_is_fixed(tmp_path: Path) ->
     assert reload.rules is None and watched.rules.lookup("new.test") is None
     (warning,) = reload.warnings
     assert "new.test/hosts.toml" in warning and "it has no rule" in warning
+    (root / "example.test").mkdir()
+    (root / "example.test" / "hosts.toml.example").write_text(mirror("e.test"))
+    # A directory holding an example only: no rule, as at start (and _default, if any, no longer serves it).
+    assert hosts(settle(watched).rules, "example.test") == []
+    write(root, "example.test", "offline = yes\n")
+    (example,) = settle(watched).warnings
+    assert "example.test/hosts.toml" in example and "it has no rule" in example
     write(root, "not a registry", mirror("a.test"))
     (named,) = settle(watched).warnings
     assert "not a registry" in named and "directory name is not a registry" in named

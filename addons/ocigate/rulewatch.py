@@ -215,7 +215,8 @@ class RulesTree:
                     self._check_tls(name, directory)
             except RulesError as error:
                 seen[name] = Seen(scan.entries[name], tls_now[name], settled(now[name], self._clock()))
-                self._broke(name, str(error), name in directories, warnings)
+                in_force = name in directories and not directories[name].changes_nothing
+                self._broke(name, str(error), in_force, warnings)
                 continue
             if self._broken.pop(name, None) is not None:
                 notes.append(f"{path}: fixed, in force again")
