@@ -1074,3 +1074,15 @@ def test_a_header_value_http_does_not_allow_is_refused_without_showing_it(tmp_pa
         load_rules(tmp_path)
     assert raised.value.key == "header.Authorization"
     assert "characters HTTP does not allow" in raised.value.problem and value.strip() not in str(raised.value)
+
+
+def test_a_tree_mounted_from_a_kubernetes_config_map_is_read_past_its_hidden_entries(tmp_path: Path) -> None:
+    # What the kubelet writes for a ConfigMap volume: the files under a timestamped directory, `..data` linking to
+    # it, and each key's path linking through `..data`.
+    stamped = tmp_path / "..2026_12_02_11_00_00.000000001"
+    (stamped / "upstream.test").mkdir(parents=True)
+    (stamped / "upstream.test" / "hosts.toml").write_text('[host."https://mirror.test"]\n')
+    (tmp_path / "..data").symlink_to(stamped.name)
+    (tmp_path / "upstream.test").symlink_to("..data/upstream.test")
+    assert urls(rules.load_rules(tmp_path).lookup("upstream.test").hosts)[0] == "https://mirror.test/v2"
+    assert rules.check_rules(tmp_path)[1] == []

@@ -17,8 +17,10 @@ from .context import ContextStore
 from .health import HostHealth
 from .hostclient import HostClient
 from .hoststoml import DEFAULT_DIRECTORY, HOSTS_FILE, Host, Rule, RuleSet
+from .hosttls import forget_contexts
 from .routes import RouteError, default_port, normalize_upstream
-from .services import Services, build, rebuilt_by
+from .rulewatch import INTERVAL, Reload, Watched, keep_rules_live
+from .services import Services, build, rebuilt_by, with_rules
 from .settings import MITMPROXY_OPTIONS, Settings, declare, is_settings_option
 
 log = logging.getLogger("ocigate")
@@ -121,6 +123,8 @@ class Configuration:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        self._watching: asyncio.Task[None] | None = None  # keeps the rules in step with their tree
+        self.rules_interval = INTERVAL  # how often the rules tree is looked at (tests look more often)
 
     def load(self, loader: Loader) -> None:
         declare(loader)
@@ -151,6 +155,10 @@ class Configuration:
             shared.use(settings, shared.services)
 
     def running(self) -> None:
+        if self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(
+                keep_rules_live(self._watched, self._rules_changed, self.rules_interval)
+            )
         rules = self.shared.rules
         if rules is None:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
@@ -171,6 +179,29 @@ class Configuration:
             proxy,
             ca,
         )
+
+    async def done(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+            self._watching = None
+
+    def _watched(self) -> Watched | None:
+        rules = self.shared.rules
+        if rules is None:
+            return None
+        settings = self.shared.settings
+        return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure)
+
+    def _rules_changed(self, looked_at: RuleSet, reload: Reload) -> None:
+        """The rules tree changed on disk: its new rules in force for the next request, in services of their own (a
+        request under way keeps the rule it was planned with). Not when other rules were put in force meanwhile."""
+        shared = self.shared
+        if reload.rules is None or shared.rules is not looked_at:
+            return
+        if reload.tls_changed:
+            forget_contexts()
+        shared.use(shared.settings, with_rules(shared.settings, shared.services, reload.rules))
 
 
 def unrouted_hint(rules: RuleSet, examples: Sequence[Path]) -> str | None:

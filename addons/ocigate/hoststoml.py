@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -227,6 +228,33 @@ class RuleSet:
                 return directory.rule(upstream)
         return None
 
+    def directories(self) -> Mapping[str, "RegistryDirectory"]:
+        """Every registry directory read, by its name in the tree (those that change nothing included): what a tree
+        read again one directory at a time (rulewatch.py) starts from."""
+        return MappingProxyType(self._directories)
+
+
+# One registry directory as read, for code that reads a tree again one directory at a time (rulewatch.py).
+RegistryDirectory = _RegistryDirectory
+
+
+def load_registry_directory(entry: Path) -> RegistryDirectory | None:
+    """One entry of a rules root read as load_rules reads it: a registry directory, or None for a file beside the
+    registries (README.md), which nothing reads. RulesError for whatever load_rules would refuse in it."""
+    if entry.name == HOSTS_FILE:
+        raise RulesError(
+            entry, None, f"never read here: a hosts.toml belongs in a registry directory, not in {entry.parent}"
+        )
+    if not _is_directory(entry):
+        return None
+    try:
+        _directory_upstream(entry.name)
+    except ValueError:
+        raise RulesError(
+            entry, None, "directory name is not a registry (host, host:port, host_port_ or _default)"
+        ) from None
+    return _load_directory(entry)
+
 
 def load_rules(root: Path) -> RuleSet:
     """Read and validate every <root>/<registry>/hosts.toml, so that one broken file refuses start-up."""
@@ -240,6 +268,8 @@ def load_rules(root: Path) -> RuleSet:
         raise RulesError(root, None, f"cannot list the rules directory: {error.strerror or error}") from None
     directories: dict[str, _RegistryDirectory] = {}
     for entry in entries:
+        if is_hidden(entry.name):
+            continue
         if entry.name == HOSTS_FILE:
             raise RulesError(
                 entry,
@@ -256,6 +286,12 @@ def load_rules(root: Path) -> RuleSet:
                 ) from None
             directories[entry.name] = _load_directory(entry)
     return RuleSet(root, directories)
+
+
+def is_hidden(name: str) -> bool:
+    """A rules-tree entry that is no registry's and is passed over: no registry name starts with a dot, and such
+    entries are an editor's or a mounter's (a Kubernetes ConfigMap volume's `..data` and `..<timestamp>`)."""
+    return name.startswith(".")
 
 
 def _is_directory(entry: Path) -> bool:
@@ -620,6 +656,8 @@ def check_rules(root: Path) -> tuple[RuleSet | None, list[RulesError]]:
     problems: list[RulesError] = []
     directories: dict[str, _RegistryDirectory] = {}
     for entry in entries:
+        if is_hidden(entry.name):
+            continue
         if entry.name == HOSTS_FILE:
             problems.append(RulesError(entry, None, "never read here: a hosts.toml belongs in a registry directory"))
             continue

@@ -65,14 +65,7 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
         # The files may have changed on disk since their contexts were made.
         forget_contexts()
         rules, policy = _load_rules(settings), _load_policy(settings)
-    hostclient = HostClient(
-        settings.destinations,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        roots=settings.upstream_trusted_ca,
-        insecure=settings.ssl_insecure,
-        hosts_by_address=_hosts_by_address(rules),
-    )
+    hostclient = _hostclient(settings, rules)
     if before is None:
         services = Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
         return replace(services, policy=policy)
@@ -83,6 +76,28 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
         broker = Broker(hostclient, credential_chain(settings))
     health = old.health.with_cooldown(settings.cooldown)
     return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts, policy)
+
+
+def with_rules(settings: Settings, services: Services, rules: RuleSet) -> Services:
+    """`services` (made from `settings`) with other rules: the rules tree changed on disk (rulewatch.py). A host client
+    of its own, whose clients load the hosts' TLS files afresh and whose map of hosts by address is the new rules';
+    what is known of hosts' health and of pulls, the tokens and the credentials kept: a token is worth what it was
+    whatever the rules say."""
+    hostclient = _hostclient(settings, rules)
+    broker = services.broker.with_client(hostclient)
+    health = services.health
+    return Services(rules, hostclient, broker, health, Asker(broker, health), services.contexts, services.policy)
+
+
+def _hostclient(settings: Settings, rules: RuleSet | None) -> HostClient:
+    return HostClient(
+        settings.destinations,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        roots=settings.upstream_trusted_ca,
+        insecure=settings.ssl_insecure,
+        hosts_by_address=_hosts_by_address(rules),
+    )
 
 
 def rebuilt_by(current: Settings, new: Settings) -> bool:
