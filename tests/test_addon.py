@@ -441,7 +441,9 @@ async def test_repointed_blob_carries_the_hosts_headers(tmp_path: Path) -> None:
     with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
         flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"X-Mirror-Key", b"client"),))
         await gw.requestheaders(flow)
-    assert flow.request.headers.get_all("x-mirror-key") == ["a", "b"]
+        # Added as the request is sent (values in hosts.toml may be secrets), never kept in the flow.
+        assert gw.streams.as_sent(flow, flow.request).headers.get_all("x-mirror-key") == ["a", "b"]
+    assert "x-mirror-key" not in flow.request.headers
 
 
 async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:

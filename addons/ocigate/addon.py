@@ -234,10 +234,10 @@ def _audit(flow: http.HTTPFlow, decision: Decision, what: str) -> None:
 def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
-    redaction = Redaction(gateway.streams.added_headers)
+    redaction = Redaction()
     as_received = AnswerAsReceived(redaction)
     return [
-        HttpOnly(shared.upstream_rule, gateway.instead, as_received.sent),
+        HttpOnly(shared.upstream_rule, gateway.instead, as_received.sent, gateway.streams.as_sent),
         Dialing(shared),
         Configuration(shared),
         gateway,

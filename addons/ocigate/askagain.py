@@ -17,8 +17,10 @@ from mitmproxy.proxy.layers.http import (
     HttpLayer,
     HTTPMode,
     HttpStream,
+    RequestHeaders,
     RequestProtocolError,
     ResponseProtocolError,
+    SendHttp,
 )
 
 log = logging.getLogger("ocigate")
@@ -27,27 +29,43 @@ log = logging.getLogger("ocigate")
 Instead = Callable[[http.HTTPFlow, str], http.Response | None]
 # Told once a flow's answer has been written out to the client (captures.AnswerAsReceived).
 Sent = Callable[[http.HTTPFlow], None]
+# The request as it is sent to the host: what the gateway keeps out of the flow added (streaming.Streams.as_sent).
+AsSent = Callable[[http.HTTPFlow, http.Request], http.Request]
 
 
 class AskAgainHttpLayer(HttpLayer):
     """mitmproxy's HTTP layer, whose streams let the gateway answer for a host that failed before answering."""
 
-    def __init__(self, context: Context, mode: HTTPMode, instead: Instead, sent: Sent) -> None:
+    def __init__(self, context: Context, mode: HTTPMode, instead: Instead, sent: Sent, as_sent: AsSent) -> None:
         super().__init__(context, mode)
         self._instead = instead
         self._sent = sent
+        self._as_sent = as_sent
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead, self._sent)
+        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead, self._sent, self._as_sent)
         self.streams[stream_id] = stream
         yield from self.event_to_child(stream, events.Start())
 
 
 class _AskAgainStream(HttpStream):
-    def __init__(self, context: Context, stream_id: int, instead: Instead, sent: Sent) -> None:
+    def __init__(self, context: Context, stream_id: int, instead: Instead, sent: Sent, as_sent: AsSent) -> None:
         super().__init__(context, stream_id)
         self._instead = instead
         self._sent = sent
+        self._as_sent = as_sent
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        for command in super().handle_event(event):
+            if isinstance(command, SendHttp) and isinstance(command.event, RequestHeaders):
+                headers = command.event
+                sent = self._as_sent(self.flow, headers.request)
+                if sent is not headers.request:
+                    command = SendHttp(
+                        RequestHeaders(headers.stream_id, sent, headers.end_stream, headers.replay_flow),
+                        command.connection,
+                    )
+            yield command
 
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
         yield from super().send_response(already_streamed)

@@ -20,7 +20,6 @@ save addon writes them; a body cut short that cannot be read whole is dropped wi
 
 import weakref
 import zlib
-from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -61,22 +60,15 @@ class Redaction:
     the gateway (whose decisions need the request as the client sent it) and before mitmproxy's save, har and
     dumper addons and mitmweb's view."""
 
-    def __init__(self, added_headers: Callable[[http.HTTPFlow], frozenset[str]] = lambda flow: frozenset()) -> None:
+    def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
-        # The headers ocigate added to a request from its host's hosts.toml [header] table, whose values may be
-        # secrets (an API key): asked of the gateway once it re-pointed the flow.
-        self._added_headers = added_headers
-        self._added: weakref.WeakKeyDictionary[http.HTTPFlow, frozenset[str]] = weakref.WeakKeyDictionary()
         # Answers whose headers were redacted, perhaps before mitmproxy sent them: the headers as received, for
         # AnswerAsReceived to give back for sending.
         self.received: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
-        added = self._added_headers(flow)
-        if added:
-            self._added[flow] = added
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
@@ -127,7 +119,7 @@ class Redaction:
         headers, record and comment hold no secret, though the flow itself still carries what it has yet to send."""
         shown = http.HTTPFlow.from_state(flow.get_state())
         assert isinstance(shown, http.HTTPFlow)
-        _redact_request(shown, self._added.get(flow, frozenset()))
+        _redact_request(shown)
         if shown.response is not None:
             _redact_header(shown.response.headers, "Set-Cookie", scrub.set_cookie)
             _redact_header(shown.response.headers, "Location", scrub.url)
@@ -135,7 +127,7 @@ class Redaction:
         return shown
 
     def _redact_request(self, flow: http.HTTPFlow) -> None:
-        _redact_request(flow, self._added.get(flow, frozenset()))
+        _redact_request(flow)
 
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
@@ -160,13 +152,11 @@ def _may_hold_secrets(response: http.Response) -> bool:
     )
 
 
-def _redact_request(flow: http.HTTPFlow, added: frozenset[str] = frozenset()) -> None:
+def _redact_request(flow: http.HTTPFlow) -> None:
     request = flow.request
     headers = request.headers
     for name in _CREDENTIAL_HEADERS:
         _redact_header(headers, name, scrub.credential)
-    for name in added:
-        _redact_header(headers, name, lambda value: scrub.REDACTED)
     _redact_header(headers, "Cookie", scrub.cookie)
     path, question, query = request.path.partition("?")
     if question:

@@ -88,10 +88,22 @@ class Streams:
             streamed.watchdog = asyncio.create_task(self._watch(flow, streamed, self.shared.settings.read_timeout))
         flow.request.stream = True
 
-    def added_headers(self, flow: http.HTTPFlow) -> frozenset[str]:
-        """The headers the flow's host's hosts.toml [header] table added to it (their values may be secrets)."""
+    def as_sent(self, flow: http.HTTPFlow, request: http.Request) -> http.Request:
+        """The request as it goes to the host: for a flow ocigate streams, a copy with what it keeps out of the flow
+        added, its host's hosts.toml headers and ocigate's own Authorization (askagain sends it)."""
         streamed = self.flows.get(flow)
-        return frozenset(name for name, _ in streamed.host.headers) if streamed else frozenset()
+        if streamed is None:
+            return request
+        authorization = streamed.chosen.authorization
+        header = authorization.header if authorization is not None else None
+        if not (streamed.host.headers or header):
+            return request
+        sent = request.copy()
+        for name, value in streamed.host.headers:
+            sent.headers.add(name, value)
+        if header:
+            sent.headers["Authorization"] = header
+        return sent
 
     def forget(self, flow: http.HTTPFlow) -> None:
         """The flow is not streamed after all (ocigate failed on it): nothing more is done for it."""
@@ -325,10 +337,11 @@ def _repoint(request: http.Request, chosen: Streamed, *, as_digest_names_it: boo
         request.headers.pop("Authorization", None)
     for name in attempt.withheld | {name for name, _ in attempt.headers}:
         request.headers.pop(name, None)
+    # What may be a secret (ocigate's Authorization, the host's hosts.toml headers) is never kept in the flow, where
+    # captures, mitmweb and other addons would see it: it is added to the request as it is sent (Streams.as_sent).
     for name, value in attempt.headers:
-        request.headers.add(name, value)
-    if chosen.authorization is not None and chosen.authorization.header:
-        request.headers["Authorization"] = chosen.authorization.header
+        if (name, value) not in host.headers:
+            request.headers.add(name, value)
     if as_digest_names_it:
         # The bytes are checked against the blob's digest as they pass: they must come as the digest names them.
         request.headers["Accept-Encoding"] = "identity"
