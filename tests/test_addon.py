@@ -443,7 +443,7 @@ async def test_repointed_blob_carries_the_hosts_headers(tmp_path: Path) -> None:
         await gw.requestheaders(flow)
         # Added as the request is sent (values in hosts.toml may be secrets), never kept in the flow.
         assert gw.streams.as_sent(flow, flow.request).headers.get_all("x-mirror-key") == ["a", "b"]
-    assert "x-mirror-key" not in flow.request.headers
+    assert flow.request.headers.get_all("x-mirror-key") == ["<redacted>", "<redacted>"]
 
 
 async def test_named_reference_header_name_is_an_option(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from mitmproxy import ctx, http
 from mitmproxy.flow import Error
 
+from . import scrub
 from .answers import AskAgain, after_failed_host, error_response, point_location_at_the_gateway, refused
 from .attempts import Outcome, Streamed, refusal
 from .configuration import Shared
@@ -99,8 +100,8 @@ class Streams:
         if not (streamed.host.headers or header):
             return request
         sent = request.copy()
-        for name, value in streamed.host.headers:
-            sent.headers.add(name, value)
+        for name in dict.fromkeys(name for name, _ in streamed.host.headers):
+            sent.headers.set_all(name, [value for key, value in streamed.host.headers if key == name])
         if header:
             sent.headers["Authorization"] = header
         return sent
@@ -337,11 +338,13 @@ def _repoint(request: http.Request, chosen: Streamed, *, as_digest_names_it: boo
         request.headers.pop("Authorization", None)
     for name in attempt.withheld | {name for name, _ in attempt.headers}:
         request.headers.pop(name, None)
-    # What may be a secret (ocigate's Authorization, the host's hosts.toml headers) is never kept in the flow, where
-    # captures, mitmweb and other addons would see it: it is added to the request as it is sent (Streams.as_sent).
+    # What may be a secret (ocigate's Authorization, the host's hosts.toml headers) is kept in the flow, where
+    # captures, mitmweb and other addons see it, only redacted (the exchange still shows what was sent): the request
+    # gets the values themselves as it is sent (Streams.as_sent).
     for name, value in attempt.headers:
-        if (name, value) not in host.headers:
-            request.headers.add(name, value)
+        request.headers.add(name, scrub.REDACTED if (name, value) in host.headers else value)
+    if chosen.authorization is not None and chosen.authorization.header:
+        request.headers["Authorization"] = scrub.credential(chosen.authorization.header)
     if as_digest_names_it:
         # The bytes are checked against the blob's digest as they pass: they must come as the digest names them.
         request.headers["Accept-Encoding"] = "identity"
