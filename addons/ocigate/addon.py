@@ -237,7 +237,12 @@ def make_addons() -> list:
     redaction = Redaction()
     as_received = AnswerAsReceived(redaction)
     return [
-        HttpOnly(shared.upstream_rule, gateway.instead, as_received.sent, gateway.streams.as_sent),
+        HttpOnly(
+            shared.upstream_rule,
+            gateway.instead,
+            as_received.sent,
+            lambda flow, request: redaction.as_sent(flow, gateway.streams.as_sent(flow, request)),
+        ),
         Dialing(shared),
         Configuration(shared),
         gateway,
