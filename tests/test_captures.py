@@ -302,7 +302,7 @@ def test_redacting_twice_changes_nothing_more() -> None:
     assert flow.get_state() == once
 
 
-def test_mitmweb_is_sent_a_flow_under_way_with_its_secrets_redacted_and_the_flow_keeps_them() -> None:
+def test_a_flow_under_way_holds_its_credentials_redacted_and_they_go_whole_to_the_host_only() -> None:
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Bearer the-gateways-own-token"
     flow.request.headers["Cookie"] = "session=the-session-cookie"
@@ -313,8 +313,11 @@ def test_mitmweb_is_sent_a_flow_under_way_with_its_secrets_redacted_and_the_flow
     text = json.dumps(shown)
     assert not any(secret in text for secret in ("the-gateways-own-token", "the-session-cookie"))
     assert "Bearer <redacted>" in text and shown["id"] == flow.id
-    # The request has yet to be sent: the flow itself still carries what goes to the host.
-    assert flow.request.headers["Authorization"] == "Bearer the-gateways-own-token"
+    # The request has yet to be sent: the flow holds it redacted already, and what goes to the host is whole.
+    assert flow.request.headers["Authorization"] == "Bearer <redacted>"
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent.headers["Authorization"] == "Bearer the-gateways-own-token"
+    assert sent.headers["Cookie"] == "session=the-session-cookie"
 
 
 def test_a_connect_proxyauth_refused_keeps_no_proxy_credential() -> None:

@@ -164,3 +164,11 @@ def test_the_command_refuses_an_unknown_option(tmp_path: Path) -> None:
     result = run("check", "--set", "ocigate_credential_sources=nowhere", home=tmp_path)
     assert result.returncode == 2
     assert "ocigate_credential_sources: unknown source 'nowhere'" in result.stderr
+
+
+def test_a_broken_policy_file_is_a_problem_check_names(tmp_path: Path) -> None:
+    tree = activated_examples(tmp_path)
+    (tree / "policy.toml").write_text("[user.alice]\npul = []\n")
+    result = run("check", "--rules", str(tree), home=tmp_path)
+    assert result.returncode == 1
+    assert f"{tree / 'policy.toml'}: user.alice.pul: unknown key" in result.stdout + result.stderr

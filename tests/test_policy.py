@@ -146,6 +146,32 @@ def test_a_blob_mount_needs_the_right_to_pull_its_source(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
+    "sources",
+    [
+        "%66rom=team/secret/db",  # the key as Go's url.ParseQuery reads it
+        "from=team/secret/db&from=team/app",  # a registry takes the first
+        "from=team/app&from=team/secret/db",  # any source named is checked
+        "fr%6Fm=team%2Fsecret%2Fdb",
+    ],
+)
+def test_a_mount_source_however_spelled_is_checked(tmp_path: Path, sources: str) -> None:
+    policy = policy_of(tmp_path, EXAMPLE)
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    decision = check(policy, "alice", "upstream.test", upload, "POST", "mount=sha256:" + "a" * 64 + "&" + sources)
+    assert decision is not None and not decision.allowed and "block[0]" in decision.rule
+
+
+def test_an_upload_with_a_form_body_is_refused_where_a_policy_restricts(tmp_path: Path) -> None:
+    # distribution reads a mount's `from` from a form body too, which the gateway does not read.
+    policy = policy_of(tmp_path, EXAMPLE)
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    form = "application/x-www-form-urlencoded"
+    decision = check(policy, "alice", "upstream.test", upload, "POST", "", form)
+    assert decision is not None and not decision.allowed
+    assert check(policy, "alice", "upstream.test", upload, "POST", "", "application/octet-stream").allowed
+
+
+@pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
         ("[user.alice]\npul = []\n", "user.alice.pul", "unknown key"),

@@ -119,7 +119,8 @@ class Gateway:
         if isinstance(route, OciError):
             return Answer(error_response(request.method, route), FlowRecord.refused(upstream, rule, request.method))
         # Decided before anything is planned: no host is asked and no credential looked up for a request refused.
-        decision = check(policy, user, upstream, route, request.method, request.path.partition("?")[2])
+        query, content_type = request.path.partition("?")[2], request.headers.get("Content-Type")
+        decision = check(policy, user, upstream, route, request.method, query, content_type)
         if decision is not None and not decision.allowed:
             _audit(flow, decision, _named(upstream, route))
             record = FlowRecord.denied(upstream, rule, request.method, route, decision)
@@ -237,7 +238,12 @@ def make_addons() -> list:
     redaction = Redaction()
     as_received = AnswerAsReceived(redaction)
     return [
-        HttpOnly(shared.upstream_rule, gateway.instead, as_received.sent, gateway.streams.as_sent),
+        HttpOnly(
+            shared.upstream_rule,
+            gateway.instead,
+            as_received.sent,
+            lambda flow, request: redaction.as_sent(flow, gateway.streams.as_sent(flow, request)),
+        ),
         Dialing(shared),
         Configuration(shared),
         gateway,

@@ -27,6 +27,8 @@ from . import scrub
 from .record import METADATA_KEY
 
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
+# Held out of the flow from the request's headers on, and put back only in what is sent (Redaction.as_sent).
+_HELD_HEADERS = (*_CREDENTIAL_HEADERS, "Cookie")
 # mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
 _PROXYAUTH_METADATA = "proxyauth"
 
@@ -63,12 +65,19 @@ class Redaction:
     def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
+        # A request's credential headers as the client sent them, held out of the flow (which shows them redacted
+        # from its request headers on) until the request is sent (as_sent).
+        self._held: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
         # Answers whose headers were redacted, perhaps before mitmproxy sent them: the headers as received, for
         # AnswerAsReceived to give back for sending.
         self.received: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
+        held = [(name, value) for name in _HELD_HEADERS for value in flow.request.headers.get_all(name)]
+        if held:
+            self._held[flow] = held
+            _redact_held(flow.request.headers)
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
@@ -129,6 +138,18 @@ class Redaction:
     def _redact_request(self, flow: http.HTTPFlow) -> None:
         _redact_request(flow)
 
+    def as_sent(self, flow: http.HTTPFlow, request: http.Request) -> http.Request:
+        """The request as it goes to the host: its credential headers as the client sent them (askagain sends it)."""
+        held = self._held.get(flow)
+        if not held:
+            return request
+        sent = request.copy() if request is flow.request else request
+        for name in _HELD_HEADERS:
+            values = [value for held_name, value in held if held_name == name]
+            if values and name in sent.headers:
+                sent.headers.set_all(name, values)
+        return sent
+
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
         self._redact_request(flow)
@@ -150,6 +171,12 @@ def _may_hold_secrets(response: http.Response) -> bool:
         or "Location" in response.headers
         or scrub.may_hold_fields(response.headers.get("Content-Type"))
     )
+
+
+def _redact_held(headers: http.Headers) -> None:
+    for name in _CREDENTIAL_HEADERS:
+        _redact_header(headers, name, scrub.credential)
+    _redact_header(headers, "Cookie", scrub.cookie)
 
 
 def _redact_request(flow: http.HTTPFlow) -> None:

@@ -16,6 +16,7 @@ from mitmproxy.options import Options
 
 from .hoststoml import Rule, RulesError, check_rules
 from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
+from .policy import PolicyError, load_policy
 from .services import credential_chain
 from .settings import Settings, declare
 
@@ -46,6 +47,11 @@ def check(settings: Settings) -> Checked:
         if rule_set is not None:
             rules = list(rule_set.rules())
             problems += _tls_problems(rules, settings)
+        try:
+            load_policy(settings.rules)
+        except PolicyError as e:
+            # The first problem of the policy file: the gateway refuses to start with it.
+            problems.append(Problem(e.path, e.key, e.problem))
     chain = credential_chain(settings)
     for source in chain.sources:
         problems += [Problem(p.path, p.key, p.problem) for p in source.problems()]

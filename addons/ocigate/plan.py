@@ -6,7 +6,7 @@ digest), answers it itself, or refuses it."""
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_plus, unquote_to_bytes, urlsplit
 
 from .hoststoml import Host, Rule
 from .ocierror import OciError
@@ -151,24 +151,34 @@ def host_target(host: Host, route: Route, query: str, upstream: str) -> str:
 
 def _names_ns(param: str) -> bool:
     """Whether a query parameter is an `ns` as a host reads it (Go's url.ParseQuery, which a mirror's first `ns`
-    comes from): its key with "+" and percent escapes decoded, and case kept."""
-    return unquote_to_bytes(param.partition("=")[0].replace("+", " ")) == b"ns"
+    comes from)."""
+    return _query_key(param) == b"ns"
+
+
+def _query_key(param: str) -> bytes:
+    """A query parameter's key as a host reads it (Go's url.ParseQuery): "+" and percent escapes decoded, case kept."""
+    return unquote_to_bytes(param.partition("=")[0].replace("+", " "))
 
 
 def _host_param(param: str, host: Host) -> str:
     """A query parameter as the host is to see it: a cross-repository mount's `from` names a repository, which a
     host with a repository_prefix knows under that prefix."""
-    name, equals, value = param.partition("=")
-    if name != "from" or not equals or not host.repository_prefix:
+    _, equals, value = param.partition("=")
+    if _query_key(param) != b"from" or not equals or not host.repository_prefix:
         return param
-    return f"from={quote(host_repository(host, unquote(value)), safe='')}"
+    return f"from={quote(host_repository(host, unquote_plus(value)), safe='')}"
+
+
+def mount_sources(query: str) -> tuple[str, ...]:
+    """Every repository a cross-repository mount (`POST .../blobs/uploads/?mount=<digest>&from=<repository>`) names
+    as its source, however its key is spelled (`%66rom`, as a host's Go reads it too), in order."""
+    return tuple(unquote_plus(p.partition("=")[2]) for p in query.split("&") if _query_key(p) == b"from")
 
 
 def mounted_from(query: str) -> str | None:
-    """The repository a cross-repository mount (`POST .../blobs/uploads/?mount=<digest>&from=<repository>`) takes
-    the blob from, or None."""
-    values = [unquote(p.partition("=")[2]) for p in query.split("&") if p.partition("=")[0] == "from"]
-    return values[0] if len(values) == 1 and values[0] else None
+    """The repository a mount takes the blob from, as a host reads it (the first `from`), or None."""
+    sources = mount_sources(query)
+    return sources[0] if sources and sources[0] else None
 
 
 def host_repository(host: Host, repository: str) -> str:

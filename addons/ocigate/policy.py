@@ -16,7 +16,7 @@ from typing import Any
 
 from .files import NotRegularFileError, read_regular_file
 from .ocierror import OciError
-from .plan import PUSH, mounted_from, required_capabilities
+from .plan import PUSH, mount_sources, required_capabilities
 from .routes import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, validate_repository
 
 # The policy's file, at the root of the rules tree beside the registry directories (load_rules reads directories
@@ -114,6 +114,11 @@ class Policy:
     upstreams: Mapping[str, UpstreamLists] = MappingProxyType({})
     users: Mapping[str, Rights] | None = None  # None: no per-user rules
 
+    @property
+    def restricts(self) -> bool:
+        """Whether it refuses anything at all (a policy.toml with any rule)."""
+        return bool(self.upstreams) or self.users is not None
+
     def decide(self, user: str | None, upstream: str, repository: str | None, *, push: bool) -> Decision:
         """Whether the proxy user `user` (None: the client did not authenticate) may pull (or `push`) `repository`
         (normalised, as routes.normalize_repository names it; None: the catalog) of `upstream`."""
@@ -180,17 +185,34 @@ class Policy:
         return f"{self.source}: {key}" if key is not None else f"{self.source} (no entry refuses it)"
 
 
-def check(policy: Policy, user: str | None, upstream: str, route: Route, method: str, query: str) -> Decision | None:
+def check(
+    policy: Policy,
+    user: str | None,
+    upstream: str,
+    route: Route,
+    method: str,
+    query: str,
+    content_type: str | None = None,
+) -> Decision | None:
     """The decision for one distribution request; None for the /v2/ ping, which names nothing and which every client
     must get through to start (what it goes on to ask is decided). A request that writes, or an upload, needs push
-    rights; a blob mount needs the right to pull what it mounts from too."""
+    rights; a blob mount needs the right to pull what it mounts from too, every source it names (a registry reads
+    the first `from`, however its key is spelled)."""
     if route.kind is RouteKind.PING:
         return None
     push = required_capabilities(route, method) == PUSH
     decision = policy.decide(user, upstream, route.repository, push=push)
-    source = mounted_from(query) if route.kind is RouteKind.BLOB_UPLOAD else None
-    if decision.allowed and source is not None:
-        mounted = policy.decide(user, upstream, normalize_repository(upstream, source), push=False)
+    if not decision.allowed or route.kind is not RouteKind.BLOB_UPLOAD:
+        return decision
+    if policy.restricts and "x-www-form-urlencoded" in (content_type or "").lower():
+        # distribution reads a mount's `from` from a form body too, which the gateway streams unread.
+        return replace(decision, allowed=False, why=f"{decision.why}; but its upload has a form body, unread")
+    for source in mount_sources(query):
+        try:
+            repository = normalize_repository(upstream, source)
+        except RouteError:
+            return replace(decision, allowed=False, why=f"{decision.why}; but it mounts from {source!r}, no repository")
+        mounted = policy.decide(user, upstream, repository, push=False)
         if not mounted.allowed:
             return replace(mounted, push=True)
     return decision
