@@ -242,7 +242,7 @@ def make_addons() -> list:
             shared.upstream_rule,
             gateway.instead,
             as_received.sent,
-            lambda flow, request: redaction.as_sent(flow, gateway.streams.as_sent(flow, request)),
+            lambda flow, request: gateway.streams.as_sent(flow, redaction.as_sent(flow, request)),
         ),
         Dialing(shared),
         Configuration(shared),

@@ -74,7 +74,13 @@ class Redaction:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
-        held = [(name, value) for name in _HELD_HEADERS for value in flow.request.headers.get_all(name)]
+        # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
+        held = [
+            (name, value)
+            for name in _HELD_HEADERS
+            for value in flow.request.headers.get_all(name)
+            if _redacted(name, value) != value
+        ]
         if held:
             self._held[flow] = held
             _redact_held(flow.request.headers)
@@ -171,6 +177,10 @@ def _may_hold_secrets(response: http.Response) -> bool:
         or "Location" in response.headers
         or scrub.may_hold_fields(response.headers.get("Content-Type"))
     )
+
+
+def _redacted(name: str, value: str) -> str:
+    return scrub.cookie(value) if name.lower() == "cookie" else scrub.credential(value)
 
 
 def _redact_held(headers: http.Headers) -> None:
