@@ -307,7 +307,7 @@ def test_the_containerfile_builds_from_a_pinned_base_and_runs_as_a_user_with_a_h
 
 def test_the_manifests_are_a_namespace_rules_a_deployment_and_a_service() -> None:
     found = manifests()
-    assert sorted(m["kind"] for m in found) == ["ConfigMap", "Deployment", "Namespace", "Service"]
+    assert sorted(m["kind"] for m in found) == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy", "Service"]
     namespace = one("Namespace")["metadata"]["name"]
     assert all(m["metadata"].get("namespace") == namespace for m in found if m["kind"] != "Namespace")
 
@@ -339,9 +339,9 @@ def test_the_gateway_reads_rules_credentials_and_ca_where_the_volumes_are_mounte
     for source in secrets:
         (item,) = source["secret"]["items"]
         assert item == {"key": KubernetesSecrets.FILE_NAME, "path": f"{source['secret']['name']}/.dockerconfigjson"}
-    # The CA: mitmproxy's confdir holds mitmproxy-ca.pem.
+    # The CA: mitmproxy's confdir holds mitmproxy-ca.pem, and the dhparam file it would otherwise write there.
     ca = mounted[settings["confdir"]]["secret"]
-    assert ca["items"] == [{"key": "mitmproxy-ca.pem", "path": "mitmproxy-ca.pem"}]
+    assert ca["items"] == [{"key": name, "path": name} for name in ("mitmproxy-ca.pem", "mitmproxy-dhparam.pem")]
     # The root file system is read-only: every path the gateway writes (tempfiles) is a volume.
     assert "emptyDir" in mounted["/tmp"]
     assert all(mount.get("readOnly") for mount in gateway_container()["volumeMounts"] if mount["mountPath"] != "/tmp")
@@ -382,3 +382,14 @@ def test_the_service_sends_each_client_to_one_replica_on_the_proxy_port() -> Non
     assert service["sessionAffinity"] == "ClientIP"
     # The metrics port is not in the Service: only the kubelet and a scraper reach it, at the pod's address.
     assert "metrics" not in {p.get("targetPort") for p in service["ports"]}
+
+
+def test_only_the_nodes_reach_the_gateway_and_it_reaches_only_the_mirrors_networks() -> None:
+    policy = one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == one("Deployment")["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    assert all("ipBlock" in peer for peer in rule["from"])
+    ports = {p["containerPort"] for p in gateway_container()["ports"]}
+    assert {port["port"] for port in rule["ports"]} == ports
+    # Without a limit the gateway would be a forward proxy to anything the pod network reaches.
+    assert settings_of(gateway_container()["args"])["ocigate_allow_destinations"]
