@@ -147,3 +147,16 @@ async def test_when_the_gateway_stops_a_replaced_host_client_still_in_use_closes
         current = shared.hostclient.clients.hold(shared.rules.lookup("upstream.test").hosts[0], HostTLS())
         await shared.aclose()
     assert under_way.is_closed and current.is_closed
+
+
+async def test_a_policy_read_again_is_swapped_in_with_everything_else_kept(tmp_path: Path) -> None:
+    from ocigate.policy import Policy
+
+    with configured(tmp_path) as (shared, _, configuration, _):
+        before = shared.services
+        new = Policy(source=tmp_path / "policy.toml", users={})
+        configuration._policy_changed(Policy(), new)  # another policy was in force meanwhile: nothing changes
+        assert shared.services is before
+        configuration._policy_changed(before.policy, new)
+        assert shared.services.policy is new
+        assert (shared.rules, shared.health, shared.broker) == (before.rules, before.health, before.broker)

@@ -351,3 +351,29 @@ async def test_an_edited_tree_changes_the_next_requests_plan_and_a_broken_edit_k
             await until(lambda: "fixed, in force again" in caplog.text)
             assert await asked() == "mirror-a.test"
             await configuration.done()
+
+
+def test_an_edited_policy_is_in_force_after_two_looks_and_a_broken_one_keeps_the_last_good_named_once(
+    tmp_path: Path,
+) -> None:
+    from ocigate.policy import load_policy
+    from ocigate.rulewatch import PolicyFile
+
+    (tmp_path / "policy.toml").write_text('[user.alice]\npull = ["upstream.test"]\n')
+    watched = PolicyFile(tmp_path, load_policy(tmp_path))
+    assert watched.look() == (None, [])
+    (tmp_path / "policy.toml").write_text('[user.bob]\npull = ["upstream.test/team"]\n')
+    assert watched.look() == (None, [])  # changed: read once the next look finds it the same
+    new, notes = watched.look()
+    assert new is not None and new.decide("bob", "upstream.test", "team/app", push=False).allowed
+    assert not new.decide("alice", "upstream.test", "team/app", push=False).allowed
+    (tmp_path / "policy.toml").write_text("[user.bob]\npul = []\n")
+    watched.look()
+    new, warnings = watched.look()
+    assert new is None and len(warnings) == 1 and "user.bob.pul" in warnings[0] and "stays" in warnings[0]
+    assert watched.look() == (None, [])  # named once
+    assert watched.policy.decide("bob", "upstream.test", "team/app", push=False).allowed  # the last good
+    (tmp_path / "policy.toml").write_text('[user.carol]\npull = ["upstream.test"]\n')
+    watched.look()
+    new, notes = watched.look()
+    assert new is not None and notes == [f"{tmp_path / 'policy.toml'}: fixed, in force again"]

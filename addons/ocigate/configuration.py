@@ -5,6 +5,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -18,8 +19,9 @@ from .health import HostHealth
 from .hostclient import HostClient
 from .hoststoml import DEFAULT_DIRECTORY, HOSTS_FILE, Host, Rule, RuleSet
 from .hosttls import forget_contexts
+from .policy import Policy
 from .routes import RouteError, default_port, normalize_upstream
-from .rulewatch import INTERVAL, Reload, Watched, keep_rules_live
+from .rulewatch import INTERVAL, Reload, Watched, keep_policy_live, keep_rules_live
 from .services import Services, build, rebuilt_by, with_rules
 from .settings import MITMPROXY_OPTIONS, Settings, declare, is_settings_option
 
@@ -124,6 +126,7 @@ class Configuration:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self._watching: asyncio.Task[None] | None = None  # keeps the rules in step with their tree
+        self._watching_policy: asyncio.Task[None] | None = None  # and the policy with its file
         self.rules_interval = INTERVAL  # how often the rules tree is looked at (tests look more often)
 
     def load(self, loader: Loader) -> None:
@@ -159,6 +162,10 @@ class Configuration:
             self._watching = asyncio.get_running_loop().create_task(
                 keep_rules_live(self._watched, self._rules_changed, self.rules_interval)
             )
+        if self._watching_policy is None:
+            self._watching_policy = asyncio.get_running_loop().create_task(
+                keep_policy_live(self._watched_policy, self._policy_changed, self.rules_interval)
+            )
         rules = self.shared.rules
         if rules is None:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
@@ -181,10 +188,11 @@ class Configuration:
         )
 
     async def done(self) -> None:
-        if self._watching is not None:
-            self._watching.cancel()
-            await asyncio.gather(self._watching, return_exceptions=True)
-            self._watching = None
+        for task in (self._watching, self._watching_policy):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._watching = self._watching_policy = None
 
     def _watched(self) -> Watched | None:
         rules = self.shared.rules
@@ -192,6 +200,17 @@ class Configuration:
             return None
         settings = self.shared.settings
         return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure)
+
+    def _watched_policy(self) -> tuple[Path, Policy] | None:
+        rules = self.shared.rules
+        return (rules.root, self.shared.services.policy) if rules is not None else None
+
+    def _policy_changed(self, looked_at: Policy, policy: Policy) -> None:
+        """policy.toml changed on disk: the new policy decides the next request. Not when another was put in force
+        meanwhile."""
+        shared = self.shared
+        if shared.services.policy is looked_at:
+            shared.use(shared.settings, replace(shared.services, policy=policy))
 
     def _rules_changed(self, looked_at: RuleSet, reload: Reload) -> None:
         """The rules tree changed on disk: its new rules in force for the next request, in services of their own (a

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .hoststoml import HOSTS_FILE, Host, RegistryDirectory, RulesError, RuleSet, is_hidden, load_registry_directory
 from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
+from .policy import POLICY_FILE, Policy, PolicyError, load_policy
 
 log = logging.getLogger("ocigate")
 
@@ -353,3 +354,69 @@ async def keep_rules_live(
             log.info("ocigate: %s", line)
         if reload.rules is not None:
             swap(looked_at, reload)
+
+
+class PolicyFile:
+    """The rules tree's policy.toml, looked at like a registry directory: read again once two looks in a row find it
+    changed and the same; a broken edit keeps the policy in force and is named once (file, key, reason)."""
+
+    def __init__(self, root: Path, in_force: Policy) -> None:
+        self.path = root / POLICY_FILE
+        self.policy = in_force
+        self._seen = stamps([self.path])
+        self._pending: Fingerprint | None = None
+        self._broken: str | None = None
+
+    def look(self) -> tuple[Policy | None, list[str]]:
+        """A new policy to put in force (None: none), and what to log. Blocks (stat, read): run it on a thread."""
+        now = stamps([self.path])
+        if now == self._seen and now != self._pending:
+            self._pending = None
+            return None, []
+        if now != self._pending:
+            self._pending = now  # changed: read once the next look finds it the same
+            return None, []
+        self._seen, self._pending = now, None
+        try:
+            policy = load_policy(self.path.parent)
+        except PolicyError as error:
+            message = f"{error} (the policy in force stays until the file is fixed)"
+            if message == self._broken:
+                return None, []
+            self._broken = message
+            return None, [message]
+        notes = [f"{self.path}: fixed, in force again"] if self._broken else [f"{self.path}: read again"]
+        self._broken = None
+        self.policy = policy
+        return policy, notes
+
+
+async def keep_policy_live(
+    in_force: Callable[[], tuple[Path, Policy] | None],
+    swap: Callable[[Policy, Policy], None],
+    interval: float = INTERVAL,
+) -> None:
+    """Every `interval` seconds, compares the policy `in_force()` names (its rules root and the policy; None: no
+    rules) with its file; a new one goes in through `swap(the policy looked at, the new one)`. Runs until
+    cancelled."""
+    watched: PolicyFile | None = None
+    while True:
+        await asyncio.sleep(interval)
+        current = in_force()
+        if current is None:
+            watched = None
+            continue
+        root, policy = current
+        if watched is None or watched.policy is not policy or watched.path.parent != root:
+            watched = PolicyFile(root, policy)
+        looked_at = watched.policy
+        try:
+            new, lines = await asyncio.to_thread(watched.look)
+        except Exception:
+            log.exception("ocigate: internal error looking at %s; the policy in force stays", watched.path)
+            watched = None
+            continue
+        for line in lines:
+            (log.info if new is not None else log.warning)("ocigate: %s", line)
+        if new is not None:
+            swap(looked_at, new)
