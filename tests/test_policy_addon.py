@@ -140,3 +140,31 @@ def test_a_bad_policy_refuses_configuration_naming_the_option_the_file_and_the_k
         gateway(rules),
     ):
         pass
+
+
+async def test_a_client_asking_a_mirror_directly_is_refused_where_a_policy_restricts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with http_host(lambda h: (200, b"{}")) as (port, seen):
+        rules = ruled(tmp_path, port)
+        with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+            connect = as_user(flow_to("mirror.test", "/", method="CONNECT", port=port), "alice")
+            with caplog.at_level(logging.INFO):
+                gw.http_connect(connect)
+            plain = as_user(flow_to("mirror.test", "/v2/team/secret/manifests/v1", port=port), "alice")
+            plain.request.scheme = "http"
+            await gw.requestheaders(plain)
+            elsewhere = flow_to("other.test", "/", method="CONNECT")
+            gw.http_connect(elsewhere)
+            upstream = flow_to("upstream.test", "/", method="CONNECT")
+            gw.http_connect(upstream)
+        (rules / POLICY_FILE).unlink()
+        with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
+            open_gateway = flow_to("mirror.test", "/", method="CONNECT", port=port)
+            gw.http_connect(open_gateway)
+    for refused in (connect, plain):
+        assert refused.response is not None and refused.response.status_code == 403
+        assert "a mirror of the rules" in json.loads(refused.response.content)["errors"][0]["message"]
+    assert seen == []
+    assert elsewhere.response is None and upstream.response is None and open_gateway.response is None
+    assert any(r.getMessage().startswith("ocigate audit: proxy user 'alice'") for r in caplog.records)

@@ -29,7 +29,7 @@ from .httponly import HttpOnly
 from .ocierror import OciError
 from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
-from .policy import Decision, audit_line, check
+from .policy import Decision, around_the_rules, audit_line, check
 from .record import METADATA_KEY, FlowRecord, proxy_user_of
 from .routes import Route
 from .streaming import Streams
@@ -73,11 +73,15 @@ class Gateway:
         if address and self.shared.upstream_rule(address[0], address[1], "https") is None:
             data.ignore_connection = True
 
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        flow.response = self._around_the_rules(flow)
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not self.shared.rules:
             return
         found = self.shared.upstream_rule(flow.request.host, flow.request.port, flow.request.scheme)
         if found is None:
+            flow.response = self._around_the_rules(flow)
             return
         upstream, rule = found
         try:
@@ -98,6 +102,20 @@ class Gateway:
             decision.record.client_of(flow)
             self.records[flow] = decision.record
             decision.record.publish(flow)
+
+    def _around_the_rules(self, flow: http.HTTPFlow) -> http.Response | None:
+        """A client asking a mirror directly, which a policy refuses (policy.around_the_rules); audited."""
+        rules, request = self.shared.rules, flow.request
+        if rules is None or flow.response is not None:
+            return flow.response
+        if self.shared.upstream_rule(request.host, request.port, request.scheme or "https") is not None:
+            return None  # a ruled upstream: its requests are decided one by one
+        mirrors = ((host.host, host.port) for rule in rules.rules() for host in rule.hosts if not host.is_server)
+        decision = around_the_rules(self.shared.services.policy, mirrors, request.host, request.port)
+        if decision is None:
+            return None
+        _audit(flow, decision, f"{request.host}:{request.port}")
+        return error_response(request.method, decision.error())
 
     async def _decide(self, flow: http.HTTPFlow, upstream: str, rule: Rule) -> Answer | Forward | None:
         """What becomes of a request to a ruled upstream: refused when the policy (policy.py) says so, else planned

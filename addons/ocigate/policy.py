@@ -8,7 +8,7 @@ and `block` lists of repository prefixes, as containers-registries.conf's `block
 upstreams and repositories that user may pull and push."""
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -353,3 +353,13 @@ def _user_entries(value: object, key: str, path: Path) -> tuple[Entry, ...]:
             raise PolicyError(path, entry_key, f"{text!r} names no upstream (expected upstream[/repository-prefix])")
         entries.append(Entry(entry_key, text, _upstream(name, entry_key, path), _prefix(prefix, entry_key, path)))
     return tuple(entries)
+
+
+def around_the_rules(policy: Policy, mirrors: Iterable[tuple[str, int]], host: str, port: int) -> Decision | None:
+    """A client asking a mirror the rules name at its own address (a CONNECT to it, a plain request), no ruled
+    upstream: where a policy restricts anything, refused, since the policy decides only what goes through the rules.
+    None: not such a request, or no policy that restricts."""
+    if not policy.restricts or (host.lower(), port) not in set(mirrors):
+        return None
+    why = f"{host}:{port} is a mirror of the rules, reached through the gateway's rules only"
+    return Decision(False, policy._rule(None).replace(" (no entry refuses it)", ""), why)
