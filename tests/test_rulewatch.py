@@ -353,6 +353,30 @@ async def test_an_edited_tree_changes_the_next_requests_plan_and_a_broken_edit_k
             await configuration.done()
 
 
+async def test_a_request_under_way_finishes_on_the_rules_it_started_with(tmp_path: Path) -> None:
+    root = write(tmp_path / "rules", UPSTREAM, mirror("mirror-a.test"))
+    blob = f"/v2/team/app/blobs/sha256:{'b' * 64}"
+    with gateway(root, ["mirror-a.test=127.0.0.1", "mirror-b.test=127.0.0.1"]) as (gw, tctx):
+        configuration = tctx.master.addons.get("configuration")
+        configuration.rules_interval = 0.01
+        configuration.running()
+        under_way = flow_to(UPSTREAM, blob)
+        await gw.requestheaders(under_way)
+        write(root, UPSTREAM, mirror("mirror-b.test"))
+        await until(lambda: gw.shared.rules.lookup(UPSTREAM).hosts[0].host == "mirror-b.test")
+        # What is sent, and the TLS its connection gets, are still the first rule's host's.
+        sent = gw.streams.as_sent(under_way, under_way.request)
+        address = (under_way.request.host, under_way.request.port)
+        connection_host = gw.shared.host_for_connection(under_way.client_conn.id, address)
+        next_one = flow_to(UPSTREAM, blob)
+        await gw.requestheaders(next_one)
+        await configuration.done()
+    assert (sent.host, under_way.request.host) == ("mirror-a.test", "mirror-a.test")
+    assert connection_host is not None and connection_host.host == "mirror-a.test"
+    assert gw.streams.flows.get(under_way) is not None  # its stream state, plan included, is the first rule's
+    assert next_one.request.host == "mirror-b.test"
+
+
 def test_an_edited_policy_is_in_force_after_two_looks_and_a_broken_one_keeps_the_last_good_named_once(
     tmp_path: Path,
 ) -> None:
