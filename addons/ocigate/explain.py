@@ -276,7 +276,8 @@ def main(argv: Sequence[str]) -> int:
         rules=settings.rules,
         named_ref_headers=settings.named_ref_headers,
         find_credential=chain.find,
-        refusal=policy_refusal(policy, args.user, image, args.push),
+        # An upstream without a rule passes through untouched: the policy decides only what goes through the rules.
+        refusal=policy_refusal(policy, args.user, image, args.push) if rule is not None else None,
     )
     sys.stdout.write(render(explanation))
     return 0
