@@ -196,3 +196,13 @@ def test_the_command_on_a_broken_tree_or_image_names_the_cause(tmp_path: Path) -
     result = run("explain", "Not/An/Image", "--rules", str(tmp_path), home=tmp_path)
     assert result.returncode == 1 and "is not an image reference" in result.stderr
     assert os.listdir(tmp_path) == ["docker.io"]  # nothing written
+
+
+def test_an_upstream_without_a_rule_passes_through_whatever_the_policy(tmp_path: Path) -> None:
+    tree = tmp_path / "rules"
+    write_hosts(tree, "ruled.example", '[host."https://mirror.example"]\n')
+    (tree / "policy.toml").write_text('[user.bob]\npull = ["ruled.example/team"]\n')
+    unruled = run("explain", "elsewhere.example/team/app:v1", "--rules", str(tree), "--user", "bob", home=tmp_path)
+    ruled = run("explain", "ruled.example/other/app:v1", "--rules", str(tree), "--user", "bob", home=tmp_path)
+    assert unruled.returncode == 0 and "policy: refused" not in unruled.stdout, unruled.stdout
+    assert ruled.returncode == 0 and "policy: refused" in ruled.stdout, ruled.stdout
