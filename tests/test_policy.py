@@ -165,9 +165,9 @@ def test_an_upload_with_a_form_body_is_refused_where_a_policy_restricts(tmp_path
     # distribution reads a mount's `from` from a form body too, which the gateway does not read.
     policy = policy_of(tmp_path, EXAMPLE)
     upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
-    form = "application/x-www-form-urlencoded"
-    decision = check(policy, "alice", "upstream.test", upload, "POST", "", form)
-    assert decision is not None and not decision.allowed
+    for form in ("application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        decision = check(policy, "alice", "upstream.test", upload, "POST", "", form)
+        assert decision is not None and not decision.allowed
     assert check(policy, "alice", "upstream.test", upload, "POST", "", "application/octet-stream").allowed
 
 
@@ -204,3 +204,13 @@ def test_bad_toml_and_a_fifo_are_errors_naming_the_file(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / POLICY_FILE)
     with pytest.raises(PolicyError, match="FIFO"):
         load_policy(tmp_path)
+
+
+@pytest.mark.parametrize("spelled", ["mirror.test", "Mirror.Test", "mirror.test."])
+def test_a_mirror_asked_directly_is_refused_however_its_name_is_spelled(tmp_path: Path, spelled: str) -> None:
+    from ocigate.policy import around_the_rules
+
+    policy = policy_of(tmp_path, EXAMPLE)
+    refused = around_the_rules(policy, [("mirror.test", 5000)], spelled, 5000)
+    assert refused is not None and not refused.allowed
+    assert around_the_rules(policy, [("mirror.test", 5000)], spelled, 5001) is None

@@ -81,7 +81,7 @@ class Redaction:
             for value in flow.request.headers.get_all(name)
             if _redacted(name, value) != value
         ]
-        if held:
+        if held and flow.response is None:
             self._held[flow] = held
             _redact_held(flow.request.headers)
         if flow.response is not None:
@@ -93,6 +93,7 @@ class Redaction:
         self._redact_request(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._held.pop(flow, None)  # sent: the values need not outlive the request
         self._redact_request(flow)
         response = flow.response
         if response is not None and not response.stream and _passes_through(flow) and _may_hold_secrets(response):
@@ -158,6 +159,7 @@ class Redaction:
 
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
+        self._held.pop(flow, None)
         self._redact_request(flow)
         kept = self._kept.pop(flow, None)
         if flow.response is not None:

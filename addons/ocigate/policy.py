@@ -17,7 +17,15 @@ from typing import Any
 from .files import NotRegularFileError, read_regular_file
 from .ocierror import OciError
 from .plan import PUSH, mount_sources, required_capabilities
-from .routes import Route, RouteError, RouteKind, normalize_repository, normalize_upstream, validate_repository
+from .routes import (
+    Route,
+    RouteError,
+    RouteKind,
+    normalize_repository,
+    normalize_upstream,
+    split_host_port,
+    validate_repository,
+)
 
 # The policy's file, at the root of the rules tree beside the registry directories (load_rules reads directories
 # only, so a file here is no registry's).
@@ -204,8 +212,10 @@ def check(
     decision = policy.decide(user, upstream, route.repository, push=push)
     if not decision.allowed or route.kind is not RouteKind.BLOB_UPLOAD:
         return decision
-    if policy.restricts and "x-www-form-urlencoded" in (content_type or "").lower():
-        # distribution reads a mount's `from` from a form body too, which the gateway streams unread.
+    kind = (content_type or "").lower()
+    if policy.restricts and ("x-www-form-urlencoded" in kind or "multipart/form-data" in kind):
+        # distribution reads a mount's `from` from a form body too (Go's FormValue: urlencoded or multipart), which
+        # the gateway streams unread.
         return replace(decision, allowed=False, why=f"{decision.why}; but its upload has a form body, unread")
     for source in mount_sources(query):
         try:
@@ -359,7 +369,12 @@ def around_the_rules(policy: Policy, mirrors: Iterable[tuple[str, int]], host: s
     """A client asking a mirror the rules name at its own address (a CONNECT to it, a plain request), no ruled
     upstream: where a policy restricts anything, refused, since the policy decides only what goes through the rules.
     None: not such a request, or no policy that restricts."""
-    if not policy.restricts or (host.lower(), port) not in set(mirrors):
+    try:
+        # As upstream_rule reads a name: lowercased, without a trailing dot.
+        name, _ = split_host_port(host)
+    except RouteError:
+        name = host.lower()
+    if not policy.restricts or (name.strip("[]"), port) not in set(mirrors):
         return None
     why = f"{host}:{port} is a mirror of the rules, reached through the gateway's rules only"
     return Decision(False, policy._rule(None).replace(" (no entry refuses it)", ""), why)
