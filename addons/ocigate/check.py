@@ -14,32 +14,22 @@ from mitmproxy import exceptions
 from mitmproxy.addonmanager import Loader
 from mitmproxy.options import Options
 
+from .credentials import FileProblem
 from .hoststoml import Rule, RulesError, check_rules
-from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
 from .policy import PolicyError, load_policy
-from .services import credential_chain
+from .services import credential_chain, tls_problems
 from .settings import Settings, declare
 
 
 @dataclass(frozen=True)
-class Problem:
-    path: Path
-    key: str | None
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.key}: {self.problem}" if self.key else f"{self.path}: {self.problem}"
-
-
-@dataclass(frozen=True)
 class Checked:
-    problems: tuple[Problem, ...]
+    problems: tuple[FileProblem, ...]
     rules: tuple[Rule, ...]  # every registry's rule, when the tree has no problem
     sources: tuple[str, ...]  # the credential sources read, in the order they are asked
 
 
 def check(settings: Settings) -> Checked:
-    problems: list[Problem] = []
+    problems: list[FileProblem] = []
     rules: list[Rule] = []
     if settings.rules is not None:
         rule_set, rule_problems = check_rules(settings.rules)
@@ -51,30 +41,25 @@ def check(settings: Settings) -> Checked:
             load_policy(settings.rules)
         except PolicyError as e:
             # The first problem of the policy file: the gateway refuses to start with it.
-            problems.append(Problem(e.path, e.key, e.problem))
+            problems.append(FileProblem(e.path, e.key, e.problem))
     chain = credential_chain(settings)
     for source in chain.sources:
-        problems += [Problem(p.path, p.key, p.problem) for p in source.problems()]
+        problems += source.problems()
     return Checked(tuple(problems), tuple(rules), tuple(source.description for source in chain.sources))
 
 
-def _of_rules(error: RulesError) -> Problem:
-    return Problem(error.path, error.key, error.problem)
+def _of_rules(error: RulesError) -> FileProblem:
+    return FileProblem(error.path, error.key, error.problem)
 
 
-def _tls_problems(rules: list[Rule], settings: Settings) -> list[Problem]:
-    """A `ca` or `client` file that cannot be loaded, as the gateway finds it at start (services._load_rules)."""
-    problems = []
-    for rule in rules:
-        for host in rule.hosts:
-            host_tls = HostTLS.of(host, roots=settings.upstream_trusted_ca, insecure=settings.ssl_insecure)
-            try:
-                python_context(host_tls)
-                openssl_context(host_tls)
-            except HostTLSError as e:
-                key = "server" if host.is_server else f'host."{host.url}"'
-                problems.append(Problem(rule.source or settings.rules or Path(), key, str(e)))
-    return problems
+def _tls_problems(rules: list[Rule], settings: Settings) -> list[FileProblem]:
+    """A `ca` or `client` file that cannot be loaded, as the gateway finds it at start (services.tls_problems)."""
+    return [
+        FileProblem(
+            rule.source or settings.rules or Path(), "server" if host.is_server else f'host."{host.url}"', str(e)
+        )
+        for rule, host, e in tls_problems(rules, settings)
+    ]
 
 
 def render(checked: Checked, rules: Path | None) -> str:

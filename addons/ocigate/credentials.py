@@ -416,8 +416,9 @@ class Finding:
 
 
 @dataclass(frozen=True)
-class SourceProblem:
-    """Something wrong with a credentials file, by file and key; the message never holds a value of it."""
+class FileProblem:
+    """Something wrong with a configuration file (credentials, rules, policy), by file and key; the message never
+    holds a value of it."""
 
     path: Path
     key: str | None
@@ -427,7 +428,7 @@ class SourceProblem:
         return f"{self.path}: {self.key}: {self.problem}" if self.key else f"{self.path}: {self.problem}"
 
 
-def _checked(path: Path, parse: Callable[[bytes], T]) -> tuple[T | None, list[SourceProblem]]:
+def _checked(path: Path, parse: Callable[[bytes], T]) -> tuple[T | None, list[FileProblem]]:
     """A credentials file read now, strictly: its contents, or the problem that keeps them from being used (where the
     gateway would keep its last good contents). A missing file is no problem: it has no credentials."""
     try:
@@ -435,13 +436,13 @@ def _checked(path: Path, parse: Callable[[bytes], T]) -> tuple[T | None, list[So
     except FileNotFoundError:
         return None, []
     except NotRegularFileError as e:
-        return None, [SourceProblem(path, None, f"is {e}")]
+        return None, [FileProblem(path, None, f"is {e}")]
     except OSError as e:
-        return None, [SourceProblem(path, None, f"cannot be read ({e.strerror})")]
+        return None, [FileProblem(path, None, f"cannot be read ({e.strerror})")]
     try:
         return parse(data), []
     except _Malformed as e:
-        return None, [SourceProblem(path, None, f"is malformed ({e})")]
+        return None, [FileProblem(path, None, f"is malformed ({e})")]
 
 
 def helper_on_path(helper: str) -> bool:
@@ -466,7 +467,7 @@ class CredentialSource:
         Raises CredentialError where locate would (an entry that is there but unusable)."""
         raise NotImplementedError
 
-    def problems(self) -> list[SourceProblem]:
+    def problems(self) -> list[FileProblem]:
         """Everything wrong with the source's files now, each by file and key."""
         raise NotImplementedError
 
@@ -539,7 +540,7 @@ class _AuthFileSource(CredentialSource):
                 return [*findings, Finding(where + user)]
         return findings
 
-    def problems(self) -> list[SourceProblem]:
+    def problems(self) -> list[FileProblem]:
         config, problems = _checked(self.path, _parse_auth_file)
         if config is None:
             return problems
@@ -548,14 +549,14 @@ class _AuthFileSource(CredentialSource):
             try:
                 _entry_credential(entry, name)
             except CredentialError as e:
-                problems.append(SourceProblem(self.path, name, str(e).removeprefix(f"{name}: ")))
+                problems.append(FileProblem(self.path, name, str(e).removeprefix(f"{name}: ")))
         if self._helpers:
             named = [(f"credHelpers[{key!r}]", helper) for key, helper in config.cred_helpers.items()]
             if config.creds_store:
                 named.append(("credsStore", config.creds_store))
             for key, helper in named:
                 if not helper_on_path(helper):
-                    problems.append(SourceProblem(self.path, key, f"docker-credential-{helper} is not on PATH"))
+                    problems.append(FileProblem(self.path, key, f"docker-credential-{helper} is not on PATH"))
         return problems
 
 
@@ -617,9 +618,9 @@ class KubernetesSecrets(CredentialSource):
                 return found
         return []
 
-    def problems(self) -> list[SourceProblem]:
+    def problems(self) -> list[FileProblem]:
         if not os.path.isdir(self.directory):
-            return [SourceProblem(self.directory, None, "is not a directory of mounted secrets")]
+            return [FileProblem(self.directory, None, "is not a directory of mounted secrets")]
         return [problem for source in self._current_files() for problem in source.problems()]
 
 
@@ -735,7 +736,7 @@ class OcigateStore(CredentialSource):
         user = f", user {best.credential.username!r}" if best.credential.username else ""
         return [Finding(f"{self.description} (entry {key}{user})")]
 
-    def problems(self) -> list[SourceProblem]:
+    def problems(self) -> list[FileProblem]:
         return _checked(self.path, _parse_store)[1]
 
     def save(

@@ -2,6 +2,7 @@
 and of pulls. Built as one frozen bundle from one Settings, and replaced as a whole when the settings change, so
 that no request ever sees a host client of one setting and a broker of another."""
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from mitmproxy import exceptions
@@ -20,7 +21,7 @@ from .credentials import (
 )
 from .health import HostHealth
 from .hostclient import HostClient
-from .hoststoml import Host, RulesError, RuleSet, load_rules
+from .hoststoml import Host, Rule, RulesError, RuleSet, load_rules
 from .hosttls import HostTLS, HostTLSError, forget_contexts, openssl_context, python_context
 from .policy import Policy, PolicyError, load_policy
 from .settings import Settings
@@ -158,15 +159,22 @@ def _load_rules(settings: Settings) -> RuleSet | None:
     except RulesError as e:
         raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
     # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
-    for rule in rules.rules():
+    for rule, host, error in tls_problems(rules.rules(), settings):
+        raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {error}")
+    return rules
+
+
+def tls_problems(rules: Iterable[Rule], settings: Settings) -> Iterator[tuple[Rule, Host, HostTLSError]]:
+    """Each host of `rules` whose `ca` or `client` files cannot be loaded (the contexts its connections would get),
+    with why; lazily, so that the first stops a start."""
+    for rule in rules:
         for host in rule.hosts:
             host_tls = HostTLS.of(host, roots=settings.upstream_trusted_ca, insecure=settings.ssl_insecure)
             try:
                 python_context(host_tls)
                 openssl_context(host_tls)
-            except HostTLSError as e:
-                raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {e}") from None
-    return rules
+            except HostTLSError as error:
+                yield rule, host, error
 
 
 def _load_policy(settings: Settings) -> Policy:
