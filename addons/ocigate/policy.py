@@ -152,11 +152,9 @@ class Policy:
                 allowed = next(entry for entry in lists.allow if entry.covers(upstream, repository))
                 return self._allowed(allowed.named(), asked)
             return self._allowed(None, asked)
-        if user is None:
-            return self._refused("user", f"{asked}: the client did not authenticate to the proxy (proxyauth)")
-        rights = self.users.get(user)
-        if rights is None:
-            return self._refused("user", f"{asked}: no [user.{_key_part(user)}] table")
+        rights = self._rights(user, asked)
+        if isinstance(rights, Decision):
+            return rights
         entries = rights.push if push else (*rights.pull, *rights.push)
         covering = next((entry for entry in entries if entry.covers(upstream, repository)), None)
         if covering is None:
@@ -169,16 +167,24 @@ class Policy:
         asked = f"a request to {upstream} that is not a pull or push, by {_who(user)}"
         if self.users is None:
             return self._allowed(None, asked)
-        if user is None:
-            return self._refused("user", f"{asked}: the client did not authenticate to the proxy (proxyauth)")
-        rights = self.users.get(user)
-        if rights is None:
-            return self._refused("user", f"{asked}: no [user.{_key_part(user)}] table")
+        rights = self._rights(user, asked)
+        if isinstance(rights, Decision):
+            return rights
         entries = (*rights.pull, *rights.push)
         reaching = next((e for e in entries if e.upstream is None or e.upstream == upstream), None)
         if reaching is None:
             return self._refused(f"{rights.key}.pull", f"{asked}: no entry names {upstream}")
         return self._allowed(reaching.named(), asked)
+
+    def _rights(self, user: str | None, asked: str) -> "Rights | Decision":
+        """The rights of `user` under per-user rules, or the refusal of a client without a user or a table."""
+        assert self.users is not None
+        if user is None:
+            return self._refused("user", f"{asked}: the client did not authenticate to the proxy (proxyauth)")
+        rights = self.users.get(user)
+        if rights is None:
+            return self._refused("user", f"{asked}: no [user.{_key_part(user)}] table")
+        return rights
 
     def _allowed(self, key: str | None, why: str) -> Decision:
         return Decision(True, self._rule(key), why)
