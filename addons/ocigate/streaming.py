@@ -324,6 +324,8 @@ class Streams:
 def _stop(streamed: StreamedFlow) -> None:
     if streamed.watchdog:
         streamed.watchdog.cancel()
+    if streamed.verifier:
+        streamed.verifier.close()
 
 
 def _repoint(request: http.Request, chosen: Streamed, *, as_digest_names_it: bool) -> None:

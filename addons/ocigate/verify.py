@@ -5,16 +5,16 @@ A digest names its algorithm; sha256 and sha512 are checked (the two the OCI ima
 digest of another algorithm cannot be checked and passes as it is.
 """
 
-import hashlib
 import json
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .hashing import ALGORITHMS as _ALGORITHMS
+from .hashing import BackgroundHash
 from .headers import Lines, header_value
 
-_ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
 # (containerd's MaxManifestSize) do not take them either.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
@@ -27,7 +27,9 @@ def checkable(digest: str) -> bool:
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{_ALGORITHMS[algorithm](data).hexdigest()}"
+    hasher = _ALGORITHMS[algorithm]()
+    hasher.update(data)
+    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 def _decoded(body: bytes, coding: str | None) -> bytes:
@@ -94,8 +96,8 @@ def _is_json_object(content: bytes) -> bool:
 
 
 class StreamVerifier:
-    """Hashes a blob while it streams to the client, holding back its last piece: a blob that turns out not to be
-    what its digest says then never arrives complete.
+    """Hashes a blob while it streams to the client (on worker threads, see hashing), holding back its last piece: a
+    blob that turns out not to be what its digest says then never arrives complete.
 
     It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
     chunk of its own, which in a chunked answer is the one that ends the body."""
@@ -105,7 +107,7 @@ class StreamVerifier:
         self.digest = digest
         self._clock = clock
         self.last_piece = clock()  # when the host last sent a piece: a stalled host is cut off (see addon)
-        self._hash = _ALGORITHMS[algorithm]()
+        self._hash = BackgroundHash(algorithm)  # off the event loop
         self._held = b""
         self.size = 0
         self.finished = False  # the end (b"") was seen
@@ -126,6 +128,10 @@ class StreamVerifier:
             return []
         passed, self._held = self._held, b""
         return [passed] if passed else []
+
+    def close(self) -> None:
+        """The blob will not be finished (its flow failed or ended otherwise): its hashing thread ends."""
+        self._hash.close()
 
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})

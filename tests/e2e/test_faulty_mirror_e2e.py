@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ocigate.hashing import IN_THE_LOOP
 from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
 from tests.support.faulty_host import FaultyHost, Shape, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
@@ -34,7 +35,9 @@ class Mirrors:
 @pytest.fixture(scope="module")
 def registry_with_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Image, Path]]:
     workdir = tmp_path_factory.mktemp("faulty")
-    image = make_image("faulty-app", layers=3)
+    # Layers larger than what the gateway hashes in its event loop: their bytes are hashed on a thread, as a real
+    # image's large layers are.
+    image = make_image("faulty-app", layers=3, layer_size=IN_THE_LOOP + 512 * 1024)
     with running_registry(workdir / "registry") as registry:
         push_image(registry.url, "team/app", "v1", image)
         rules = write_mirror_rules(workdir / "rules", UPSTREAM, ["http://faulty.test:5000", "http://good.test:5000"])
