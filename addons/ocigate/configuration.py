@@ -131,8 +131,6 @@ class Configuration:
 
     def load(self, loader: Loader) -> None:
         declare(loader)
-        # httpx logs every request it sends, with the address dialled: ocigate logs one line per request itself.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def configure(self, updated: set[str]) -> None:
         if any(is_settings_option(name) for name in updated):

@@ -69,7 +69,7 @@ class BackgroundHash:
         self._gathered_size = 0
         self._size = 0
         self._worker: _Worker | None = None
-        self._stopped: "weakref.finalize[[], BackgroundHash] | None" = None
+        self._stopped: weakref.finalize[[], BackgroundHash] | None = None
 
     def update(self, piece: bytes) -> None:
         self._size += len(piece)

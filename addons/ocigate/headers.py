@@ -1,5 +1,5 @@
 """Header lines as every module handles them: (name, value) byte pairs in the order they came, as mitmproxy's
-`Headers.fields` and httpx give them, so that repeated lines stay repeated and nothing is decoded twice."""
+`Headers.fields` and h11 give them, so that repeated lines stay repeated and nothing is decoded twice."""
 
 from collections.abc import Iterable
 

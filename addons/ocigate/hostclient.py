@@ -1,4 +1,5 @@
-"""ocigate's own requests to hosts: pooled async clients, dialled through the destination policy."""
+"""ocigate's own requests to hosts: kept-alive connections per host (wire.py), dialled through the destination
+policy, each answer read whole within a deadline."""
 
 import asyncio
 from collections import Counter, OrderedDict
@@ -6,13 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
+import h11
 
 from .destinations import DestinationError, Destinations
 from .headers import Lines
 from .hoststoml import Host
 from .hosttls import HostTLS, HostTLSError, python_context
 from .verify import MAX_MANIFEST_SIZE
+from .wire import HostConnections, Request, WireError
 
 # The most ocigate reads of one answer (a manifest, a tag list, a catalog page): a manifest above MAX_MANIFEST_SIZE is
 # refused by registries, and anything much larger is no answer ocigate reads whole.
@@ -41,19 +43,19 @@ class HostResponse:
 
 
 class ClientPool:
-    """An httpx client per host name, port and TLS settings, for at most `size` of them: the least recently used
-    beyond that is retired, like every client when the pool itself is (see retire), and a retired client is closed
-    once no request holds it (closing it under a request would break that request)."""
+    """A client (its connections, wire.HostConnections) per host name, port and TLS settings, for at most `size` of
+    them: the least recently used beyond that is retired, like every client when the pool itself is (see retire),
+    and a retired client is closed once no request holds it (closing it under a request would break that request)."""
 
     def __init__(self, size: int = MAX_CLIENTS) -> None:
         self._size = size
-        self._clients: OrderedDict[tuple[HostTLS, str, int], httpx.AsyncClient] = OrderedDict()  # oldest use first
-        self._holders: Counter[httpx.AsyncClient] = Counter()  # requests under way with each client
-        self._retired: set[httpx.AsyncClient] = set()  # not handed out any more; closed once idle
+        self._clients: OrderedDict[tuple[HostTLS, str, int], HostConnections] = OrderedDict()  # oldest use first
+        self._holders: Counter[HostConnections] = Counter()  # requests under way with each client
+        self._retired: set[HostConnections] = set()  # not handed out any more; closed once idle
         self._closing: set[asyncio.Task[None]] = set()
         self._replaced = False  # see retire
 
-    def hold(self, host: Host, tls: HostTLS) -> httpx.AsyncClient:
+    def hold(self, host: Host, tls: HostTLS) -> HostConnections:
         """The client for a request to `host`, held until release(); HostTLSError when its TLS files cannot be
         loaded."""
         # By host name, not by the address dialled: two names on one address must never share a TLS connection,
@@ -61,8 +63,7 @@ class ClientPool:
         key = (tls, host.host, host.port)
         client = self._clients.pop(key, None)
         if client is None:
-            # The TLS context even for http: one built for it would cost a fresh load of the default roots.
-            client = httpx.AsyncClient(verify=python_context(tls), follow_redirects=False, trust_env=False)
+            client = HostConnections(python_context(tls) if host.scheme == "https" else None, host.host)
         self._holders[client] += 1
         if self._replaced:
             self._retired.add(client)
@@ -73,7 +74,7 @@ class ClientPool:
         self._close_idle()
         return client
 
-    def release(self, client: httpx.AsyncClient) -> None:
+    def release(self, client: HostConnections) -> None:
         self._holders[client] -= 1
         if not self._holders[client]:
             del self._holders[client]
@@ -169,83 +170,53 @@ class HostClient:
             address, port = await self.destinations.resolve(host.host, host.port)
         except DestinationError as e:
             raise HostFailed(str(e)) from None
-        dial_host = f"[{address}]" if ":" in address else address
-        url = f"{host.scheme}://{dial_host}:{port}{target}"
-        # Reading is bounded by the deadline for the whole answer, not per read: a host sending a byte now and then
-        # would never let a per-read timeout expire.
-        timeout = httpx.Timeout(self.read_timeout, connect=host.dial_timeout or self.connect_timeout, read=None)
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(None)
 
-        async def trace(event: str, _info: dict) -> None:
+        def sent() -> None:
             # The answer's time starts once the request is sent: connecting has its own timeout.
-            if event.endswith(".receive_response_headers.started"):
-                deadline.reschedule(loop.time() + self.read_timeout)
+            deadline.reschedule(loop.time() + self.read_timeout)
 
-        request_headers = [(b"Host", host.netloc.encode()), *headers]
-        extensions: dict[str, object] = {"trace": trace}
-        if host.scheme == "https":
-            extensions["sni_hostname"] = host.host
+        lines = ((b"Host", host.netloc.encode()), *_framed(method, headers, body))
+        request = Request(method, target, lines, body, max_body)
+        connect_timeout = host.dial_timeout or self.connect_timeout
         try:
             client = self.clients.hold(host, self.host_tls(host))
         except HostTLSError as e:
             raise HostFailed(f"TLS settings: {e}") from None
         try:
-            request = client.build_request(
-                method, url, headers=request_headers, content=body, timeout=timeout, extensions=extensions
-            )
-            _drop_invented_headers(request, headers)
             async with deadline:
-                response = await client.send(request, stream=True)
-                try:
-                    answer = bytearray()
-                    async for chunk in response.aiter_raw():
-                        answer += chunk
-                        if len(answer) > max_body:
-                            raise HostFailed(f"answer larger than {max_body} bytes")
-                finally:
-                    await response.aclose()
-        except httpx.InvalidURL as e:
-            # A request target longer than httpx builds (64 kB): a 70 kB request line is no internal error.
-            raise HostFailed(f"the request could not be sent: {e}") from None
+                # Writing the request counts against the answer's time too (connecting has its own timeout): a host
+                # that reads nothing holds a request no longer than one that answers nothing.
+                deadline.reschedule(loop.time() + connect_timeout + self.read_timeout)
+                answer = await client.request((address, port), connect_timeout, request, sent)
         except TimeoutError:
             raise HostFailed(f"answer not complete within {self.read_timeout:g} s", unreachable=True) from None
-        except httpx.TimeoutException as e:
-            raise HostFailed(f"timed out ({type(e).__name__})", unreachable=True) from None
-        except httpx.ConnectError as e:
-            raise HostFailed(_describe(e), unreachable=True) from None
-        except httpx.LocalProtocolError:
+        except WireError as e:
+            raise HostFailed(str(e), unreachable=e.connecting) from None
+        except (h11.LocalProtocolError, UnicodeEncodeError):
             # Its text quotes the offending header line, which may hold a credential.
             raise HostFailed("the request could not be encoded (a header value HTTP does not allow)") from None
-        except httpx.HTTPError as e:
-            raise HostFailed(_describe(e)) from None
         finally:
             self.clients.release(client)
-        reason = response.extensions.get("reason_phrase", b"")
-        return HostResponse(response.status_code, reason, tuple(response.headers.raw), bytes(answer))
+        return HostResponse(answer.status, answer.reason, answer.headers, answer.body)
 
     async def aclose(self) -> None:
         await self.clients.aclose()
 
 
-def _drop_invented_headers(request: httpx.Request, sent: Lines) -> None:
-    """httpx adds Accept, Accept-Encoding and User-Agent of its own: a host must see the client's request, not
-    httpx's (distribution answers an Accept of */* differently from none), and an answer the client did not ask to
-    be compressed must not arrive compressed."""
-    names = {name.lower() for name, _ in sent}
-    for name in (b"accept", b"user-agent"):
-        if name not in names:
-            del request.headers[name.decode()]
+def _framed(method: str, headers: Lines, body: bytes | None) -> Lines:
+    """The client's header lines as they go to the host, with what HTTP needs added: the body's length, and an
+    Accept-Encoding of identity when the client named none (without one, a host may compress what the client did not
+    ask to be compressed)."""
+    names = {name.lower() for name, _ in headers}
+    added: list[tuple[bytes, bytes]] = []
     if b"accept-encoding" not in names:
-        request.headers["Accept-Encoding"] = "identity"
+        added.append((b"Accept-Encoding", b"identity"))
+    if b"content-length" not in names and b"transfer-encoding" not in names and (body or method in _WITH_BODY):
+        added.append((b"Content-Length", str(len(body or b"")).encode()))
+    return (*headers, *added)
 
 
-def _describe(error: httpx.HTTPError) -> str:
-    # httpx wraps the OSError: its innermost cause says "connection refused" or the TLS reason plainly.
-    cause: BaseException = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-    text = str(cause) or type(cause).__name__
-    if isinstance(cause, ConnectionRefusedError):
-        text = "connection refused"
-    return text
+# Methods whose request says how long its (even empty) body is, as httpx did.
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})

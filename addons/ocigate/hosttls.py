@@ -1,7 +1,8 @@
 """A host's TLS settings from hosts.toml (`ca`, `client`, `skip_verify`) as contexts for both HTTP stacks.
 
-ocigate's own requests use Python's ssl (httpx); the streamed blob connections mitmproxy opens use pyOpenSSL. Both
-must trust and present exactly the same things for a host, so both contexts are built here from one key.
+ocigate's own requests use Python's ssl (wire.py, on asyncio's streams); the streamed blob connections mitmproxy
+opens use pyOpenSSL. Both must trust and present exactly the same things for a host, so both contexts are built here
+from one key.
 
 Both verify as Go does for containerd, docker and skopeo: a chain to a trusted certificate, and the name. Not the
 fine print of RFC 5280 that Python 3.13's default context insists on (VERIFY_X509_STRICT refuses a CA without a
