@@ -5,6 +5,10 @@ with an HTML page of its own, after the error hook, which cannot change it. The 
 connections asks the gateway first (`instead`), which may answer in its place: for a blob with hosts left to ask, a
 307 back to the same URL, whose next request ocigate sends to the next host; otherwise an OCI error naming every
 host. The gateway keeps its decisions; this module only gives it the chance to make them.
+
+Its streams also send each request as it is to go (`as_sent`): with what the gateway keeps out of the flow, where
+captures see it, put back in (credentials, secret query fields and form values held by captures.Redaction, the
+headers ocigate adds to a streamed request).
 """
 
 import logging
@@ -17,6 +21,7 @@ from mitmproxy.proxy.layers.http import (
     HttpLayer,
     HTTPMode,
     HttpStream,
+    RequestData,
     RequestHeaders,
     RequestProtocolError,
     ResponseProtocolError,
@@ -29,7 +34,8 @@ log = logging.getLogger("ocigate")
 Instead = Callable[[http.HTTPFlow, str], http.Response | None]
 # Told once a flow's answer has been written out to the client (captures.AnswerAsReceived).
 Sent = Callable[[http.HTTPFlow], None]
-# The request as it is sent to the host: what the gateway keeps out of the flow added (streaming.Streams.as_sent).
+# The request as it is sent to the host, its body included: what the gateway keeps out of the flow put in
+# (streaming.Streams.as_sent, captures.Redaction.as_sent).
 AsSent = Callable[[http.HTTPFlow, http.Request], http.Request]
 
 
@@ -54,6 +60,8 @@ class _AskAgainStream(HttpStream):
         self._instead = instead
         self._sent = sent
         self._as_sent = as_sent
+        # The body as sent of a request mitmproxy read whole, when it is not the flow's: for its one RequestData.
+        self._body: bytes | None = None
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         for command in super().handle_event(event):
@@ -65,6 +73,13 @@ class _AskAgainStream(HttpStream):
                         RequestHeaders(headers.stream_id, sent, headers.end_stream, headers.replay_flow),
                         command.connection,
                     )
+                    # A streamed request's body goes as it comes, never held; a whole one goes in one RequestData.
+                    whole = not (headers.end_stream or self.flow.request.stream)
+                    if whole and sent.raw_content != headers.request.raw_content:
+                        self._body = sent.raw_content
+            elif isinstance(command, SendHttp) and isinstance(command.event, RequestData) and self._body is not None:
+                command = SendHttp(RequestData(command.event.stream_id, self._body), command.connection)
+                self._body = None
             yield command
 
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:

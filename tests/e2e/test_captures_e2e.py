@@ -301,3 +301,54 @@ def test_a_basic_auth_pull_leaves_no_password_in_the_capture_the_har_or_the_log(
                 [f.url for f in flows],
             )
     assert f"Basic {REDACTED}" in gateway.log_path.read_text(errors="replace")
+
+
+FORM_PASSWORD = "captures-form-password-0457"
+FORM_QUERY_TOKEN = "captures-form-query-token-0458"
+JSON_TOKEN = "captures-json-token-0459"
+remember(FORM_PASSWORD, FORM_QUERY_TOKEN, JSON_TOKEN)
+
+
+def test_a_request_whose_body_and_query_are_held_out_of_the_flow_reaches_its_host_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    """The flow shows a request's form, JSON body and query redacted from the moment it has them; what goes to the
+    host is what the client sent, its Content-Length fitting the body it carries."""
+    bodies: list[bytes] = []
+
+    def token_endpoint(handler) -> tuple[int, bytes, dict[str, str]]:
+        bodies.append(handler.body)
+        return 200, b'{"expires_in": 60}', {"Content-Type": "application/json"}
+
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")  # the token endpoint is no ruled upstream: its flows pass through
+    form = f"grant_type=password&username={ALICE}&password={quote(FORM_PASSWORD)}&service=registry".encode()
+    document = json.dumps({"username": ALICE, "token": JSON_TOKEN, "padding": "x" * 300}).encode()
+    gateway_dir = tmp_path / "gateway"
+    with http_host(token_endpoint) as (port, seen):
+        endpoint = f"http://forms.test:{port}"
+        with (
+            start_gateway(gateway_dir, rules, {f"forms.test:{port}": f"127.0.0.1:{port}"}) as gateway,
+            httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
+        ):
+            posted = client.post(
+                f"{endpoint}/token?access_token={FORM_QUERY_TOKEN}&scope=pull",
+                content=form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            assert posted.status_code == 200, gateway.log_text()[-3000:]
+            as_json = client.post(f"{endpoint}/login", content=document, headers={"Content-Type": "text/plain"})
+            assert as_json.status_code == 200, gateway.log_text()[-3000:]
+    assert bodies == [form, document]
+    assert [(method, path) for method, path, _ in seen] == [
+        ("POST", f"/token?access_token={FORM_QUERY_TOKEN}&scope=pull"),
+        ("POST", "/login"),
+    ]
+    assert [headers["Content-Length"] for _, _, headers in seen] == [str(len(form)), str(len(document))]
+    assert_nowhere([FORM_PASSWORD, FORM_QUERY_TOKEN, JSON_TOKEN], *outputs_of(gateway))
+    for name, flows in recorded(gateway_dir):
+        token = next(f for f in flows if f.url.startswith(f"{endpoint}/token"))
+        login = next(f for f in flows if f.url.startswith(f"{endpoint}/login"))
+        assert token.url == f"{endpoint}/token?access_token={REDACTED}&scope=pull", name
+        assert dict(parse_qsl(token.request_body))["password"] == REDACTED, name
+        assert json.loads(login.request_body)["token"] == REDACTED, name
