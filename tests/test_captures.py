@@ -439,24 +439,43 @@ def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
     assert flow.response.raw_content.startswith(b"<redacted: the body was")
 
 
-def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_and_is_recorded_redacted() -> None:
+def _bodyless_redirect() -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.metadata.clear()
     flow.response.status_code = 302
     flow.response.headers["Location"] = "https://cdn.test/blob?token=the-cdn-token"
     flow.response.headers["Set-Cookie"] = "session=the-session-cookie; Path=/"
     flow.response.content = b""
+    return flow
+
+
+def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_and_is_recorded_redacted() -> None:
+    flow = _bodyless_redirect()
     redaction = Redaction()
-    answer = captures.AnswerAsReceived(redaction)
-    answer._last = True  # placed after the recorders, as cli._add_ocigate places it
     redaction.requestheaders(flow)
     redaction.responseheaders(flow)
     redaction.response(flow)
-    recorded = flow.response.headers.copy()  # what save, har and the dumper see
-    answer.response(flow)
-    sent = flow.response.headers.copy()  # what mitmproxy sends once the hooks are done
-    answer.sent(flow)  # askagain's layer, once it has written the answer out
+    recorded = flow.response.headers.copy()  # what save, har, the dumper and mitmweb see, from here on
+    sent = redaction.answer_as_sent(flow, flow.response)  # what askagain's layer sends once the hooks are done
     assert "the-cdn-token" not in str(recorded) and "the-session-cookie" not in str(recorded)
-    assert sent["Location"] == "https://cdn.test/blob?token=the-cdn-token"
-    assert sent["Set-Cookie"] == "session=the-session-cookie; Path=/"
-    assert "the-cdn-token" not in str(flow.response.headers)  # redacted again once sent
+    assert sent is not flow.response and flow.response.headers == recorded
+    assert sent.headers["Location"] == "https://cdn.test/blob?token=the-cdn-token"
+    assert sent.headers["Set-Cookie"] == "session=the-session-cookie; Path=/"
+    assert redaction.answer_as_sent(flow, flow.response) is flow.response  # given back once: nothing is kept
+
+
+def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_back_what_was_received() -> None:
+    redaction = Redaction()
+    streamed = _passing_through()
+    redaction.requestheaders(streamed)
+    _answer(streamed, {"Content-Type": "application/json", "Set-Cookie": "session=the-session-cookie"})
+    redaction.responseheaders(streamed)
+    _stream(streamed, b"{}")
+    redaction.response(streamed)
+    assert redaction.answer_as_sent(streamed, streamed.response) is streamed.response
+    edited = _bodyless_redirect()
+    redaction.requestheaders(edited)
+    redaction.responseheaders(edited)
+    redaction.response(edited)
+    edited.response.headers["Location"] = "https://elsewhere.test/"  # in mitmweb, while it was held
+    assert redaction.answer_as_sent(edited, edited.response) is edited.response

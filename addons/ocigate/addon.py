@@ -21,7 +21,7 @@ from .answers import (
     point_location_at_the_gateway,
 )
 from .attempts import Streamed, choose_streamed_host, first_good
-from .captures import AnswerAsReceived, Redaction
+from .captures import Redaction
 from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
@@ -254,12 +254,11 @@ def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
     redaction = Redaction()
-    as_received = AnswerAsReceived(redaction)
     return [
         HttpOnly(
             shared.upstream_rule,
             gateway.instead,
-            as_received.sent,
+            redaction.answer_as_sent,
             lambda flow, request: gateway.streams.as_sent(flow, redaction.as_sent(flow, request)),
         ),
         Dialing(shared),
@@ -270,6 +269,4 @@ def make_addons() -> list:
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
         redaction,
-        # Last of all, after the recorders (cli._add_ocigate moves it there).
-        as_received,
     ]

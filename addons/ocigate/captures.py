@@ -14,7 +14,8 @@ what is redacted and how):
   the client an answer it reads whole only after the response hook, where the recorders look at it; so an answer that
   passes through and may hold a secret is streamed to the client instead, as it comes, with a copy kept, and the copy
   (redacted) is what the flow holds at the response hook. An answer mitmproxy sends only after that hook (one without
-  a body, one the gateway made) carries its Set-Cookie values and Location userinfo redacted to the client too.
+  a body, one the gateway made) is redacted in the flow like any other, and askagain's layer sends the client its
+  headers as received (`answer_as_sent`), wherever ocigate's addons stand in the chain.
 
 Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
 save addon writes them; a body cut short that cannot be read whole is dropped with a note.
@@ -82,9 +83,11 @@ class Redaction:
         # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
         # request headers on) until the request is sent (as_sent).
         self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
-        # Answers whose headers were redacted, perhaps before mitmproxy sent them: the headers as received, for
-        # AnswerAsReceived to give back for sending.
-        self.received: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
+        # Answers whose headers were redacted before mitmproxy sent them: (the headers as the flow shows them, as
+        # received), until askagain's layer sends them (answer_as_sent).
+        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Headers, http.Headers]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
@@ -160,9 +163,9 @@ class Redaction:
             sent = kept.streaming if kept is not None else bool(response.stream)
             received = response.headers.copy()
             _redact_response(response, kept, sent=sent, complete=True)
-            if response.headers != received:
-                # An answer that ended with its headers has yet to go: it goes as received (AnswerAsReceived).
-                self.received[flow] = received
+            if not sent and response.headers != received:
+                # An answer that ended with its headers has yet to go: it goes as received (answer_as_sent).
+                self._received[flow] = (response.headers.copy(), received)
         _redact_record(flow)
         self._under_way.discard(flow)
 
@@ -212,9 +215,20 @@ class Redaction:
                 sent.headers["Content-Length"] = str(len(data))
         return sent
 
+    def answer_as_sent(self, flow: http.HTTPFlow, response: http.Response) -> http.Response:
+        """The answer as it goes to the client (askagain sends it): with its headers as received, where the flow
+        still shows them as redacted here (an edit made to the flow meanwhile, in mitmweb, goes as edited)."""
+        redacted, received = self._received.pop(flow, (None, None))
+        if received is None or response is not flow.response or response.headers != redacted:
+            return response
+        sent = response.copy()
+        sent.headers = received
+        return sent
+
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
         self._held.pop(flow, None)
+        self._received.pop(flow, None)
         self._redact_request(flow)
         kept = self._kept.pop(flow, None)
         if flow.response is not None:
@@ -327,39 +341,6 @@ def _decoded(data: bytes, coding: str | None) -> bytes | None:
         except zlib.error:
             return None
     return decoded if len(decoded) <= MAX_KEPT else None
-
-
-class AnswerAsReceived:
-    """mitmproxy sends an answer that ended with its headers (a redirect, a HEAD's, a 204) only after every response
-    hook, where Redaction has already redacted its Set-Cookie and Location for the recorders: placed last, after
-    them (see cli._add_ocigate), this gives the flow back the headers as received for mitmproxy to send the client,
-    and redacts them again once sent (an answer already streamed is not sent again). Anywhere else in the chain
-    (loaded as a script) it does nothing, and the client gets them redacted."""
-
-    def __init__(self, redaction: Redaction) -> None:
-        self._redaction = redaction
-        self._last = False
-        # Answers given back their headers as received, until mitmproxy has sent them: their redacted headers.
-        self._sending: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
-
-    def running(self) -> None:
-        from mitmproxy import ctx
-
-        chain = ctx.master.addons.chain
-        self._last = chain[-1] is self
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        received = self._redaction.received.pop(flow, None)
-        if not self._last or received is None or flow.response is None:
-            return
-        self._sending[flow] = flow.response.headers
-        flow.response.headers = received
-
-    def sent(self, flow: http.HTTPFlow) -> None:
-        """mitmproxy has written the flow's answer out (askagain tells): its headers are redacted again."""
-        redacted = self._sending.pop(flow, None)
-        if redacted is not None and flow.response is not None:
-            flow.response.headers = redacted
 
 
 def _drop(message: http.Message, why: str) -> None:

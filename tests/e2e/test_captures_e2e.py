@@ -22,11 +22,11 @@ from mitmproxy import http, io
 
 from ocigate.credentials import Credential, OcigateStore
 from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
-from tests.support.gateway import Gateway, running_gateway
+from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 from tests.support.http_host import http_host
 from tests.support.images import make_image, push_image
 from tests.support.registry import running_registry, write_htpasswd
-from tests.support.secrets import remember
+from tests.support.secrets import forms, remember
 from tests.support.token_server import running_token_server
 
 REDACTED = "<redacted>"
@@ -85,20 +85,6 @@ def from_har(path: Path) -> list[Recorded]:
         )
         for e in entries
     ]
-
-
-def forms(secret: str) -> set[bytes]:
-    """How a secret could stand in a capture or a log: as text, URL-encoded, JSON-escaped, and base64 at any of the
-    three alignments it could have inside a longer encoded value."""
-    data = secret.encode()
-    found = {data, quote(secret, safe="").encode(), json.dumps(secret)[1:-1].encode()}
-    for offset in range(3):
-        encoded = base64.b64encode(b"\0" * offset + data)
-        # the characters that encode only the secret's own bytes
-        core = encoded[(offset * 4 + 2) // 3 : (len(data) + offset) // 3 * 4]
-        if len(core) >= 8:
-            found.add(core)
-    return found
 
 
 def assert_nowhere(secrets: list[str], *outputs: Path) -> None:
@@ -352,3 +338,30 @@ def test_a_request_whose_body_and_query_are_held_out_of_the_flow_reaches_its_hos
         assert token.url == f"{endpoint}/token?access_token={REDACTED}&scope=pull", name
         assert dict(parse_qsl(token.request_body))["password"] == REDACTED, name
         assert json.loads(login.request_body)["token"] == REDACTED, name
+
+
+def test_under_mitmdump_s_a_bodyless_redirect_reaches_the_client_whole_and_the_capture_redacted(
+    tmp_path: Path,
+) -> None:
+    """Loaded as a script, ocigate's addons stand before mitmproxy's recorders and not after them: an answer sent only
+    after every hook still goes to the client as received, since askagain's layer puts its headers back as it sends
+    them."""
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")
+    gateway_dir = tmp_path / "gateway"
+    with http_host(cookie_host_answer) as (port, _):
+        host = f"cookies.test:{port}"
+        options = [f"save_stream_file={gateway_dir / 'capture.flows'}", "flow_detail=4"]
+        with (
+            running_gateway(
+                gateway_dir, rules, {host: f"127.0.0.1:{port}"}, options, entry_point=MITMDUMP_SCRIPT
+            ) as gateway,
+            httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
+        ):
+            empty = client.get(f"http://{host}/empty", follow_redirects=False)
+    assert empty.status_code == 302 and empty.headers["Location"] == STORAGE
+    assert empty.headers["Set-Cookie"] == f"session={COOKIE}; Path=/"
+    assert_nowhere([COOKIE, LOCATION_PASSWORD], gateway_dir / "capture.flows", gateway_dir / "gateway.log")
+    (recorded_empty,) = from_flows(gateway_dir / "capture.flows")
+    assert recorded_empty.response_header("Set-Cookie") == [f"session={REDACTED}; Path=/"]
+    assert recorded_empty.response_header("Location") == [f"https://storage-user:{REDACTED}@storage.test/blob"]
