@@ -26,6 +26,7 @@ from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
 from .httponly import HttpOnly
+from .logscrub import ScrubbedLogs
 from .ocierror import OciError
 from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
@@ -269,4 +270,5 @@ def make_addons() -> list:
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
         redaction,
+        ScrubbedLogs(),
     ]

@@ -12,6 +12,7 @@ and refresh-token forms) and visits a host that sets a cookie, answers a token g
 import base64
 import gzip
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
 from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 from tests.support.http_host import http_host
 from tests.support.images import make_image, push_image
+from tests.support.processes import wait_until
 from tests.support.registry import running_registry, write_htpasswd
 from tests.support.secrets import forms, remember
 from tests.support.token_server import running_token_server
@@ -365,3 +367,27 @@ def test_under_mitmdump_s_a_bodyless_redirect_reaches_the_client_whole_and_the_c
     (recorded_empty,) = from_flows(gateway_dir / "capture.flows")
     assert recorded_empty.response_header("Set-Cookie") == [f"session={REDACTED}; Path=/"]
     assert recorded_empty.response_header("Location") == [f"https://storage-user:{REDACTED}@storage.test/blob"]
+
+
+BAD_LINE_PASSWORD = "captures-bad-line-password-0460"
+remember(BAD_LINE_PASSWORD)
+
+
+def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")
+    with running_gateway(tmp_path / "gateway", rules, options=["flow_detail=4"]) as gateway:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+            # A port mitmproxy cannot read: the request line is refused, and quoted in its protocol error.
+            client.sendall(f"GET http://builder:{BAD_LINE_PASSWORD}@bad.test:99999/v2/ HTTP/1.1\r\n\r\n".encode())
+            answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        wait_until(
+            lambda: "Bad HTTP request line" in gateway.log_text(),
+            30,
+            lambda why: f"mitmproxy never logged the bad request line: {why}:\n{gateway.log_text()}",
+            process=gateway.process,
+        )
+    log = gateway.log_text()
+    assert f"builder:{REDACTED}@bad.test" in log
+    assert_nowhere([BAD_LINE_PASSWORD], gateway.log_path)
