@@ -201,7 +201,9 @@ class Gateway:
         if record is None or flow.response is None:
             return
         if not cut_short:
-            record.status = flow.response.status_code
+            # A client that authenticates itself sent its own Authorization (held redacted in the flow), or none yet.
+            sent_credentials = "Authorization" in flow.request.headers
+            record.answered(flow.response.status_code, client_sent_credentials=sent_credentials)
         record.publish(flow)
         if cut_short:
             log.warning("ocigate: %s", record.describe())
