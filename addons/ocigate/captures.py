@@ -73,9 +73,10 @@ class _Held:
 
 
 class Redaction:
-    """Redacts every secret of a flow once it is no longer needed, before mitmproxy's recorders see it. Runs after
-    the gateway (whose decisions need the request as the client sent it) and before mitmproxy's save, har and
-    dumper addons and mitmweb's view."""
+    """Redacts every secret of a flow before mitmproxy's recorders see it: a request's as soon as the flow has it
+    (what is still to be sent held out of the flow), an answer's once the client has it. Runs after the gateway
+    (whose decisions need the request as the client sent it) and before mitmproxy's save, har and dumper addons,
+    mitmweb's view and its intercept."""
 
     def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
