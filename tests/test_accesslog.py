@@ -1,13 +1,14 @@
 """The access log: a flow record as one JSON line, and the thread that writes the lines."""
 
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from ocigate.accesslog import AccessLog, entry, line, reference
+from ocigate.accesslog import REPORT_EVERY, AccessLog, entry, line, reference
 from ocigate.attempts import Outcome
 from ocigate.hoststoml import Rule
 from ocigate.record import GATEWAY, FlowRecord
@@ -142,3 +143,66 @@ def test_standard_error_is_written_to_but_not_closed(capsys: pytest.CaptureFixtu
 def test_a_file_that_cannot_be_opened_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         AccessLog.open(tmp_path / "no-such-directory" / "access.log")
+
+
+def test_a_writer_that_falls_behind_drops_lines_counts_them_and_says_so_once_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    path = tmp_path / "access.log"
+    log = AccessLog(path.open("a"), path=path, capacity=2, clock=lambda: now[0])
+    writing, disk = threading.Event(), threading.Event()
+    original = log._stream.write
+
+    def slow(text: str) -> int:
+        writing.set()
+        disk.wait()
+        return original(text)
+
+    log._stream.write = slow  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="ocigate")
+    assert log.write("0\n")
+    writing.wait()  # the writer holds line 0, waiting for the disk: two more lines may wait
+    assert log.write("1\n") and log.write("2\n")
+    assert not log.write("3\n")  # dropped, never waited for: said at once
+    now[0] = 10.0
+    assert not log.write("4\n") and not log.write("5\n")  # within the interval: counted only
+    now[0] = 10.0 + REPORT_EVERY
+    assert not log.write("6\n")  # the interval is over: said, all three
+    assert not log.write("7\n")
+    disk.set()
+    log.close()  # what is left is said as the log closes
+    assert (tmp_path / "access.log").read_text() == "0\n1\n2\n"
+    said = [r.getMessage() for r in caplog.records if "access log" in r.getMessage()]
+    assert said == [
+        f"ocigate: access log: {n} lines dropped: it was written more slowly than requests ended" for n in (1, 3, 1)
+    ]
+
+
+def _written(path: Path, text: str) -> None:
+    """Waits until the writer thread has written `text` to `path` (it flushes once it has caught up)."""
+    for _ in range(500):
+        if path.exists() and path.read_text() == text:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{path} never held {text!r}")
+
+
+@pytest.mark.parametrize("rotate", ["moved", "removed"])
+def test_a_log_file_moved_or_removed_by_logrotate_is_opened_again_at_its_path(tmp_path: Path, rotate: str) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog.open(path)
+    try:
+        log.write("before\n")
+        _written(path, "before\n")
+        if rotate == "moved":
+            path.rename(tmp_path / "access.log.1")
+        else:
+            path.unlink()
+        log.write("after\n")
+        _written(path, "after\n")
+    finally:
+        log.close()
+    assert path.read_text() == "after\n"
+    if rotate == "moved":
+        assert (tmp_path / "access.log.1").read_text() == "before\n"

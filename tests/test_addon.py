@@ -19,6 +19,7 @@ from ocigate import dialing as dialing_module
 from ocigate.addon import METADATA_KEY, Gateway
 from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
+from ocigate.record import FAILED_MARK
 from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.support.registry import free_port
@@ -281,8 +282,13 @@ async def test_a_client_authenticating_itself_hears_the_upstreams_challenge_and_
             await gw.requestheaders(ping)
             flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port, headers=[CLIENT_AUTHORIZATION])
             await gw.requestheaders(flow)
+            for answered in (ping, flow):
+                gw.response(answered)
     # The ping goes to the registry itself, so the client learns its challenge and fetches its own token.
     assert ping.response.status_code == 401
+    # A challenge to a client that sent no credential yet is no failure; its own token refused is.
+    assert ping.metadata[METADATA_KEY]["expected"] == "challenge" and ping.marked == ""
+    assert "expected" not in flow.metadata[METADATA_KEY] and flow.marked == FAILED_MARK
     assert ping.response.headers["WWW-Authenticate"] == challenge["WWW-Authenticate"]
     assert flow.response.status_code == 401
     mirror, upstream = flow.metadata[METADATA_KEY]["attempts"]

@@ -206,23 +206,120 @@ def test_a_body_in_an_encoding_that_cannot_be_read_is_dropped_with_a_note() -> N
     assert "Content-Encoding" not in flow.response.headers
 
 
-def test_an_oauth_form_cookies_and_query_tokens_are_redacted_once_the_request_is_sent() -> None:
+def test_an_oauth_form_cookies_and_query_tokens_are_redacted_as_soon_as_the_flow_has_them() -> None:
     redaction = Redaction()
     form = b"grant_type=refresh_token&refresh_token=refresh-0123456789&service=registry&client_id=skopeo"
     flow = _passing_through(
         "/token?access_token=query-0123456789",
         "POST",
         headers=[(b"Cookie", b"session=cookie-0123456789"), (b"Content-Type", b"application/x-www-form-urlencoded")],
-        content=form,
     )
-    redaction.requestheaders(flow)
-    assert flow.request.content == form  # not yet sent: untouched
-    _answer(flow, {"Content-Type": "application/json"})
-    redaction.responseheaders(flow)
+    redaction.requestheaders(flow)  # mitmproxy has the request's headers, not yet its body
+    assert flow.request.path == f"/token?access_token={R}"
+    assert flow.request.headers["Cookie"] == f"session={R}"
+    flow.request.content = form  # as mitmproxy sets it before the request hook
+    redaction.request(flow)
     redacted = f"grant_type=refresh_token&refresh_token={R}&service=registry&client_id=skopeo"
     assert flow.request.content == redacted.encode()
-    assert flow.request.headers["Cookie"] == f"session={R}"
-    assert flow.request.path == f"/token?access_token={R}"
+    assert flow.request.headers["Content-Length"] == str(len(redacted))
+    # What goes to the host is what the client sent, framed for it.
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent is not flow.request
+    assert sent.path == "/token?access_token=query-0123456789"
+    assert sent.raw_content == form and sent.headers["Content-Length"] == str(len(form))
+    assert sent.headers["Cookie"] == "session=cookie-0123456789"
+    assert b"0123456789" not in flow.request.raw_content and "0123456789" not in flow.request.path
+    _answer(flow, {"Content-Type": "application/json"})
+    redaction.responseheaders(flow)
+    assert redaction.as_sent(flow, flow.request) is flow.request  # sent: nothing of it is held any more
+    assert flow.request.content == redacted.encode()
+
+
+def _form_flow(redaction: Redaction, form: bytes = b"grant_type=password&password=pw-0123456789") -> http.HTTPFlow:
+    flow = _passing_through("/token", "POST", headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
+    redaction.requestheaders(flow)
+    flow.request.content = form
+    return flow
+
+
+def test_a_form_in_an_encoding_that_cannot_be_read_goes_to_the_host_as_sent_and_is_dropped_from_the_flow() -> None:
+    redaction = Redaction()
+    flow = _passing_through("/token", "POST", headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
+    redaction.requestheaders(flow)
+    flow.request.headers["Content-Encoding"] = "x-unknown"
+    flow.request.raw_content = b"password=pw-0123456789"
+    redaction.request(flow)
+    assert b"0123456789" not in flow.request.raw_content and "Content-Encoding" not in flow.request.headers
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent.raw_content == b"password=pw-0123456789" and sent.headers["Content-Encoding"] == "x-unknown"
+
+
+def test_a_streamed_request_body_has_gone_by_its_request_hook_so_it_is_redacted_and_not_held() -> None:
+    redaction = Redaction()
+    flow = _form_flow(redaction)
+    flow.request.stream = True  # with store_streamed_bodies, mitmproxy sets the body it streamed just before the hook
+    redaction.request(flow)
+    assert flow.request.content == f"grant_type=password&password={R}".encode()
+    assert redaction.as_sent(flow, flow.request).raw_content == flow.request.raw_content
+
+
+def test_a_request_to_be_streamed_without_a_body_is_sent_after_its_request_hook_with_what_is_held() -> None:
+    redaction = Redaction()
+    flow = _passing_through("/v2/team/app/blobs/sha256:0", headers=[(b"Authorization", b"Basic Ym9iOnB3LTAxMjM=")])
+    flow.request.stream = True  # as the gateway streams a flow: a GET ends with its headers, so is not streamed
+    redaction.requestheaders(flow)
+    redaction.request(flow)
+    assert flow.request.headers["Authorization"] == f"Basic {R}"
+    assert redaction.as_sent(flow, flow.request).headers["Authorization"] == "Basic Ym9iOnB3LTAxMjM="
+
+
+def test_nothing_is_held_for_a_request_answered_without_being_sent_or_killed_before_it_was() -> None:
+    redaction = Redaction()
+    answered = _form_flow(redaction)
+    answered.request.headers["Authorization"] = "Bearer held-0123456789"
+    answered.response = http.Response.make(403)  # an addon answered it at its request hook
+    redaction.request(answered)
+    assert answered.request.content == f"grant_type=password&password={R}".encode()
+    assert redaction.as_sent(answered, answered.request) is answered.request
+    killed = _form_flow(redaction)
+    redaction.request(killed)
+    killed.error = tflow.terr("killed")
+    redaction.error(killed)
+    assert redaction.as_sent(killed, killed.request) is killed.request
+    assert not redaction._held
+
+
+def test_a_replayed_flow_is_sent_as_recorded_and_an_edit_made_while_held_goes_as_edited() -> None:
+    redaction = Redaction()
+    flow = _form_flow(redaction)
+    redaction.request(flow)
+    flow.request.content = b"grant_type=password&password=typed-in-mitmweb"
+    assert redaction.as_sent(flow, flow.request).content == b"grant_type=password&password=typed-in-mitmweb"
+    _answer(flow, {"Content-Type": "application/json"})
+    redaction.responseheaders(flow)
+    redaction.response(flow)
+    flow.response = None  # replayed: mitmproxy sends the recorded request again
+    redaction.requestheaders(flow)
+    redaction.request(flow)
+    assert redaction.as_sent(flow, flow.request) is flow.request
+
+
+@given(_pairs, _pairs)
+def test_any_request_under_way_shows_no_secret_and_goes_to_the_host_byte_for_byte(query: list, body: list) -> None:
+    redaction = Redaction()
+    path = f"/token?{urlencode(query)}" if query else "/token"
+    form = urlencode(body).encode()
+    flow = _passing_through(path, "POST", headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
+    redaction.requestheaders(flow)
+    flow.request.content = form
+    redaction.request(flow)
+    shown_query = parse_qsl(flow.request.path.partition("?")[2], keep_blank_values=True)
+    shown_body = parse_qsl(flow.request.get_text() or "", keep_blank_values=True)
+    for shown in (shown_query, shown_body):
+        assert all(value in ("", R) for name, value in shown if scrub.is_secret_field(name))
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent.path == path and sent.raw_content == form
+    assert sent.headers["Content-Length"] == str(len(form))
 
 
 def test_set_cookie_and_location_userinfo_are_redacted_after_the_client_has_them() -> None:
@@ -342,24 +439,43 @@ def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
     assert flow.response.raw_content.startswith(b"<redacted: the body was")
 
 
-def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_and_is_recorded_redacted() -> None:
+def _bodyless_redirect() -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.metadata.clear()
     flow.response.status_code = 302
     flow.response.headers["Location"] = "https://cdn.test/blob?token=the-cdn-token"
     flow.response.headers["Set-Cookie"] = "session=the-session-cookie; Path=/"
     flow.response.content = b""
+    return flow
+
+
+def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_and_is_recorded_redacted() -> None:
+    flow = _bodyless_redirect()
     redaction = Redaction()
-    answer = captures.AnswerAsReceived(redaction)
-    answer._last = True  # placed after the recorders, as cli._add_ocigate places it
     redaction.requestheaders(flow)
     redaction.responseheaders(flow)
     redaction.response(flow)
-    recorded = flow.response.headers.copy()  # what save, har and the dumper see
-    answer.response(flow)
-    sent = flow.response.headers.copy()  # what mitmproxy sends once the hooks are done
-    answer.sent(flow)  # askagain's layer, once it has written the answer out
+    recorded = flow.response.headers.copy()  # what save, har, the dumper and mitmweb see, from here on
+    sent = redaction.answer_as_sent(flow, flow.response)  # what askagain's layer sends once the hooks are done
     assert "the-cdn-token" not in str(recorded) and "the-session-cookie" not in str(recorded)
-    assert sent["Location"] == "https://cdn.test/blob?token=the-cdn-token"
-    assert sent["Set-Cookie"] == "session=the-session-cookie; Path=/"
-    assert "the-cdn-token" not in str(flow.response.headers)  # redacted again once sent
+    assert sent is not flow.response and flow.response.headers == recorded
+    assert sent.headers["Location"] == "https://cdn.test/blob?token=the-cdn-token"
+    assert sent.headers["Set-Cookie"] == "session=the-session-cookie; Path=/"
+    assert redaction.answer_as_sent(flow, flow.response) is flow.response  # given back once: nothing is kept
+
+
+def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_back_what_was_received() -> None:
+    redaction = Redaction()
+    streamed = _passing_through()
+    redaction.requestheaders(streamed)
+    _answer(streamed, {"Content-Type": "application/json", "Set-Cookie": "session=the-session-cookie"})
+    redaction.responseheaders(streamed)
+    _stream(streamed, b"{}")
+    redaction.response(streamed)
+    assert redaction.answer_as_sent(streamed, streamed.response) is streamed.response
+    edited = _bodyless_redirect()
+    redaction.requestheaders(edited)
+    redaction.responseheaders(edited)
+    redaction.response(edited)
+    edited.response.headers["Location"] = "https://elsewhere.test/"  # in mitmweb, while it was held
+    assert redaction.answer_as_sent(edited, edited.response) is edited.response

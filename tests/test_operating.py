@@ -81,6 +81,19 @@ async def test_a_flow_the_gateway_answered_is_logged_once_with_its_bytes_and_dur
     assert flow.metadata[METADATA_KEY]["bytes_sent"] == logged["bytes"]
 
 
+async def test_a_line_the_access_log_dropped_is_counted_in_the_metrics(tmp_path: Path) -> None:
+    rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
+    with operating(rules, ocigate_access_log=str(tmp_path / "access.log")) as (gw, op, _):
+        assert op.access_log is not None
+        op.access_log.write = lambda text: False  # type: ignore[method-assign]  # its writer is that far behind
+        for _ in range(2):
+            flow = started_now(flow_to("upstream.test", PING))
+            await gw.requestheaders(flow)
+            gw.response(flow)
+            op.response(flow)
+        assert op.metrics.registry.get_sample_value("ocigate_access_log_dropped_lines_total") == 2
+
+
 async def test_a_streamed_blob_counts_the_bytes_that_reached_the_client(tmp_path: Path) -> None:
     with http_host(lambda h: (200, BLOB)) as (port, _):
         rules = write_rules(tmp_path / "rules", "upstream.test", f'[host."http://a.test:{port}"]\n')

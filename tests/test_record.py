@@ -86,6 +86,32 @@ def test_a_host_refusal_passed_to_the_client_failed() -> None:
     assert record.failed()
 
 
+def test_a_hosts_challenge_to_a_client_without_credentials_yet_is_expected_not_failed() -> None:
+    challenged = manifest_record(served_by=MIRROR_A)
+    challenged.answered(401, client_sent_credentials=False)
+    assert challenged.expected == "challenge" and not challenged.failed()
+    refused = manifest_record(served_by=MIRROR_A)
+    refused.answered(401, client_sent_credentials=True)  # the client's own credential refused
+    by_gateway = manifest_record()
+    by_gateway.answered(401, client_sent_credentials=False)  # ocigate's credentials refused by every host
+    forbidden = manifest_record(served_by=MIRROR_A)
+    forbidden.answered(403, client_sent_credentials=False)
+    assert all(r.expected is None and r.failed() for r in (refused, by_gateway, forbidden))
+
+
+def test_a_blob_head_answered_404_is_a_probe_not_a_failure_but_a_blob_get_404_is_one() -> None:
+    def blob(method: str, status: int) -> FlowRecord:
+        record = FlowRecord("upstream.test", "hosts.toml", "blob", method, "team/app", DIGEST, served_by=MIRROR_A)
+        record.answered(status, client_sent_credentials=True)
+        return record
+
+    assert blob("HEAD", 404).expected == "probe" and not blob("HEAD", 404).failed()
+    assert blob("GET", 404).failed() and blob("HEAD", 500).failed()
+    head_manifest = FlowRecord("upstream.test", "hosts.toml", "manifest", "HEAD")
+    head_manifest.answered(404, client_sent_credentials=False)
+    assert head_manifest.failed()
+
+
 def test_a_token_fetched_and_one_from_the_cache_are_told_apart_and_neither_is_shown() -> None:
     token = Token("the-token-value", 0.0)
     comments = []

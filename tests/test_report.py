@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mitmproxy import http, io
 from mitmproxy.test import tflow, tutils
 
-from ocigate import cli, report
+from ocigate import cli, report, scrub
 from ocigate.record import METADATA_KEY
 from ocigate.report import CaptureError, build, read_report, redact
 from ocigate.reporthtml import as_html, waterfall
@@ -519,3 +519,12 @@ def test_the_command_fails_when_the_page_cannot_be_written(tmp_path: Path, capsy
     capture = write_capture(tmp_path / "capture.flows", pull_with_a_failing_mirror())
     assert report.main(["report", str(capture), "--html", str(tmp_path / "no" / "such" / "page.html")]) == 1
     assert "ocigate report: cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(scrub.SECRET_FIELDS))
+def test_the_report_redacts_every_field_a_capture_redacts_by_the_same_list(name: str) -> None:
+    # Among them the names of docker's and containers' auth files, which captures redact too.
+    assert {"auth", "registrytoken", "secret", "passwd"} <= scrub.SECRET_FIELDS
+    assert report.redact(f'{{"{name}": "s3cr3t-value"}}') == f'{{"{name}": "<redacted>"}}'
+    assert report.redact(f"a=1&{name}=s3cr3t-value") == f"a=1&{name}=<redacted>"
+    assert scrub.form(f"a=1&{name}=s3cr3t-value") == f"a=1&{name}=<redacted>"

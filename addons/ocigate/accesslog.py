@@ -1,11 +1,20 @@
 """The access log: one JSON object a line for each request the gateway handled, built from its flow record (which
 holds no secret), and written by a thread of its own, so that no hook waits for a disk.
+
+At most MAX_QUEUED lines wait for the writer: a disk slower than the requests loses lines (counted, and said in one
+log line per REPORT_EVERY seconds) rather than the gateway's memory. A log file moved or removed (by logrotate) is
+opened again at its path before the next lines are written, as logging's WatchedFileHandler does.
 """
 
 import json
+import logging
+import math
+import os
 import queue
 import sys
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -14,8 +23,14 @@ from .metrics import reason
 from .record import FlowRecord
 from .settings import STDERR
 
+log = logging.getLogger("ocigate")
+
 # Tells the writer thread to flush and end.
 _END = None
+# Lines waiting for the writer at most: some seconds of a busy gateway's requests, a few MiB.
+MAX_QUEUED = 10_000
+# How often at most the lines dropped are said in the log.
+REPORT_EVERY = 60.0
 
 
 def reference(record: FlowRecord) -> str | None:
@@ -74,10 +89,20 @@ class AccessLog:
     """Lines handed over by the event loop (never waiting) and written by one thread, which flushes whenever it has
     caught up; closing writes every line handed over before."""
 
-    def __init__(self, stream: TextIO, *, owned: bool) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        path: Path | None = None,
+        capacity: int = MAX_QUEUED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._stream = stream
-        self._owned = owned  # a file the log opened, closed with it (standard error is not)
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._path = path  # the file the log opened (and reopens), closed with it; None: standard error
+        self._lines: queue.Queue[str | None] = queue.Queue(capacity)
+        self._clock = clock
+        self._dropped = 0  # lines dropped and not yet said in the log (read and written on the event loop only)
+        self._reported_at = -math.inf
         self._writer = threading.Thread(target=self._write_lines, name="ocigate-access-log", daemon=True)
         self._writer.start()
 
@@ -85,23 +110,42 @@ class AccessLog:
     def open(cls, target: Path | Literal["-"]) -> "AccessLog":
         """The log appended to `target`, or written to standard error; OSError when the file cannot be opened."""
         if target == STDERR:
-            return cls(sys.stderr, owned=False)
-        return cls(open(target, "a", encoding="utf-8"), owned=True)
+            return cls(sys.stderr)
+        return cls(open(target, "a", encoding="utf-8"), path=target)
 
-    def write(self, text: str) -> None:
-        self._lines.put(text)
+    def write(self, text: str) -> bool:
+        """Hands a line to the writer; False when it was dropped, the writer being MAX_QUEUED lines behind."""
+        try:
+            self._lines.put_nowait(text)
+            written = True
+        except queue.Full:
+            self._dropped += 1
+            written = False
+        if self._dropped and self._clock() - self._reported_at >= REPORT_EVERY:
+            self._report()
+        return written
 
     def close(self) -> None:
         """Writes what is left and closes the file (waiting for the disk: only when the log is replaced or the gateway
         ends)."""
         self._lines.put(_END)
         self._writer.join()
-        if self._owned:
+        if self._dropped:
+            self._report()
+        if self._path is not None:
             self._stream.close()
+
+    def _report(self) -> None:
+        log.warning(
+            "ocigate: access log: %d lines dropped: it was written more slowly than requests ended", self._dropped
+        )
+        self._dropped = 0
+        self._reported_at = self._clock()
 
     def _write_lines(self) -> None:
         while True:
             text = self._lines.get()
+            self._reopen_if_moved()
             while text is not _END:
                 try:
                     self._stream.write(text)
@@ -118,3 +162,25 @@ class AccessLog:
                 print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
             if text is _END:
                 return
+
+    def _reopen_if_moved(self) -> None:
+        """The file at the log's path again, when the one written to was moved or removed (logrotate)."""
+        if self._path is None:
+            return
+        try:
+            at_path = os.stat(self._path)
+        except FileNotFoundError:
+            at_path = None
+        try:
+            written = os.fstat(self._stream.fileno())
+            if at_path is not None and (at_path.st_dev, at_path.st_ino) == (written.st_dev, written.st_ino):
+                return
+            reopened = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (written to until moved again)
+        except OSError as e:
+            print(f"ocigate: access log: cannot open {self._path} again: {e}", file=sys.stderr)
+            return
+        moved, self._stream = self._stream, reopened
+        try:
+            moved.close()
+        except OSError as e:
+            print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)

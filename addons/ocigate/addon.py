@@ -21,11 +21,12 @@ from .answers import (
     point_location_at_the_gateway,
 )
 from .attempts import Streamed, choose_streamed_host, first_good
-from .captures import AnswerAsReceived, Redaction
+from .captures import Redaction
 from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
 from .httponly import HttpOnly
+from .logscrub import ScrubbedLogs
 from .ocierror import OciError
 from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
@@ -200,7 +201,9 @@ class Gateway:
         if record is None or flow.response is None:
             return
         if not cut_short:
-            record.status = flow.response.status_code
+            # A client that authenticates itself sent its own Authorization (held redacted in the flow), or none yet.
+            sent_credentials = "Authorization" in flow.request.headers
+            record.answered(flow.response.status_code, client_sent_credentials=sent_credentials)
         record.publish(flow)
         if cut_short:
             log.warning("ocigate: %s", record.describe())
@@ -254,12 +257,11 @@ def make_addons() -> list:
     shared = Shared()
     gateway = Gateway(shared)
     redaction = Redaction()
-    as_received = AnswerAsReceived(redaction)
     return [
         HttpOnly(
             shared.upstream_rule,
             gateway.instead,
-            as_received.sent,
+            redaction.answer_as_sent,
             lambda flow, request: gateway.streams.as_sent(flow, redaction.as_sent(flow, request)),
         ),
         Dialing(shared),
@@ -270,6 +272,5 @@ def make_addons() -> list:
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
         redaction,
-        # Last of all, after the recorders (cli._add_ocigate moves it there).
-        as_received,
+        ScrubbedLogs(),
     ]

@@ -5,6 +5,11 @@ with an HTML page of its own, after the error hook, which cannot change it. The 
 connections asks the gateway first (`instead`), which may answer in its place: for a blob with hosts left to ask, a
 307 back to the same URL, whose next request ocigate sends to the next host; otherwise an OCI error naming every
 host. The gateway keeps its decisions; this module only gives it the chance to make them.
+
+Its streams also send each request and answer as it is to go (`as_sent`, `answer_as_sent`): with what the gateway
+keeps out of the flow, where captures see it, put back in (credentials, secret query fields and form values held by
+captures.Redaction, the headers ocigate adds to a streamed request, the Set-Cookie and Location of an answer
+mitmproxy sends only after recording it).
 """
 
 import logging
@@ -17,8 +22,10 @@ from mitmproxy.proxy.layers.http import (
     HttpLayer,
     HTTPMode,
     HttpStream,
+    RequestData,
     RequestHeaders,
     RequestProtocolError,
+    ResponseHeaders,
     ResponseProtocolError,
     SendHttp,
 )
@@ -27,33 +34,41 @@ log = logging.getLogger("ocigate")
 
 # What the gateway answers instead of a host that failed before answering (its reason), or None: mitmproxy's own.
 Instead = Callable[[http.HTTPFlow, str], http.Response | None]
-# Told once a flow's answer has been written out to the client (captures.AnswerAsReceived).
-Sent = Callable[[http.HTTPFlow], None]
-# The request as it is sent to the host: what the gateway keeps out of the flow added (streaming.Streams.as_sent).
+# The answer as it is sent to the client: what the gateway keeps out of the flow put back in
+# (captures.Redaction.answer_as_sent).
+AnswerAsSent = Callable[[http.HTTPFlow, http.Response], http.Response]
+# The request as it is sent to the host, its body included: what the gateway keeps out of the flow put in
+# (streaming.Streams.as_sent, captures.Redaction.as_sent).
 AsSent = Callable[[http.HTTPFlow, http.Request], http.Request]
 
 
 class AskAgainHttpLayer(HttpLayer):
     """mitmproxy's HTTP layer, whose streams let the gateway answer for a host that failed before answering."""
 
-    def __init__(self, context: Context, mode: HTTPMode, instead: Instead, sent: Sent, as_sent: AsSent) -> None:
+    def __init__(
+        self, context: Context, mode: HTTPMode, instead: Instead, answer_as_sent: AnswerAsSent, as_sent: AsSent
+    ) -> None:
         super().__init__(context, mode)
         self._instead = instead
-        self._sent = sent
+        self._answer_as_sent = answer_as_sent
         self._as_sent = as_sent
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
-        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead, self._sent, self._as_sent)
+        stream = _AskAgainStream(self.context.fork(), stream_id, self._instead, self._answer_as_sent, self._as_sent)
         self.streams[stream_id] = stream
         yield from self.event_to_child(stream, events.Start())
 
 
 class _AskAgainStream(HttpStream):
-    def __init__(self, context: Context, stream_id: int, instead: Instead, sent: Sent, as_sent: AsSent) -> None:
+    def __init__(
+        self, context: Context, stream_id: int, instead: Instead, answer_as_sent: AnswerAsSent, as_sent: AsSent
+    ) -> None:
         super().__init__(context, stream_id)
         self._instead = instead
-        self._sent = sent
+        self._answer_as_sent = answer_as_sent
         self._as_sent = as_sent
+        # The body as sent of a request mitmproxy read whole, when it is not the flow's: for its one RequestData.
+        self._body: bytes | None = None
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         for command in super().handle_event(event):
@@ -65,12 +80,21 @@ class _AskAgainStream(HttpStream):
                         RequestHeaders(headers.stream_id, sent, headers.end_stream, headers.replay_flow),
                         command.connection,
                     )
+                    # A streamed request's body goes as it comes, never held; a whole one goes in one RequestData.
+                    whole = not (headers.end_stream or self.flow.request.stream)
+                    if whole and sent.raw_content != headers.request.raw_content:
+                        self._body = sent.raw_content
+            elif isinstance(command, SendHttp) and isinstance(command.event, RequestData) and self._body is not None:
+                command = SendHttp(RequestData(command.event.stream_id, self._body), command.connection)
+                self._body = None
+            elif isinstance(command, SendHttp) and isinstance(command.event, ResponseHeaders):
+                answer = command.event
+                sent_answer = self._answer_as_sent(self.flow, answer.response)
+                if sent_answer is not answer.response:
+                    command = SendHttp(
+                        ResponseHeaders(answer.stream_id, sent_answer, answer.end_stream), command.connection
+                    )
             yield command
-
-    def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
-        yield from super().send_response(already_streamed)
-        # Every command that wrote the answer out has been carried out by now.
-        self._sent(self.flow)
 
     def handle_protocol_error(
         self, event: RequestProtocolError | ResponseProtocolError

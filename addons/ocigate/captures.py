@@ -6,13 +6,16 @@ object itself. So a secret is redacted in the flow, in place, but only once nobo
 what is redacted and how):
 
 - a request's secrets (Authorization, Proxy-Authorization, Cookie, secret query fields, a form's password or
-  refresh token, a JSON body's tokens) once the request was sent: at its answer's headers (or at once, when the
-  gateway answered it without passing it on);
+  refresh token, a JSON body's tokens) as soon as the flow has them: its headers and query at the requestheaders
+  hook, its body at the request hook. The values as the client sent them are held out of the flow until askagain's
+  layer sends the request (`as_sent`), and dropped once it is sent, answered by the gateway, or killed. The body of
+  a request mitmproxy streams has gone as it came by its request hook: it is redacted there, and never held;
 - an answer's (Set-Cookie, a Location's userinfo, a token endpoint's tokens) once the client has it. mitmproxy sends
   the client an answer it reads whole only after the response hook, where the recorders look at it; so an answer that
   passes through and may hold a secret is streamed to the client instead, as it comes, with a copy kept, and the copy
   (redacted) is what the flow holds at the response hook. An answer mitmproxy sends only after that hook (one without
-  a body, one the gateway made) carries its Set-Cookie values and Location userinfo redacted to the client too.
+  a body, one the gateway made) is redacted in the flow like any other, and askagain's layer sends the client its
+  headers as received (`answer_as_sent`), wherever ocigate's addons stand in the chain.
 
 Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
 save addon writes them; a body cut short that cannot be read whole is dropped with a note.
@@ -20,6 +23,7 @@ save addon writes them; a body cut short that cannot be read whole is dropped wi
 
 import weakref
 import zlib
+from dataclasses import dataclass, field
 
 from mitmproxy import http
 
@@ -57,36 +61,80 @@ class _Kept:
         return chunk
 
 
+@dataclass
+class _Held:
+    """What a request under way shows redacted in its flow, as the client sent it: put back only in what is sent."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    path: tuple[str, str] | None = None  # (as the flow shows it, as sent): its query held a secret
+    # (as the flow shows it, as sent: in its Content-Encoding), and the Content-Encoding it was sent in
+    body: tuple[bytes, bytes] | None = None
+    encoding: str | None = None
+
+
 class Redaction:
-    """Redacts every secret of a flow once it is no longer needed, before mitmproxy's recorders see it. Runs after
-    the gateway (whose decisions need the request as the client sent it) and before mitmproxy's save, har and
-    dumper addons and mitmweb's view."""
+    """Redacts every secret of a flow before mitmproxy's recorders see it: a request's as soon as the flow has it
+    (what is still to be sent held out of the flow), an answer's once the client has it. Runs after the gateway
+    (whose decisions need the request as the client sent it) and before mitmproxy's save, har and dumper addons,
+    mitmweb's view and its intercept."""
 
     def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
-        # A request's credential headers as the client sent them, held out of the flow (which shows them redacted
-        # from its request headers on) until the request is sent (as_sent).
-        self._held: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
-        # Answers whose headers were redacted, perhaps before mitmproxy sent them: the headers as received, for
-        # AnswerAsReceived to give back for sending.
-        self.received: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
+        # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
+        # request headers on) until the request is sent (as_sent).
+        self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
+        # Answers whose headers were redacted before mitmproxy sent them: (the headers as the flow shows them, as
+        # received), until askagain's layer sends them (answer_as_sent).
+        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Headers, http.Headers]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
-        # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
-        held = [
-            (name, value)
-            for name in _HELD_HEADERS
-            for value in flow.request.headers.get_all(name)
-            if _redacted(name, value) != value
-        ]
-        if held and flow.response is None:
-            self._held[flow] = held
-            _redact_held(flow.request.headers)
+        self._held.pop(flow, None)  # a replayed flow starts again, from its recorded (redacted) request
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
+            return
+        request = flow.request
+        # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
+        held = _Held(
+            headers=[
+                (name, value)
+                for name in _HELD_HEADERS
+                for value in request.headers.get_all(name)
+                if _redacted(name, value) != value
+            ]
+        )
+        _redact_held(request.headers)
+        shown = _redacted_path(request.path)
+        if shown != request.path:
+            held.path = (shown, request.path)
+            request.path = shown
+        if held.headers or held.path:
+            self._held[flow] = held
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        if flow.response is not None:
+            # Answered without going anywhere: nothing of it is sent, or held.
+            self._held.pop(flow, None)
+            self._redact_request(flow)
+            return
+        data = request.raw_content
+        if not data:
+            return
+        if request.stream:
+            # Its body went as it came (mitmproxy keeps a copy under store_streamed_bodies): nothing to hold.
+            _redact_body(request, data, complete=True)
+            return
+        encoding = request.headers.get("Content-Encoding")
+        _redact_body(request, data, complete=True)
+        if request.raw_content != data:
+            held = self._held.setdefault(flow, _Held())
+            held.body = (request.raw_content or b"", data)
+            held.encoding = encoding
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # A CONNECT proxyauth refused still carries the Proxy-Authorization it came with (mitmproxy's dumper shows it).
@@ -116,9 +164,9 @@ class Redaction:
             sent = kept.streaming if kept is not None else bool(response.stream)
             received = response.headers.copy()
             _redact_response(response, kept, sent=sent, complete=True)
-            if response.headers != received:
-                # An answer that ended with its headers has yet to go: it goes as received (AnswerAsReceived).
-                self.received[flow] = received
+            if not sent and response.headers != received:
+                # An answer that ended with its headers has yet to go: it goes as received (answer_as_sent).
+                self._received[flow] = (response.headers.copy(), received)
         _redact_record(flow)
         self._under_way.discard(flow)
 
@@ -146,20 +194,42 @@ class Redaction:
         _redact_request(flow)
 
     def as_sent(self, flow: http.HTTPFlow, request: http.Request) -> http.Request:
-        """The request as it goes to the host: its credential headers as the client sent them (askagain sends it)."""
+        """The request as it goes to the host (askagain sends it): its secrets as the client sent them, where the
+        flow still shows them as redacted here (an edit made to the flow meanwhile, in mitmweb, goes as edited)."""
         held = self._held.get(flow)
-        if not held:
+        if held is None:
             return request
         sent = request.copy() if request is flow.request else request
         for name in _HELD_HEADERS:
-            values = [value for held_name, value in held if held_name == name]
+            values = [value for held_name, value in held.headers if held_name == name]
             if values and name in sent.headers:
                 sent.headers.set_all(name, values)
+        if held.path is not None and sent.path == held.path[0]:
+            sent.path = held.path[1]
+        if held.body is not None and sent.raw_content == held.body[0]:
+            data = held.body[1]
+            sent.raw_content = data
+            sent.headers.pop("Content-Encoding", None)
+            if held.encoding is not None:
+                sent.headers["Content-Encoding"] = held.encoding
+            if "Content-Length" in sent.headers:
+                sent.headers["Content-Length"] = str(len(data))
+        return sent
+
+    def answer_as_sent(self, flow: http.HTTPFlow, response: http.Response) -> http.Response:
+        """The answer as it goes to the client (askagain sends it): with its headers as received, where the flow
+        still shows them as redacted here (an edit made to the flow meanwhile, in mitmweb, goes as edited)."""
+        redacted, received = self._received.pop(flow, (None, None))
+        if received is None or response is not flow.response or response.headers != redacted:
+            return response
+        sent = response.copy()
+        sent.headers = received
         return sent
 
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
         self._held.pop(flow, None)
+        self._received.pop(flow, None)
         self._redact_request(flow)
         kept = self._kept.pop(flow, None)
         if flow.response is not None:
@@ -197,16 +267,18 @@ def _redact_request(flow: http.HTTPFlow) -> None:
     for name in _CREDENTIAL_HEADERS:
         _redact_header(headers, name, scrub.credential)
     _redact_header(headers, "Cookie", scrub.cookie)
-    path, question, query = request.path.partition("?")
-    if question:
-        redacted_query = scrub.form(query)
-        if redacted_query != query:
-            request.path = f"{path}?{redacted_query}"
+    request.path = _redacted_path(request.path)
     if request.raw_content:
         _redact_body(request, request.raw_content, complete=True)
     proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
     if isinstance(proxy_user, tuple | list) and proxy_user:
         flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], scrub.REDACTED)
+
+
+def _redacted_path(path: str) -> str:
+    """A request's path and query with the secret fields of its query redacted."""
+    before, question, query = path.partition("?")
+    return f"{before}?{scrub.form(query)}" if question else path
 
 
 def _redact_response(response: http.Response, kept: _Kept | None, *, sent: bool, complete: bool) -> None:
@@ -270,39 +342,6 @@ def _decoded(data: bytes, coding: str | None) -> bytes | None:
         except zlib.error:
             return None
     return decoded if len(decoded) <= MAX_KEPT else None
-
-
-class AnswerAsReceived:
-    """mitmproxy sends an answer that ended with its headers (a redirect, a HEAD's, a 204) only after every response
-    hook, where Redaction has already redacted its Set-Cookie and Location for the recorders: placed last, after
-    them (see cli._add_ocigate), this gives the flow back the headers as received for mitmproxy to send the client,
-    and redacts them again once sent (an answer already streamed is not sent again). Anywhere else in the chain
-    (loaded as a script) it does nothing, and the client gets them redacted."""
-
-    def __init__(self, redaction: Redaction) -> None:
-        self._redaction = redaction
-        self._last = False
-        # Answers given back their headers as received, until mitmproxy has sent them: their redacted headers.
-        self._sending: weakref.WeakKeyDictionary[http.HTTPFlow, http.Headers] = weakref.WeakKeyDictionary()
-
-    def running(self) -> None:
-        from mitmproxy import ctx
-
-        chain = ctx.master.addons.chain
-        self._last = chain[-1] is self
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        received = self._redaction.received.pop(flow, None)
-        if not self._last or received is None or flow.response is None:
-            return
-        self._sending[flow] = flow.response.headers
-        flow.response.headers = received
-
-    def sent(self, flow: http.HTTPFlow) -> None:
-        """mitmproxy has written the flow's answer out (askagain tells): its headers are redacted again."""
-        redacted = self._sending.pop(flow, None)
-        if redacted is not None and flow.response is not None:
-            flow.response.headers = redacted
 
 
 def _drop(message: http.Message, why: str) -> None:

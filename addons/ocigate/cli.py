@@ -17,7 +17,7 @@ from mitmproxy.tools.web import app as web_app
 from mitmproxy.tools.web.master import WebMaster
 
 from .addon import make_addons
-from .captures import AnswerAsReceived, Redaction
+from .captures import Redaction
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
@@ -34,10 +34,7 @@ def _add_ocigate(master: DumpMaster | WebMaster) -> None:
     # and a flow's comment as soon as it is shown).
     scripts = master.addons.chain.index(master.addons.get("scriptloader"))
     rest = [addon for addon in master.addons.chain if addon not in ours]
-    last = [addon for addon in ours if isinstance(addon, AnswerAsReceived)]
-    ours = [addon for addon in ours if addon not in last]
-    # AnswerAsReceived after everything else: the recorders have seen an answer redacted before mitmproxy sends it.
-    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :], *last]
+    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
 
 
 class OcigateMaster(DumpMaster):

@@ -18,7 +18,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from .askagain import AskAgainHttpLayer, AsSent, Instead, Sent
+from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead
 from .hoststoml import Rule
 
 log = logging.getLogger("ocigate")
@@ -39,12 +39,12 @@ class HttpOnly:
         self,
         upstream_rule: RuleLookup,
         instead: Instead,
-        sent: Sent = lambda flow: None,
+        answer_as_sent: AnswerAsSent = lambda flow, response: response,
         as_sent: AsSent = lambda flow, request: request,
     ) -> None:
         self.upstream_rule = upstream_rule
         self.instead = instead
-        self.sent = sent
+        self.answer_as_sent = answer_as_sent
         self.as_sent = as_sent
         # The upstream of each flow to a ruled one, until its response: a 101 to it is refused.
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, str] = weakref.WeakKeyDictionary()
@@ -69,7 +69,7 @@ class HttpOnly:
             # Every HTTP layer, the proxy's own (plain http:// requests) included: which host a request goes to is
             # known per request, and the gateway answers only for the flows it streams.
             _drop(context, chosen)
-            nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead, self.sent, self.as_sent)
+            nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead, self.answer_as_sent, self.as_sent)
             return
         upstream = self._ruled(context.server.address)
         if upstream is None or chosen is None or isinstance(chosen, _LEADS_TO_HTTP):
@@ -77,7 +77,9 @@ class HttpOnly:
         _drop(context, chosen)
         if context.client.transport_protocol == "tcp":
             log.debug("ocigate: %s: a connection mitmproxy would pass through as %r is read as HTTP", upstream, chosen)
-            nextlayer.layer = _intercepted(context, nextlayer.data_client(), self.instead, self.sent, self.as_sent)
+            nextlayer.layer = _intercepted(
+                context, nextlayer.data_client(), self.instead, self.answer_as_sent, self.as_sent
+            )
         else:
             _refused(f"a {context.client.transport_protocol.upper()} connection", upstream)
             nextlayer.layer = _Closed(context)
@@ -142,13 +144,15 @@ def _drop(context: Context, chosen: layer.Layer) -> None:
         del context.layers[context.layers.index(chosen) :]
 
 
-def _intercepted(context: Context, data_client: bytes, instead: Instead, sent: Sent, as_sent: AsSent) -> layer.Layer:
+def _intercepted(
+    context: Context, data_client: bytes, instead: Instead, answer_as_sent: AnswerAsSent, as_sent: AsSent
+) -> layer.Layer:
     """TLS decrypted (what it carries is decided again) or, for anything else, HTTP."""
     if starts_like_tls_record(data_client):
         server_tls = ServerTLSLayer(context)
         server_tls.child_layer = ClientTLSLayer(context)
         return server_tls
-    return AskAgainHttpLayer(context, HTTPMode.transparent, instead, sent, as_sent)
+    return AskAgainHttpLayer(context, HTTPMode.transparent, instead, answer_as_sent, as_sent)
 
 
 class _Closed(layer.Layer):

@@ -204,6 +204,11 @@ class Metrics:
             ["host", "source"],
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            "ocigate_access_log_dropped_lines",
+            "Access log lines dropped because the log was written more slowly than requests ended.",
+            registry=r,
+        )
         self.duration = Histogram(
             "ocigate_request_duration_seconds",
             "Seconds from a request to the end of its answer, by upstream and kind.",

@@ -106,8 +106,8 @@ class Operating:
         record.bytes_sent = bytes_sent(flow.response)
         record.duration = max(0.0, time.time() - started)
         record.publish(flow)
-        if self.access_log is not None:
-            self.access_log.write(line(record, started))
+        if self.access_log is not None and not self.access_log.write(line(record, started)):
+            self.metrics.access_log_dropped.inc()
         self.metrics.observe(observations(record, self._rule_names()))
 
     def _rule_names(self) -> Names:

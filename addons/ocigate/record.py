@@ -12,7 +12,7 @@ from .attempts import Outcome
 from .hoststoml import Rule
 from .plan import Plan, is_proxy_for
 from .policy import Decision
-from .routes import Route
+from .routes import Route, RouteKind
 
 # The flow metadata key of the record.
 METADATA_KEY = "ocigate"
@@ -47,6 +47,9 @@ class FlowRecord:
     bytes_sent: int | None = None  # of the answer's body, sent to the client, once the flow ended
     duration: float | None = None  # seconds from the request to the end of the flow, once it ended
     policy: str | None = None  # the policy's decision on a refused request or a push, naming its rule (policy.py)
+    # A status of 400 or more the client was to expect, no failure: "challenge" (a host's 401 to a client that
+    # authenticates itself and sent no credential yet) or "probe" (404 to a blob HEAD: a push asks before uploading).
+    expected: str | None = None
 
     @classmethod
     def refused(cls, upstream: str, rule: Rule, method: str) -> "FlowRecord":
@@ -136,6 +139,7 @@ class FlowRecord:
             "client",
             "proxy_user",
             "policy",
+            "expected",
         )
         for name in (*optional, "mismatch", "bytes_sent", "duration"):
             if getattr(self, name) is not None:
@@ -150,10 +154,18 @@ class FlowRecord:
         if self.failed():
             flow.marked = FAILED_MARK
 
+    def answered(self, status: int, *, client_sent_credentials: bool) -> None:
+        """The status the client got, and whether it was one to expect on the way (`expected`)."""
+        self.status = status
+        if status == 401 and self.served_by != GATEWAY and not client_sent_credentials:
+            self.expected = "challenge"
+        elif status == 404 and self.method == "HEAD" and self.route == RouteKind.BLOB:
+            self.expected = "probe"
+
     def failed(self) -> bool:
         """The client did not get what it asked for: an error (a blob that was not what its digest says among
-        them), or an answer of 400 or more, whoever gave it."""
-        return self.error is not None or (self.status is not None and self.status >= 400)
+        them), or an answer of 400 or more, whoever gave it, but one it was to expect (`expected`)."""
+        return self.error is not None or (self.status is not None and self.status >= 400 and self.expected is None)
 
     def comment(self) -> str:
         """The log line with what ocigate added and presented: the context the serving host was asked with, the

@@ -22,6 +22,7 @@ from typing import Any
 from mitmproxy import exceptions, http
 from mitmproxy.io import FlowReader
 
+from . import scrub
 from .files import NotRegularFileError, check_regular
 from .record import GATEWAY, METADATA_KEY
 
@@ -36,10 +37,7 @@ MAX_OTHERS = 40
 
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@?#]+@")
 _SCHEME_CREDENTIAL = re.compile(r"(?i)\b(Bearer|Basic)\s+(?!<redacted>)[A-Za-z0-9._~+/=-]+")
-_SECRET_NAMES = (
-    "token|access_token|refresh_token|id_token|identity_token|identitytoken|registry_token|registrytoken"
-    "|password|passwd|secret|client_secret|auth"
-)
+_SECRET_NAMES = "|".join(re.escape(name) for name in sorted(scrub.SECRET_FIELDS))
 _JSON_SECRET = re.compile(rf'(?i)("(?:{_SECRET_NAMES})"\s*:\s*)"(?:[^"\\]|\\.)*"')
 _FORM_SECRET = re.compile(rf"(?i)\b({_SECRET_NAMES})=[^&\s;#]*")
 _HEADER_SECRET = re.compile(r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie)(\s*[:=]\s*)[^\r\n;,]+")

@@ -18,9 +18,24 @@ Redact = Callable[[str], str]
 
 # Fields whose value is a credential, in token endpoint answers (distribution's token and OAuth2 specs: token,
 # access_token, refresh_token; OpenID's id_token; docker's login answer: IdentityToken), OAuth2 forms (password,
-# refresh_token, client_secret) and query strings. Compared without regard to case.
+# refresh_token, client_secret), docker's and containers' auth files (auth, identitytoken, registrytoken) and query
+# strings. Compared without regard to case. The one list: `ocigate report` redacts by it too.
 SECRET_FIELDS = frozenset(
-    {"token", "access_token", "refresh_token", "id_token", "identitytoken", "password", "client_secret"}
+    {
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "identity_token",
+        "identitytoken",
+        "registry_token",
+        "registrytoken",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "auth",
+    }
 )
 
 

@@ -12,6 +12,7 @@ and refresh-token forms) and visits a host that sets a cookie, answers a token g
 import base64
 import gzip
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,12 @@ from mitmproxy import http, io
 
 from ocigate.credentials import Credential, OcigateStore
 from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout
-from tests.support.gateway import Gateway, running_gateway
+from tests.support.gateway import MITMDUMP_SCRIPT, Gateway, running_gateway
 from tests.support.http_host import http_host
 from tests.support.images import make_image, push_image
+from tests.support.processes import wait_until
 from tests.support.registry import running_registry, write_htpasswd
-from tests.support.secrets import remember
+from tests.support.secrets import forms, remember
 from tests.support.token_server import running_token_server
 
 REDACTED = "<redacted>"
@@ -85,20 +87,6 @@ def from_har(path: Path) -> list[Recorded]:
         )
         for e in entries
     ]
-
-
-def forms(secret: str) -> set[bytes]:
-    """How a secret could stand in a capture or a log: as text, URL-encoded, JSON-escaped, and base64 at any of the
-    three alignments it could have inside a longer encoded value."""
-    data = secret.encode()
-    found = {data, quote(secret, safe="").encode(), json.dumps(secret)[1:-1].encode()}
-    for offset in range(3):
-        encoded = base64.b64encode(b"\0" * offset + data)
-        # the characters that encode only the secret's own bytes
-        core = encoded[(offset * 4 + 2) // 3 : (len(data) + offset) // 3 * 4]
-        if len(core) >= 8:
-            found.add(core)
-    return found
 
 
 def assert_nowhere(secrets: list[str], *outputs: Path) -> None:
@@ -301,3 +289,105 @@ def test_a_basic_auth_pull_leaves_no_password_in_the_capture_the_har_or_the_log(
                 [f.url for f in flows],
             )
     assert f"Basic {REDACTED}" in gateway.log_path.read_text(errors="replace")
+
+
+FORM_PASSWORD = "captures-form-password-0457"
+FORM_QUERY_TOKEN = "captures-form-query-token-0458"
+JSON_TOKEN = "captures-json-token-0459"
+remember(FORM_PASSWORD, FORM_QUERY_TOKEN, JSON_TOKEN)
+
+
+def test_a_request_whose_body_and_query_are_held_out_of_the_flow_reaches_its_host_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    """The flow shows a request's form, JSON body and query redacted from the moment it has them; what goes to the
+    host is what the client sent, its Content-Length fitting the body it carries."""
+    bodies: list[bytes] = []
+
+    def token_endpoint(handler) -> tuple[int, bytes, dict[str, str]]:
+        bodies.append(handler.body)
+        return 200, b'{"expires_in": 60}', {"Content-Type": "application/json"}
+
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")  # the token endpoint is no ruled upstream: its flows pass through
+    form = f"grant_type=password&username={ALICE}&password={quote(FORM_PASSWORD)}&service=registry".encode()
+    document = json.dumps({"username": ALICE, "token": JSON_TOKEN, "padding": "x" * 300}).encode()
+    gateway_dir = tmp_path / "gateway"
+    with http_host(token_endpoint) as (port, seen):
+        endpoint = f"http://forms.test:{port}"
+        with (
+            start_gateway(gateway_dir, rules, {f"forms.test:{port}": f"127.0.0.1:{port}"}) as gateway,
+            httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
+        ):
+            posted = client.post(
+                f"{endpoint}/token?access_token={FORM_QUERY_TOKEN}&scope=pull",
+                content=form,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            assert posted.status_code == 200, gateway.log_text()[-3000:]
+            as_json = client.post(f"{endpoint}/login", content=document, headers={"Content-Type": "text/plain"})
+            assert as_json.status_code == 200, gateway.log_text()[-3000:]
+    assert bodies == [form, document]
+    assert [(method, path) for method, path, _ in seen] == [
+        ("POST", f"/token?access_token={FORM_QUERY_TOKEN}&scope=pull"),
+        ("POST", "/login"),
+    ]
+    assert [headers["Content-Length"] for _, _, headers in seen] == [str(len(form)), str(len(document))]
+    assert_nowhere([FORM_PASSWORD, FORM_QUERY_TOKEN, JSON_TOKEN], *outputs_of(gateway))
+    for name, flows in recorded(gateway_dir):
+        token = next(f for f in flows if f.url.startswith(f"{endpoint}/token"))
+        login = next(f for f in flows if f.url.startswith(f"{endpoint}/login"))
+        assert token.url == f"{endpoint}/token?access_token={REDACTED}&scope=pull", name
+        assert dict(parse_qsl(token.request_body))["password"] == REDACTED, name
+        assert json.loads(login.request_body)["token"] == REDACTED, name
+
+
+def test_under_mitmdump_s_a_bodyless_redirect_reaches_the_client_whole_and_the_capture_redacted(
+    tmp_path: Path,
+) -> None:
+    """Loaded as a script, ocigate's addons stand before mitmproxy's recorders and not after them: an answer sent only
+    after every hook still goes to the client as received, since askagain's layer puts its headers back as it sends
+    them."""
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")
+    gateway_dir = tmp_path / "gateway"
+    with http_host(cookie_host_answer) as (port, _):
+        host = f"cookies.test:{port}"
+        options = [f"save_stream_file={gateway_dir / 'capture.flows'}", "flow_detail=4"]
+        with (
+            running_gateway(
+                gateway_dir, rules, {host: f"127.0.0.1:{port}"}, options, entry_point=MITMDUMP_SCRIPT
+            ) as gateway,
+            httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
+        ):
+            empty = client.get(f"http://{host}/empty", follow_redirects=False)
+    assert empty.status_code == 302 and empty.headers["Location"] == STORAGE
+    assert empty.headers["Set-Cookie"] == f"session={COOKIE}; Path=/"
+    assert_nowhere([COOKIE, LOCATION_PASSWORD], gateway_dir / "capture.flows", gateway_dir / "gateway.log")
+    (recorded_empty,) = from_flows(gateway_dir / "capture.flows")
+    assert recorded_empty.response_header("Set-Cookie") == [f"session={REDACTED}; Path=/"]
+    assert recorded_empty.response_header("Location") == [f"https://storage-user:{REDACTED}@storage.test/blob"]
+
+
+BAD_LINE_PASSWORD = "captures-bad-line-password-0460"
+remember(BAD_LINE_PASSWORD)
+
+
+def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    client_auth_rule(rules, "unused.test:5000")
+    with running_gateway(tmp_path / "gateway", rules, options=["flow_detail=4"]) as gateway:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+            # A port mitmproxy cannot read: the request line is refused, and quoted in its protocol error.
+            client.sendall(f"GET http://builder:{BAD_LINE_PASSWORD}@bad.test:99999/v2/ HTTP/1.1\r\n\r\n".encode())
+            answer = client.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        wait_until(
+            lambda: "Bad HTTP request line" in gateway.log_text(),
+            30,
+            lambda why: f"mitmproxy never logged the bad request line: {why}:\n{gateway.log_text()}",
+            process=gateway.process,
+        )
+    log = gateway.log_text()
+    assert f"builder:{REDACTED}@bad.test" in log
+    assert_nowhere([BAD_LINE_PASSWORD], gateway.log_path)

@@ -1,15 +1,25 @@
 """`ocigate web`: skopeo pulls through the gateway running with mitmweb's UI, and headless Chromium reads mitmweb's flow
-list: each flow of the pull says what ocigate decided for it, and the failed one stands out."""
+list: each flow of the pull says what ocigate decided for it, and the failed one stands out. A token request mitmweb
+holds mid-way shows none of its secrets anywhere mitmweb can show or give out a flow, neither while held nor once
+answered."""
 
+import base64
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 from tests.support.clients import skopeo_copy_to_layout, skopeo_inspect_raw
+from tests.support.http_host import http_host
+from tests.support.secrets import forms, remember
 from tests.support.web import artifact, headless_chromium, running_web_gateway
 from tests.support.world import UPSTREAM, World
 
 # What mitmweb shows of the mark ocigate puts on a failed flow (record.FAILED_MARK, ":x:").
 FAILED = "❌"
+REDACTED = "<redacted>"
 _ROWS_TIMEOUT = 30.0
 
 
@@ -78,3 +88,152 @@ def test_mitmweb_shows_the_pulls_flows_with_ocigates_comment_and_marks_the_faile
     assert failed and all(row["marker"] == FAILED for row in failed), rows
     # Only failures are marked.
     assert all(row["marker"] == "" for row in rows if " 200" in row["comment"].partition(";")[0]), rows
+
+
+# What a client hands the token endpoint it asks through `ocigate web`, and what it is issued.
+FORM_PASSWORD = "web-form-password-0461"
+REFRESH_TOKEN = "web-refresh-token-0462"
+QUERY_TOKEN = "web-query-token-0463"
+BASIC_PASSWORD = "web-basic-password-0464"
+COOKIE = "web-session-cookie-0465"
+ISSUED_TOKEN = "web-issued-token-0466"
+SET_COOKIE = "web-set-cookie-0467"
+remember(FORM_PASSWORD, REFRESH_TOKEN, QUERY_TOKEN, BASIC_PASSWORD, COOKIE, ISSUED_TOKEN, SET_COOKIE)
+SECRETS = [
+    FORM_PASSWORD,
+    REFRESH_TOKEN,
+    QUERY_TOKEN,
+    BASIC_PASSWORD,
+    base64.b64encode(f"alice:{BASIC_PASSWORD}".encode()).decode(),
+    COOKIE,
+    ISSUED_TOKEN,
+    SET_COOKIE,
+]
+_HELD_TIMEOUT = 30.0
+
+# mitmweb's API, called from its page as its own frontend calls it: with its session cookie and XSRF token.
+_FETCH = """async ([method, url, body]) => {
+    const xsrf = (document.cookie.match(/_mitmproxy_xsrf=([^;]+)/) || [])[1] || "";
+    const response = await fetch(url, {
+        method,
+        headers: {"X-XSRFToken": xsrf, "Content-Type": "application/json"},
+        body: body === null ? undefined : body,
+    });
+    return [response.status, Array.from(new Uint8Array(await response.arrayBuffer()))];
+}"""
+
+
+def _api(page, method: str, path: str, body: object = None) -> tuple[int, bytes]:
+    status, data = page.evaluate(_FETCH, [method, path, None if body is None else json.dumps(body)])
+    return status, bytes(data)
+
+
+def _token_flow(page) -> dict:
+    status, data = _api(page, "GET", "/flows")
+    assert status == 200, data
+    return next((f for f in json.loads(data) if f["request"]["path"].startswith("/token")), {})
+
+
+def _revealed(page, flow_id: str, har: Path) -> dict[str, bytes]:
+    """Everything mitmweb gives out about the flow: its list, its dump, each message's content and content view,
+    every export format, a HAR of all flows, its log events, and the page as rendered."""
+    seen = {}
+    for path in (
+        "/flows",
+        "/flows/dump",
+        "/events",
+        f"/flows/{flow_id}/request/content.data",
+        f"/flows/{flow_id}/response/content.data",
+        f"/flows/{flow_id}/request/content/auto.json",
+        f"/flows/{flow_id}/response/content/auto.json",
+        f"/flows/{flow_id}/request/content/raw.json",
+    ):
+        seen[path] = _api(page, "GET", path)[1]
+    for export in ("curl", "httpie", "raw", "raw_request", "raw_response"):
+        seen[f"export {export}"] = _api(page, "POST", "/commands/export", {"arguments": [export, f"@{flow_id}"]})[1]
+    status, said = _api(page, "POST", "/commands/save.har", {"arguments": ["@all", str(har)]})
+    assert status == 200 and har.exists(), said
+    seen["save.har"] = har.read_bytes()
+    seen["page"] = page.content().encode()
+    seen["page's text"] = page.inner_text("body").encode()
+    return seen
+
+
+def _assert_nowhere(seen: dict[str, bytes], when: str) -> None:
+    for where, data in seen.items():
+        for secret in SECRETS:
+            for form in forms(secret):
+                assert form not in data, f"{when}, mitmweb's {where} holds {secret!r} (as {form!r})"
+
+
+def test_mitmweb_reveals_no_secret_of_a_flow_held_mid_way_nor_once_it_is_resumed(tmp_path: Path) -> None:
+    received: list[tuple[str, bytes, str]] = []
+
+    def token_endpoint(handler) -> tuple[int, bytes, dict[str, str]]:
+        received.append((handler.path, handler.body, handler.headers["Authorization"]))
+        body = json.dumps({"access_token": ISSUED_TOKEN, "expires_in": 60}).encode()
+        return 200, body, {"Content-Type": "application/json", "Set-Cookie": f"session={SET_COOKIE}; Path=/"}
+
+    rules = tmp_path / "rules"
+    (rules / "unused.test:5000").mkdir(parents=True)  # the token endpoint is no ruled upstream: it passes through
+    (rules / "unused.test:5000" / "hosts.toml").write_text('server = "http://unused.test:5000"\n')
+    form = f"grant_type=password&username=alice&password={FORM_PASSWORD}&refresh_token={REFRESH_TOKEN}".encode()
+    with http_host(token_endpoint) as (port, _):
+        realm = f"http://realm.test:{port}/token?service=registry&access_token={QUERY_TOKEN}"
+        host_map = {f"realm.test:{port}": f"127.0.0.1:{port}"}
+        # mitmweb holds the OAuth POST at its request hook, where its body is known, until the test resumes it.
+        options = ("intercept=~u /token",)
+        with (
+            running_web_gateway(tmp_path / "gateway", rules, host_map, options) as web,
+            ThreadPoolExecutor(1) as client,
+            headless_chromium() as browser,
+        ):
+            answer = client.submit(_post_token, web.gateway.proxy_url, realm, form)
+            page = browser.new_page(viewport={"width": 1800, "height": 1400})
+            page.goto(web.page_url)
+            deadline = time.monotonic() + _HELD_TIMEOUT
+            while not (flow := _token_flow(page)).get("intercepted"):
+                assert time.monotonic() < deadline, f"mitmweb never held the token request:\n{web.gateway.log_text()}"
+                time.sleep(0.2)
+            assert not received and not answer.done()  # held: the host has heard nothing yet
+            page.locator(".flow-table tbody tr", has_text="/token").first.click()
+            page.locator(".flow-detail nav a", has_text="Request").click()
+            page.locator(".flow-detail", has_text="grant_type").wait_for(timeout=10_000)
+            held = _revealed(page, flow["id"], tmp_path / "held.har")
+            screenshot = artifact("mitmweb-held-token-request.png")
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"screenshot of mitmweb holding the token request: {screenshot}")
+
+            status, said = _api(page, "POST", f"/flows/{flow['id']}/resume")
+            assert status == 200, said
+            response = answer.result(timeout=_HELD_TIMEOUT)
+            while not (flow := _token_flow(page)).get("response"):
+                assert time.monotonic() < deadline + _HELD_TIMEOUT, "mitmweb never showed the answer"
+                time.sleep(0.2)
+            page.locator(".flow-detail nav a", has_text="Response").click()
+            page.locator(".flow-detail", has_text="expires_in").wait_for(timeout=10_000)
+            after = _revealed(page, flow["id"], tmp_path / "after.har")
+
+    _assert_nowhere(held, "while the flow was held")
+    _assert_nowhere(after, "once the flow was answered")
+    # The redacted forms are what mitmweb shows instead.
+    assert (
+        f"password: {REDACTED}".encode() in held["page's text"]
+        and f"access_token={REDACTED}".encode() in held["/flows"]
+    )
+    assert b'"access_token": "<redacted>"' in after[f"/flows/{flow['id']}/response/content.data"]
+    # The client got its answer whole, and the host the request as the client sent it.
+    assert response.status_code == 200 and response.json()["access_token"] == ISSUED_TOKEN
+    assert response.headers["Set-Cookie"] == f"session={SET_COOKIE}; Path=/"
+    basic = "Basic " + base64.b64encode(f"alice:{BASIC_PASSWORD}".encode()).decode()
+    assert received == [(f"/token?service=registry&access_token={QUERY_TOKEN}", form, basic)]
+
+
+def _post_token(proxy: str, realm: str, form: bytes) -> httpx.Response:
+    with httpx.Client(proxy=proxy, trust_env=False, timeout=_HELD_TIMEOUT * 3) as client:
+        return client.post(
+            realm,
+            content=form,
+            auth=("alice", BASIC_PASSWORD),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"session={COOKIE}"},
+        )

@@ -4,7 +4,7 @@ Playwright (which is never asked to download a browser of its own)."""
 import secrets as random
 import shutil
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +36,17 @@ class WebGateway:
 
 
 @contextmanager
-def running_web_gateway(workdir: Path, rules: Path, host_map: Mapping[str, str] = {}) -> Iterator[WebGateway]:
+def running_web_gateway(
+    workdir: Path, rules: Path, host_map: Mapping[str, str] = {}, options: Sequence[str] = ()
+) -> Iterator[WebGateway]:
     """The gateway started as `./run.sh web` (`ocigate web`), its UI on a free loopback port behind a password of the
-    test's."""
+    test's, with `options` (mitmproxy's `--set`) besides."""
     web_port = free_port()
     password = random.token_hex(16)
     secrets.remember(password)
-    options = (f"web_port={web_port}", "web_host=127.0.0.1", "web_open_browser=false", f"web_password={password}")
+    web = (f"web_port={web_port}", "web_host=127.0.0.1", "web_open_browser=false", f"web_password={password}")
     entry_point = (str(RUN_SH), "web")
-    with running_gateway(workdir, rules, host_map, options, entry_point=entry_point) as gateway:
+    with running_gateway(workdir, rules, host_map, (*web, *options), entry_point=entry_point) as gateway:
         wait_until(
             lambda: _listening(web_port),
             _WEB_START_TIMEOUT,
