@@ -206,3 +206,13 @@ def test_an_upstream_without_a_rule_passes_through_whatever_the_policy(tmp_path:
     ruled = run("explain", "ruled.example/other/app:v1", "--rules", str(tree), "--user", "bob", home=tmp_path)
     assert unruled.returncode == 0 and "policy: refused" not in unruled.stdout, unruled.stdout
     assert ruled.returncode == 0 and "policy: refused" in ruled.stdout, ruled.stdout
+
+
+def test_the_command_says_that_asking_the_mirrors_directly_is_refused_under_a_policy(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "docker.io", '[host."https://m.example"]\n')
+    said = "policy: a client asking these mirrors directly"
+    open_gateway = run("explain", "alpine", "--rules", str(tmp_path), home=tmp_path)
+    assert open_gateway.returncode == 0 and said not in open_gateway.stdout
+    (tmp_path / "policy.toml").write_text('[upstream."docker.io"]\nblock = ["library/secret"]\n')
+    guarded = run("explain", "alpine", "--rules", str(tmp_path), home=tmp_path)
+    assert guarded.returncode == 0 and said in guarded.stdout

@@ -6,12 +6,16 @@ import logging
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import connection, exceptions
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import tflow
 
 from ocigate.addon import METADATA_KEY
 from ocigate.credentials import CredentialChain
+from ocigate.dialing import Dialing
 from ocigate.policy import POLICY_FILE
 from tests.support.http_host import http_host
+from tests.support.registry import free_port
 from tests.test_addon import flow_to, gateway, write_rules
 
 POLICY = """
@@ -168,3 +172,40 @@ async def test_a_client_asking_a_mirror_directly_is_refused_where_a_policy_restr
     assert seen == []
     assert elsewhere.response is None and upstream.response is None and open_gateway.response is None
     assert any(r.getMessage().startswith("ocigate audit: proxy user 'alice'") for r in caplog.records)
+
+
+def _connection_to(host: str, port: int) -> server_hooks.ServerConnectionHookData:
+    return server_hooks.ServerConnectionHookData(connection.Server(address=(host, port)), tflow.tclient_conn())
+
+
+async def test_a_connection_dialling_a_mirror_by_its_address_or_another_name_is_refused_and_audited(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    rules = ruled(tmp_path, port)
+    # The ruled upstream dials the mirror's address too: its requests are decided by name, one by one.
+    host_map = ["mirror.test=127.0.0.1", "alias.test=127.0.0.1", f"upstream.test:443=127.0.0.1:{port}"]
+    with gateway(rules, host_map) as (gw, _):
+        dialing = Dialing(gw.shared)
+        by_address, by_alias = _connection_to("127.0.0.1", port), _connection_to("alias.test", port)
+        other_port, elsewhere = _connection_to("127.0.0.1", free_port()), _connection_to("127.0.0.2", port)
+        upstream = _connection_to("upstream.test", 443)
+        repointed = _connection_to("mirror.test", port)
+        gw.shared.repointed[repointed.client.id] = {("mirror.test", port): next(gw.shared.rules.rules()).hosts[0]}
+        with caplog.at_level(logging.INFO):
+            for data in (by_address, by_alias, other_port, elsewhere, upstream, repointed):
+                await dialing.server_connect(data)
+        (rules / POLICY_FILE).unlink()
+    with gateway(rules, host_map) as (gw, _):
+        open_gateway = _connection_to("127.0.0.1", port)
+        await Dialing(gw.shared).server_connect(open_gateway)
+    for refused, asked in ((by_address, "127.0.0.1"), (by_alias, "alias.test")):
+        assert refused.server.error is not None
+        assert f"{asked}:{port} dials mirror.test:{port}, a mirror of the rules" in refused.server.error
+    for allowed in (other_port, elsewhere, upstream, repointed, open_gateway):
+        assert allowed.server.error is None
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == 2
+    peer = by_address.client.peername
+    assert audits[0].startswith(f"ocigate audit: client {peer[0]}:{peer[1]} connection to 127.0.0.1:{port}: refused")
+    assert f"mirror.test:{port}" in audits[0]

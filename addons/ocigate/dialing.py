@@ -1,4 +1,5 @@
-"""Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings."""
+"""Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings; and,
+where a policy restricts anything, never to a mirror of the rules but for a ruled upstream's request."""
 
 import logging
 
@@ -8,10 +9,12 @@ from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .configuration import MAX_CONNECTIONS, Shared
-from .destinations import DestinationError
+from .destinations import Addresses, DestinationError
 from .hosttls import openssl_context
+from .policy import around_the_rules_at, audit_line
 
 log = logging.getLogger("ocigate")
+audit = logging.getLogger("ocigate.audit")
 
 
 class Dialing:
@@ -22,12 +25,21 @@ class Dialing:
         self.shared = shared
         # The address each connection was asked for, until it is connected (see server_connect).
         self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
+        self.addresses = Addresses()
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
         if server.address is None or server.via is not None or server.error:
             return  # nothing to dial, or refused already (httponly.HttpOnly)
         host, port = server.address
+        mirror = await self._mirror_around_the_rules(data.client.id, host, port)
+        if mirror is not None:
+            decision = around_the_rules_at(self.shared.services.policy, host, port, mirror)
+            server.error = f"ocigate refused the connection: {decision.describe()}"
+            peer = data.client.peername
+            who = f"client {peer[0]}:{peer[1]}" if peer else "client"
+            audit.warning("ocigate audit: %s", audit_line(who, "connection to", f"{host}:{port}", decision))
+            return
         try:
             server.address = await self.shared.hostclient.destinations.resolve(host, port)
         except DestinationError as e:
@@ -37,6 +49,26 @@ class Dialing:
         # Put back once connected: the TLS settings belong to the name, and mitmproxy reuses a connection only
         # for a request to the address it was opened for.
         self.asked[server.id] = (host, port)
+
+    async def _mirror_around_the_rules(self, client_id: str, host: str, port: int) -> str | None:
+        """The mirror of the rules (host:port) whose address a connection dials that ocigate did not open for a
+        ruled upstream, where a policy restricts anything; else None. The names are compared by what they dial (the
+        host map, then the resolver), so a mirror's address or another of its names is that mirror too: the name
+        check of policy.around_the_rules answers a client better (a 403), but only this sees every way in."""
+        rules, policy = self.shared.rules, self.shared.services.policy
+        if rules is None or not policy.restricts or (host, port) in self.shared.repointed.get(client_id, {}):
+            return None  # no policy to go around, or the gateway's own re-pointed flow
+        if any(self.shared.upstream_rule(host, port, scheme) for scheme in ("https", "http")):
+            return None  # a ruled upstream: the policy decides its requests one by one
+        mirrors = sorted({(h.host, h.port) for rule in rules.rules() for h in rule.hosts if not h.is_server})
+        if not mirrors:
+            return None
+        destinations = self.shared.hostclient.destinations
+        asked = await self.addresses.of(destinations, host, port)
+        for name, mirror_port in mirrors:
+            if asked & await self.addresses.of(destinations, name, mirror_port):
+                return f"{name}:{mirror_port}"
+        return None
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         asked = self.asked.pop(data.server.id, None)

@@ -382,5 +382,16 @@ def around_the_rules(policy: Policy, mirrors: Iterable[tuple[str, int]], host: s
         name = host.lower()
     if not policy.restricts or (name.strip("[]"), port) not in set(mirrors):
         return None
-    why = f"{host}:{port} is a mirror of the rules, reached through the gateway's rules only"
+    return _around(policy, f"{host}:{port} is a mirror of the rules")
+
+
+def around_the_rules_at(policy: Policy, host: str, port: int, mirror: str) -> Decision:
+    """The refusal of a connection to host:port, which the gateway did not open for a ruled upstream and which dials
+    an address of `mirror` (a mirror of the rules, host:port, under a policy that restricts): asked by its address
+    or by another of its names, a mirror is reached around the rules all the same."""
+    return _around(policy, f"{host}:{port} dials {mirror}, a mirror of the rules")
+
+
+def _around(policy: Policy, what: str) -> Decision:
+    why = f"{what}, reached through the gateway's rules only"
     return Decision(False, policy._rule(None).replace(" (no entry refuses it)", ""), why)
