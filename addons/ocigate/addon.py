@@ -21,7 +21,7 @@ from .answers import (
     point_location_at_the_gateway,
 )
 from .attempts import Streamed, choose_streamed_host, first_good
-from .captures import AnswerAsReceived, Redaction
+from .captures import AnswerAsReceived, Redaction, Replayed
 from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
@@ -264,6 +264,8 @@ def make_addons() -> list:
         ),
         Dialing(shared),
         Configuration(shared),
+        # Before the gateway: a replayed flow's placeholders never reach a decision or a host.
+        Replayed(),
         gateway,
         # After the gateway: each flow's record is complete when it ends.
         Operating(shared, gateway.records),
