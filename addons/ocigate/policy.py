@@ -223,6 +223,14 @@ def check(
         # distribution reads a mount's `from` from a form body too (Go's FormValue: urlencoded or multipart), which
         # the gateway streams unread.
         return replace(decision, allowed=False, why=f"{decision.why}; but its upload has a form body, unread")
+    if policy.restricts and ";" in query:
+        # Registries built with Go before 1.17 split a query on `;` as on `&` (`mount=X;from=secret&from=app` mounts
+        # from team/secret there), later ones do not. Refused rather than split either way: whichever way the gateway
+        # read it, a host built the other way would read another source. No digest, repository or upload state
+        # holds a `;`, so no client of the API sends one.
+        return replace(
+            decision, allowed=False, why=f"{decision.why}; but its query holds a ';', read differently by hosts"
+        )
     for source in mount_sources(query):
         try:
             repository = normalize_repository(upstream, source)
