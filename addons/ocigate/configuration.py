@@ -21,7 +21,7 @@ from .hoststoml import DEFAULT_DIRECTORY, HOSTS_FILE, Host, Rule, RuleSet
 from .hosttls import forget_contexts
 from .policy import Policy
 from .routes import RouteError, default_port, normalize_upstream
-from .rulewatch import INTERVAL, Reload, Watched, keep_policy_live, keep_rules_live
+from .rulewatch import INTERVAL, PolicyWatched, Reload, Watched, keep_policy_live, keep_rules_live
 from .services import Services, build, rebuilt_by, with_rules
 from .settings import MITMPROXY_OPTIONS, Settings, declare, is_settings_option
 
@@ -198,19 +198,25 @@ class Configuration:
         rules = self.shared.rules
         if rules is None:
             return None
-        settings = self.shared.settings
-        return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure)
+        settings, first = self.shared.settings, self.shared.services.snapshot
+        return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure, first)
 
-    def _watched_policy(self) -> tuple[Path, Policy] | None:
-        rules = self.shared.rules
-        return (rules.root, self.shared.services.policy) if rules is not None else None
+    def _watched_policy(self) -> PolicyWatched | None:
+        services = self.shared.services
+        if services.rules is None:
+            return None
+        first = services.snapshot.policy if services.snapshot is not None else None
+        return PolicyWatched(services.rules.root, services.policy, first)
 
     def _policy_changed(self, looked_at: Policy, policy: Policy) -> None:
         """policy.toml changed on disk: the new policy decides the next request. Not when another was put in force
         meanwhile."""
         shared = self.shared
         if shared.services.policy is looked_at:
-            shared.use(shared.settings, replace(shared.services, policy=policy))
+            # The snapshot's word on the policy file was for the policy it replaces.
+            snapshot = shared.services.snapshot
+            taken = replace(snapshot, policy=None) if snapshot is not None else None
+            shared.use(shared.settings, replace(shared.services, policy=policy, snapshot=taken))
 
     def _rules_changed(self, looked_at: RuleSet, reload: Reload) -> None:
         """The rules tree changed on disk: its new rules in force for the next request, in services of their own (a
