@@ -53,6 +53,8 @@ class Shared:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
         self.repointed: LRUCache[str, dict[tuple[str, int], Host]] = LRUCache(MAX_CONNECTIONS)
+        # The gateway is shutting down (the first of its addons to hear `done` says so): no longer ready.
+        self.stopping = False
 
     @property
     def configured(self) -> bool:
@@ -188,6 +190,8 @@ class Configuration:
         )
 
     async def done(self) -> None:
+        # First of the gateway's addons to be done: a readiness probe hears of it before host clients close.
+        self.shared.stopping = True
         for task in (self._watching, self._watching_policy):
             if task is not None:
                 task.cancel()
