@@ -241,3 +241,11 @@ def test_the_semicolon_mount_that_old_registries_read_from_a_blocked_source_is_r
     assert decision is not None and not decision.allowed
     allowed = check(policy, "alice", "upstream.test", upload, "POST", "mount=sha256:" + "a" * 64 + "&from=team/app")
     assert allowed is not None and allowed.allowed, allowed
+
+
+@given(st.text(max_size=30))
+def test_an_audit_line_is_one_printable_line_whatever_it_names(what: str) -> None:
+    from ocigate.policy import Decision, audit_line
+
+    line = audit_line("client 127.0.0.1:1", "GET", what, Decision(False, "rules/policy.toml: user", "why"))
+    assert line.isprintable()

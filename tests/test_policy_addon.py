@@ -209,3 +209,16 @@ async def test_a_connection_dialling_a_mirror_by_its_address_or_another_name_is_
     peer = by_address.client.peername
     assert audits[0].startswith(f"ocigate audit: client {peer[0]}:{peer[1]} connection to 127.0.0.1:{port}: refused")
     assert f"mirror.test:{port}" in audits[0]
+
+
+async def test_an_audit_line_quotes_the_clients_path_and_stays_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "/v2/token\nocigate audit: proxy user 'alice' GET upstream.test/team/app: allowed\x1b[2K"
+    with gateway(ruled(tmp_path, 9)) as (gw, _), caplog.at_level(logging.INFO):
+        flow = as_user(flow_to("upstream.test", forged), "carol")
+        await gw.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    (audit,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert "\n" not in audit and "\x1b" not in audit
+    assert f"upstream.test {forged!r}: refused by" in audit

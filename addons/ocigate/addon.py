@@ -129,7 +129,8 @@ class Gateway:
             reach = policy.may_reach(user, upstream)
             if reach.allowed:
                 return None
-            _audit(flow, reach, f"{upstream} {request.path.partition('?')[0]}")
+            # The client's path as it sent it, quoted: it is no name the gateway checked.
+            _audit(flow, reach, f"{upstream} {request.path.partition('?')[0]!r}")
             return Answer(
                 error_response(request.method, reach.error()),
                 FlowRecord.denied(upstream, rule, request.method, None, reach),

@@ -244,8 +244,14 @@ def check(
 
 def audit_line(who: str, method: str, what: str, decision: Decision) -> str:
     """The audit event of a refusal or a push: who (the proxy user, else the client's address), what (the method
-    and what it named) and the rule. No header, no credential: nothing of the request but these."""
-    return f"{who} {method} {what}: {decision.describe()}"
+    and what it named) and the rule. No header, no credential: nothing of the request but these. One line whatever
+    the client sent: a control character (a newline that would forge a line of its own, a terminal escape) is
+    written escaped."""
+    return _one_line(f"{who} {method} {what}: {decision.describe()}")
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_policy(root: Path) -> Policy:
