@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import connection, exceptions
+from mitmproxy.addons.proxyauth import ProxyAuth
 from mitmproxy.proxy import server_hooks
-from mitmproxy.test import tflow
+from mitmproxy.test import taddons, tflow
 
 from ocigate.addon import METADATA_KEY
+from ocigate.configuration import Configuration, Shared
 from ocigate.credentials import CredentialChain
 from ocigate.dialing import Dialing
 from ocigate.policy import POLICY_FILE
@@ -222,3 +224,24 @@ async def test_an_audit_line_quotes_the_clients_path_and_stays_one_line(
     (audit,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
     assert "\n" not in audit and "\x1b" not in audit
     assert f"upstream.test {forged!r}: refused by" in audit
+
+
+@pytest.mark.parametrize(
+    ("proxyauth", "policy", "warned"), [("any", POLICY, True), ("any", "", False), ("", POLICY, False)]
+)
+async def test_proxyauth_any_with_per_user_rules_is_warned_of_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, proxyauth: str, policy: str, warned: bool
+) -> None:
+    rules = write_rules(tmp_path, "upstream.test", '[host."http://mirror.test:5000"]\n')
+    (rules / POLICY_FILE).write_text(policy)
+    shared = Shared()
+    configuration = Configuration(shared)
+    with taddons.context(ProxyAuth(), configuration) as tctx, caplog.at_level(logging.INFO):
+        tctx.options.update(proxyauth=proxyauth)
+        tctx.configure(configuration, ocigate_rules=str(rules), ocigate_credential_sources=[])
+        configuration.running()
+        await configuration.done()
+    warnings = [r.getMessage() for r in caplog.records if "proxyauth=any accepts any user name" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert str(rules / POLICY_FILE) in warnings[0]

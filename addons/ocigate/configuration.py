@@ -168,6 +168,14 @@ class Configuration:
             self._watching_policy = asyncio.get_running_loop().create_task(
                 keep_policy_live(self._watched_policy, self._policy_changed, self.rules_interval)
             )
+        policy = self.shared.services.policy
+        # Declared by mitmproxy's proxyauth addon, which a plain script's chain may lack.
+        if getattr(ctx.options, "proxyauth", None) == "any" and policy.users is not None:
+            log.warning(
+                "ocigate: proxyauth=any accepts any user name with any password, so a client may name itself any user "
+                "of the per-user rules in %s: set proxyauth to @HTPASSWD-FILE or ldap for them to mean anything",
+                policy.source,
+            )
         rules = self.shared.rules
         if rules is None:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
