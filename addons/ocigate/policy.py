@@ -18,6 +18,7 @@ from .files import NotRegularFileError, read_regular_file
 from .ocierror import OciError
 from .plan import PUSH, mount_sources, required_capabilities
 from .routes import (
+    DOCKER_HUB,
     Route,
     RouteError,
     RouteKind,
@@ -240,6 +241,26 @@ def check(
         if not mounted.allowed:
             return replace(mounted, push=True)
     return decision
+
+
+def doubtful_entries(policy: Policy) -> list[str]:
+    """What a valid policy most likely does not mean, for `ocigate check` to warn of: a Docker Hub prefix of one
+    component (`nginx`) covers the namespace `nginx/` only, never the official image `nginx`, which Docker Hub (and
+    so the policy) names `library/nginx`."""
+    entries = [entry for lists in policy.upstreams.values() for entry in (*(lists.allow or ()), *lists.block)]
+    for rights in (policy.users or {}).values():
+        entries += [*rights.pull, *rights.push]
+    doubtful = []
+    for entry in entries:
+        prefix = entry.prefix
+        if entry.upstream != DOCKER_HUB or not prefix or "/" in prefix or prefix == "library":
+            continue
+        meant = entry.written[: len(entry.written) - len(prefix)] + f"library/{prefix}"
+        doubtful.append(
+            f"{policy.source}: {entry.key}: {entry.written!r} covers Docker Hub's namespace {prefix}/ only, not the "
+            f"official image {prefix} (library/{prefix}): write {meant!r} for that"
+        )
+    return doubtful
 
 
 def audit_line(who: str, method: str, what: str, decision: Decision) -> str:
