@@ -64,7 +64,8 @@ def test_what_is_no_image_reference_is_an_error(text: str) -> None:
 
 @given(
     upstream=st.sampled_from(["ghcr.io", "registry.example:5000", "localhost:5000", "docker.io"]),
-    repository=st.from_regex(r"[a-z0-9]+(?:[._-][a-z0-9]+)*/[a-z0-9]+", fullmatch=True),
+    # A repository name is at most 255 characters (routes.validate_repository), as distribution says.
+    repository=st.from_regex(r"[a-z0-9]+(?:[._-][a-z0-9]+)*/[a-z0-9]+", fullmatch=True).filter(lambda r: len(r) <= 255),
     tag=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,20}", fullmatch=True),
 )
 def test_a_named_reference_reads_back_as_itself(upstream: str, repository: str, tag: str) -> None:
