@@ -1,8 +1,10 @@
 """The policy in the gateway (mitmproxy's test harness): a refused request gets 403 DENIED naming the rule, no host
 hears of it and no credential is looked up; refusals and pushes are audit lines and in the flow's record."""
 
+import asyncio
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,34 @@ async def test_proxyauth_any_with_per_user_rules_is_warned_of_at_start(
     assert len(warnings) == (1 if warned else 0)
     if warned:
         assert str(rules / POLICY_FILE) in warnings[0]
+
+
+async def test_a_name_is_checked_by_the_address_it_is_dialled_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name of the client's that the resolver sends to a mirror's address: the address checked is the one dialled,
+    so no second lookup can answer differently."""
+    port = free_port()
+    resolved: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    with gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (gw, tctx):
+        tctx.options.update(ocigate_dns=True, ocigate_allow_destinations=[])
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+        dialing = Dialing(gw.shared)
+        rebound, elsewhere = _connection_to("rebind.example", port), _connection_to("rebind.example", port + 1)
+        for data in (rebound, elsewhere):
+            await dialing.server_connect(data)
+        (tmp_path / POLICY_FILE).unlink()
+        tctx.options.update(ocigate_rules=str(tmp_path))  # read again: no policy
+        unguarded = _connection_to("rebind.example", port)
+        await dialing.server_connect(unguarded)
+    assert rebound.server.error is not None and f"dials mirror.test:{port}" in rebound.server.error
+    # Dialled by the address it was checked at.
+    assert elsewhere.server.error is None and elsewhere.server.address == ("127.0.0.1", port + 1)
+    # Without a policy a name is left to mitmproxy to resolve, as before.
+    assert unguarded.server.error is None and unguarded.server.address == ("rebind.example", port)
+    assert resolved == ["rebind.example", "rebind.example"]

@@ -76,15 +76,17 @@ class Destinations:
             allowed = ", ".join(str(n) for n in self.allowed)
             raise DestinationError(f"{host}:{port} ({address}) is outside the allowed destinations ({allowed})")
 
-    async def resolve(self, host: str, port: int) -> tuple[str, int]:
-        """The address and port to dial for host:port, resolving names only where the policy allows it."""
+    async def resolve(self, host: str, port: int, *, by_address: bool = False) -> tuple[str, int]:
+        """The address and port to dial for host:port, resolving names only where the policy allows it. A name is
+        left to whoever dials it unless there is an allow-list to check its address against, or `by_address` asks
+        for the address (which is then the one dialled)."""
         target_host, target_port = self.mapped(host, port) or (host.strip("[]"), port)
         if ip_address(target_host) is not None:
             self.check_address(host, port, target_host)
             return target_host, target_port
         if not self.dns:
             raise DestinationError(f"{host}:{port} is not in the host map and name resolution is off")
-        if not self.allowed:
+        if not self.allowed and not by_address:
             return target_host, target_port
         # Resolved here once and dialled by address, so the address that was checked is the one connected to.
         try:

@@ -32,7 +32,16 @@ class Dialing:
         if server.address is None or server.via is not None or server.error:
             return  # nothing to dial, or refused already (httponly.HttpOnly)
         host, port = server.address
-        mirror = await self._mirror_around_the_rules(data.client.id, host, port)
+        guarded = self._guarded(data.client.id, host, port)
+        try:
+            # Where a policy guards the mirrors, dialled by the address checked: a name that resolved elsewhere
+            # when checked cannot resolve to a mirror when dialled.
+            server.address = await self.shared.hostclient.destinations.resolve(host, port, by_address=guarded)
+        except DestinationError as e:
+            server.error = f"ocigate refused the connection: {e}"
+            log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
+            return
+        mirror = await self._mirror_at(*server.address) if guarded else None
         if mirror is not None:
             decision = around_the_rules_at(self.shared.services.policy, host, port, mirror)
             server.error = f"ocigate refused the connection: {decision.describe()}"
@@ -40,33 +49,31 @@ class Dialing:
             who = f"client {peer[0]}:{peer[1]}" if peer else "client"
             audit.warning("ocigate audit: %s", audit_line(who, "connection to", f"{host}:{port}", decision))
             return
-        try:
-            server.address = await self.shared.hostclient.destinations.resolve(host, port)
-        except DestinationError as e:
-            server.error = f"ocigate refused the connection: {e}"
-            log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
-            return
         # Put back once connected: the TLS settings belong to the name, and mitmproxy reuses a connection only
         # for a request to the address it was opened for.
         self.asked[server.id] = (host, port)
 
-    async def _mirror_around_the_rules(self, client_id: str, host: str, port: int) -> str | None:
-        """The mirror of the rules (host:port) whose address a connection dials that ocigate did not open for a
-        ruled upstream, where a policy restricts anything; else None. The names are compared by what they dial (the
-        host map, then the resolver), so a mirror's address or another of its names is that mirror too: the name
-        check of policy.around_the_rules answers a client better (a 403), but only this sees every way in."""
+    def _guarded(self, client_id: str, host: str, port: int) -> bool:
+        """Whether a connection must not reach a mirror of the rules: a policy restricts anything, and ocigate did
+        not open it for a ruled upstream (its own re-pointed flow, or a request to the upstream, which the policy
+        decides one by one). The name check of policy.around_the_rules answers a client better (a 403), but only a
+        check of the address dialled sees a mirror's address or another of its names."""
         rules, policy = self.shared.rules, self.shared.services.policy
         if rules is None or not policy.restricts or (host, port) in self.shared.repointed.get(client_id, {}):
-            return None  # no policy to go around, or the gateway's own re-pointed flow
-        if any(self.shared.upstream_rule(host, port, scheme) for scheme in ("https", "http")):
-            return None  # a ruled upstream: the policy decides its requests one by one
-        mirrors = sorted({(h.host, h.port) for rule in rules.rules() for h in rule.hosts if not h.is_server})
-        if not mirrors:
+            return False
+        return not any(self.shared.upstream_rule(host, port, scheme) for scheme in ("https", "http"))
+
+    async def _mirror_at(self, address: str, port: int) -> str | None:
+        """The mirror of the rules (host:port) that dials `address`:`port` (by the host map, then the resolver);
+        None: none does."""
+        rules = self.shared.rules
+        if rules is None:
             return None
+        mirrors = sorted({(h.host, h.port) for rule in rules.rules() for h in rule.hosts if not h.is_server})
         destinations = self.shared.hostclient.destinations
-        asked = await self.addresses.of(destinations, host, port)
+        dialled = await self.addresses.of(destinations, address, port)
         for name, mirror_port in mirrors:
-            if asked & await self.addresses.of(destinations, name, mirror_port):
+            if dialled & await self.addresses.of(destinations, name, mirror_port):
                 return f"{name}:{mirror_port}"
         return None
 
