@@ -479,3 +479,43 @@ def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_b
     redaction.response(edited)
     edited.response.headers["Location"] = "https://elsewhere.test/"  # in mitmweb, while it was held
     assert redaction.answer_as_sent(edited, edited.response) is edited.response
+
+
+def _as_captured() -> http.HTTPFlow:
+    """A flow as a capture holds it: its secrets replaced by placeholders, and ocigate's record of it."""
+    flow = flow_to(
+        "mirror.test",
+        "/v2/team/app/blobs/sha256:" + "a" * 64,
+        headers=(
+            (b"Authorization", b"Bearer <redacted>"),
+            (b"Cookie", b"a=<redacted>; b=<redacted>"),
+            (b"X-Mirror-Key", b"<redacted>"),
+            (b"X-Mirror-Key", b"not-a-secret"),
+            (b"Accept", b"*/*"),
+        ),
+    )
+    flow.metadata[METADATA_KEY] = {"upstream": "upstream.test"}
+    return flow
+
+
+def test_a_replayed_flow_sends_no_placeholder_and_loses_the_record_of_its_first_sending() -> None:
+    replayed, live = _as_captured(), _as_captured()
+    replayed.is_replay = "request"
+    for flow in (replayed, live):
+        captures.Replayed().requestheaders(flow)
+    assert list(replayed.request.headers.items(multi=True)) == [
+        ("Host", "mirror.test"),
+        ("X-Mirror-Key", "not-a-secret"),
+        ("Accept", "*/*"),
+    ]
+    assert METADATA_KEY not in replayed.metadata
+    # A flow that is no replay is the client's own: its values are what it sent.
+    assert live.request.headers["Authorization"] == "Bearer <redacted>" and METADATA_KEY in live.metadata
+
+
+@given(st.lists(st.tuples(st.sampled_from(["A", "B", "Cookie"]), st.text(alphabet="ab<redacted>; =", max_size=20))))
+def test_no_header_holding_a_placeholder_is_left(fields: list[tuple[str, str]]) -> None:
+    headers = http.Headers([(name.encode(), value.encode()) for name, value in fields])
+    dropped = captures.without_placeholders(headers)
+    assert all(scrub.REDACTED not in value for _, value in headers.items(multi=True))
+    assert len(dropped) + len(list(headers.items(multi=True))) == len(fields)

@@ -172,3 +172,21 @@ def test_a_broken_policy_file_is_a_problem_check_names(tmp_path: Path) -> None:
     result = run("check", "--rules", str(tree), home=tmp_path)
     assert result.returncode == 1
     assert f"{tree / 'policy.toml'}: user.alice.pul: unknown key" in result.stdout + result.stderr
+
+
+def test_a_docker_hub_prefix_of_one_component_is_warned_of_and_is_no_problem(tmp_path: Path) -> None:
+    tree = activated_examples(tmp_path)
+    (tree / "policy.toml").write_text(
+        '[upstream."docker.io"]\nblock = ["nginx", "library/redis", "bitnami/redis"]\n'
+        '[user.alice]\npull = ["index.docker.io/alpine", "docker.io/library", "quay.io/team"]\n'
+    )
+    result = run("check", "--rules", str(tree), home=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    policy = tree / "policy.toml"
+    assert warnings == [
+        f"warning: {policy}: upstream.\"docker.io\".block[0]: 'nginx' covers Docker Hub's namespace nginx/ only, not "
+        "the official image nginx (library/nginx): write 'library/nginx' for that",
+        f"warning: {policy}: user.alice.pull[0]: 'index.docker.io/alpine' covers Docker Hub's namespace alpine/ only, "
+        "not the official image alpine (library/alpine): write 'index.docker.io/library/alpine' for that",
+    ]

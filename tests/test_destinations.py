@@ -1,8 +1,11 @@
 """The dialling policy: host map, allowed networks, and names that must never reach a resolver."""
 
+import asyncio
+import socket
+
 import pytest
 
-from ocigate.destinations import DestinationError, Destinations
+from ocigate.destinations import Addresses, DestinationError, Destinations
 
 
 async def test_mapped_name_dials_the_mapped_address_and_port() -> None:
@@ -68,3 +71,33 @@ def test_bad_host_map_entries_are_named(entry: str, message: str) -> None:
 def test_bad_network_is_named() -> None:
     with pytest.raises(ValueError, match=r"ocigate_allow_destinations entry '127\.0\.0\.0/33'"):
         Destinations.from_options([], ["127.0.0.0/33"], dns=True)
+
+
+async def test_addresses_follow_the_host_map_resolve_names_once_a_while_and_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mapped = Destinations.from_options(["mirror.test=127.0.0.2", "alias.test:5000=[::ffff:127.0.0.2]:5000"], [], False)
+    addresses = Addresses(kept=2, ttl=60, timer=lambda: now)
+    now = 0.0
+    assert await addresses.of(mapped, "MIRROR.test.", 5000) == {("127.0.0.2", 5000)}
+    assert await addresses.of(mapped, "alias.test", 5000) == {("127.0.0.2", 5000)}
+    assert await addresses.of(mapped, "[::1]", 80) == {("::1", 80)}
+    assert await addresses.of(mapped, "unmapped.test", 80) == frozenset()  # never resolved with dns off
+
+    asked: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    resolving = Destinations(dns=True)
+    for _ in range(3):
+        assert await addresses.of(resolving, "registry.example", 443) == {("10.0.0.7", 443)}
+    assert asked == ["registry.example"]
+    now = 61.0
+    await addresses.of(resolving, "registry.example", 443)
+    assert asked == ["registry.example"] * 2
+    await addresses.of(resolving, "a.example", 443)
+    await addresses.of(resolving, "b.example", 443)
+    assert len(addresses._known) == 2

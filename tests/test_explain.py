@@ -64,7 +64,8 @@ def test_what_is_no_image_reference_is_an_error(text: str) -> None:
 
 @given(
     upstream=st.sampled_from(["ghcr.io", "registry.example:5000", "localhost:5000", "docker.io"]),
-    repository=st.from_regex(r"[a-z0-9]+(?:[._-][a-z0-9]+)*/[a-z0-9]+", fullmatch=True),
+    # A repository name is at most 255 characters (routes.validate_repository), as distribution says.
+    repository=st.from_regex(r"[a-z0-9]+(?:[._-][a-z0-9]+)*/[a-z0-9]+", fullmatch=True).filter(lambda r: len(r) <= 255),
     tag=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,20}", fullmatch=True),
 )
 def test_a_named_reference_reads_back_as_itself(upstream: str, repository: str, tag: str) -> None:
@@ -206,3 +207,13 @@ def test_an_upstream_without_a_rule_passes_through_whatever_the_policy(tmp_path:
     ruled = run("explain", "ruled.example/other/app:v1", "--rules", str(tree), "--user", "bob", home=tmp_path)
     assert unruled.returncode == 0 and "policy: refused" not in unruled.stdout, unruled.stdout
     assert ruled.returncode == 0 and "policy: refused" in ruled.stdout, ruled.stdout
+
+
+def test_the_command_says_that_asking_the_mirrors_directly_is_refused_under_a_policy(tmp_path: Path) -> None:
+    write_hosts(tmp_path, "docker.io", '[host."https://m.example"]\n')
+    said = "policy: a client asking these mirrors directly"
+    open_gateway = run("explain", "alpine", "--rules", str(tmp_path), home=tmp_path)
+    assert open_gateway.returncode == 0 and said not in open_gateway.stdout
+    (tmp_path / "policy.toml").write_text('[upstream."docker.io"]\nblock = ["library/secret"]\n')
+    guarded = run("explain", "alpine", "--rules", str(tmp_path), home=tmp_path)
+    assert guarded.returncode == 0 and said in guarded.stdout

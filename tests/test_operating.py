@@ -184,7 +184,7 @@ async def test_the_probes_say_ready_once_the_proxy_listens_and_alive_while_the_e
 ) -> None:
     monkeypatch.setattr("ocigate.operating.LIVENESS_TIMEOUT", 0.3)
     rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
-    with operating(rules, ocigate_metrics="127.0.0.1:0") as (_, op, _):
+    with operating(rules, ocigate_metrics="127.0.0.1:0") as (_, op, shared):
         assert op.server is not None
         port = op.server.address.port
         # Asked from another thread while the loop runs, as a kubelet does.
@@ -199,6 +199,9 @@ async def test_the_probes_say_ready_once_the_proxy_listens_and_alive_while_the_e
             stuck = asked.result()
         assert stuck == (503, "not alive: the event loop did not answer within 0.3 s\n")
         assert await asyncio.to_thread(probe, port, "/healthz") == (200, "alive\n")
+        # Shutting down: the first of the gateway's addons to be done says so, before the host clients close.
+        await Configuration(shared).done()
+        assert await asyncio.to_thread(probe, port, "/readyz") == (503, "not ready: the gateway is shutting down\n")
 
 
 def test_a_gateway_without_a_running_event_loop_is_not_alive(tmp_path: Path) -> None:

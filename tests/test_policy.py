@@ -214,3 +214,38 @@ def test_a_mirror_asked_directly_is_refused_however_its_name_is_spelled(tmp_path
     refused = around_the_rules(policy, [("mirror.test", 5000)], spelled, 5000)
     assert refused is not None and not refused.allowed
     assert around_the_rules(policy, [("mirror.test", 5000)], spelled, 5001) is None
+
+
+QUERY_TEXT = st.text(alphabet="abfmort=&;%2F/:0123456789", max_size=40)
+
+
+@given(QUERY_TEXT, QUERY_TEXT)
+def test_a_blob_upload_whose_query_holds_a_semicolon_is_refused_where_a_policy_restricts(
+    before: str, after: str
+) -> None:
+    # Old Go registries split `mount=X;from=team/secret/db&from=team/app` on `;` too and mount from team/secret/db.
+    policy = parse_policy(tomllib.loads(EXAMPLE), Path(POLICY_FILE))
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    query = f"{before};{after}"
+    decision = check(policy, "alice", "upstream.test", upload, "POST", query)
+    assert decision is not None and not decision.allowed and decision.push
+    assert "holds a ';'" in decision.error().message
+    assert check(Policy(), "alice", "upstream.test", upload, "POST", query).allowed
+
+
+def test_the_semicolon_mount_that_old_registries_read_from_a_blocked_source_is_refused(tmp_path: Path) -> None:
+    policy = policy_of(tmp_path, EXAMPLE)
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    query = "mount=sha256:" + "a" * 64 + ";from=team/secret/db&from=team/app"
+    decision = check(policy, "alice", "upstream.test", upload, "POST", query)
+    assert decision is not None and not decision.allowed
+    allowed = check(policy, "alice", "upstream.test", upload, "POST", "mount=sha256:" + "a" * 64 + "&from=team/app")
+    assert allowed is not None and allowed.allowed, allowed
+
+
+@given(st.text(max_size=30))
+def test_an_audit_line_is_one_printable_line_whatever_it_names(what: str) -> None:
+    from ocigate.policy import Decision, audit_line
+
+    line = audit_line("client 127.0.0.1:1", "GET", what, Decision(False, "rules/policy.toml: user", "why"))
+    assert line.isprintable()

@@ -1,17 +1,25 @@
 """The policy in the gateway (mitmproxy's test harness): a refused request gets 403 DENIED naming the rule, no host
 hears of it and no credential is looked up; refusals and pushes are audit lines and in the flow's record."""
 
+import asyncio
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import connection, exceptions
+from mitmproxy.addons.proxyauth import ProxyAuth
+from mitmproxy.proxy import server_hooks
+from mitmproxy.test import taddons, tflow
 
 from ocigate.addon import METADATA_KEY
+from ocigate.configuration import Configuration, Shared
 from ocigate.credentials import CredentialChain
+from ocigate.dialing import Dialing
 from ocigate.policy import POLICY_FILE
 from tests.support.http_host import http_host
+from tests.support.registry import free_port
 from tests.test_addon import flow_to, gateway, write_rules
 
 POLICY = """
@@ -168,3 +176,105 @@ async def test_a_client_asking_a_mirror_directly_is_refused_where_a_policy_restr
     assert seen == []
     assert elsewhere.response is None and upstream.response is None and open_gateway.response is None
     assert any(r.getMessage().startswith("ocigate audit: proxy user 'alice'") for r in caplog.records)
+
+
+def _connection_to(host: str, port: int) -> server_hooks.ServerConnectionHookData:
+    return server_hooks.ServerConnectionHookData(connection.Server(address=(host, port)), tflow.tclient_conn())
+
+
+async def test_a_connection_dialling_a_mirror_by_its_address_or_another_name_is_refused_and_audited(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    rules = ruled(tmp_path, port)
+    # The ruled upstream dials the mirror's address too: its requests are decided by name, one by one.
+    host_map = ["mirror.test=127.0.0.1", "alias.test=127.0.0.1", f"upstream.test:443=127.0.0.1:{port}"]
+    with gateway(rules, host_map) as (gw, _):
+        dialing = Dialing(gw.shared)
+        by_address, by_alias = _connection_to("127.0.0.1", port), _connection_to("alias.test", port)
+        other_port, elsewhere = _connection_to("127.0.0.1", free_port()), _connection_to("127.0.0.2", port)
+        upstream = _connection_to("upstream.test", 443)
+        repointed = _connection_to("mirror.test", port)
+        gw.shared.repointed[repointed.client.id] = {("mirror.test", port): next(gw.shared.rules.rules()).hosts[0]}
+        with caplog.at_level(logging.INFO):
+            for data in (by_address, by_alias, other_port, elsewhere, upstream, repointed):
+                await dialing.server_connect(data)
+        (rules / POLICY_FILE).unlink()
+    with gateway(rules, host_map) as (gw, _):
+        open_gateway = _connection_to("127.0.0.1", port)
+        await Dialing(gw.shared).server_connect(open_gateway)
+    for refused, asked in ((by_address, "127.0.0.1"), (by_alias, "alias.test")):
+        assert refused.server.error is not None
+        assert f"{asked}:{port} dials mirror.test:{port}, a mirror of the rules" in refused.server.error
+    for allowed in (other_port, elsewhere, upstream, repointed, open_gateway):
+        assert allowed.server.error is None
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == 2
+    peer = by_address.client.peername
+    assert audits[0].startswith(f"ocigate audit: client {peer[0]}:{peer[1]} connection to 127.0.0.1:{port}: refused")
+    assert f"mirror.test:{port}" in audits[0]
+
+
+async def test_an_audit_line_quotes_the_clients_path_and_stays_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "/v2/token\nocigate audit: proxy user 'alice' GET upstream.test/team/app: allowed\x1b[2K"
+    with gateway(ruled(tmp_path, 9)) as (gw, _), caplog.at_level(logging.INFO):
+        flow = as_user(flow_to("upstream.test", forged), "carol")
+        await gw.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    (audit,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert "\n" not in audit and "\x1b" not in audit
+    assert f"upstream.test {forged!r}: refused by" in audit
+
+
+@pytest.mark.parametrize(
+    ("proxyauth", "policy", "warned"), [("any", POLICY, True), ("any", "", False), ("", POLICY, False)]
+)
+async def test_proxyauth_any_with_per_user_rules_is_warned_of_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, proxyauth: str, policy: str, warned: bool
+) -> None:
+    rules = write_rules(tmp_path, "upstream.test", '[host."http://mirror.test:5000"]\n')
+    (rules / POLICY_FILE).write_text(policy)
+    shared = Shared()
+    configuration = Configuration(shared)
+    with taddons.context(ProxyAuth(), configuration) as tctx, caplog.at_level(logging.INFO):
+        tctx.options.update(proxyauth=proxyauth)
+        tctx.configure(configuration, ocigate_rules=str(rules), ocigate_credential_sources=[])
+        configuration.running()
+        await configuration.done()
+    warnings = [r.getMessage() for r in caplog.records if "proxyauth=any accepts any user name" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert str(rules / POLICY_FILE) in warnings[0]
+
+
+async def test_a_name_is_checked_by_the_address_it_is_dialled_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name of the client's that the resolver sends to a mirror's address: the address checked is the one dialled,
+    so no second lookup can answer differently."""
+    port = free_port()
+    resolved: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    with gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (gw, tctx):
+        tctx.options.update(ocigate_dns=True, ocigate_allow_destinations=[])
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+        dialing = Dialing(gw.shared)
+        rebound, elsewhere = _connection_to("rebind.example", port), _connection_to("rebind.example", port + 1)
+        for data in (rebound, elsewhere):
+            await dialing.server_connect(data)
+        (tmp_path / POLICY_FILE).unlink()
+        tctx.options.update(ocigate_rules=str(tmp_path))  # read again: no policy
+        unguarded = _connection_to("rebind.example", port)
+        await dialing.server_connect(unguarded)
+    assert rebound.server.error is not None and f"dials mirror.test:{port}" in rebound.server.error
+    # Dialled by the address it was checked at.
+    assert elsewhere.server.error is None and elsewhere.server.address == ("127.0.0.1", port + 1)
+    # Without a policy a name is left to mitmproxy to resolve, as before.
+    assert unguarded.server.error is None and unguarded.server.address == ("rebind.example", port)
+    assert resolved == ["rebind.example", "rebind.example"]

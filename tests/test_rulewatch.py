@@ -401,3 +401,62 @@ def test_an_edited_policy_is_in_force_after_two_looks_and_a_broken_one_keeps_the
     watched.look()
     new, notes = watched.look()
     assert new is not None and notes == [f"{tmp_path / 'policy.toml'}: fixed, in force again"]
+
+
+async def test_edits_made_right_after_the_rules_were_read_are_picked_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchers start from the tree as the rules and policy were read, not as their first look finds it: a
+    policy edit and a new CA file written before that look are read all the same."""
+    from ocigate import configuration as configuration_module
+
+    ca = make_ca(tmp_path / "ca")
+    root = write(tmp_path / "rules", UPSTREAM, f'[host."https://m.test"]\nca = "{ca.cert_path}"\n')
+    (root / "policy.toml").write_text('[user.alice]\npull = ["upstream.test"]\n')
+    forgotten: list[bool] = []
+    monkeypatch.setattr(configuration_module, "forget_contexts", lambda: forgotten.append(True))
+    shared = Shared()
+    configuration = Configuration(shared)
+    with taddons.context(configuration) as tctx:
+        tctx.configure(configuration, ocigate_rules=str(root), ocigate_credential_sources=[])
+        configuration.rules_interval = 0.01
+        # Edited after the rules were read and before the watchers' first look.
+        (root / "policy.toml").write_text('[user.bob]\npull = ["upstream.test/team"]\n')
+        ca.cert_path.write_bytes(make_ca(tmp_path / "other-ca").cert_path.read_bytes() + b"\n")
+        with caplog.at_level(logging.INFO, logger="ocigate"):
+            configuration.running()
+            await until(lambda: shared.services.policy.users is not None and "bob" in shared.services.policy.users)
+            await until(lambda: bool(forgotten))
+            await configuration.done()
+    assert f"{root / 'policy.toml'}: read again" in caplog.text
+    assert f"{root / UPSTREAM}: read again" in caplog.text
+
+
+async def test_an_error_putting_new_rules_in_force_is_logged_naming_the_tree_and_the_watcher_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ocigate.rulewatch import Watched, keep_rules_live
+
+    root = write(tmp_path / "rules", UPSTREAM, mirror("a.test"))
+    in_force = [load_rules(root)]
+    swapped: list[RuleSet] = []
+
+    def swap(looked_at: RuleSet, reload: Reload) -> None:
+        assert reload.rules is not None
+        if not swapped:
+            swapped.append(reload.rules)
+            raise RuntimeError("a swap that fails")
+        swapped.append(reload.rules)
+        in_force[0] = reload.rules
+
+    with caplog.at_level(logging.INFO, logger="ocigate"):
+        watching = asyncio.get_running_loop().create_task(
+            keep_rules_live(lambda: Watched(in_force[0], None, False), swap, 0.01)
+        )
+        write(root, UPSTREAM, mirror("b.test"))
+        await until(lambda: hosts(in_force[0]) == ["http://b.test:5000/v2"])
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    assert len(swapped) >= 2
+    assert f"internal error putting in force what {root} holds now" in caplog.text
+    assert "a swap that fails" in caplog.text

@@ -80,6 +80,8 @@ def test_credential_sources_are_asked_once_each_in_the_order_first_named() -> No
 
 def test_no_credential_source_is_anonymous_only() -> None:
     assert Settings.parse(options(ocigate_credential_sources=[])).credential_sources == ()
+    # As `--set ocigate_credential_sources=` sets it (the README's way to say none).
+    assert Settings.parse(options(ocigate_credential_sources=[""])).credential_sources == ()
 
 
 def test_a_cooldown_of_0_is_no_cooldown() -> None:

@@ -21,7 +21,7 @@ from .answers import (
     point_location_at_the_gateway,
 )
 from .attempts import Streamed, choose_streamed_host, first_good
-from .captures import Redaction
+from .captures import Redaction, Replayed
 from .configuration import Configuration, Shared
 from .dialing import Dialing
 from .hoststoml import Rule
@@ -130,7 +130,8 @@ class Gateway:
             reach = policy.may_reach(user, upstream)
             if reach.allowed:
                 return None
-            _audit(flow, reach, f"{upstream} {request.path.partition('?')[0]}")
+            # The client's path as it sent it, quoted: it is no name the gateway checked.
+            _audit(flow, reach, f"{upstream} {request.path.partition('?')[0]!r}")
             return Answer(
                 error_response(request.method, reach.error()),
                 FlowRecord.denied(upstream, rule, request.method, None, reach),
@@ -266,6 +267,8 @@ def make_addons() -> list:
         ),
         Dialing(shared),
         Configuration(shared),
+        # Before the gateway: a replayed flow's placeholders never reach a decision or a host.
+        Replayed(),
         gateway,
         # After the gateway: each flow's record is complete when it ends.
         Operating(shared, gateway.records),

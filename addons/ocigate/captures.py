@@ -19,6 +19,9 @@ what is redacted and how):
 
 Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
 save addon writes them; a body cut short that cannot be read whole is dropped with a note.
+
+A flow sent again by mitmproxy's client replay (`replay.client`, mitmweb's replay button, `mitmdump -C`) comes from
+such a capture, with placeholders where its secrets were (Replayed).
 """
 
 import weakref
@@ -356,3 +359,30 @@ def _redact_record(flow: http.HTTPFlow) -> None:
         flow.metadata[METADATA_KEY] = scrub.in_strings(record)
     if flow.comment:
         flow.comment = scrub.text_userinfo(flow.comment)
+
+
+def without_placeholders(headers: http.Headers) -> list[str]:
+    """Drops every header whose value holds a redaction placeholder (a credential, a Cookie, a hosts.toml header as a
+    capture holds them): never a value to send. The names dropped."""
+    dropped = [name for name, value in headers.items(multi=True) if scrub.REDACTED in value]
+    for name in dict.fromkeys(dropped):
+        kept = [value for value in headers.get_all(name) if scrub.REDACTED not in value]
+        if kept:
+            headers.set_all(name, kept)
+        else:
+            del headers[name]
+    return dropped
+
+
+class Replayed:
+    """A flow mitmproxy's client replay sends again was read from a capture (or a view) that holds `<redacted>` in
+    place of each secret, and goes through mitmproxy's own HTTP layer, not askagain's, which would have put held
+    values back. So its placeholders are dropped before the gateway sees it: a request to a ruled upstream is
+    authenticated afresh by the gateway, and no host is ever sent a placeholder as a credential. ocigate's record
+    of the first sending goes too: the gateway writes its own for this one. Runs before the gateway."""
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.is_replay != "request":
+            return
+        flow.metadata.pop(METADATA_KEY, None)
+        without_placeholders(flow.request.headers)

@@ -16,7 +16,7 @@ from mitmproxy.options import Options
 
 from .credentials import FileProblem
 from .hoststoml import Rule, RulesError, check_rules
-from .policy import PolicyError, load_policy
+from .policy import PolicyError, doubtful_entries, load_policy
 from .services import credential_chain, tls_problems
 from .settings import Settings, declare
 
@@ -26,11 +26,13 @@ class Checked:
     problems: tuple[FileProblem, ...]
     rules: tuple[Rule, ...]  # every registry's rule, when the tree has no problem
     sources: tuple[str, ...]  # the credential sources read, in the order they are asked
+    warnings: tuple[str, ...] = ()  # what is valid but most likely not meant; no problem
 
 
 def check(settings: Settings) -> Checked:
     problems: list[FileProblem] = []
     rules: list[Rule] = []
+    warnings: list[str] = []
     if settings.rules is not None:
         rule_set, rule_problems = check_rules(settings.rules)
         problems += [_of_rules(error) for error in rule_problems]
@@ -38,14 +40,15 @@ def check(settings: Settings) -> Checked:
             rules = list(rule_set.rules())
             problems += _tls_problems(rules, settings)
         try:
-            load_policy(settings.rules)
+            warnings += doubtful_entries(load_policy(settings.rules))
         except PolicyError as e:
             # The first problem of the policy file: the gateway refuses to start with it.
             problems.append(FileProblem(e.path, e.key, e.problem))
     chain = credential_chain(settings)
     for source in chain.sources:
         problems += source.problems()
-    return Checked(tuple(problems), tuple(rules), tuple(source.description for source in chain.sources))
+    sources = tuple(source.description for source in chain.sources)
+    return Checked(tuple(problems), tuple(rules), sources, tuple(warnings))
 
 
 def _of_rules(error: RulesError) -> FileProblem:
@@ -63,12 +66,13 @@ def _tls_problems(rules: list[Rule], settings: Settings) -> list[FileProblem]:
 
 
 def render(checked: Checked, rules: Path | None) -> str:
-    """Every problem, one a line; or a line per registry and per credential source."""
+    """Every problem, one a line; or a line per registry and per credential source. Warnings either way."""
+    warnings = [f"warning: {warning}" for warning in checked.warnings]
     if checked.problems:
         count = len(checked.problems)
         lines = [f"{count} problem{'s' if count > 1 else ''}:", *(f"  {problem}" for problem in checked.problems)]
-        return "\n".join(lines) + "\n"
-    lines = [_summary(rule) for rule in checked.rules]
+        return "\n".join([*lines, *warnings]) + "\n"
+    lines = [*warnings, *(_summary(rule) for rule in checked.rules)]
     if rules is None:
         lines.append("no rules (ocigate_rules is empty): every registry passes through untouched")
     elif not checked.rules:

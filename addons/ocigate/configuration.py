@@ -21,7 +21,7 @@ from .hoststoml import DEFAULT_DIRECTORY, HOSTS_FILE, Host, Rule, RuleSet
 from .hosttls import forget_contexts
 from .policy import Policy
 from .routes import RouteError, default_port, normalize_upstream
-from .rulewatch import INTERVAL, Reload, Watched, keep_policy_live, keep_rules_live
+from .rulewatch import INTERVAL, PolicyWatched, Reload, Watched, keep_policy_live, keep_rules_live
 from .services import Services, build, rebuilt_by, with_rules
 from .settings import MITMPROXY_OPTIONS, Settings, declare, is_settings_option
 
@@ -53,6 +53,8 @@ class Shared:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
         self.repointed: LRUCache[str, dict[tuple[str, int], Host]] = LRUCache(MAX_CONNECTIONS)
+        # The gateway is shutting down (the first of its addons to hear `done` says so): no longer ready.
+        self.stopping = False
 
     @property
     def configured(self) -> bool:
@@ -164,6 +166,14 @@ class Configuration:
             self._watching_policy = asyncio.get_running_loop().create_task(
                 keep_policy_live(self._watched_policy, self._policy_changed, self.rules_interval)
             )
+        policy = self.shared.services.policy
+        # Declared by mitmproxy's proxyauth addon, which a plain script's chain may lack.
+        if getattr(ctx.options, "proxyauth", None) == "any" and policy.users is not None:
+            log.warning(
+                "ocigate: proxyauth=any accepts any user name with any password, so a client may name itself any user "
+                "of the per-user rules in %s: set proxyauth to @HTPASSWD-FILE or ldap for them to mean anything",
+                policy.source,
+            )
         rules = self.shared.rules
         if rules is None:
             log.warning("ocigate: no ocigate_rules directory: every request passes through untouched")
@@ -186,6 +196,8 @@ class Configuration:
         )
 
     async def done(self) -> None:
+        # First of the gateway's addons to be done: a readiness probe hears of it before host clients close.
+        self.shared.stopping = True
         for task in (self._watching, self._watching_policy):
             if task is not None:
                 task.cancel()
@@ -196,19 +208,25 @@ class Configuration:
         rules = self.shared.rules
         if rules is None:
             return None
-        settings = self.shared.settings
-        return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure)
+        settings, first = self.shared.settings, self.shared.services.snapshot
+        return Watched(rules, settings.upstream_trusted_ca, settings.ssl_insecure, first)
 
-    def _watched_policy(self) -> tuple[Path, Policy] | None:
-        rules = self.shared.rules
-        return (rules.root, self.shared.services.policy) if rules is not None else None
+    def _watched_policy(self) -> PolicyWatched | None:
+        services = self.shared.services
+        if services.rules is None:
+            return None
+        first = services.snapshot.policy if services.snapshot is not None else None
+        return PolicyWatched(services.rules.root, services.policy, first)
 
     def _policy_changed(self, looked_at: Policy, policy: Policy) -> None:
         """policy.toml changed on disk: the new policy decides the next request. Not when another was put in force
         meanwhile."""
         shared = self.shared
         if shared.services.policy is looked_at:
-            shared.use(shared.settings, replace(shared.services, policy=policy))
+            # The snapshot's word on the policy file was for the policy it replaces.
+            snapshot = shared.services.snapshot
+            taken = replace(snapshot, policy=None) if snapshot is not None else None
+            shared.use(shared.settings, replace(shared.services, policy=policy, snapshot=taken))
 
     def _rules_changed(self, looked_at: RuleSet, reload: Reload) -> None:
         """The rules tree changed on disk: its new rules in force for the next request, in services of their own (a

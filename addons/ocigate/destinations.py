@@ -8,8 +8,11 @@ dial, and is that address allowed?
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from cachetools import TTLCache
 
 from .routes import RouteError, ip_address, split_host_port
 
@@ -73,15 +76,17 @@ class Destinations:
             allowed = ", ".join(str(n) for n in self.allowed)
             raise DestinationError(f"{host}:{port} ({address}) is outside the allowed destinations ({allowed})")
 
-    async def resolve(self, host: str, port: int) -> tuple[str, int]:
-        """The address and port to dial for host:port, resolving names only where the policy allows it."""
+    async def resolve(self, host: str, port: int, *, by_address: bool = False) -> tuple[str, int]:
+        """The address and port to dial for host:port, resolving names only where the policy allows it. A name is
+        left to whoever dials it unless there is an allow-list to check its address against, or `by_address` asks
+        for the address (which is then the one dialled)."""
         target_host, target_port = self.mapped(host, port) or (host.strip("[]"), port)
         if ip_address(target_host) is not None:
             self.check_address(host, port, target_host)
             return target_host, target_port
         if not self.dns:
             raise DestinationError(f"{host}:{port} is not in the host map and name resolution is off")
-        if not self.allowed:
+        if not self.allowed and not by_address:
             return target_host, target_port
         # Resolved here once and dialled by address, so the address that was checked is the one connected to.
         try:
@@ -91,3 +96,58 @@ class Destinations:
         address = str(infos[0][4][0])
         self.check_address(host, port, address)
         return address, target_port
+
+
+# How many names' addresses are remembered, and how long (seconds): a mirror that moves is known at its new address
+# within a minute, and a client asking many names cannot make the gateway hold them all.
+ADDRESSES_KEPT = 1024
+ADDRESSES_TTL = 60.0
+
+# Addresses with their port, as compared: (address in its canonical text, port).
+Endpoints = frozenset[tuple[str, int]]
+
+
+class Addresses:
+    """The addresses a host:port dials, as Destinations dial it (the host map first, names resolved only where it
+    resolves them), asked of the resolver asynchronously and remembered for a while: what tells a mirror of the rules
+    asked by its address or by another of its names (dialing.Dialing)."""
+
+    def __init__(
+        self, kept: int = ADDRESSES_KEPT, ttl: float = ADDRESSES_TTL, timer: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._known: TTLCache[tuple[str, int], Endpoints] = TTLCache(kept, ttl, timer)
+        self._for: Destinations | None = None
+
+    async def of(self, destinations: Destinations, host: str, port: int) -> Endpoints:
+        """Every address host:port would dial under `destinations`; empty when it cannot be resolved (nothing to
+        compare: it cannot be dialled either)."""
+        if destinations is not self._for:
+            self._known.clear()  # another host map: what was known may be wrong
+            self._for = destinations
+        key = (host.lower().strip("[]").removesuffix("."), port)
+        known = self._known.get(key)
+        if known is None:
+            known = await _endpoints(destinations, *key)
+            self._known[key] = known
+        return known
+
+
+async def _endpoints(destinations: Destinations, host: str, port: int) -> Endpoints:
+    target_host, target_port = destinations.mapped(host, port) or (host, port)
+    if ip_address(target_host) is not None:
+        return frozenset({(_canonical(target_host), target_port)})
+    if not destinations.dns:
+        return frozenset()
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(target_host, target_port, type=socket.SOCK_STREAM)
+    except OSError:
+        return frozenset()
+    return frozenset((_canonical(str(info[4][0])), target_port) for info in infos)
+
+
+def _canonical(address: str) -> str:
+    """One spelling per address: `::ffff:127.0.0.1` is 127.0.0.1, `0:0::1` is ::1."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)

@@ -1,4 +1,5 @@
-"""Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings."""
+"""Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings; and,
+where a policy restricts anything, never to a mirror of the rules but for a ruled upstream's request."""
 
 import logging
 
@@ -8,10 +9,12 @@ from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .configuration import MAX_CONNECTIONS, Shared
-from .destinations import DestinationError
+from .destinations import Addresses, DestinationError
 from .hosttls import openssl_context
+from .policy import around_the_rules_at, audit_line
 
 log = logging.getLogger("ocigate")
+audit = logging.getLogger("ocigate.audit")
 
 
 class Dialing:
@@ -22,21 +25,57 @@ class Dialing:
         self.shared = shared
         # The address each connection was asked for, until it is connected (see server_connect).
         self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
+        self.addresses = Addresses()
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server
         if server.address is None or server.via is not None or server.error:
             return  # nothing to dial, or refused already (httponly.HttpOnly)
         host, port = server.address
+        guarded = self._guarded(data.client.id, host, port)
         try:
-            server.address = await self.shared.hostclient.destinations.resolve(host, port)
+            # Where a policy guards the mirrors, dialled by the address checked: a name that resolved elsewhere
+            # when checked cannot resolve to a mirror when dialled.
+            server.address = await self.shared.hostclient.destinations.resolve(host, port, by_address=guarded)
         except DestinationError as e:
             server.error = f"ocigate refused the connection: {e}"
             log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
             return
+        mirror = await self._mirror_at(*server.address) if guarded else None
+        if mirror is not None:
+            decision = around_the_rules_at(self.shared.services.policy, host, port, mirror)
+            server.error = f"ocigate refused the connection: {decision.describe()}"
+            peer = data.client.peername
+            who = f"client {peer[0]}:{peer[1]}" if peer else "client"
+            audit.warning("ocigate audit: %s", audit_line(who, "connection to", f"{host}:{port}", decision))
+            return
         # Put back once connected: the TLS settings belong to the name, and mitmproxy reuses a connection only
         # for a request to the address it was opened for.
         self.asked[server.id] = (host, port)
+
+    def _guarded(self, client_id: str, host: str, port: int) -> bool:
+        """Whether a connection must not reach a mirror of the rules: a policy restricts anything, and ocigate did
+        not open it for a ruled upstream (its own re-pointed flow, or a request to the upstream, which the policy
+        decides one by one). The name check of policy.around_the_rules answers a client better (a 403), but only a
+        check of the address dialled sees a mirror's address or another of its names."""
+        rules, policy = self.shared.rules, self.shared.services.policy
+        if rules is None or not policy.restricts or (host, port) in self.shared.repointed.get(client_id, {}):
+            return False
+        return not any(self.shared.upstream_rule(host, port, scheme) for scheme in ("https", "http"))
+
+    async def _mirror_at(self, address: str, port: int) -> str | None:
+        """The mirror of the rules (host:port) that dials `address`:`port` (by the host map, then the resolver);
+        None: none does."""
+        rules = self.shared.rules
+        if rules is None:
+            return None
+        mirrors = sorted({(h.host, h.port) for rule in rules.rules() for h in rule.hosts if not h.is_server})
+        destinations = self.shared.hostclient.destinations
+        dialled = await self.addresses.of(destinations, address, port)
+        for name, mirror_port in mirrors:
+            if dialled & await self.addresses.of(destinations, name, mirror_port):
+                return f"{name}:{mirror_port}"
+        return None
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         asked = self.asked.pop(data.server.id, None)

@@ -96,6 +96,8 @@ class Explanation:
     hosts: tuple[HostDecision, ...] = ()
     # The per-user policy's word, when it would refuse the request (before any host or credential is asked).
     refusal: str | None = None
+    # A policy restricts anything: a client asking the mirrors themselves, by any name or address, is refused.
+    guarded: bool = False
 
 
 # Where a host's credential would come from: (host[:port], upstream, repository) -> findings; raises CredentialError.
@@ -112,6 +114,7 @@ def explain(
     named_ref_headers: Sequence[str],
     find_credential: CredentialFinder,
     refusal: str | None = None,
+    guarded: bool = False,
 ) -> Explanation:
     if rule is None or refusal is not None:
         return Explanation(image, push, user, rules, rule, refusal=refusal)
@@ -124,7 +127,7 @@ def explain(
             decisions.append(HostDecision(host, False, _why_not(host, plan)))
         else:
             decisions.append(_asked(host, attempt, plan, image, find_credential))
-    return Explanation(image, push, user, rules, rule, tuple(decisions))
+    return Explanation(image, push, user, rules, rule, tuple(decisions), guarded=guarded)
 
 
 def _asked(host: Host, attempt: Attempt, plan: Plan, image: Image, find: CredentialFinder) -> HostDecision:
@@ -206,6 +209,12 @@ def render(explanation: Explanation) -> str:
         lines.append(f"     credential: {_credential(decision)}")
     if not any(decision.asked for decision in e.hosts):
         lines.append("no host may be asked: the client gets an error naming the rule")
+    mirrors = [decision.host for decision in e.hosts if not decision.host.is_server]
+    if e.guarded and mirrors:
+        lines.append(
+            "policy: a client asking these mirrors directly (by name, address or another name of theirs) is refused: "
+            "they are reached through the rules only"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +287,7 @@ def main(argv: Sequence[str]) -> int:
         find_credential=chain.find,
         # An upstream without a rule passes through untouched: the policy decides only what goes through the rules.
         refusal=policy_refusal(policy, args.user, image, args.push) if rule is not None else None,
+        guarded=policy.restricts,
     )
     sys.stdout.write(render(explanation))
     return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .files import NotRegularFileError, read_regular_file
 from .routes import DEFAULT_PORTS, DOCKER_HUB, DOCKER_HUB_SERVER, RouteError, ip_address, validate_repository
@@ -339,6 +339,27 @@ def _split_upstream(upstream: str) -> tuple[str, int | None]:
     if ":" in upstream and ip_address(upstream) is not None:
         return upstream, None
     raise ValueError(f"not a registry host[:port]: {upstream!r}")
+
+
+def split_url(url: str) -> tuple[SplitResult, str, int | None]:
+    """`url` split as urlsplit does, with the host it names (lowercased, without brackets) and the port it writes
+    (None: none): ValueError saying what keeps ocigate from dialling it (not a URL, no host name, a host name or
+    IPv6 address that cannot be, port 0). Its scheme, and what else it may hold (userinfo, a query), are the
+    caller's to judge: a hosts.toml URL and a token realm differ there."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"not a valid URL: {error}") from None
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("no host name")
+    problem = host_problem(host, bracketed=parts.netloc.rpartition("@")[2].startswith("["))
+    if problem:
+        raise ValueError(problem)
+    if port == 0:
+        raise ValueError("invalid port 0 (expected 1-65535)")
+    return parts, host, port
 
 
 def host_problem(host: str, *, bracketed: bool) -> str | None:
@@ -760,24 +781,15 @@ def parse_host_url(url: object) -> HostURL:
     elif scheme_match[1].lower() not in DEFAULT_PORTS:
         raise HostURLError(f"unsupported URL scheme {scheme_match[1]!r} (expected http or https)")
     try:
-        parts = urlsplit(url)
-        port = parts.port
+        parts, host, port = split_url(url)
     except ValueError as error:
-        raise HostURLError(f"not a valid URL: {error}") from None
+        raise HostURLError(str(error)) from None
     if "?" in url or "#" in url:
         raise HostURLError("URL has a query or fragment, which containerd drops; remove it")
     if "@" in parts.netloc:
         raise HostURLError("URL has credentials, which containerd drops; remove them")
-    host = parts.hostname or ""
-    if not host:
-        raise HostURLError("URL has no host name")
-    problem = host_problem(host, bracketed=parts.netloc.startswith("["))
-    if problem:
-        raise HostURLError(problem)
     if parts.netloc.endswith(":"):
         raise HostURLError("URL has an empty port")
-    if port == 0:
-        raise HostURLError("invalid port 0 (expected 1-65535)")
     scheme = parts.scheme.lower()
     return HostURL(scheme, host, port or DEFAULT_PORTS[scheme], _clean_path(parts.path))
 

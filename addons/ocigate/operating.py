@@ -92,6 +92,7 @@ class Operating:
         self._ended(flow)
 
     def done(self) -> None:
+        self.shared.stopping = True
         self._close_access_log()
         self._stop_server()
 
@@ -144,7 +145,10 @@ class Operating:
         return Verdict(True, "alive")
 
     def ready(self) -> Verdict:
-        """Readiness: the settings are parsed and in force (the rules read from them) and the proxy listens."""
+        """Readiness: the settings are parsed and in force (the rules read from them), the proxy listens, and the
+        gateway is not shutting down (a load balancer sends new clients elsewhere meanwhile)."""
+        if self.shared.stopping:
+            return Verdict(False, "not ready: the gateway is shutting down")
         if not self.shared.configured:
             return Verdict(False, "not ready: the options have not been parsed")
         if not self._listening:

@@ -18,6 +18,7 @@ from .files import NotRegularFileError, read_regular_file
 from .ocierror import OciError
 from .plan import PUSH, mount_sources, required_capabilities
 from .routes import (
+    DOCKER_HUB,
     Route,
     RouteError,
     RouteKind,
@@ -223,6 +224,14 @@ def check(
         # distribution reads a mount's `from` from a form body too (Go's FormValue: urlencoded or multipart), which
         # the gateway streams unread.
         return replace(decision, allowed=False, why=f"{decision.why}; but its upload has a form body, unread")
+    if policy.restricts and ";" in query:
+        # Registries built with Go before 1.17 split a query on `;` as on `&` (`mount=X;from=secret&from=app` mounts
+        # from team/secret there), later ones do not. Refused rather than split either way: whichever way the gateway
+        # read it, a host built the other way would read another source. No digest, repository or upload state
+        # holds a `;`, so no client of the API sends one.
+        return replace(
+            decision, allowed=False, why=f"{decision.why}; but its query holds a ';', read differently by hosts"
+        )
     for source in mount_sources(query):
         try:
             repository = normalize_repository(upstream, source)
@@ -234,10 +243,36 @@ def check(
     return decision
 
 
+def doubtful_entries(policy: Policy) -> list[str]:
+    """What a valid policy most likely does not mean, for `ocigate check` to warn of: a Docker Hub prefix of one
+    component (`nginx`) covers the namespace `nginx/` only, never the official image `nginx`, which Docker Hub (and
+    so the policy) names `library/nginx`."""
+    entries = [entry for lists in policy.upstreams.values() for entry in (*(lists.allow or ()), *lists.block)]
+    for rights in (policy.users or {}).values():
+        entries += [*rights.pull, *rights.push]
+    doubtful = []
+    for entry in entries:
+        prefix = entry.prefix
+        if entry.upstream != DOCKER_HUB or not prefix or "/" in prefix or prefix == "library":
+            continue
+        meant = entry.written[: len(entry.written) - len(prefix)] + f"library/{prefix}"
+        doubtful.append(
+            f"{policy.source}: {entry.key}: {entry.written!r} covers Docker Hub's namespace {prefix}/ only, not the "
+            f"official image {prefix} (library/{prefix}): write {meant!r} for that"
+        )
+    return doubtful
+
+
 def audit_line(who: str, method: str, what: str, decision: Decision) -> str:
     """The audit event of a refusal or a push: who (the proxy user, else the client's address), what (the method
-    and what it named) and the rule. No header, no credential: nothing of the request but these."""
-    return f"{who} {method} {what}: {decision.describe()}"
+    and what it named) and the rule. No header, no credential: nothing of the request but these. One line whatever
+    the client sent: a control character (a newline that would forge a line of its own, a terminal escape) is
+    written escaped."""
+    return _one_line(f"{who} {method} {what}: {decision.describe()}")
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def load_policy(root: Path) -> Policy:
@@ -382,5 +417,16 @@ def around_the_rules(policy: Policy, mirrors: Iterable[tuple[str, int]], host: s
         name = host.lower()
     if not policy.restricts or (name.strip("[]"), port) not in set(mirrors):
         return None
-    why = f"{host}:{port} is a mirror of the rules, reached through the gateway's rules only"
+    return _around(policy, f"{host}:{port} is a mirror of the rules")
+
+
+def around_the_rules_at(policy: Policy, host: str, port: int, mirror: str) -> Decision:
+    """The refusal of a connection to host:port, which the gateway did not open for a ruled upstream and which dials
+    an address of `mirror` (a mirror of the rules, host:port, under a policy that restricts): asked by its address
+    or by another of its names, a mirror is reached around the rules all the same."""
+    return _around(policy, f"{host}:{port} dials {mirror}, a mirror of the rules")
+
+
+def _around(policy: Policy, what: str) -> Decision:
+    why = f"{what}, reached through the gateway's rules only"
     return Decision(False, policy._rule(None).replace(" (no entry refuses it)", ""), why)

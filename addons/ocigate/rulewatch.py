@@ -12,8 +12,11 @@ fixing it says so.
 File times tick coarsely: a second edit of the same size within one tick leaves a fingerprint as it was. A directory
 holding a file changed within RACY_SECONDS of a look is therefore read again at the next look too (git's "racy clean").
 
+The watchers start from the tree as it was when its rules and policy were read (a Snapshot, taken before reading), so
+that an edit made before their first look is read at their next ones.
+
 The new rules go into a new Services bundle (services.with_rules) that the Configuration addon swaps in: a request
-under way keeps the rule its plan was made from.
+under way keeps the rule its plan was made from. One loop (keep_live) drives the rules tree and the policy file alike.
 """
 
 import asyncio
@@ -24,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from .hoststoml import HOSTS_FILE, Host, RegistryDirectory, RulesError, RuleSet, is_hidden, load_registry_directory
 from .hosttls import HostTLS, HostTLSError, openssl_context, python_context
@@ -170,12 +174,14 @@ class RulesTree:
         insecure: bool = False,
         scan: Callable[[Path], TreeScan] = scan_tree,
         clock: Callable[[], int] = time.time_ns,
+        first: Mapping[str, Seen] | None = None,
     ) -> None:
         self.rules = rules
         self._roots, self._insecure = roots, insecure
         self._scan, self._clock = scan, clock
-        # Each entry as last read; one read for the first time is compared with the rule in force, which came from it.
-        self._seen: dict[str, Seen] = {}
+        # Each entry as last read, from the Snapshot taken when `rules` were read (`first`) on; one read for the first
+        # time is compared with the rule in force, which came from it.
+        self._seen: dict[str, Seen] = dict(first or {})
         self._pending: dict[str, Fingerprint] = {}  # each stale entry as the last look found it
         self._broken: dict[str, str] = {}  # what was logged for each entry that is broken
         self._root_problem: str | None = None
@@ -183,6 +189,17 @@ class RulesTree:
     @property
     def root(self) -> Path:
         return self.rules.root
+
+    # What keep_live asks of a watcher.
+    path = root
+
+    @property
+    def in_force(self) -> RuleSet:
+        return self.rules
+
+    def changes(self) -> "Looked[Reload]":
+        reload = self.look()
+        return Looked(reload if reload.rules is not None else None, reload.warnings, reload.notes)
 
     def look(self) -> Reload:
         """Looks at the tree and reads again what changed. Blocking: run it on a thread."""
@@ -259,24 +276,13 @@ class RulesTree:
         notes.append(f"{self.root / name}: gone, its rule is no longer in force")
         return True
 
-    def _hosts(self, name: str, directory: RegistryDirectory) -> Iterable[tuple[Path | None, Host]]:
-        for rule in RuleSet(self.root, {name: directory}).rules():
-            for host in rule.hosts:
-                yield rule.source, host
-
     def _tls_files(self, name: str, directory: RegistryDirectory | None) -> list[Path]:
-        if directory is None:
-            return []
-        files: set[Path] = set()
-        for _, host in self._hosts(name, directory):
-            files.update(host.ca)
-            files.update(path for pair in host.client for path in pair if path)
-        return sorted(files)
+        return tls_files(self.root, name, directory)
 
     def _check_tls(self, name: str, directory: RegistryDirectory) -> None:
         """RulesError naming the hosts.toml and the key when a `ca` or `client` file its hosts name cannot be loaded,
         as start-up refuses it (services.py)."""
-        for source, host in self._hosts(name, directory):
+        for source, host in _hosts(self.root, name, directory):
             problem = tls_problem(host, roots=self._roots, insecure=self._insecure)
             if problem is None:
                 continue
@@ -285,6 +291,60 @@ class RulesTree:
                 # Docker's certs.d layout (*.crt, *.cert, *.key beside no hosts.toml): the files are named in `why`.
                 raise RulesError(self.root / name, None, why)
             raise RulesError(source, key if host.is_server else f'host."{_written(host)}".{key}', why)
+
+
+def _hosts(root: Path, name: str, directory: RegistryDirectory) -> Iterable[tuple[Path | None, Host]]:
+    for rule in RuleSet(root, {name: directory}).rules():
+        for host in rule.hosts:
+            yield rule.source, host
+
+
+def tls_files(root: Path, name: str, directory: RegistryDirectory | None) -> list[Path]:
+    """The `ca` and `client` files the rule of the entry `name` of the tree at `root` names."""
+    if directory is None:
+        return []
+    files: set[Path] = set()
+    for _, host in _hosts(root, name, directory):
+        files.update(host.ca)
+        files.update(path for pair in host.client for path in pair if path)
+    return sorted(files)
+
+
+@dataclass(frozen=True)
+class Before:
+    """A rules tree as it was just before it was read: its entries, its policy file, and when."""
+
+    scan: TreeScan
+    policy: Fingerprint
+    taken_ns: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A rules tree as its rules and policy were read (services.build): each entry as the rules watcher would have
+    seen it, and the policy file. The watchers start from it, so an edit made since is read at their next looks."""
+
+    entries: Mapping[str, Seen]
+    policy: Fingerprint | None  # None: not known (another policy was put in force since)
+
+
+def before_reading(root: Path) -> Before:
+    """Looks at the tree at `root` before its rules and policy are read: whatever changes from now on differs from
+    this. Blocking: for start-up and for an option that changed, as reading the rules is."""
+    root = Path(root).absolute()  # as load_rules names it, which the watchers' stamps use
+    taken_ns = time.time_ns()
+    return Before(scan_tree(root), stamps([root / POLICY_FILE]), taken_ns)
+
+
+def snapshot(before: Before, rules: RuleSet) -> Snapshot:
+    """The Snapshot of the tree whose rules were read after `before`. Stamps the TLS files the rules name: call it
+    before they are loaded."""
+    directories = rules.directories()
+    entries = {}
+    for name, own in before.scan.entries.items():
+        tls = stamps(tls_files(rules.root, name, directories.get(name)))
+        entries[name] = Seen(own, tls, settled(own | tls, before.taken_ns))
+    return Snapshot(entries, before.policy)
 
 
 def tls_problem(host: Host, *, roots: Path | None, insecure: bool) -> tuple[str, str] | None:
@@ -317,11 +377,87 @@ def _summary(name: str, directory: RegistryDirectory) -> str:
 
 @dataclass(frozen=True)
 class Watched:
-    """The rules in force and the settings their TLS files are loaded with."""
+    """The rules in force, the settings their TLS files are loaded with, and the tree as they were read from it (None:
+    not known, as for rules a watcher put in force: each entry is read again and compared)."""
 
     rules: RuleSet
     roots: Path | None
     insecure: bool
+    first: Snapshot | None = None
+
+
+@dataclass(frozen=True)
+class PolicyWatched:
+    """The policy in force, the root of the rules tree it was read from, and its file as it was then (None: not
+    known, as for a policy a watcher put in force)."""
+
+    root: Path
+    policy: Policy
+    first: Fingerprint | None = None
+
+
+In_co = TypeVar("In_co", covariant=True)
+Found_co = TypeVar("Found_co", covariant=True)
+In = TypeVar("In")
+Found = TypeVar("Found")
+
+
+@dataclass(frozen=True)
+class Looked(Generic[Found_co]):
+    """What one look found to put in force (None: what is in force stays), and what to log."""
+
+    found: Found_co | None
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class Watcher(Protocol[In_co, Found_co]):
+    """What keep_live drives: files looked at (`path`, for the log) and what is in force from them."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def in_force(self) -> In_co: ...
+
+    def changes(self) -> Looked[Found_co]:
+        """Looks, and reads again what changed. Blocking: keep_live runs it on a thread."""
+        ...
+
+
+async def keep_live(
+    watcher: Callable[[Watcher[In, Found] | None], Watcher[In, Found] | None],
+    swap: Callable[[In, Found], None],
+    interval: float,
+) -> None:
+    """Every `interval` seconds, looks at what `watcher(the last one)` watches (the same watcher while what it
+    watches is in force, a new one when something else was put in force, None: nothing to watch); what it found
+    goes in through `swap(what was in force when it looked, what it found)`. An error in either is logged naming the
+    files and stops nothing: the next look starts afresh. Runs until cancelled."""
+    current: Watcher[In, Found] | None = None
+    while True:
+        await asyncio.sleep(interval)
+        current = watcher(current)
+        if current is None:
+            continue
+        looked_at = current.in_force
+        try:
+            looked = await asyncio.to_thread(current.changes)
+        except Exception:
+            log.exception("ocigate: internal error looking at %s; what is in force stays", current.path)
+            current = None
+            continue
+        for line in looked.warnings:
+            log.warning("ocigate: %s", line)
+        for line in looked.notes:
+            log.info("ocigate: %s", line)
+        if looked.found is None:
+            continue
+        try:
+            swap(looked_at, looked.found)
+        except Exception:
+            log.exception("ocigate: internal error putting in force what %s holds now; what was stays", current.path)
+            current = None
 
 
 async def keep_rules_live(
@@ -329,43 +465,41 @@ async def keep_rules_live(
     swap: Callable[[RuleSet, Reload], None],
     interval: float = INTERVAL,
 ) -> None:
-    """Every `interval` seconds, compares the rules `in_force()` names (None: no rules) with their tree; when it
-    changed, `swap(the rules looked at, the reload)` puts the new rules in force. Runs until cancelled."""
-    tree: RulesTree | None = None
-    while True:
-        await asyncio.sleep(interval)
+    """Keeps the rules `in_force()` names (None: no rules) in step with their tree: when it changed,
+    `swap(the rules looked at, the reload)` puts the new rules in force. Runs until cancelled."""
+
+    def watcher(tree: Watcher[RuleSet, Reload] | None) -> Watcher[RuleSet, Reload] | None:
         watched = in_force()
         if watched is None:
-            tree = None
-            continue
-        if tree is None or tree.rules is not watched.rules:
+            return None
+        if tree is None or tree.in_force is not watched.rules:
             # Other rules were put in force (an option changed, or a swap was refused): their tree is new to us.
-            tree = RulesTree(watched.rules, roots=watched.roots, insecure=watched.insecure)
-        looked_at = tree.rules
-        try:
-            reload = await asyncio.to_thread(tree.look)
-        except Exception:
-            log.exception("ocigate: internal error looking at the rules in %s; the rules in force stay", tree.root)
-            tree = None
-            continue
-        for line in reload.warnings:
-            log.warning("ocigate: %s", line)
-        for line in reload.notes:
-            log.info("ocigate: %s", line)
-        if reload.rules is not None:
-            swap(looked_at, reload)
+            first = watched.first.entries if watched.first is not None else None
+            return RulesTree(watched.rules, roots=watched.roots, insecure=watched.insecure, first=first)
+        return tree
+
+    await keep_live(watcher, swap, interval)
 
 
 class PolicyFile:
     """The rules tree's policy.toml, looked at like a registry directory: read again once two looks in a row find it
-    changed and the same; a broken edit keeps the policy in force and is named once (file, key, reason)."""
+    changed and the same; a broken edit keeps the policy in force and is named once (file, key, reason). `seen`: the
+    file as `in_force` was read from it (else as it is now)."""
 
-    def __init__(self, root: Path, in_force: Policy) -> None:
+    def __init__(self, root: Path, in_force: Policy, seen: Fingerprint | None = None) -> None:
         self.path = root / POLICY_FILE
         self.policy = in_force
-        self._seen = stamps([self.path])
+        self._seen = stamps([self.path]) if seen is None else seen
         self._pending: Fingerprint | None = None
         self._broken: str | None = None
+
+    @property
+    def in_force(self) -> Policy:
+        return self.policy
+
+    def changes(self) -> Looked[Policy]:
+        policy, lines = self.look()
+        return Looked(policy, (), tuple(lines)) if policy is not None else Looked(None, tuple(lines))
 
     def look(self) -> tuple[Policy | None, list[str]]:
         """A new policy to put in force (None: none), and what to log. Blocks (stat, read): run it on a thread."""
@@ -392,31 +526,19 @@ class PolicyFile:
 
 
 async def keep_policy_live(
-    in_force: Callable[[], tuple[Path, Policy] | None],
+    in_force: Callable[[], PolicyWatched | None],
     swap: Callable[[Policy, Policy], None],
     interval: float = INTERVAL,
 ) -> None:
-    """Every `interval` seconds, compares the policy `in_force()` names (its rules root and the policy; None: no
-    rules) with its file; a new one goes in through `swap(the policy looked at, the new one)`. Runs until
-    cancelled."""
-    watched: PolicyFile | None = None
-    while True:
-        await asyncio.sleep(interval)
+    """Keeps the policy `in_force()` names (None: no rules) in step with its file: a new one goes in through
+    `swap(the policy looked at, the new one)`. Runs until cancelled."""
+
+    def watcher(file: Watcher[Policy, Policy] | None) -> Watcher[Policy, Policy] | None:
         current = in_force()
         if current is None:
-            watched = None
-            continue
-        root, policy = current
-        if watched is None or watched.policy is not policy or watched.path.parent != root:
-            watched = PolicyFile(root, policy)
-        looked_at = watched.policy
-        try:
-            new, lines = await asyncio.to_thread(watched.look)
-        except Exception:
-            log.exception("ocigate: internal error looking at %s; the policy in force stays", watched.path)
-            watched = None
-            continue
-        for line in lines:
-            (log.info if new is not None else log.warning)("ocigate: %s", line)
-        if new is not None:
-            swap(looked_at, new)
+            return None
+        if file is None or file.in_force is not current.policy or file.path != current.root / POLICY_FILE:
+            return PolicyFile(current.root, current.policy, current.first)
+        return file
+
+    await keep_live(watcher, swap, interval)

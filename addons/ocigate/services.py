@@ -24,6 +24,7 @@ from .hostclient import HostClient
 from .hoststoml import Host, Rule, RulesError, RuleSet, load_rules
 from .hosttls import HostTLS, HostTLSError, forget_contexts, openssl_context, python_context
 from .policy import Policy, PolicyError, load_policy
+from .rulewatch import Snapshot, before_reading, snapshot
 from .settings import Settings
 
 
@@ -37,6 +38,9 @@ class Services:
     contexts: ContextStore
     # Who may pull and push what (the rules tree's policy.toml), read with the rules.
     policy: Policy = field(default_factory=Policy)
+    # The rules tree as `rules` and `policy` were read from it, where the watchers start (None: not known, for rules
+    # a watcher put in force, which it knows).
+    snapshot: Snapshot | None = None
 
     @classmethod
     def unconfigured(cls) -> "Services":
@@ -61,22 +65,22 @@ def build(settings: Settings, before: "tuple[Settings, Services] | None" = None,
     the TLS files they name are checked as they are read: an OptionsError naming ocigate_rules and the file."""
     same_rules = before is not None and not reread and _rules_inputs(before[0]) == _rules_inputs(settings)
     if before is not None and same_rules:
-        rules, policy = before[1].rules, before[1].policy
+        rules, policy, taken = before[1].rules, before[1].policy, before[1].snapshot
     else:
         # The files may have changed on disk since their contexts were made.
         forget_contexts()
-        rules, policy = _load_rules(settings), _load_policy(settings)
+        rules, policy, taken = _read_tree(settings)
     hostclient = _hostclient(settings, rules)
     if before is None:
         services = Services.of(rules, hostclient, HostHealth(settings.cooldown), credential_chain(settings))
-        return replace(services, policy=policy)
+        return replace(services, policy=policy, snapshot=taken)
     old_settings, old = before
     if same_rules and _credential_inputs(old_settings) == _credential_inputs(settings):
         broker = old.broker.with_client(hostclient)
     else:
         broker = Broker(hostclient, credential_chain(settings))
     health = old.health.with_cooldown(settings.cooldown)
-    return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts, policy)
+    return Services(rules, hostclient, broker, health, Asker(broker, health), old.contexts, policy, taken)
 
 
 def with_rules(settings: Settings, services: Services, rules: RuleSet) -> Services:
@@ -151,17 +155,21 @@ def _sources(name: str, settings: Settings) -> list[CredentialSource]:
     return [KubernetesSecrets(settings.kubernetes_secrets)] if settings.kubernetes_secrets else []
 
 
-def _load_rules(settings: Settings) -> RuleSet | None:
+def _read_tree(settings: Settings) -> tuple[RuleSet | None, Policy, Snapshot | None]:
+    """The rules and the policy of the rules tree, and the tree as they were read from it."""
     if settings.rules is None:
-        return None
+        return None, Policy(), None
+    # Looked at before anything is read: an edit from now on differs from the snapshot, and the watchers read it.
+    before = before_reading(settings.rules)
     try:
         rules = load_rules(settings.rules)
     except RulesError as e:
         raise exceptions.OptionsError(f"ocigate_rules: {e}") from None
+    taken = snapshot(before, rules)  # the TLS files too, before they are loaded
     # A `ca` or `client` file that cannot be loaded is a broken rule too: found now, not on the first pull.
     for rule, host, error in tls_problems(rules.rules(), settings):
         raise exceptions.OptionsError(f"ocigate_rules: {rule.source}: {host.url}: {error}")
-    return rules
+    return rules, _load_policy(settings), taken
 
 
 def tls_problems(rules: Iterable[Rule], settings: Settings) -> Iterator[tuple[Rule, Host, HostTLSError]]:
@@ -178,8 +186,7 @@ def tls_problems(rules: Iterable[Rule], settings: Settings) -> Iterator[tuple[Ru
 
 
 def _load_policy(settings: Settings) -> Policy:
-    if settings.rules is None:
-        return Policy()
+    assert settings.rules is not None
     try:
         return load_policy(settings.rules)
     except PolicyError as e:

@@ -241,6 +241,8 @@ def _header_names(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def _credential_sources(names: Sequence[str]) -> tuple[str, ...]:
+    # `--set ocigate_credential_sources=` (an empty value) names none, as the option's help says empty does.
+    names = [name for name in names if name]
     unknown = [name for name in names if name not in CREDENTIAL_SOURCES]
     if unknown:
         raise exceptions.OptionsError(

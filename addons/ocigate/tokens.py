@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from cachetools import TLRUCache
 
 from .credentials import Credential
-from .hoststoml import host_problem, netloc
+from .hoststoml import netloc, split_url
 from .routes import DEFAULT_PORTS
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
@@ -218,21 +218,13 @@ class RealmURL:
         if not all("!" <= char <= "~" for char in text):
             raise unusable("it has spaces, control characters or non-ASCII characters")
         try:
-            parts = urlsplit(text)
-            port = parts.port
+            parts, host, port = split_url(text)
         except ValueError as e:
             raise unusable(str(e)) from None
         scheme = parts.scheme.lower()
         if scheme not in DEFAULT_PORTS:
             raise unusable("not http or https")
-        if not parts.hostname:
-            raise unusable("no host name")
-        problem = host_problem(parts.hostname, bracketed=parts.netloc.rpartition("@")[2].startswith("["))
-        if problem:
-            raise unusable(problem)
-        if port == 0:
-            raise unusable("port 0")
-        return cls(scheme, parts.hostname, port or DEFAULT_PORTS[scheme], parts.path or "/", parts.query)
+        return cls(scheme, host, port or DEFAULT_PORTS[scheme], parts.path or "/", parts.query)
 
     @property
     def netloc(self) -> str:

@@ -119,3 +119,20 @@ def test_the_user_with_rights_pulls_and_pushes_and_the_push_is_audited(
     writes = [r for r in fresh.a.recorder.requests + fresh.b.recorder.requests if r.method in ("POST", "PATCH", "PUT")]
     assert writes == []
     assert PULLER_PASSWORD not in policed_gateway.log_text()
+
+
+def test_a_client_asking_a_mirror_at_its_address_is_refused_and_the_mirror_sees_nothing(
+    policed_gateway: Gateway, fresh: World
+) -> None:
+    """The rules name the mirror mirror-a.test:5000, which the host map sends to 127.0.0.1:PORT: a client asking
+    127.0.0.1:PORT, plainly or through a CONNECT tunnel, goes around the rules and is refused where they are dialled."""
+    address = f"127.0.0.1:{fresh.a.recorder.port}"
+    proxy = policed_gateway.proxy_url.replace("http://", f"http://{PULLER}:{PULLER_PASSWORD}@")
+    for tunnel in ((), ("--proxytunnel",)):
+        command = ["curl", "-sS", "--noproxy", "", "-x", proxy, *tunnel, f"http://{address}/v2/team/app/manifests/v1"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        assert "schemaVersion" not in result.stdout, (tunnel, result.stdout)
+    assert fresh.a.recorder.requests == []
+    refusals = [line for line in audit_lines(policed_gateway) if f"connection to {address}: refused" in line]
+    assert len(refusals) == 2, audit_lines(policed_gateway)
+    assert all(f"dials {fresh.a.name}, a mirror of the rules" in line for line in refusals), refusals
