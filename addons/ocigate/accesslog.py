@@ -1,14 +1,18 @@
 """The access log: one JSON object a line for each request the gateway handled, built from its flow record (which
 holds no secret), and written by a thread of its own, so that no hook waits for a disk.
+
+Each line is written by one write(2) to a file opened O_APPEND (or to standard error): the workers of
+`ocigate --workers N` append to one file, and their lines never mix.
 """
 
 import json
+import os
 import queue
 import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from .metrics import reason
 from .record import FlowRecord
@@ -30,11 +34,13 @@ def reference(record: FlowRecord) -> str | None:
     return f"{named}{'@' if ':' in record.reference else ':'}{record.reference}"
 
 
-def entry(record: FlowRecord, started: float) -> dict[str, Any]:
-    """The access log's object for a request that ended, whose request came at `started` (seconds since the epoch).
-    Every key is always there (null when it does not apply), so that the lines can be read as a table."""
+def entry(record: FlowRecord, started: float, worker: int | None = None) -> dict[str, Any]:
+    """The access log's object for a request that ended, whose request came at `started` (seconds since the epoch),
+    served by `worker` of `ocigate --workers N` (None: a gateway alone). Every key is always there (null when it does
+    not apply), so that the lines can be read as a table."""
     return {
         "time": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "worker": worker,
         "client": record.client,
         "proxy_user": record.proxy_user,
         "upstream": record.upstream,
@@ -65,17 +71,17 @@ def entry(record: FlowRecord, started: float) -> dict[str, Any]:
     }
 
 
-def line(record: FlowRecord, started: float) -> str:
+def line(record: FlowRecord, started: float, worker: int | None = None) -> str:
     """The entry as one line: JSON escapes every line break a value may hold."""
-    return json.dumps(entry(record, started), separators=(",", ":")) + "\n"
+    return json.dumps(entry(record, started, worker), separators=(",", ":")) + "\n"
 
 
 class AccessLog:
-    """Lines handed over by the event loop (never waiting) and written by one thread, which flushes whenever it has
-    caught up; closing writes every line handed over before."""
+    """Lines handed over by the event loop (never waiting) and written by one thread, each as soon as it can; closing
+    writes every line handed over before."""
 
-    def __init__(self, stream: TextIO, *, owned: bool) -> None:
-        self._stream = stream
+    def __init__(self, fd: int, *, owned: bool) -> None:
+        self._fd = fd
         self._owned = owned  # a file the log opened, closed with it (standard error is not)
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_lines, name="ocigate-access-log", daemon=True)
@@ -85,8 +91,8 @@ class AccessLog:
     def open(cls, target: Path | Literal["-"]) -> "AccessLog":
         """The log appended to `target`, or written to standard error; OSError when the file cannot be opened."""
         if target == STDERR:
-            return cls(sys.stderr, owned=False)
-        return cls(open(target, "a", encoding="utf-8"), owned=True)
+            return cls(sys.stderr.fileno(), owned=False)
+        return cls(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666), owned=True)
 
     def write(self, text: str) -> None:
         self._lines.put(text)
@@ -97,24 +103,17 @@ class AccessLog:
         self._lines.put(_END)
         self._writer.join()
         if self._owned:
-            self._stream.close()
+            os.close(self._fd)
 
     def _write_lines(self) -> None:
-        while True:
-            text = self._lines.get()
-            while text is not _END:
-                try:
-                    self._stream.write(text)
-                except OSError as e:
-                    # A full disk loses lines, never the gateway's flows: said once for each line lost.
-                    print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
-                try:
-                    text = self._lines.get_nowait()
-                except queue.Empty:
-                    break
+        while (text := self._lines.get()) is not _END:
             try:
-                self._stream.flush()
+                self._write_line(text.encode())
             except OSError as e:
+                # A full disk loses lines, never the gateway's flows: said once for each line lost.
                 print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
-            if text is _END:
-                return
+
+    def _write_line(self, data: bytes) -> None:
+        # A regular file takes it in one write; what is left after a short one (a pipe) follows.
+        while data:
+            data = data[os.write(self._fd, data) :]
