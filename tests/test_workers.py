@@ -40,7 +40,7 @@ def test_a_workers_flag_that_is_not_a_count_is_refused(argv: list[str], message:
 
 
 def test_ocigate_web_refuses_more_than_one_worker() -> None:
-    with pytest.raises(SystemExit, match="^ocigate web: --workers cannot be used with mitmweb's UI"):
+    with pytest.raises(SystemExit, match=r"^ocigate web: --workers cannot be used with mitmweb's UI"):
         cli.main(["web", "--workers", "2"])
 
 
@@ -57,7 +57,7 @@ def test_a_worker_is_who_its_environment_says() -> None:
 def test_each_worker_serves_its_metrics_on_the_port_given_plus_its_index() -> None:
     assert Identity(2, 3, 1).metrics_address(MetricsAddress("127.0.0.1", 9090)) == MetricsAddress("127.0.0.1", 9092)
     assert Identity(2, 3, 1).metrics_address(MetricsAddress("127.0.0.1", 0)) == MetricsAddress("127.0.0.1", 0)
-    with pytest.raises(ValueError, match="^ocigate_metrics: worker 2 would serve on port 65537, above 65535$"):
+    with pytest.raises(ValueError, match=r"^ocigate_metrics: worker 2 would serve on port 65537, above 65535$"):
         Identity(2, 3, 1).metrics_address(MetricsAddress("127.0.0.1", 65535))
 
 
