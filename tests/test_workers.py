@@ -12,6 +12,7 @@ from mitmproxy.options import Options
 from mitmproxy.test import taddons
 
 from ocigate import cli
+from ocigate.configuration import Shared
 from ocigate.settings import MetricsAddress
 from ocigate.worker import ENVIRONMENT, Identity, LabelledLines, SharedListen
 from ocigate.workers import split
@@ -94,7 +95,7 @@ def test_labelled_lines_are_written_whole_each_starting_with_the_label(tmp_path:
     ],
 )
 def test_a_worker_refuses_what_the_workers_cannot_share(option: dict, message: str) -> None:
-    with taddons.context(SharedListen(Identity(0, 2, os.getpid()))) as tctx:
+    with taddons.context(SharedListen(Identity(0, 2, os.getpid()), Shared())) as tctx:
         tctx.options.add_option("save_stream_file", str, "", "as mitmproxy's Save declares it")
         tctx.options.add_option("hardump", str, "", "as mitmproxy's SaveHar declares it")
         with pytest.raises(exceptions.OptionsError, match=f"^{message}"):

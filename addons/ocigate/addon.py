@@ -273,7 +273,7 @@ def make_addons(worker: Identity | None = None) -> list:
         # before mitmproxy's own recorders.
         redaction,
         # A worker of `ocigate --workers N`: the proxy's address shared with the other workers.
-        *([SharedListen(worker)] if worker is not None else []),
+        *([SharedListen(worker, shared)] if worker is not None else []),
         # Last of all, after the recorders (cli._add_ocigate moves it there).
         as_received,
     ]

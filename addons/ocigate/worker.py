@@ -24,6 +24,8 @@ from mitmproxy.addons.proxyserver import Servers
 from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
+from .configuration import Shared
+from .reuseport import keep_clients_together
 from .settings import MetricsAddress
 
 ENVIRONMENT = "OCIGATE_WORKER"  # INDEX/COUNT/PARENT_PID, set by the parent for each worker
@@ -123,8 +125,9 @@ class SharedListen:
     """The addon of a worker: refuses what N processes cannot share, makes mitmproxy's proxy servers bind with
     SO_REUSEPORT, and tells the parent once they listen."""
 
-    def __init__(self, worker: Identity) -> None:
+    def __init__(self, worker: Identity, shared: Shared) -> None:
         self.worker = worker
+        self.shared = shared
         self._servers: Servers | None = None
 
     def load(self, loader: Loader) -> None:
@@ -164,10 +167,17 @@ class SharedListen:
             if isinstance(instance, AsyncioServerInstance) and not instance.is_running:
                 # mitmproxy's listen has no way to ask for SO_REUSEPORT: this instance's, for TCP (what configure
                 # lets through), is asyncio's with it.
-                instance.listen = partial(_listen_shared, instance)  # type: ignore[method-assign]
+                instance.listen = partial(self._listen, instance)  # type: ignore[method-assign]
 
-
-async def _listen_shared(
-    instance: AsyncioServerInstance, host: str, port: int
-) -> list[asyncio.Server | mitmproxy_rs.udp.UdpServer | mitmproxy_rs.wireguard.WireGuardServer]:
-    return [await asyncio.start_server(instance.handle_stream, host, port, reuse_port=True)]
+    async def _listen(
+        self, instance: AsyncioServerInstance, host: str, port: int
+    ) -> list[asyncio.Server | mitmproxy_rs.udp.UdpServer | mitmproxy_rs.wireguard.WireGuardServer]:
+        server = await asyncio.start_server(instance.handle_stream, host, port, reuse_port=True)
+        if self.shared.configured and self.shared.settings.worker_affinity == "client":
+            try:
+                for sock in server.sockets:
+                    keep_clients_together(sock, self.worker.count)
+            except OSError as e:
+                server.close()
+                raise OSError(e.errno, f"ocigate_worker_affinity=client: the kernel refused its program: {e}") from e
+        return [server]

@@ -1,6 +1,6 @@
 """`ocigate --workers 2` as a real process tree: both workers serve connections on the one address, skopeo pulls
 through them, the parent's SIGTERM stops every worker, a worker killed is started again, and a parent killed takes
-its workers with it."""
+its workers with it; with client affinity, each client address stays on one worker, and a pull keeps its context."""
 
 import http.client
 import json
@@ -36,9 +36,9 @@ def running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def ping(gateway: Gateway) -> int:
-    """A GET /v2/ for the upstream, which the gateway answers itself, on a connection of its own."""
-    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+def ping(gateway: Gateway, source: str = "127.0.0.1") -> int:
+    """A GET /v2/ for the upstream, which the gateway answers itself, on a connection of its own from `source`."""
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30, source_address=(source, 0))
     try:
         connection.request("GET", f"http://{UPSTREAM}/v2/")
         return connection.getresponse().status
@@ -131,3 +131,32 @@ def test_a_killed_worker_is_started_again_and_a_killed_parent_leaves_no_worker(f
         )
     lines = [json.loads(text) for text in access_log.read_text().splitlines()]
     assert {line["worker"] for line in lines if line["kind"] == "ping"} == {0, 1}
+
+
+def test_with_client_affinity_each_client_stays_on_one_worker_and_a_pull_keeps_its_context(
+    fresh: World, tmp_path: Path
+) -> None:
+    access_log = tmp_path / "access.log"
+    rules, host_map, options = start(fresh, tmp_path, access_log)
+    options.append("ocigate_worker_affinity=client")
+    with running_gateway(tmp_path / "gateway", rules, host_map, options, workers=2) as gateway:
+        wait_for_workers(gateway, 2)
+        sources = ["127.0.0.2", "127.0.0.3"]  # an even and an odd address: one for each worker
+        assert [ping(gateway, source) for source in sources for _ in range(10)] == [200] * 20
+        home = tmp_path / "client"
+        layout = home / "layout"
+        pulled = pull(gateway, home, layout)
+        assert pulled.returncode == 0, pulled.stderr
+        blob_requests = [r for r in fresh.b.recorder.requests if r.method == "GET" and "/blobs/" in r.path]
+    assert_layout_holds(layout, fresh.app)
+    logged = [json.loads(text) for text in access_log.read_text().splitlines()]
+    by_client: dict[str, set[int]] = {}
+    for line in logged:
+        by_client.setdefault(line["client"].rpartition(":")[0], set()).add(line["worker"])
+    assert by_client.keys() == {"127.0.0.1", *sources}
+    assert all(len(workers) == 1 for workers in by_client.values()), by_client
+    assert by_client["127.0.0.2"] != by_client["127.0.0.3"]
+    # skopeo's connections all met the worker that served the manifest: every blob is asked as part of the pull.
+    assert blob_requests
+    for request in blob_requests:
+        assert request.header_values("OCI-Named-Ref") == [REFERENCE], request.target
