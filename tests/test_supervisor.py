@@ -63,6 +63,14 @@ def test_a_worker_that_exits_before_it_listened_ends_the_gateway_with_its_status
     assert box.said == ["worker 0 (pid 101) exited with status 1 before it listened: stopping the gateway"]
 
 
+def test_a_worker_0_that_ends_cleanly_before_it_listened_ends_the_gateway_cleanly() -> None:
+    """--version, --options: it had nothing to serve."""
+    box = Box(2)
+    box.supervisor.start()
+    box.supervisor.exited(box.pid_of(0), 0)
+    assert box.supervisor.done and box.supervisor.exit_status == 0 and box.said == []
+
+
 def test_when_a_later_worker_fails_at_start_the_running_ones_are_stopped() -> None:
     box = Box(2)
     box.supervisor.start()

@@ -1,6 +1,7 @@
 """`ocigate --workers N`: the command line, what a worker knows of itself, its labelled output, and its proxy server
 sharing the listening address (the processes themselves: tests/e2e/test_workers_e2e.py)."""
 
+import ctypes
 import os
 import re
 import socket
@@ -43,6 +44,22 @@ def test_a_workers_flag_that_is_not_a_count_is_refused(argv: list[str], message:
 def test_ocigate_web_refuses_more_than_one_worker() -> None:
     with pytest.raises(SystemExit, match=r"^ocigate web: --workers cannot be used with mitmweb's UI"):
         cli.main(["web", "--workers", "2"])
+
+
+def test_a_worker_variable_that_is_not_the_parents_stops_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENVIRONMENT, "x")
+    with pytest.raises(SystemExit, match=f"^ocigate: {ENVIRONMENT}='x' is not INDEX/COUNT/PARENT_PID$"):
+        cli.main([])
+
+
+def test_a_worker_whose_parent_is_gone_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its parent died before the worker could ask to be told: nobody would stop it."""
+    monkeypatch.setenv(ENVIRONMENT, f"0/2/{os.getppid() + 1}")
+    try:
+        with pytest.raises(SystemExit, match=r"^ocigate: \[w0\] the parent \(pid \d+\) is gone$"):
+            cli.main([])
+    finally:
+        ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: the test run's own process is no worker
 
 
 def test_a_worker_is_who_its_environment_says() -> None:

@@ -20,7 +20,7 @@ from mitmproxy.tools.web.master import WebMaster
 from . import workers
 from .addon import make_addons
 from .captures import AnswerAsReceived, Redaction
-from .worker import Identity, follow_parent, label_output
+from .worker import ENVIRONMENT, Identity, follow_parent, label_output
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from . import explain  # only here: the gateway itself never needs it
 
         raise SystemExit(explain.main(argv))
-    if "-h" in argv or "--help" in argv:
+    helping = "-h" in argv or "--help" in argv
+    if helping:
         print(USAGE_EXTRA)
     web = bool(argv) and argv[0] == "web"
     count, argv = workers.split(argv[1:] if web else argv)
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         worker = Identity.from_environment(os.environ)
     except ValueError as e:
         raise SystemExit(f"ocigate: {e}") from None
-    if worker is None and count > 1:
+    # Read once: what this worker starts (credential helpers) is no worker.
+    os.environ.pop(ENVIRONMENT, None)
+    if worker is None and count > 1 and not helping:
         raise SystemExit(workers.run(count, argv))
     if worker is not None:
         follow_parent(worker)

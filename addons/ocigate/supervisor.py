@@ -102,8 +102,10 @@ class Supervisor:
                 self.status = self.status or 1
             return
         if not slot.ever_listened:
-            self.say(f"{name} {describe(code)} before it listened: stopping the gateway")
-            self.status = code if code > 0 else 1
+            # Status 0: it had nothing to serve (--version, --options), as one gateway would have.
+            if code != 0:
+                self.say(f"{name} {describe(code)} before it listened: stopping the gateway")
+            self.status = code if code >= 0 else 1
             self._stop(signal.SIGTERM)
             return
         ran = self.clock() - slot.started

@@ -87,6 +87,8 @@ class LabelledLines(io.TextIOBase):
     write(2): the workers share one standard output (a terminal, a pipe to the journal), and lines written so are
     never cut into pieces that mix with another worker's."""
 
+    encoding = "utf-8"
+
     def __init__(self, fd: int, label: str) -> None:
         super().__init__()
         self._fd = fd
