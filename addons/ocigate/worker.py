@@ -7,6 +7,7 @@ names the sender), so that the parent knows a worker that fails at start from on
 """
 
 import asyncio
+import contextlib
 import ctypes
 import io
 import os
@@ -162,7 +163,9 @@ class SharedListen:
                     )
 
     def running(self) -> None:
-        os.kill(self.worker.parent, LISTENING_SIGNAL)
+        # A parent gone meanwhile has sent this worker SIGTERM already (follow_parent).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.worker.parent, LISTENING_SIGNAL)
 
     def _share(self) -> None:
         for instance in self._servers or ():
