@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -56,6 +57,7 @@ def test_the_reference_is_the_tag_or_the_digest_asked_for() -> None:
 def test_an_entry_says_who_asked_what_which_hosts_were_tried_who_served_and_how_much() -> None:
     assert entry(served_manifest(), started=1_700_000_000.25) == {
         "time": "2023-11-14T22:13:20.250Z",
+        "worker": None,
         "client": "127.0.0.1:40000",
         "proxy_user": "builder",
         "upstream": "upstream.test",
@@ -91,6 +93,11 @@ def test_an_entry_of_a_refused_request_has_every_key_with_nothing_known() -> Non
     assert shown["error"] == "not a distribution API path"
 
 
+def test_an_entry_names_the_worker_of_ocigate_workers_that_served_it() -> None:
+    assert entry(served_manifest(), started=0, worker=1)["worker"] == 1
+    assert json.loads(line(served_manifest(), started=0, worker=0))["worker"] == 0
+
+
 def test_a_line_is_one_line_of_json_whatever_a_value_holds() -> None:
     record = served_manifest()
     record.error = "a host said\r\nX-Injected: yes"
@@ -104,13 +111,13 @@ def test_the_log_writes_every_line_in_order_by_a_thread_of_its_own(tmp_path: Pat
     path.write_text("kept\n")
     log = AccessLog.open(path)
     writers = set()
-    original = log._stream.write
+    original = log._write_line
 
-    def noting(text: str) -> int:
+    def noting(data: bytes) -> None:
         writers.add(threading.current_thread().name)
-        return original(text)
+        original(data)
 
-    log._stream.write = noting  # type: ignore[method-assign]
+    log._write_line = noting  # type: ignore[method-assign]
     for n in range(1000):
         log.write(f"{n}\n")
     log.close()
@@ -132,12 +139,36 @@ def test_the_log_flushes_once_it_has_caught_up(tmp_path: Path) -> None:
         log.close()
 
 
-def test_standard_error_is_written_to_but_not_closed(capsys: pytest.CaptureFixture[str]) -> None:
+def test_standard_error_is_written_to_but_not_closed(capfd: pytest.CaptureFixture[str]) -> None:
     log = AccessLog.open("-")
     log.write("to stderr\n")
     log.close()
-    assert capsys.readouterr().err == "to stderr\n"
+    assert capfd.readouterr().err == "to stderr\n"
     assert not sys.stderr.closed
+
+
+def test_each_line_is_one_write_to_a_file_opened_for_appending(tmp_path: Path) -> None:
+    """The workers of `ocigate --workers N` append to one file: a line written in pieces could mix with another's."""
+    path = tmp_path / "access.log"
+    log = AccessLog.open(path)
+    other = AccessLog.open(path)  # another worker's
+    writes: list[bytes] = []
+    original = os.write
+
+    def noting(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return original(fd, data)
+
+    long = "x" * 100_000
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "write", noting)
+        log.write(f"{long}\n")
+        log.close()
+        other.write("short\n")
+        other.close()
+    assert writes == [f"{long}\n".encode(), b"short\n"]
+    # Opened before the first line was written, the other log still appends after it (O_APPEND).
+    assert path.read_text() == f"{long}\nshort\n"
 
 
 def test_a_file_that_cannot_be_opened_is_an_os_error(tmp_path: Path) -> None:
@@ -150,16 +181,16 @@ def test_a_writer_that_falls_behind_drops_lines_counts_them_and_says_so_once_per
 ) -> None:
     now = [0.0]
     path = tmp_path / "access.log"
-    log = AccessLog(path.open("a"), path=path, capacity=2, clock=lambda: now[0])
+    log = AccessLog(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), path=path, capacity=2, clock=lambda: now[0])
     writing, disk = threading.Event(), threading.Event()
-    original = log._stream.write
+    original = log._write_line
 
-    def slow(text: str) -> int:
+    def slow(data: bytes) -> None:
         writing.set()
         disk.wait()
-        return original(text)
+        original(data)
 
-    log._stream.write = slow  # type: ignore[method-assign]
+    log._write_line = slow  # type: ignore[method-assign]
     caplog.set_level(logging.WARNING, logger="ocigate")
     assert log.write("0\n")
     writing.wait()  # the writer holds line 0, waiting for the disk: two more lines may wait

@@ -200,6 +200,7 @@ def test_the_unit_runs_the_installed_command_hardened_as_a_user_of_its_own() -> 
     assert Path(command[0]).name == "ocigate"
     settings = settings_of(command)
     assert settings["ocigate_rules"] == "/etc/ocigate/certs.d"
+    assert command[command.index("--workers") + 1] == "1"  # one process unless the environment file says more
     assert settings["proxyauth"].startswith("@")  # an htpasswd file: the box is not open to anyone by default
     assert settings["ocigate_credentials"].startswith(settings["confdir"])  # in the state directory
     assert settings["confdir"] == "/var/lib/" + value(unit, "Service", "StateDirectory")
@@ -212,6 +213,9 @@ def test_the_unit_runs_the_installed_command_hardened_as_a_user_of_its_own() -> 
         ("PrivateTmp", "yes"),
         ("CapabilityBoundingSet", ""),
         ("EnvironmentFile", "-/etc/ocigate/ocigate.env"),
+        # The parent of `ocigate --workers N` is sent SIGTERM alone and passes it on; SIGKILL after the timeout is
+        # for every process left.
+        ("KillMode", "mixed"),
     ]:
         assert value(unit, "Service", setting) == expected, setting
     assert value(unit, "Install", "WantedBy") == "multi-user.target"

@@ -88,6 +88,15 @@ def test_a_cooldown_of_0_is_no_cooldown() -> None:
     assert Settings.parse(options(ocigate_cooldown=0)).cooldown == 0
 
 
+def test_the_workers_affinity_is_by_connection_unless_by_client() -> None:
+    assert Settings.parse(options()).worker_affinity == "connection"
+    assert Settings.parse(options(ocigate_worker_affinity="client")).worker_affinity == "client"
+    with pytest.raises(
+        exceptions.OptionsError, match=r"^ocigate_worker_affinity: 'cpu' is not one of connection, client$"
+    ):
+        Settings.parse(options(ocigate_worker_affinity="cpu"))
+
+
 def test_the_access_log_is_a_file_or_standard_error_or_none() -> None:
     assert Settings.parse(options(ocigate_access_log="~/access.log")).access_log == Path.home() / "access.log"
     assert Settings.parse(options(ocigate_access_log="-")).access_log == STDERR

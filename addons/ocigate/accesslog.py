@@ -4,6 +4,9 @@ holds no secret), and written by a thread of its own, so that no hook waits for 
 At most MAX_QUEUED lines wait for the writer: a disk slower than the requests loses lines (counted, and said in one
 log line per REPORT_EVERY seconds) rather than the gateway's memory. A log file moved or removed (by logrotate) is
 opened again at its path before the next lines are written, as logging's WatchedFileHandler does.
+
+Each line is written by one write(2) to a file opened O_APPEND (or to standard error): the workers of
+`ocigate --workers N` append to one file, and their lines never mix.
 """
 
 import json
@@ -17,7 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from .metrics import reason
 from .record import FlowRecord
@@ -45,11 +48,13 @@ def reference(record: FlowRecord) -> str | None:
     return f"{named}{'@' if ':' in record.reference else ':'}{record.reference}"
 
 
-def entry(record: FlowRecord, started: float) -> dict[str, Any]:
-    """The access log's object for a request that ended, whose request came at `started` (seconds since the epoch).
-    Every key is always there (null when it does not apply), so that the lines can be read as a table."""
+def entry(record: FlowRecord, started: float, worker: int | None = None) -> dict[str, Any]:
+    """The access log's object for a request that ended, whose request came at `started` (seconds since the epoch),
+    served by `worker` of `ocigate --workers N` (None: a gateway alone). Every key is always there (null when it does
+    not apply), so that the lines can be read as a table."""
     return {
         "time": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "worker": worker,
         "client": record.client,
         "proxy_user": record.proxy_user,
         "upstream": record.upstream,
@@ -80,24 +85,24 @@ def entry(record: FlowRecord, started: float) -> dict[str, Any]:
     }
 
 
-def line(record: FlowRecord, started: float) -> str:
+def line(record: FlowRecord, started: float, worker: int | None = None) -> str:
     """The entry as one line: JSON escapes every line break a value may hold."""
-    return json.dumps(entry(record, started), separators=(",", ":")) + "\n"
+    return json.dumps(entry(record, started, worker), separators=(",", ":")) + "\n"
 
 
 class AccessLog:
-    """Lines handed over by the event loop (never waiting) and written by one thread, which flushes whenever it has
-    caught up; closing writes every line handed over before."""
+    """Lines handed over by the event loop (never waiting) and written by one thread, each as soon as it can; closing
+    writes every line handed over before."""
 
     def __init__(
         self,
-        stream: TextIO,
+        fd: int,
         *,
         path: Path | None = None,
         capacity: int = MAX_QUEUED,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._stream = stream
+        self._fd = fd
         self._path = path  # the file the log opened (and reopens), closed with it; None: standard error
         self._lines: queue.Queue[str | None] = queue.Queue(capacity)
         self._clock = clock
@@ -110,8 +115,8 @@ class AccessLog:
     def open(cls, target: Path | Literal["-"]) -> "AccessLog":
         """The log appended to `target`, or written to standard error; OSError when the file cannot be opened."""
         if target == STDERR:
-            return cls(sys.stderr)
-        return cls(open(target, "a", encoding="utf-8"), path=target)
+            return cls(sys.stderr.fileno())
+        return cls(_open_appending(target), path=target)
 
     def write(self, text: str) -> bool:
         """Hands a line to the writer; False when it was dropped, the writer being MAX_QUEUED lines behind."""
@@ -133,7 +138,7 @@ class AccessLog:
         if self._dropped:
             self._report()
         if self._path is not None:
-            self._stream.close()
+            os.close(self._fd)
 
     def _report(self) -> None:
         log.warning(
@@ -145,23 +150,19 @@ class AccessLog:
     def _write_lines(self) -> None:
         while True:
             text = self._lines.get()
-            self._reopen_if_moved()
-            while text is not _END:
-                try:
-                    self._stream.write(text)
-                except OSError as e:
-                    # A full disk loses lines, never the gateway's flows: said once for each line lost.
-                    print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
-                try:
-                    text = self._lines.get_nowait()
-                except queue.Empty:
-                    break
-            try:
-                self._stream.flush()
-            except OSError as e:
-                print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
             if text is _END:
                 return
+            self._reopen_if_moved()
+            try:
+                self._write_line(text.encode())
+            except OSError as e:
+                # A full disk loses lines, never the gateway's flows: said once for each line lost.
+                print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
+
+    def _write_line(self, data: bytes) -> None:
+        # A regular file takes it in one write; what is left after a short one (a pipe) follows.
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def _reopen_if_moved(self) -> None:
         """The file at the log's path again, when the one written to was moved or removed (logrotate)."""
@@ -172,15 +173,16 @@ class AccessLog:
         except FileNotFoundError:
             at_path = None
         try:
-            written = os.fstat(self._stream.fileno())
+            written = os.fstat(self._fd)
             if at_path is not None and (at_path.st_dev, at_path.st_ino) == (written.st_dev, written.st_ino):
                 return
-            reopened = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (written to until moved again)
+            reopened = _open_appending(self._path)
         except OSError as e:
             print(f"ocigate: access log: cannot open {self._path} again: {e}", file=sys.stderr)
             return
-        moved, self._stream = self._stream, reopened
-        try:
-            moved.close()
-        except OSError as e:
-            print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
+        moved, self._fd = self._fd, reopened
+        os.close(moved)
+
+
+def _open_appending(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)

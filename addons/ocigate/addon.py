@@ -34,6 +34,7 @@ from .policy import Decision, around_the_rules, audit_line, check
 from .record import METADATA_KEY, FlowRecord, proxy_user_of
 from .routes import Route
 from .streaming import Streams
+from .worker import Identity, SharedListen
 
 log = logging.getLogger("ocigate")
 # The audit events (policy.py): every refusal and every push, one line each.
@@ -254,7 +255,8 @@ def _audit(flow: http.HTTPFlow, decision: Decision, what: str) -> None:
     audit.log(level, "ocigate audit: %s", audit_line(who, flow.request.method, what, decision))
 
 
-def make_addons() -> list:
+def make_addons(worker: Identity | None = None) -> list:
+    """The gateway's addons; `worker`: which of `ocigate --workers N`'s processes this is, None for a gateway alone."""
     shared = Shared()
     gateway = Gateway(shared)
     redaction = Redaction()
@@ -271,9 +273,11 @@ def make_addons() -> list:
         Replayed(),
         gateway,
         # After the gateway: each flow's record is complete when it ends.
-        Operating(shared, gateway.records),
+        Operating(shared, gateway.records, worker),
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
         redaction,
         ScrubbedLogs(),
+        # A worker of `ocigate --workers N`: the proxy's address shared with the other workers.
+        *([SharedListen(worker, shared)] if worker is not None else []),
     ]

@@ -2,10 +2,11 @@
 depend on."""
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from mitmproxy import http
 from mitmproxy.flow import Flow
@@ -16,18 +17,21 @@ from mitmproxy.tools.main import run
 from mitmproxy.tools.web import app as web_app
 from mitmproxy.tools.web.master import WebMaster
 
+from . import workers
 from .addon import make_addons
 from .captures import Redaction
+from .worker import ENVIRONMENT, Identity, follow_parent, label_output
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
 flows in mitmweb's UI, each with ocigate's decision as its comment. Its own:
   --rules DIR      containerd hosts.toml tree (certs.d layout); same as --set ocigate_rules=DIR
+  --workers N      N gateway processes sharing the listening address, the CA and the rules (not with `ocigate web`)
 """
 
 
-def _add_ocigate(master: DumpMaster | WebMaster) -> None:
-    ours = make_addons()
+def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None) -> None:
+    ours = make_addons(worker)
     master.addons.add(*ours)
     # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without proxy
     # credentials never reaches a rule) and before save, dumper and mitmweb's view (which then see redacted flows,
@@ -38,9 +42,9 @@ def _add_ocigate(master: DumpMaster | WebMaster) -> None:
 
 
 class OcigateMaster(DumpMaster):
-    def __init__(self, options: Options, **kwargs: Any) -> None:
+    def __init__(self, options: Options, worker: Identity | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        _add_ocigate(self)
+        _add_ocigate(self, worker)
 
 
 class OcigateWebMaster(WebMaster):
@@ -108,12 +112,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         from . import explain  # only here: the gateway itself never needs it
 
         raise SystemExit(explain.main(argv))
-    if "-h" in argv or "--help" in argv:
+    helping = "-h" in argv or "--help" in argv
+    if helping:
         print(USAGE_EXTRA)
-    if argv and argv[0] == "web":
-        run(OcigateWebMaster, cmdline.mitmweb, translate(argv[1:]))
-    else:
-        run(OcigateMaster, cmdline.mitmdump, translate(argv), _mitmdump_filters)
+    web = bool(argv) and argv[0] == "web"
+    count, argv = workers.split(argv[1:] if web else argv)
+    if web:
+        if count > 1:
+            raise SystemExit(
+                "ocigate web: --workers cannot be used with mitmweb's UI, which shows the flows of one process; "
+                "run `ocigate --workers N` without it"
+            )
+        run(OcigateWebMaster, cmdline.mitmweb, translate(argv))
+        return
+    try:
+        worker = Identity.from_environment(os.environ)
+    except ValueError as e:
+        raise SystemExit(f"ocigate: {e}") from None
+    # Read once: what this worker starts (credential helpers) is no worker.
+    os.environ.pop(ENVIRONMENT, None)
+    if worker is None and count > 1 and not helping:
+        raise SystemExit(workers.run(count, argv))
+    if worker is not None:
+        follow_parent(worker)
+        label_output(worker)
+    # mitmproxy's run() makes the master from the options alone: this one knows which worker it is.
+    master = cast(type[OcigateMaster], partial(OcigateMaster, worker=worker))
+    run(master, cmdline.mitmdump, translate(argv), _mitmdump_filters)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .metrics import Metrics, MetricsServer, Names, observations
 from .probes import LIVENESS_TIMEOUT, Verdict
 from .record import FlowRecord
 from .settings import MetricsAddress
+from .worker import Identity
 
 _T = TypeVar("_T")
 
@@ -30,9 +31,12 @@ _READ_TIMEOUT = 5.0
 
 
 class Operating:
-    def __init__(self, shared: Shared, records: Mapping[http.HTTPFlow, FlowRecord]) -> None:
+    def __init__(
+        self, shared: Shared, records: Mapping[http.HTTPFlow, FlowRecord], worker: Identity | None = None
+    ) -> None:
         self.shared = shared
         self.records = records  # the gateway's, by flow
+        self.worker = worker  # which of `ocigate --workers N`'s processes this is; None: a gateway alone
         self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # One registry for the life of the process: counters survive a change of address.
         self.metrics = Metrics(self._cooling_down, self._cache_entries)
@@ -66,11 +70,18 @@ class Operating:
         if settings.metrics != self.metrics_address:
             self._stop_server()
             if settings.metrics is not None:
+                address = settings.metrics
+                if self.worker is not None:
+                    # Workers cannot share it: each scrape and probe must reach the worker it asks about.
+                    try:
+                        address = self.worker.metrics_address(address)
+                    except ValueError as e:
+                        raise exceptions.OptionsError(str(e)) from None
                 try:
-                    self.server = MetricsServer.start(settings.metrics, self.metrics.registry, self.alive, self.ready)
+                    self.server = MetricsServer.start(address, self.metrics.registry, self.alive, self.ready)
                 except OSError as e:
                     raise exceptions.OptionsError(
-                        f"ocigate_metrics: cannot listen on {settings.metrics}: {e.strerror or e}"
+                        f"ocigate_metrics: cannot listen on {address}: {e.strerror or e}"
                     ) from None
                 log.info("ocigate: metrics on http://%s/metrics", self.server.address)
             self.metrics_address = settings.metrics
@@ -107,8 +118,10 @@ class Operating:
         record.bytes_sent = bytes_sent(flow.response)
         record.duration = max(0.0, time.time() - started)
         record.publish(flow)
-        if self.access_log is not None and not self.access_log.write(line(record, started)):
-            self.metrics.access_log_dropped.inc()
+        if self.access_log is not None:
+            written = line(record, started, None if self.worker is None else self.worker.index)
+            if not self.access_log.write(written):
+                self.metrics.access_log_dropped.inc()
         self.metrics.observe(observations(record, self._rule_names()))
 
     def _rule_names(self) -> Names:

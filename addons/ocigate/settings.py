@@ -17,6 +17,7 @@ from mitmproxy.optmanager import OptManager
 from .credentials import DEFAULT_HELPER_TIMEOUT, DEFAULT_STORE_PATH
 from .destinations import Destinations
 from .health import DEFAULT_COOLDOWN
+from .reuseport import AFFINITIES, Affinity
 
 CREDENTIAL_SOURCES = ("ocigate", "docker", "containers", "kubernetes")
 
@@ -135,6 +136,15 @@ def declare(loader: Loader) -> None:
         "error. Empty: no access log.",
     )
     loader.add_option(
+        "ocigate_worker_affinity",
+        str,
+        "connection",
+        "With ocigate --workers, how the kernel gives new connections to the workers: connection (each to any worker: "
+        "one client uses every core) or client (every connection of one client address to the same worker, where the "
+        "pull context of its manifests is). Read when the workers start listening.",
+        choices=AFFINITIES,
+    )
+    loader.add_option(
         "ocigate_metrics",
         str,
         "",
@@ -178,6 +188,7 @@ class Settings:
     ssl_insecure: bool
     access_log: Path | Literal["-"] | None = None  # ocigate_access_log: a file, STDERR, or None for none
     metrics: MetricsAddress | None = None  # ocigate_metrics
+    worker_affinity: Affinity = "connection"  # ocigate_worker_affinity
 
     @classmethod
     def parse(cls, options: OptManager) -> "Settings":
@@ -213,6 +224,7 @@ class Settings:
             ssl_insecure=options.ssl_insecure,
             access_log=_access_log(options.ocigate_access_log),
             metrics=_metrics_address(options.ocigate_metrics),
+            worker_affinity=_affinity(options.ocigate_worker_affinity),
         )
 
 
@@ -249,6 +261,14 @@ def _credential_sources(names: Sequence[str]) -> tuple[str, ...]:
             f"ocigate_credential_sources: unknown source {unknown[0]!r} (expected {', '.join(CREDENTIAL_SOURCES)})"
         )
     return tuple(dict.fromkeys(names))
+
+
+def _affinity(value: str) -> Affinity:
+    if value == "client":
+        return "client"
+    if value != "connection":
+        raise exceptions.OptionsError(f"ocigate_worker_affinity: {value!r} is not one of {', '.join(AFFINITIES)}")
+    return "connection"
 
 
 def _access_log(value: str) -> Path | Literal["-"] | None:

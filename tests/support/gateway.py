@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +71,17 @@ def running_gateway(
     options: Sequence[str] = (),
     entry_point: Sequence[str] = (sys.executable, "-m", "ocigate.cli"),
     env: Mapping[str, str] = {},
+    workers: int = 1,
 ) -> Iterator[Gateway]:
     """Starts the gateway on a free loopback port and stops it afterwards. `entry_point` is how it is started: the
     `ocigate` command by default, or `mitmdump -s addons/gateway.py`, or `./run.sh`. Its credential files are in
-    `workdir` (none exist until a test writes them), never the machine's own. `env` is added to its environment."""
-    arguments = gateway_arguments(workdir, rules, host_map, options)
+    `workdir` (none exist until a test writes them), never the machine's own. `env` is added to its environment.
+    With `workers` above 1 it is `ocigate --workers N` (its process is the workers' parent), yielded once the first
+    worker listens: `wait_for_workers` waits for all of them."""
+    arguments = [
+        *(["--workers", str(workers)] if workers > 1 else []),
+        *gateway_arguments(workdir, rules, host_map, options),
+    ]
     with running_mitmproxy(workdir, entry_point, arguments, name="ocigate", log_name="gateway.log", env=env) as gateway:
         yield gateway
 
@@ -146,6 +152,27 @@ def running_mitmproxy(
             interval=0.1,
         )
         yield proxy
+
+
+def wait_for_workers(gateway: Gateway, count: int, restarted: Collection[int] = ()) -> None:
+    """Waits until each of the `count` workers of `ocigate --workers` has said that it listens, and those
+    `restarted` (started again once) have said it again."""
+
+    def listening() -> bool:
+        log = gateway.log_text()
+        return all(_listened(log, index) >= (2 if index in restarted else 1) for index in range(count))
+
+    wait_until(
+        listening,
+        _START_TIMEOUT,
+        lambda why: f"the workers did not all listen: {why}:\n{gateway.log_text()[-3000:]}",
+        process=gateway.process,
+        interval=0.1,
+    )
+
+
+def _listened(log: str, index: int) -> int:
+    return sum(1 for line in log.splitlines() if line.startswith(f"[w{index}] ") and "proxy listening at" in line)
 
 
 def _listening(proxy: Gateway) -> bool:

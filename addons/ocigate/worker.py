@@ -1,0 +1,188 @@
+"""One of the processes `ocigate --workers N` runs (see workers.py): who it is (its environment says), how it ends with
+its parent, how its output names it, and how it shares the listening address with the other workers.
+
+Each worker binds the proxy's address with SO_REUSEPORT: the kernel hands each new client connection to one of the
+workers, and the connection stays there. A worker tells its parent once it listens (a queued real-time signal, which
+names the sender), so that the parent knows a worker that fails at start from one that died later.
+"""
+
+import asyncio
+import contextlib
+import ctypes
+import io
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+
+import mitmproxy_rs
+from mitmproxy import ctx, exceptions
+from mitmproxy.addonmanager import Loader
+from mitmproxy.addons.proxyserver import Servers
+from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy.mode_servers import AsyncioServerInstance
+
+from .configuration import Shared
+from .reuseport import keep_clients_together
+from .settings import MetricsAddress
+
+ENVIRONMENT = "OCIGATE_WORKER"  # INDEX/COUNT/PARENT_PID, set by the parent for each worker
+# Real-time signals are queued and carry the sender's pid: workers saying so at once are each heard.
+LISTENING_SIGNAL = signal.SIGRTMIN
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Identity:
+    index: int  # 0 .. count - 1
+    count: int
+    parent: int  # the parent's pid
+
+    @property
+    def label(self) -> str:
+        return f"[w{self.index}]"
+
+    def environment(self) -> dict[str, str]:
+        return {ENVIRONMENT: f"{self.index}/{self.count}/{self.parent}"}
+
+    @classmethod
+    def from_environment(cls, environment: Mapping[str, str]) -> "Identity | None":
+        """The worker this process is; None for a gateway alone. ValueError when the variable is not the parent's."""
+        value = environment.get(ENVIRONMENT)
+        if value is None:
+            return None
+        parts = value.split("/")
+        if len(parts) != 3 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"{ENVIRONMENT}={value!r} is not INDEX/COUNT/PARENT_PID")
+        index, count, parent = map(int, parts)
+        if index >= count:
+            raise ValueError(f"{ENVIRONMENT}={value!r}: worker {index} of {count}")
+        return cls(index, count, parent)
+
+    def metrics_address(self, address: MetricsAddress) -> MetricsAddress:
+        """Where this worker serves the metrics and probes: the port given plus its index (0: a free port each)."""
+        if address.port == 0:
+            return address
+        port = address.port + self.index
+        if port > 65535:
+            raise ValueError(f"ocigate_metrics: worker {self.index} would serve on port {port}, above 65535")
+        return replace(address, port=port)
+
+
+def follow_parent(worker: Identity) -> None:
+    """Ends this process (SIGTERM: mitmproxy stops cleanly) when its parent dies, however it died, so that no worker
+    outlives it; exits now if the parent is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    # It died before the line above: nobody would tell this worker.
+    if os.getppid() != worker.parent:
+        raise SystemExit(f"ocigate: {worker.label} the parent (pid {worker.parent}) is gone")
+
+
+class LabelledLines(io.TextIOBase):
+    """Text written to file descriptor `fd` as whole lines, each starting with `label`, every batch of lines by one
+    write(2): the workers share one standard output (a terminal, a pipe to the journal), and lines written so are
+    never cut into pieces that mix with another worker's."""
+
+    encoding = "utf-8"
+
+    def __init__(self, fd: int, label: str) -> None:
+        super().__init__()
+        self._fd = fd
+        self._label = label
+        self._partial = ""  # the start of a line not ended yet
+        self._lock = threading.Lock()  # the access log's and the metrics server's threads may print too
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            if lines:
+                data = "".join(f"{self._label} {line}\n" for line in lines).encode("utf-8", "backslashreplace")
+                while data:
+                    data = data[os.write(self._fd, data) :]
+        return len(text)
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+
+def label_output(worker: Identity) -> None:
+    """Standard output and error as LabelledLines: mitmproxy's log and flow lines, and ocigate's, name the worker."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        stream.flush()
+        setattr(sys, name, LabelledLines(stream.fileno(), worker.label))
+
+
+class SharedListen:
+    """The addon of a worker: refuses what N processes cannot share, makes mitmproxy's proxy servers bind with
+    SO_REUSEPORT, and tells the parent once they listen."""
+
+    def __init__(self, worker: Identity, shared: Shared) -> None:
+        self.worker = worker
+        self.shared = shared
+        self._servers: Servers | None = None
+
+    def load(self, loader: Loader) -> None:
+        proxyserver = loader.master.addons.get("proxyserver")
+        if proxyserver is not None:
+            self._servers = proxyserver.servers
+            # Sent with the servers made and not yet started (mitmproxy's Servers.update).
+            proxyserver.servers.changed.connect(self._share)
+
+    def configure(self, updated: set[str]) -> None:
+        options = ctx.options
+        for name, what in (("save_stream_file", "one capture (-w)"), ("hardump", "one HAR file")):
+            if name in updated and name in options and getattr(options, name):
+                raise exceptions.OptionsError(
+                    f"{name}: the {self.worker.count} workers of ocigate --workers cannot write {what}; "
+                    "capture with a single worker (--workers 1)"
+                )
+        if updated & {"mode", "listen_port"}:
+            for spec in options.mode:
+                mode = mode_specs.ProxyMode.parse(spec)
+                port = mode.listen_port(options.listen_port)
+                if mode.transport_protocol != "tcp" or port is None:
+                    raise exceptions.OptionsError(
+                        f"mode: {spec} cannot be shared by the workers of ocigate --workers (only modes listening "
+                        "on a TCP port can)"
+                    )
+                if port == 0:
+                    raise exceptions.OptionsError(
+                        "listen_port: 0 would give each worker of ocigate --workers a port of its own; name one"
+                    )
+
+    def running(self) -> None:
+        # A parent gone meanwhile has sent this worker SIGTERM already (follow_parent).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.worker.parent, LISTENING_SIGNAL)
+
+    def _share(self) -> None:
+        for instance in self._servers or ():
+            if isinstance(instance, AsyncioServerInstance) and not instance.is_running:
+                # mitmproxy's listen has no way to ask for SO_REUSEPORT: this instance's, for TCP (what configure
+                # lets through), is asyncio's with it.
+                instance.listen = partial(self._listen, instance)  # type: ignore[method-assign]
+
+    async def _listen(
+        self, instance: AsyncioServerInstance, host: str, port: int
+    ) -> list[asyncio.Server | mitmproxy_rs.udp.UdpServer | mitmproxy_rs.wireguard.WireGuardServer]:
+        server = await asyncio.start_server(instance.handle_stream, host, port, reuse_port=True)
+        if self.shared.configured and self.shared.settings.worker_affinity == "client":
+            try:
+                for sock in server.sockets:
+                    keep_clients_together(sock, self.worker.count)
+            except OSError as e:
+                server.close()
+                raise OSError(e.errno, f"ocigate_worker_affinity=client: the kernel refused its program: {e}") from e
+        return [server]

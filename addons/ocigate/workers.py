@@ -1,0 +1,95 @@
+"""`ocigate --workers N`: N gateway processes on one box that share one listening address (SO_REUSEPORT, see
+worker.py), one CA (mitmproxy's confdir) and one rules tree, started and watched by one parent process. The parent only
+starts and signals processes: what it does when is supervisor.py's.
+
+The parent waits for events with sigtimedwait, its signals blocked: a worker's exit (SIGCHLD), a worker listening
+(worker.LISTENING_SIGNAL), SIGTERM, SIGINT or SIGHUP, or the time of a restart; it never polls. Each worker runs the
+gateway with the same arguments (`python -m ocigate.cli`, the same interpreter and code), its environment saying
+which worker it is, and ends when the parent does (worker.follow_parent).
+"""
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from .supervisor import STOP_SIGNALS, Supervisor
+from .worker import LISTENING_SIGNAL, Identity
+
+OPTION = "--workers"
+
+
+def split(argv: Sequence[str]) -> tuple[int, list[str]]:
+    """The number of workers `argv` asks for (1 when it does not) and the rest of it, for the gateway; SystemExit
+    naming the problem."""
+    count: int | None = None
+    rest: list[str] = []
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == OPTION or word.startswith(f"{OPTION}="):
+            if count is not None:
+                raise SystemExit(f"ocigate: {OPTION} is given twice")
+            value = word.partition("=")[2] if "=" in word else (words.pop(0) if words else "")
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"ocigate: {OPTION} needs a number of gateway processes, 1 or more (not {value!r})")
+            count = int(value)
+        else:
+            rest.append(word)
+    return count or 1, rest
+
+
+def _say(text: str) -> None:
+    print(f"ocigate: {text}", file=sys.stderr, flush=True)
+
+
+def run(count: int, arguments: Sequence[str]) -> int:
+    """Runs `count` workers with the gateway's `arguments` until they have all exited; the exit status."""
+    if not sys.platform.startswith("linux"):
+        raise SystemExit(f"ocigate: {OPTION} needs Linux (SO_REUSEPORT sharing out connections, PR_SET_PDEATHSIG)")
+    waited_for = {signal.SIGCHLD, LISTENING_SIGNAL, *STOP_SIGNALS}
+    # Blocked, they wait for sigtimedwait below; each worker starts with none blocked (setsigmask).
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited_for)
+    # -P: nothing from the working directory is imported in place of ocigate.
+    command = [sys.executable, "-P", "-m", "ocigate.cli", *arguments]
+
+    def spawn(index: int) -> int:
+        environment = os.environ | Identity(index, count, os.getpid()).environment()
+        return os.posix_spawn(sys.executable, command, environment, setsigmask=())
+
+    supervisor = Supervisor(count, spawn, os.kill, time.monotonic, _say)
+    _say(f"starting {count} workers (worker 0 first, the others once it listens)")
+    supervisor.start()
+    while not supervisor.done:
+        timeout = supervisor.timeout()
+        if timeout is None:
+            event: signal.struct_siginfo | None = signal.sigwaitinfo(waited_for)
+        else:
+            event = signal.sigtimedwait(waited_for, timeout)
+        if event is None:
+            pass  # a restart is due
+        elif event.si_signo == signal.SIGCHLD:
+            for pid, code in _reap():
+                supervisor.exited(pid, code)
+        elif event.si_signo == LISTENING_SIGNAL:
+            supervisor.listening(event.si_pid)
+        else:
+            supervisor.signalled(signal.Signals(event.si_signo))
+        supervisor.tick()
+    return supervisor.exit_status
+
+
+def _reap() -> list[tuple[int, int]]:
+    """Every child that has exited, with its exit code (negative: the signal that killed it); SIGCHLDs that came
+    together are one."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        reaped.append((pid, os.waitstatus_to_exitcode(status)))
+    return reaped
