@@ -85,7 +85,7 @@ class Tokens:
         async with self.lock:
             if scope in self.tokens:
                 return self.tokens[scope]
-            auth = (self.spec.username, self.spec.password) if self.spec.username else None
+            auth = (self.spec.username, self.spec.password or "") if self.spec.username else None
             query = {"service": parameters.get("service", ""), "scope": scope}
             self.outcome.token_requests += 1
             response = await realm_client.get(parameters["realm"], params=query, auth=auth)
