@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.results import Chart, Results, SchemaError, load
+from bench.tables import markdown_table
 
 
 def draw(chart: Chart, path: Path) -> Path:
@@ -61,8 +62,10 @@ def draw_all(results: Results, directory: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    markdown = "--markdown" in arguments
+    arguments = [argument for argument in arguments if argument != "--markdown"]
     if len(arguments) != 1:
-        print("usage: python -m bench.charts bench/results/<date>.json", file=sys.stderr)
+        print("usage: python -m bench.charts [--markdown] bench/results/<date>.json", file=sys.stderr)
         return 2
     path = Path(arguments[0])
     try:
@@ -71,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.charts: {e}", file=sys.stderr)
         return 1
     for written in draw_all(results, path.parent):
-        print(written)
+        print(written, file=sys.stderr)
+    if markdown:
+        for scenario in results.scenarios:
+            print(f"### {scenario.title}\n\n{markdown_table(scenario.columns, scenario.rows)}\n")
+            print("".join(f"- {note}\n" for note in scenario.notes))
     return 0
 
 

@@ -32,3 +32,10 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
         return "  ".join([first, *rest]).rstrip()
 
     return "\n".join([line(list(columns)), *(line(row) for row in texts)])
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
+    """The same table in Markdown (docs/benchmarks.md), figures right-aligned."""
+    alignments = [":---", *(["---:"] * (len(columns) - 1))]
+    lines = [columns, alignments, *([format_cell(cell) for cell in row] for row in rows)]
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)

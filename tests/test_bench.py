@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bench import charts, procs, results, suite
 from bench.stats import median, mib_per_second, percentile, ratio
-from bench.tables import format_cell, format_table
+from bench.tables import format_cell, format_table, markdown_table
 
 FIXED_RESULTS = Path(__file__).parent / "data" / "bench" / "results.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +78,11 @@ def test_table_aligns_names_left_and_figures_right() -> None:
 def test_table_refuses_a_row_of_the_wrong_width() -> None:
     with pytest.raises(ValueError, match="row 1 has 1 cells for 2 columns"):
         format_table(["way", "MiB/s"], [["direct", 1.0], ["ocigate"]])
+
+
+def test_markdown_table_for_the_docs() -> None:
+    table = markdown_table(["way", "p50 ms"], [["a|b", 1.234], ["ocigate", None]])
+    assert table.splitlines() == ["| way | p50 ms |", "| :--- | ---: |", "| a\\|b | 1.23 |", "| ocigate | - |"]
 
 
 # --- results file ----------------------------------------------------------------------------------------------------
@@ -148,12 +153,17 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_a_chart_per_scenario_is_a_png_from_a_fixed_results_file(tmp_path: Path) -> None:
+def test_a_chart_per_scenario_is_a_png_from_a_fixed_results_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fixed = tmp_path / "2026-12-02.json"
     fixed.write_bytes(FIXED_RESULTS.read_bytes())
-    assert charts.main([str(fixed)]) == 0
+    assert charts.main(["--markdown", str(fixed)]) == 0
     for name in ("blob", "concurrency"):
         assert _png_size(tmp_path / f"{name}.png") == (800, 450)
+    printed = capsys.readouterr().out
+    assert "### 1. Blob throughput\n\n| way | client | MiB/s | /mitmproxy+tls | /direct |" in printed
+    assert "| ocigate | HTTP/1.1 | 283.0 | 0.79 | 0.35 |" in printed
 
 
 def test_a_log_scale_chart_is_drawn(tmp_path: Path) -> None:
