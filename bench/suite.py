@@ -426,17 +426,20 @@ def rss_scenario(world: World, args: argparse.Namespace) -> Scenario:
                 proxy_way(MITMPROXY_TLS, world.repointing(world.registry, stack)),
                 proxy_way(OCIGATE, world.gateway(stack)),
             ]
+            idle: dict[str, float] = {}
             peaks: dict[str, float | None] = {}
             for way in ways:
-                assert way.leg.pid is not None
-                idle = summed_memory_mib(process_tree(way.leg.pid), "VmRSS")
+                pid = way.leg.pid
+                if pid is None:
+                    raise BenchError(f"{way.name}: no proxy process to measure")
+                idle[way.name] = summed_memory_mib(process_tree(pid), "VmRSS")
                 elapsed, _ = pull.get_blob(way.leg, content, False)
-                peaks[way.name] = summed_memory_mib(process_tree(way.leg.pid), "VmHWM")
+                peaks[way.name] = summed_memory_mib(process_tree(pid), "VmHWM")
                 say(f"rss {size_mib} MiB {way.name:<14} {elapsed:6.2f} s, peak {peaks[way.name]:.0f} MiB")
-                rows.append([way.name, size_mib, idle, peaks[way.name], ratio(peaks[way.name], None)])
+            for way in ways:
+                relative = ratio(peaks[way.name], peaks[MITMPROXY_TLS])
+                rows.append([way.name, size_mib, idle[way.name], peaks[way.name], relative])
                 series[way.name].append(peaks[way.name])
-            for row in rows[-len(ways) :]:
-                row[4] = ratio(peaks[str(row[0])], peaks[MITMPROXY_TLS])
     ocigate_peaks = [value for value in series[OCIGATE] if value is not None]
     notes = ["VmHWM (peak resident set) of the proxy process after one GET of the blob; direct has no proxy"]
     if len(ocigate_peaks) >= 2:
