@@ -4,6 +4,7 @@
 # ./run.sh test [pytest args] install what the tests need and run the whole suite
 # ./run.sh matrix             write README.md's client matrix from the last full test run's results
 # ./run.sh demo               a first look: a pull through the gateway from a throwaway mirror, on this machine alone
+# ./run.sh bench [flags]      the benchmark (bench/README.md): tables, bench/results/<date>.json and charts
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
@@ -45,7 +46,7 @@ ensure_venv() {
     hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
     want="$hash $extras"
     installed=$(cat "$stamp" 2>/dev/null || true)
-    # An install with the test extras serves a plain start too.
+    # An install with the test extras serves a plain start and the benchmark too (test holds the bench extra).
     if [ "$installed" != "$want" ] && [ "$installed" != "$hash test" ]; then
         say "installing ocigate${extras:+[$extras]} into .venv"
         # This machine's pip configuration names package directories that may not exist; those warnings are noise.
@@ -130,6 +131,19 @@ if [ "${1:-}" = "demo" ]; then
     ensure_venv ""
     ensure_demo_packages
     exec "$venv/bin/python" -m tests.support.demo
+fi
+
+if [ "${1:-}" = "bench" ]; then
+    shift
+    ensure_venv bench
+    ensure_demo_packages # the benchmark's registries are Debian's docker-registry
+    # As the tests: as root, a private network namespace with loopback only, so no made-up name reaches a resolver
+    # and no other traffic shares the interface.
+    if [ "$(id -u)" -eq 0 ] && unshare -n true 2>/dev/null; then
+        exec unshare -n sh -c 'ip link set lo up && exec "$0" -m bench "$@"' "$venv/bin/python" "$@"
+    fi
+    say "not root or no network namespaces: the benchmark runs on the host's loopback"
+    exec "$venv/bin/python" -m bench "$@"
 fi
 
 if [ "${1:-}" = "matrix" ]; then

@@ -1,0 +1,884 @@
+"""The benchmark: every scenario of issue 12, side by side against plain mitmproxy (+tls) and the registry directly,
+in one run; a table per scenario on stdout, the figures in bench/results/<date>.json and a chart per scenario.
+
+    ./run.sh bench [--quick] [--scenarios blob,manifest,...]      (as root: in a private network namespace)
+
+Scenarios (bench/README.md says what each measures and how):
+
+- blob:        one blob GET, one stream, HTTP/1.1 and HTTP/2 clients (bench/pull.py's four ways);
+- manifest:    manifest by tag from a token-auth registry, the token cached (by the client, or by ocigate): p50/p95;
+- rss:         the proxies' peak RSS (VmHWM) after streaming one blob of each size, fresh processes per size;
+- concurrency: 1, 10, 50, 200 concurrent pulls of a 10-layer image: MiB/s, manifest p50/p99, summed RSS, CPU;
+- tokens:      50 concurrent pulls from a token-auth registry: requests counted at the token server;
+- failover:    a refusing or blackholed first mirror: added ms on the first request and on the next 100.
+
+Everything runs on loopback: one plain registry and one token-auth registry (Debian's docker-registry), the tests'
+token server, mitmdumps and gateways (tests/support). Every process started is stopped at the end, on errors and on
+Ctrl-C/SIGTERM; every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from bench import pull
+from bench.charts import draw_all
+from bench.load import Outcome, Spec, parse_outcome
+from bench.procs import cpu_seconds, process_tree, summed_memory_mib
+from bench.results import Chart, Results, Scenario, save, this_machine
+from bench.stats import median, mib_per_second, percentile, ratio
+from bench.tables import Cell, format_table
+from ocigate.credentials import Credential, OcigateStore
+from tests.support.gateway import Gateway, running_gateway
+from tests.support.images import OCI_MANIFEST, Blob, Image, make_image, push_image
+from tests.support.processes import NotReady
+from tests.support.registry import Registry, free_port, running_registry
+from tests.support.token_server import TokenServer, running_token_server
+
+SCENARIOS = ("blob", "manifest", "rss", "concurrency", "tokens", "failover")
+RESULTS_DIRECTORY = Path(__file__).with_name("results")
+
+AUTH_UPSTREAM = "auth.test"
+AUTH_MIRROR = "authmirror.test:5000"
+FIRST_MIRROR = "first.test:5000"  # the failover scenario's first host: refusing or blackholed
+SMALL_REPOSITORY = "bench/small"
+SMALL_TAG = "v1"
+ACCOUNT, PASSWORD = "bench", "bench-password"  # the token server's one account; a throwaway on loopback
+TOKEN_LIFETIME = 3600.0  # longer than a run: the token count is per lifetime
+LOAD_SECONDS = 300.0  # one load run (one way, one concurrency, one round) stops after this
+REQUEST_TIMEOUT = httpx.Timeout(30.0)
+FAILOVER_NEXT = 100
+FAILOVER_WARMUP = 3
+WARM_UPSTREAM = "warm.test"
+HEALTHY = "ocigate healthy"
+TOKEN_PULLS = 50
+
+# The ways, in the order the tables list them.
+DIRECT, MITMPROXY, MITMPROXY_TLS, OCIGATE = "direct", "mitmproxy", "mitmproxy+tls", "ocigate"
+
+
+class BenchError(Exception):
+    """The run cannot go on: a wrong answer, a process that did not start."""
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Way:
+    """One way of getting content: `pull.Leg` (what its client asks, through which proxy) plus the proxy's CA file
+    for the load process and a bearer token the client sends itself (a client that has cached its token)."""
+
+    leg: pull.Leg
+    ca_path: Path | None = None
+    token: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.leg.name
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+@dataclass
+class World:
+    """What every scenario shares: the registries, their content, the token server, and what a scenario needs to
+    start proxies of its own."""
+
+    workdir: Path
+    registry: Registry  # plain
+    content: pull.Content  # the big blob in registry
+    small: Image  # in both registries, SMALL_REPOSITORY:SMALL_TAG
+    tokens: TokenServer
+    auth_registry: Registry
+    started: int = 0  # proxies started so far, for unique directories
+
+    def directory(self, name: str) -> Path:
+        self.started += 1
+        return self.workdir / f"{self.started:02d}-{name}"
+
+    def repointing(self, target: Registry, stack: contextlib.ExitStack) -> Gateway:
+        return stack.enter_context(
+            pull.running_mitmdump(
+                self.directory("mitmproxy-tls"),
+                scripts=[pull.REPOINT_ADDON],
+                options=[f"bench_repoint_to=127.0.0.1:{target.port}"],
+            )
+        )
+
+    def gateway(
+        self,
+        stack: contextlib.ExitStack,
+        *,
+        rules: Path | None = None,
+        host_map: dict[str, str] | None = None,
+        options: Sequence[str] = (),
+        workers: int = 1,
+    ) -> Gateway:
+        """A gateway for upstream.test (the plain registry) and auth.test (the token-auth one, with ocigate's own
+        credential), or for `rules`. `workers` > 1 starts `ocigate --workers N`; BenchError("unsupported") when the
+        ocigate on the path does not know that flag."""
+        directory = self.directory(f"ocigate-{workers}w")
+        if rules is None:
+            rules = self.rules()
+        hosts = {pull.MIRROR: f"127.0.0.1:{self.registry.port}", AUTH_MIRROR: f"127.0.0.1:{self.auth_registry.port}"}
+        directory.mkdir(parents=True)
+        OcigateStore(directory / "ocigate-credentials.json").save(AUTH_MIRROR, Credential(ACCOUNT, PASSWORD))
+        entry_point: tuple[str, ...] = (sys.executable, "-m", "ocigate.cli")
+        if workers > 1:
+            entry_point += ("--workers", str(workers))
+        try:
+            return stack.enter_context(
+                running_gateway(directory, rules, {**hosts, **(host_map or {})}, options, entry_point)
+            )
+        except NotReady as e:
+            if workers > 1 and "unrecognized arguments" in str(e):
+                raise WorkersUnsupported(f"ocigate does not know --workers yet ({workers} asked)") from e
+            raise
+
+    def rules(self) -> Path:
+        directory = self.directory("rules")
+        pull.write_rules(directory)
+        (directory / AUTH_UPSTREAM).mkdir()
+        (directory / AUTH_UPSTREAM / "hosts.toml").write_text(
+            f'server = "https://{AUTH_UPSTREAM}"\n\n[host."http://{AUTH_MIRROR}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+        )
+        return directory
+
+    def bearer(self) -> str:
+        """A token for the small repository, as a client holds one it fetched earlier (minted, not requested: the
+        token server counts only what the ways ask it)."""
+        access = [{"type": "repository", "name": SMALL_REPOSITORY, "actions": ["pull"]}]
+        return self.tokens.mint(ACCOUNT, access)
+
+
+class WorkersUnsupported(BenchError):
+    pass
+
+
+# --- ways ----------------------------------------------------------------------------------------------------------
+
+
+def direct_way(registry: Registry, token: str | None = None) -> Way:
+    return Way(pull.Leg(DIRECT, registry.url, None, True, None), None, token)
+
+
+def proxy_way(name: str, proxy: Gateway, upstream: str = pull.UPSTREAM, token: str | None = None) -> Way:
+    leg = pull.Leg(name, f"https://{upstream}", proxy.proxy_url, pull.trusting(proxy.ca_path), proxy.process.pid)
+    return Way(leg, proxy.ca_path, token)
+
+
+def plain_way(proxy: Gateway, registry: Registry) -> Way:
+    return Way(pull.Leg(MITMPROXY, registry.url, proxy.proxy_url, True, proxy.process.pid))
+
+
+def client(way: Way, http2: bool = False) -> httpx.Client:
+    return httpx.Client(
+        proxy=way.leg.proxy,
+        verify=way.leg.verify,
+        http1=True,
+        http2=http2,
+        trust_env=False,
+        timeout=REQUEST_TIMEOUT,
+        follow_redirects=False,
+    )
+
+
+def manifest_get(session: httpx.Client, way: Way, repository: str, tag: str, digest: str) -> float:
+    """Milliseconds of one manifest GET by tag on `session`; a wrong answer stops the run."""
+    headers = {"Accept": OCI_MANIFEST, **way.headers()}
+    started = time.perf_counter()
+    response = session.get(f"{way.leg.base_url}/v2/{repository}/manifests/{tag}", headers=headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise BenchError(f"{way.name}: manifest GET answered {response.status_code}: {response.text[:300]}")
+    if "sha256:" + hashlib.sha256(response.content).hexdigest() != digest:
+        raise BenchError(f"{way.name}: wrong manifest body: {response.content[:200]!r}")
+    return elapsed
+
+
+def manifest_series(way: Way, count: int, warmup: int, repository: str, tag: str, digest: str) -> list[float]:
+    """`count` sequential manifest GETs on one keep-alive connection after `warmup` unmeasured ones; bounded by
+    pull.MANIFEST_LEG_SECONDS (fewer timings, then)."""
+    deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
+    timings: list[float] = []
+    with client(way) as session:
+        for number in range(warmup + count):
+            if time.monotonic() > deadline:
+                break
+            elapsed = manifest_get(session, way, repository, tag, digest)
+            if number >= warmup:
+                timings.append(elapsed)
+    if not timings:
+        raise BenchError(f"{way.name}: no manifest GET finished within {pull.MANIFEST_LEG_SECONDS:.0f} s")
+    return timings
+
+
+def load(world: World, way: Way, pulls: int, concurrency: int, *, token_per_pull: bool = False) -> Outcome:
+    """One run of the concurrent puller (bench/load.py) in a process of its own."""
+    spec = Spec(
+        base_url=way.leg.base_url,
+        proxy=way.leg.proxy,
+        ca_path=str(way.ca_path) if way.ca_path else None,
+        repository=SMALL_REPOSITORY,
+        tag=SMALL_TAG,
+        manifest_digest=world.small.manifest.digest,
+        pulls=pulls,
+        concurrency=concurrency,
+        time_limit=LOAD_SECONDS,
+        username=ACCOUNT,
+        password=PASSWORD,
+        token_per_pull=token_per_pull,
+    )
+    spec_path = world.workdir / "load-spec.json"
+    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "bench.load", str(spec_path)],
+            capture_output=True,
+            timeout=LOAD_SECONDS + 60,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    except subprocess.TimeoutExpired as e:  # run() has killed it
+        raise BenchError(f"{way.name}: the load process did not end within {LOAD_SECONDS + 60:.0f} s") from e
+    if finished.returncode != 0:
+        raise BenchError(f"{way.name}: the load process failed: {finished.stderr.decode(errors='replace')[-2000:]}")
+    outcome = parse_outcome(finished.stdout.decode())
+    if outcome.error_count:
+        raise BenchError(f"{way.name}: {outcome.error_count} pulls failed, e.g. {outcome.errors}")
+    return outcome
+
+
+def show(scenario: Scenario) -> Scenario:
+    print(f"\n== {scenario.title}\n")
+    print(format_table(scenario.columns, scenario.rows))
+    for note in scenario.notes:
+        print(f"  - {note}")
+    sys.stdout.flush()
+    return scenario
+
+
+def versus(value: float | None, baselines: dict[str, float | None]) -> list[Cell]:
+    """The ratio columns every table ends with: value over mitmproxy+tls's, over direct's."""
+    return [ratio(value, baselines.get(MITMPROXY_TLS)), ratio(value, baselines.get(DIRECT))]
+
+
+# --- 1. blob throughput ---------------------------------------------------------------------------------------------
+
+
+def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    with contextlib.ExitStack() as stack:
+        plain = stack.enter_context(pull.running_mitmdump(world.directory("mitmproxy")))
+        ways = [
+            direct_way(world.registry),
+            plain_way(plain, world.registry),
+            proxy_way(MITMPROXY_TLS, world.repointing(world.registry, stack)),
+            proxy_way(OCIGATE, world.gateway(stack)),
+        ]
+        rows: list[list[Cell]] = []
+        series: dict[str, list[float | None]] = {way.name: [] for way in ways}
+        for http2 in (False, True):
+            seconds: dict[str, list[float]] = {way.name: [] for way in ways}
+            spoken: dict[str, str] = {}
+            for number in range(1, args.rounds + 1):  # rounds interleave the ways: drift hits all alike
+                for way in ways:
+                    elapsed, spoken[way.name] = pull.get_blob(way.leg, world.content, http2)
+                    seconds[way.name].append(elapsed)
+                    say(f"blob {'h2' if http2 else 'h1'} round {number}/{args.rounds} {way.name:<14} {elapsed:6.2f} s")
+            speeds = {name: mib_per_second(world.content.blob_size, median(values)) for name, values in seconds.items()}
+            baselines: dict[str, float | None] = dict(speeds)
+            for way in ways:
+                rounds = " ".join(f"{value:.2f}" for value in seconds[way.name])
+                row: list[Cell] = [way.name, "HTTP/2 offered" if http2 else "HTTP/1.1", spoken[way.name]]
+                rows.append([*row, speeds[way.name], rounds, *versus(speeds[way.name], baselines)])
+                series[way.name].append(speeds[way.name])
+    return Scenario(
+        name="blob",
+        title=f"1. Blob throughput, one stream, {world.content.blob_size // pull.MIB} MiB blob, "
+        f"median of {args.rounds} rounds",
+        columns=["way", "client", "spoken", "MiB/s", "rounds s", "/mitmproxy+tls", "/direct"],
+        rows=rows,
+        chart=Chart("bar", "Blob throughput, one stream", "client", "MiB/s", ["HTTP/1.1", "HTTP/2"], series),
+        notes=[
+            "ocigate hashes the blob as it streams and probes the host with a HEAD first",
+            "the http:// ways (direct, mitmproxy) stay on HTTP/1.1 when HTTP/2 is offered (no h2c in httpx)",
+            "direct is bounded by the client itself (httpx and sha256 on the same cores)",
+        ],
+    )
+
+
+# --- 2. manifest by tag, token cached -------------------------------------------------------------------------------
+
+
+def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    token = world.bearer()
+    with contextlib.ExitStack() as stack:
+        ways = [
+            direct_way(world.auth_registry, token),
+            proxy_way(MITMPROXY_TLS, world.repointing(world.auth_registry, stack), AUTH_UPSTREAM, token),
+            proxy_way(OCIGATE, world.gateway(stack), AUTH_UPSTREAM),
+        ]
+        timings: dict[str, list[float]] = {}
+        for way in ways:
+            # The unmeasured first GETs open the connection and, through ocigate, fill its token cache.
+            timings[way.name] = manifest_series(
+                way, args.requests, pull.MANIFEST_WARMUP, SMALL_REPOSITORY, SMALL_TAG, world.small.manifest.digest
+            )
+            say(f"manifests {way.name:<14} median {median(timings[way.name]):.2f} ms")
+    p50 = {name: percentile(values, 0.5) for name, values in timings.items()}
+    p95 = {name: percentile(values, 0.95) for name, values in timings.items()}
+    rows: list[list[Cell]] = []
+    for way in ways:
+        added50 = p50[way.name] - p50[MITMPROXY_TLS] if way.name != DIRECT else None
+        added95 = p95[way.name] - p95[MITMPROXY_TLS] if way.name != DIRECT else None
+        rows.append(
+            [way.name, p50[way.name], p95[way.name], added50, added95, *versus(p50[way.name], dict(p50.items()))]
+        )
+    return Scenario(
+        name="manifest",
+        title=f"2. Manifest by tag, token cached, {args.requests} sequential GETs on one connection (ms)",
+        columns=["way", "p50 ms", "p95 ms", "p50 added", "p95 added", "p50 /mitmproxy+tls", "/direct"],
+        rows=rows,
+        chart=Chart(
+            "bar",
+            "Manifest by tag, token cached",
+            "percentile",
+            "ms",
+            ["p50", "p95"],
+            {way.name: [p50[way.name], p95[way.name]] for way in ways},
+        ),
+        notes=[
+            "token-auth registry: direct and mitmproxy+tls send a token the client holds; through ocigate the client "
+            "sends none and ocigate uses the token it cached (the first GETs, unmeasured, fetched it)",
+            "targets (issue 12): added p50 <= 1.0 ms, p95 <= 2 ms over mitmproxy+tls",
+        ],
+    )
+
+
+# --- 3. peak RSS vs blob size ---------------------------------------------------------------------------------------
+
+
+def push_streamed_blob(registry: Registry, size: int) -> pull.Content:
+    """A blob of `size` bytes pushed without holding it in memory: a random 4 MiB block repeated (no proxy here
+    compresses or deduplicates, so repeating costs nothing in realism), streamed in a PATCH and closed with a PUT."""
+    block = os.urandom(4 * pull.MIB)
+
+    def pieces() -> Iterator[bytes]:
+        left = size
+        while left > 0:
+            piece = block[: min(left, len(block))]
+            left -= len(piece)
+            yield piece
+
+    hasher = hashlib.sha256()
+    for piece in pieces():
+        hasher.update(piece)
+    digest = "sha256:" + hasher.hexdigest()
+    base = f"{registry.url}/v2/{pull.REPOSITORY}/blobs/uploads/"
+    with httpx.Client(timeout=httpx.Timeout(600.0), trust_env=False) as session:
+        started = session.post(base)
+        if started.status_code != 202:
+            raise BenchError(f"push of a {size} byte blob: POST answered {started.status_code}")
+        location = httpx.URL(registry.url).join(started.headers["Location"])
+        patched = session.patch(location, content=pieces(), headers={"Content-Type": "application/octet-stream"})
+        if patched.status_code != 202:
+            raise BenchError(f"push of a {size} byte blob: PATCH answered {patched.status_code}: {patched.text[:300]}")
+        location = httpx.URL(registry.url).join(patched.headers["Location"])
+        finished = session.put(location.copy_merge_params({"digest": digest}))
+        if finished.status_code != 201:
+            raise BenchError(f"push of a {size} byte blob: PUT answered {finished.status_code}: {finished.text[:300]}")
+    # pull.get_blob reads only a Content's blob digest and size; no manifest names this blob.
+    return pull.Content(digest, size, Blob.of(OCI_MANIFEST, b"{}"))
+
+
+def rss_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    rows: list[list[Cell]] = []
+    series: dict[str, list[float | None]] = {MITMPROXY_TLS: [], OCIGATE: []}
+    labels: list[str | float] = []
+    for size_mib in args.rss_mib:
+        say(f"rss: pushing a {size_mib} MiB blob")
+        content = push_streamed_blob(world.registry, size_mib * pull.MIB)
+        labels.append(f"{size_mib} MiB")
+        with contextlib.ExitStack() as stack:  # fresh proxies per size: VmHWM only grows
+            ways = [
+                proxy_way(MITMPROXY_TLS, world.repointing(world.registry, stack)),
+                proxy_way(OCIGATE, world.gateway(stack)),
+            ]
+            idle: dict[str, float] = {}
+            peaks: dict[str, float | None] = {}
+            for way in ways:
+                pid = way.leg.pid
+                if pid is None:
+                    raise BenchError(f"{way.name}: no proxy process to measure")
+                idle[way.name] = summed_memory_mib(process_tree(pid), "VmRSS")
+                elapsed, _ = pull.get_blob(way.leg, content, False)
+                peaks[way.name] = summed_memory_mib(process_tree(pid), "VmHWM")
+                say(f"rss {size_mib} MiB {way.name:<14} {elapsed:6.2f} s, peak {peaks[way.name]:.0f} MiB")
+            for way in ways:
+                relative = ratio(peaks[way.name], peaks[MITMPROXY_TLS])
+                rows.append([way.name, size_mib, idle[way.name], peaks[way.name], relative])
+                series[way.name].append(peaks[way.name])
+    ocigate_peaks = [value for value in series[OCIGATE] if value is not None]
+    notes = ["VmHWM (peak resident set) of the proxy process after one GET of the blob; direct has no proxy"]
+    if len(ocigate_peaks) >= 2:
+        notes.append(
+            f"ocigate peak at the largest size / at the smallest: {ocigate_peaks[-1] / ocigate_peaks[0]:.2f} "
+            "(target: within 10%)"
+        )
+    return Scenario(
+        name="rss",
+        title="3. Peak RSS vs blob size (fresh proxy per size)",
+        columns=["way", "blob MiB", "RSS idle MiB", "peak RSS MiB", "peak /mitmproxy+tls"],
+        rows=rows,
+        chart=Chart("bar", "Proxy peak RSS vs blob size", "blob size", "VmHWM MiB", labels, series),
+        notes=notes,
+    )
+
+
+# --- 4. concurrency curve -------------------------------------------------------------------------------------------
+
+
+def concurrency_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    notes = [
+        f"a pull: manifest by tag + config + {args.layers} layers of {args.layer_kib} KiB, blobs one after another; "
+        f"at concurrency N, max(N, {args.min_pulls}) pulls, median MiB/s of {args.load_rounds} rounds, latencies "
+        "of all rounds together",
+        "client CPU: the load process's CPU seconds over wall seconds (1.0 = one core busy); proxy CPU the same, "
+        "summed over the proxy's processes; RSS: summed VmHWM of the proxy's processes (peak since it started)",
+    ]
+    with contextlib.ExitStack() as stack:
+        ways = [
+            direct_way(world.registry),
+            proxy_way(MITMPROXY_TLS, world.repointing(world.registry, stack)),
+            proxy_way(OCIGATE, world.gateway(stack)),
+        ]
+        if args.workers > 1:
+            try:
+                many = world.gateway(stack, workers=args.workers)
+                ways.append(proxy_way(f"{OCIGATE} {args.workers} workers", many))
+            except WorkersUnsupported as e:
+                notes.append(f"{e}: only the 1-worker gateway was measured")
+                say(f"concurrency: {e}; measuring 1 worker only")
+        rows: list[list[Cell]] = []
+        series: dict[str, list[float | None]] = {way.name: [] for way in ways}
+        for level in args.concurrency:
+            pulls = max(level, args.min_pulls)
+            speeds: dict[str, list[float]] = {way.name: [] for way in ways}
+            latencies: dict[str, list[float]] = {way.name: [] for way in ways}
+            client_cpu: dict[str, list[float]] = {way.name: [] for way in ways}
+            proxy_cpu: dict[str, list[float]] = {way.name: [] for way in ways}
+            for number in range(1, args.load_rounds + 1):
+                for way in ways:
+                    pids = process_tree(way.leg.pid) if way.leg.pid else []
+                    cpu_before = cpu_seconds(pids)
+                    outcome = load(world, way, pulls, level)
+                    proxy_cpu[way.name].append((cpu_seconds(pids) - cpu_before) / outcome.wall_seconds)
+                    speeds[way.name].append(mib_per_second(outcome.bytes, outcome.wall_seconds))
+                    latencies[way.name] += outcome.manifest_ms
+                    client_cpu[way.name].append(outcome.cpu_seconds / outcome.wall_seconds)
+                    if outcome.stopped:
+                        notes.append(f"{way.name} at {level}: {outcome.stopped}")
+                    say(
+                        f"concurrency {level} round {number}/{args.load_rounds} {way.name:<20} "
+                        f"{speeds[way.name][-1]:7.1f} MiB/s, client CPU {client_cpu[way.name][-1]:.2f}"
+                    )
+            medians: dict[str, float | None] = {name: median(values) for name, values in speeds.items()}
+            for way in ways:
+                memory = summed_memory_mib(process_tree(way.leg.pid), "VmHWM") if way.leg.pid else None
+                rows.append(
+                    [
+                        way.name,
+                        level,
+                        medians[way.name],
+                        percentile(latencies[way.name], 0.5),
+                        percentile(latencies[way.name], 0.99),
+                        memory,
+                        median(client_cpu[way.name]),
+                        median(proxy_cpu[way.name]) if way.leg.pid else None,
+                        *versus(medians[way.name], medians),
+                    ]
+                )
+                series[way.name].append(medians[way.name])
+    return Scenario(
+        name="concurrency",
+        title="4. Concurrency curve: concurrent pulls of a small image",
+        columns=[
+            "way",
+            "pulls at once",
+            "MiB/s",
+            "manifest p50 ms",
+            "p99 ms",
+            "proxy RSS MiB",
+            "client CPU",
+            "proxy CPU",
+            "MiB/s /mitmproxy+tls",
+            "/direct",
+        ],
+        rows=rows,
+        chart=Chart(
+            "line",
+            "Aggregate throughput vs concurrent pulls",
+            "concurrent pulls",
+            "MiB/s",
+            [float(level) for level in args.concurrency],
+            series,
+        ),
+        notes=notes,
+    )
+
+
+# --- 5. token count -------------------------------------------------------------------------------------------------
+
+
+def tokens_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    notes = [
+        f"{TOKEN_PULLS} concurrent pulls of {SMALL_REPOSITORY}:{SMALL_TAG} ({args.layers} layers) from the token-auth "
+        "registry; requests counted at the token server. direct and mitmproxy+tls: each pull is a client of its own "
+        "and fetches its own token (as 50 separate docker pulls do); ocigate: the clients send no credentials",
+        "target (issue 12): through ocigate, exactly one token request per (realm, scope, identity) per token "
+        f"lifetime ({TOKEN_LIFETIME:.0f} s here); with N workers, one per worker",
+    ]
+    rows: list[list[Cell]] = []
+    counts: dict[str, float | None] = {}
+    with contextlib.ExitStack() as stack:
+        ways = [
+            direct_way(world.auth_registry),
+            proxy_way(MITMPROXY_TLS, world.repointing(world.auth_registry, stack), AUTH_UPSTREAM),
+            proxy_way(OCIGATE, world.gateway(stack), AUTH_UPSTREAM),
+        ]
+        expected = {OCIGATE: 1}
+        if args.workers > 1:
+            try:
+                name = f"{OCIGATE} {args.workers} workers"
+                ways.append(proxy_way(name, world.gateway(stack, workers=args.workers), AUTH_UPSTREAM))
+                expected[name] = args.workers
+            except WorkersUnsupported as e:
+                notes.append(f"{e}: only the 1-worker gateway was measured")
+        for way in ways:
+            world.tokens.clear()
+            outcome = load(world, way, TOKEN_PULLS, TOKEN_PULLS, token_per_pull=True)
+            requests = world.tokens.requests
+            keys = {(request.path, request.scopes, request.account) for request in requests}
+            counts[way.name] = float(len(requests))
+            target = expected.get(way.name)
+            met = None
+            if target is not None:
+                # One worker: exactly one per key. N workers each cache their own: at most N per key.
+                right = len(requests) == len(keys) if target == 1 else len(requests) <= target * len(keys)
+                met = "yes" if right else "no"
+            say(f"tokens {way.name:<20} {len(requests)} token requests for {outcome.pulls} pulls")
+            rows.append([way.name, outcome.pulls, len(requests), len(keys), target, met])
+    return Scenario(
+        name="tokens",
+        title=f"5. Token requests for {TOKEN_PULLS} concurrent pulls from a token-auth registry",
+        columns=["way", "pulls", "token requests", "distinct (realm, scope, identity)", "target per key", "met"],
+        rows=rows,
+        chart=Chart(
+            "bar",
+            "Token requests for 50 concurrent pulls",
+            "way",
+            "requests",
+            list(counts),
+            {"token requests": list(counts.values())},
+        ),
+        notes=notes,
+    )
+
+
+# --- 6. failover ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def blackhole() -> Iterator[int]:
+    """A port that accepts connections (the kernel completes the handshake into the backlog) and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def failover_rules(directory: Path, first_mirror: bool) -> Path:
+    """upstream.test: FIRST_MIRROR (when `first_mirror`), then the registry (as pull.MIRROR); warm.test: the
+    registry alone, for warming the gateway up without touching the first mirror."""
+    for upstream, hosts in (
+        (pull.UPSTREAM, [FIRST_MIRROR, pull.MIRROR] if first_mirror else [pull.MIRROR]),
+        (WARM_UPSTREAM, [pull.MIRROR]),
+    ):
+        (directory / upstream).mkdir(parents=True)
+        tables = "".join(f'[host."http://{host}"]\n  capabilities = ["pull", "resolve"]\n\n' for host in hosts)
+        (directory / upstream / "hosts.toml").write_text(f'server = "https://{upstream}"\n\n{tables}')
+    return directory
+
+
+def first_and_next(way: Way, digest: str, warm: bool) -> tuple[float, list[float]]:
+    """The first manifest GET by tag and the FAILOVER_NEXT after it, on a connection opened by a GET /v2/ (which
+    ocigate answers itself, without asking a host). With `warm`, a few manifest GETs through warm.test first, so that
+    the first request measured pays for the failover, not for the gateway's first request ever."""
+    repository, tag = pull.REPOSITORY, pull.TAG
+    with client(way) as session:
+        if warm:
+            warming = dataclasses.replace(way, leg=dataclasses.replace(way.leg, base_url=f"https://{WARM_UPSTREAM}"))
+            for _ in range(FAILOVER_WARMUP):
+                manifest_get(session, warming, repository, tag, digest)
+        ping = session.get(f"{way.leg.base_url}/v2/", headers=way.headers())
+        if ping.status_code != 200:
+            raise BenchError(f"{way.name}: GET /v2/ answered {ping.status_code}")
+        first = manifest_get(session, way, repository, tag, digest)
+        deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
+        following = []
+        for _ in range(FAILOVER_NEXT):
+            if time.monotonic() > deadline:
+                break
+            following.append(manifest_get(session, way, repository, tag, digest))
+    return first, following
+
+
+def failover_scenario(world: World, args: argparse.Namespace) -> Scenario:
+    digest = world.content.manifest.digest
+    timeout_option = f"ocigate_read_timeout={args.blackhole_timeout}"
+    refused_port = free_port()  # nothing listens there: connections are refused
+    firsts: dict[str, list[float]] = {}
+    following: dict[str, list[float]] = {}
+    with blackhole() as hole_port:
+
+        def ocigate_way(name: str, port: int | None) -> Callable[[contextlib.ExitStack], Way]:
+            def start(stack: contextlib.ExitStack) -> Way:
+                rules = failover_rules(world.directory("failover-rules"), first_mirror=port is not None)
+                host_map = {FIRST_MIRROR: f"127.0.0.1:{port}"} if port is not None else {}
+                return proxy_way(name, world.gateway(stack, rules=rules, host_map=host_map, options=[timeout_option]))
+
+            return start
+
+        cases: list[tuple[str, Callable[[contextlib.ExitStack], Way]]] = [
+            (DIRECT, lambda stack: direct_way(world.registry)),
+            (MITMPROXY_TLS, lambda stack: proxy_way(MITMPROXY_TLS, world.repointing(world.registry, stack))),
+            (HEALTHY, ocigate_way(HEALTHY, None)),
+            ("ocigate refusing first", ocigate_way("ocigate refusing first", refused_port)),
+            ("ocigate blackholed first", ocigate_way("ocigate blackholed first", hole_port)),
+        ]
+        for number in range(1, args.failover_rounds + 1):
+            for name, start_way in cases:
+                with contextlib.ExitStack() as stack:  # a fresh proxy per case and round: nothing learnt carries over
+                    way = start_way(stack)
+                    first, next_ones = first_and_next(way, digest, warm=name.startswith(OCIGATE))
+                firsts.setdefault(name, []).append(first)
+                following.setdefault(name, []).extend(next_ones)
+                say(
+                    f"failover round {number}/{args.failover_rounds} {name:<26} first {first:8.1f} ms, "
+                    f"next p50 {percentile(next_ones, 0.5):.2f} ms"
+                )
+    first_median = {name: median(values) for name, values in firsts.items()}
+    p50 = {name: percentile(values, 0.5) for name, values in following.items()}
+    rows: list[list[Cell]] = []
+    for name in firsts:
+        is_ocigate = name.startswith(OCIGATE)
+        rows.append(
+            [
+                name,
+                first_median[name],
+                p50[name],
+                percentile(following[name], 0.95),
+                first_median[name] - first_median[HEALTHY] if is_ocigate else None,
+                p50[name] - p50[HEALTHY] if is_ocigate else None,
+                *versus(p50[name], dict(p50.items())),
+            ]
+        )
+    return Scenario(
+        name="failover",
+        title=f"6. Failover: manifest by tag, the first request and the next {FAILOVER_NEXT} (ms), "
+        f"{args.failover_rounds} rounds",
+        columns=[
+            "way",
+            "first ms",
+            f"next {FAILOVER_NEXT} p50",
+            "p95",
+            "first added over healthy",
+            "next p50 added",
+            "next p50 /mitmproxy+tls",
+            "/direct",
+        ],
+        rows=rows,
+        chart=Chart(
+            "bar",
+            f"Failover: first request and the next {FAILOVER_NEXT} (log scale)",
+            "requests",
+            "ms",
+            ["first", f"next {FAILOVER_NEXT} p50"],
+            {name: [first_median[name], p50[name]] for name in firsts},
+            log_y=True,
+        ),
+        notes=[
+            "a fresh proxy per way and round; first: median over rounds; next: all rounds together",
+            f"each gateway is warmed up first by {FAILOVER_WARMUP} manifest GETs through {WARM_UPSTREAM} (the registry "
+            "alone), then the client's connection is opened by a GET /v2/, which ocigate answers itself",
+            f"ocigate_read_timeout={args.blackhole_timeout} s on the gateways (default 60): a blackholed host accepts "
+            "and never answers, so it costs that once, then it cools down (ocigate_cooldown, 30 s)",
+            "targets (issue 12): a refusing first mirror adds <= 5 ms to the first request and nothing measurable to "
+            "the next 100; a blackholed one costs its timeout once",
+        ],
+    )
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def setup(workdir: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> World:
+    registry = stack.enter_context(running_registry(workdir / "registry"))
+    say(f"pushing a {args.blob_mib} MiB blob and a {args.layers}-layer image to the registry at {registry.url}")
+    content = pull.push_content(registry, args.blob_mib)
+    small = make_image("bench-small", layers=args.layers, layer_size=args.layer_kib * 1024)
+    push_image(registry.url, SMALL_REPOSITORY, SMALL_TAG, small)
+    tokens = stack.enter_context(running_token_server(workdir / "tokens", {ACCOUNT: PASSWORD}, lifetime=TOKEN_LIFETIME))
+    auth_registry = stack.enter_context(
+        running_registry(workdir / "auth-registry", extra_config=tokens.registry_auth_config())
+    )
+    pusher = tokens.mint("pusher", [{"type": "repository", "name": SMALL_REPOSITORY, "actions": ["pull", "push"]}])
+    with httpx.Client(headers={"Authorization": f"Bearer {pusher}"}, trust_env=False, timeout=60.0) as session:
+        push_image(auth_registry.url, SMALL_REPOSITORY, SMALL_TAG, small, client=session)
+    tokens.clear()
+    return World(workdir, registry, content, small, tokens, auth_registry)
+
+
+RUNNERS: dict[str, Callable[[World, argparse.Namespace], Scenario]] = {
+    "blob": blob_scenario,
+    "manifest": manifest_scenario,
+    "rss": rss_scenario,
+    "concurrency": concurrency_scenario,
+    "tokens": tokens_scenario,
+    "failover": failover_scenario,
+}
+
+
+def run(args: argparse.Namespace) -> Path:
+    machine = this_machine()
+    date = datetime.date.today().isoformat()
+    print(
+        f"ocigate benchmark {date}: {machine.cores} cores ({machine.cpu_model}), Python {machine.python}, "
+        f"mitmproxy {machine.mitmproxy}, Linux {machine.kernel}"
+    )
+    scenarios: list[Scenario] = []
+    with tempfile.TemporaryDirectory(prefix="ocigate-bench-") as temporary, contextlib.ExitStack() as stack:
+        world = setup(Path(temporary), stack, args)
+        for name in args.scenarios:
+            say(f"--- scenario {name}")
+            scenarios.append(show(RUNNERS[name](world, args)))
+    settings = {key: value for key, value in vars(args).items() if key != "results"}
+    results = Results(date=date, machine=machine, settings=settings, scenarios=scenarios)
+    path = save(results, args.results)
+    for chart in draw_all(results, args.results):
+        say(f"chart: {chart}")
+    print(f"\nresults: {path}")
+    return path
+
+
+def numbers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from e
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1")
+    return values
+
+
+def scenario_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        known = ",".join(SCENARIOS)
+        raise argparse.ArgumentTypeError(f"unknown scenario {', '.join(unknown) or repr(text)}; known: {known}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="./run.sh bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds: a run of a few minutes")
+    parser.add_argument("--scenarios", type=scenario_names, default=list(SCENARIOS), help=",".join(SCENARIOS))
+    parser.add_argument("--blob-mib", type=int, help="blob scenario: blob size (256; quick 64)")
+    parser.add_argument("--rounds", type=int, help="blob GETs per way and client (3; quick 2)")
+    parser.add_argument("--requests", type=int, help="manifest GETs per way (200; quick 100)")
+    parser.add_argument("--rss-mib", type=numbers, help="rss scenario: blob sizes in MiB (256,2048; quick 64,256)")
+    parser.add_argument("--concurrency", type=numbers, help="concurrent pulls (1,10,50,200)")
+    parser.add_argument("--layers", type=int, default=10, help="layers of the small image (10)")
+    parser.add_argument("--layer-kib", type=int, help="size of each of its layers (1024; quick 256)")
+    parser.add_argument("--min-pulls", type=int, default=20, help="pulls per load run at least (20)")
+    parser.add_argument("--load-rounds", type=int, help="load runs per way and concurrency (3; quick 2)")
+    parser.add_argument("--workers", type=int, default=2, help="also measure `ocigate --workers N` (2); 1: not")
+    parser.add_argument("--failover-rounds", type=int, help="fresh proxies per failover case (3; quick 2)")
+    parser.add_argument("--blackhole-timeout", type=int, default=2, help="failover: ocigate_read_timeout (2 s)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIRECTORY, help="where the JSON and charts go")
+    args = parser.parse_args(argv)
+    defaults = {
+        "blob_mib": (256, 64),
+        "rounds": (3, 2),
+        "requests": (200, 100),
+        "rss_mib": ([256, 2048], [64, 256]),
+        "concurrency": ([1, 10, 50, 200], [1, 10, 50, 200]),
+        "layer_kib": (1024, 256),
+        "load_rounds": (3, 2),
+        "failover_rounds": (3, 2),
+    }
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in (
+        "blob_mib",
+        "rounds",
+        "requests",
+        "layers",
+        "layer_kib",
+        "min_pulls",
+        "load_rounds",
+        "failover_rounds",
+        "workers",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.blackhole_timeout < 1:
+        parser.error("--blackhole-timeout must be at least 1")
+    return args
+
+
+def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwinds like Ctrl-C does, so every process started is stopped on the way out.
+    print("bench: terminated; everything started is stopped", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        run(args)
+    except (BenchError, pull.BenchError, NotReady) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything started is stopped", file=sys.stderr)
+        return 130
+    return 0
