@@ -141,3 +141,32 @@ def test_without_a_thread_the_loop_hashes() -> None:
     for start in range(0, len(blob), BATCH):
         hashed.update(blob[start : start + BATCH])
     assert hashed.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_a_closed_hash_takes_no_more_pieces_and_never_blocks_the_loop() -> None:
+    started: list[threading.Thread] = []
+
+    def start(run: Callable[[], None]) -> None:
+        thread = threading.Thread(target=run, daemon=True)
+        started.append(thread)
+        thread.start()
+
+    hashed = BackgroundHash("sha256", start=start)
+    hashed.update(b"e" * (IN_THE_LOOP + BATCH))
+    hashed.close()  # the gateway stops while mitmproxy still streams the blob
+    for _ in range(4 * MAX_BEHIND // BATCH):  # far more than the thread would have room for
+        hashed.update(b"e" * BATCH)
+    with pytest.raises(RuntimeError, match="closed before its end"):
+        hashed.hexdigest()
+
+
+def test_past_max_threads_blobs_are_hashed_in_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hashing, "_threads", threading.BoundedSemaphore(1))
+    first = BackgroundHash("sha256")
+    blob = b"f" * (IN_THE_LOOP + 2 * BATCH)
+    first.update(blob)  # takes the only thread
+    second = BackgroundHash("sha256")
+    second.update(blob)  # none left: hashed in the loop, and right
+    assert second._worker is None
+    assert second.hexdigest() == hashlib.sha256(blob).hexdigest()
+    assert first.hexdigest() == hashlib.sha256(blob).hexdigest()

@@ -137,3 +137,16 @@ async def test_a_retired_pool_closes_every_client_once_idle_even_those_handed_ou
     pool.release(late)
     await asyncio.sleep(0)
     assert busy.is_closed and late.is_closed
+
+
+async def test_http_and_https_to_one_port_never_share_a_client() -> None:
+    pool = ClientPool()
+    plain = Host(scheme="http", host="auth.test", port=443, path="", capabilities=frozenset())
+    secure = Host(scheme="https", host="auth.test", port=443, path="", capabilities=frozenset())
+    first = pool.hold(plain, HostTLS())
+    second = pool.hold(secure, HostTLS())
+    assert first is not second
+    assert first._tls is None and second._tls is not None
+    pool.release(first)
+    pool.release(second)
+    await pool.aclose()

@@ -173,3 +173,35 @@ def test_an_exit_code_is_said_in_words() -> None:
     assert describe(0) == "exited with status 0"
     assert describe(2) == "exited with status 2"
     assert describe(-9) == "was killed by SIGKILL"
+
+
+def test_a_worker_that_cannot_be_started_again_is_tried_again_later_and_the_others_keep_serving() -> None:
+    box = Box(2)
+    box.all_listening()
+    box.now += 100
+    box.supervisor.exited(box.pid_of(1), 1)
+    refusing = box.spawn
+
+    def no_process(index: int) -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    box.supervisor.spawn = no_process
+    box.later(FIRST_DELAY)
+    assert box.said[-1] == (
+        "worker 1 cannot be started ([Errno 11] Resource temporarily unavailable); trying again in 1 s"
+    )
+    assert box.signals == [] and not box.supervisor.done and box.supervisor.timeout() == FIRST_DELAY
+    box.supervisor.spawn = refusing
+    box.later(FIRST_DELAY)
+    assert box.supervisor.slots[1].pid is not None
+
+
+def test_a_worker_that_cannot_be_started_at_all_stops_the_gateway() -> None:
+    box = Box(2)
+
+    def no_process(index: int) -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    box.supervisor.spawn = no_process
+    box.supervisor.start()
+    assert box.supervisor.done and box.supervisor.exit_status == 1

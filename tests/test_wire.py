@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ocigate import wire
 from ocigate.wire import MAX_HEADER_BYTES, MAX_IDLE, MAX_TARGET, HostConnections, Request, WireError
 from tests.support.tls import client_ssl_context, issue_server_cert, make_ca
 
@@ -298,4 +299,78 @@ async def test_whatever_bytes_a_host_answers_the_result_is_an_answer_or_a_wire_e
                 await ask(connections, h.port, request(method))
         except WireError:
             pass
+    await connections.aclose()
+
+
+async def test_bytes_after_an_answer_are_never_taken_for_the_next_answer() -> None:
+    connections = HostConnections(None, "mirror.test")
+    smuggled = ok(b'{"other":"image"}')
+    async with host(lambda n, r: ok() + smuggled if n == 1 else ok()) as h:
+        assert (await ask(connections, h.port))[1] == BODY
+        assert (await ask(connections, h.port))[1] == BODY  # on a new connection, not the bytes left on the first
+    assert h.connections == 2
+    await connections.aclose()
+
+
+async def test_an_answer_the_host_sends_unasked_while_the_connection_is_idle_is_not_taken_for_the_next() -> None:
+    connections = HostConnections(None, "mirror.test")
+    idle = asyncio.Event()
+
+    def answer(number: int, request: bytes) -> bytes:
+        if number == 1:
+            idle.set()
+        return ok()
+
+    async with host(answer) as h:
+        assert (await ask(connections, h.port))[1] == BODY
+        (writer,) = h.open
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the bytes reach the client's side of the idle connection
+        assert (await ask(connections, h.port))[:2] == (200, BODY)
+    assert h.connections == 2
+    await connections.aclose()
+
+
+async def test_a_request_is_sent_again_once_at_most_on_a_new_connection() -> None:
+    connections = HostConnections(None, "mirror.test")
+    # Two kept-alive connections, both closed by the host at their next request, then one that answers.
+    async with host(lambda n, r: ok() if n >= 3 or r.startswith(b"GET /first") else None) as h:
+        await asyncio.gather(
+            ask(connections, h.port, request(target="/first/1")), ask(connections, h.port, request(target="/first/2"))
+        )
+        assert h.connections == 2
+        assert (await ask(connections, h.port))[0] == 200
+    # The stale one taken first, then a new connection (the third), never the other stale one.
+    assert h.connections == 3 and len(h.requests) == 4
+    await connections.aclose()
+
+
+async def test_a_connection_idle_longer_than_the_expiry_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    connections = HostConnections(None, "mirror.test")
+    async with host(lambda n, r: ok()) as h:
+        assert (await ask(connections, h.port))[0] == 200
+        monkeypatch.setattr(wire, "IDLE_EXPIRY", 0.0)
+        assert (await ask(connections, h.port))[0] == 200
+    assert h.connections == 2
+    await connections.aclose()
+
+
+async def test_an_answer_switching_protocols_is_an_error_not_a_spin() -> None:
+    connections = HostConnections(None, "mirror.test")
+    upgrade = Request("GET", "/v2/", ((b"Host", b"m"), (b"Connection", b"Upgrade"), (b"Upgrade", b"x")), None, 1000)
+    async with host(lambda n, r: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n") as h:
+        with pytest.raises(WireError, match="switches to another protocol"):
+            async with asyncio.timeout(10):
+                await connections.request(("127.0.0.1", h.port), 5.0, upgrade, lambda: None)
+    await connections.aclose()
+
+
+async def test_an_error_never_quotes_what_the_host_sent() -> None:
+    connections = HostConnections(None, "mirror.test")
+    echo = b"HTTP/1.1 200 OK\r\nAuthorization : Bearer the-echoed-token\r\nContent-Length: 0\r\n\r\n"
+    async with host(lambda n, r: echo, keep_alive=False) as h:
+        with pytest.raises(WireError) as raised:
+            await ask(connections, h.port)
+    assert "the-echoed-token" not in str(raised.value) and "malformed answer" in str(raised.value)
     await connections.aclose()

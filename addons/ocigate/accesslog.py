@@ -5,8 +5,9 @@ At most MAX_QUEUED lines wait for the writer: a disk slower than the requests lo
 log line per REPORT_EVERY seconds) rather than the gateway's memory. A log file moved or removed (by logrotate) is
 opened again at its path before the next lines are written, as logging's WatchedFileHandler does.
 
-Each line is written by one write(2) to a file opened O_APPEND (or to standard error): the workers of
-`ocigate --workers N` append to one file, and their lines never mix.
+Each line is written by one write(2) to a file opened O_APPEND: the workers of `ocigate --workers N` append to one
+file, and their lines never mix. On standard error (a pipe, the journal) that holds for lines up to PIPE_BUF (4 KiB),
+which most lines are.
 """
 
 import json

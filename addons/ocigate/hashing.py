@@ -24,11 +24,31 @@ BATCH = 256 * 1024
 # bounded when the thread cannot keep up (and the loop could not have hashed faster itself).
 MAX_BEHIND = 8 * BATCH
 
+# Blobs hashed on threads at once, at most: each holds up to BATCH + MAX_BEHIND bytes, and past as many threads as
+# this the cores are taken anyway. Further blobs are hashed in the loop, as all were before.
+MAX_THREADS = 32
+
 Start = Callable[[Callable[[], None]], None]
+
+_threads = threading.BoundedSemaphore(MAX_THREADS)
 
 
 def _start_thread(run: Callable[[], None]) -> None:
-    threading.Thread(target=run, name="ocigate-hash", daemon=True).start()
+    """Runs `run` on a thread of its own; RuntimeError when MAX_THREADS run already or no thread can be had."""
+    if not _threads.acquire(blocking=False):
+        raise RuntimeError("as many blobs are hashed on threads as may be")
+
+    def running() -> None:
+        try:
+            run()
+        finally:
+            _threads.release()
+
+    try:
+        threading.Thread(target=running, name="ocigate-hash", daemon=True).start()
+    except BaseException:
+        _threads.release()
+        raise
 
 
 class _Worker:
@@ -69,9 +89,12 @@ class BackgroundHash:
         self._gathered_size = 0
         self._size = 0
         self._worker: _Worker | None = None
+        self._closed = False
         self._stopped: weakref.finalize[[], BackgroundHash] | None = None
 
     def update(self, piece: bytes) -> None:
+        if self._closed:
+            return  # the flow ended without its blob, or the gateway is stopping: nothing will be judged
         self._size += len(piece)
         if self._size <= IN_THE_LOOP:
             self._hasher.update(piece)
@@ -82,9 +105,11 @@ class BackgroundHash:
             self._hand_over()
 
     def hexdigest(self) -> str:
+        if self._closed:
+            raise RuntimeError("the blob's hash was closed before its end")
         worker = self._worker
         if worker is not None:
-            self.close()
+            self._end_thread()
             worker.done.wait()
             if worker.failed is not None:
                 raise RuntimeError("the thread hashing a blob failed") from worker.failed
@@ -94,6 +119,10 @@ class BackgroundHash:
         return self._hasher.hexdigest()
 
     def close(self) -> None:
+        self._closed = True
+        self._end_thread()
+
+    def _end_thread(self) -> None:
         if self._stopped is not None:
             self._stopped()
 
@@ -103,7 +132,7 @@ class BackgroundHash:
             worker = _Worker(self._hasher)
             try:
                 self._start(worker.run)
-            except RuntimeError:  # no thread to be had (a process at its limit): the loop hashes, as it used to
+            except RuntimeError:  # no thread to be had (MAX_THREADS, a process at its limit): the loop hashes
                 for piece in self._gathered:
                     self._hasher.update(piece)
                 self._gathered, self._gathered_size = [], 0

@@ -49,7 +49,7 @@ class ClientPool:
 
     def __init__(self, size: int = MAX_CLIENTS) -> None:
         self._size = size
-        self._clients: OrderedDict[tuple[HostTLS, str, int], HostConnections] = OrderedDict()  # oldest use first
+        self._clients: OrderedDict[tuple[HostTLS, str, str, int], HostConnections] = OrderedDict()  # oldest use first
         self._holders: Counter[HostConnections] = Counter()  # requests under way with each client
         self._retired: set[HostConnections] = set()  # not handed out any more; closed once idle
         self._closing: set[asyncio.Task[None]] = set()
@@ -59,8 +59,9 @@ class ClientPool:
         """The client for a request to `host`, held until release(); HostTLSError when its TLS files cannot be
         loaded."""
         # By host name, not by the address dialled: two names on one address must never share a TLS connection,
-        # whose certificate was checked for one of them only.
-        key = (tls, host.host, host.port)
+        # whose certificate was checked for one of them only. And by scheme: http and https to one port (a realm or
+        # Location a host chose) never share a client, whose connections are either TLS or not.
+        key = (tls, host.scheme, host.host, host.port)
         client = self._clients.pop(key, None)
         if client is None:
             client = HostConnections(python_context(tls) if host.scheme == "https" else None, host.host)
@@ -173,9 +174,14 @@ class HostClient:
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(None)
 
+        answer_by: list[float] = []
+
         def sent() -> None:
-            # The answer's time starts once the request is sent: connecting has its own timeout.
-            deadline.reschedule(loop.time() + self.read_timeout)
+            # The answer's time starts once the request is sent (connecting has its own timeout); a request sent
+            # again on a new connection gets no more time.
+            if not answer_by:
+                answer_by.append(loop.time() + self.read_timeout)
+            deadline.reschedule(answer_by[0])
 
         lines = ((b"Host", host.netloc.encode()), *_framed(method, headers, body))
         request = Request(method, target, lines, body, max_body)

@@ -138,7 +138,12 @@ class Streams:
         streamed = self.flows.pop(flow, None)
         if streamed is None:
             return False
-        _stop(streamed)
+        try:
+            return self._account(flow, streamed)
+        finally:
+            _stop(streamed)
+
+    def _account(self, flow: http.HTTPFlow, streamed: StreamedFlow) -> bool:
         if flow.response is None:
             return False
         if streamed.replacement is not None:
@@ -203,8 +208,10 @@ class Streams:
         return replacement
 
     def stop(self) -> None:
+        # The gateway is stopping: its watchdogs go, while mitmproxy may still stream blobs, whose hashes go on.
         for streamed in list(self.flows.values()):
-            _stop(streamed)
+            if streamed.watchdog:
+                streamed.watchdog.cancel()
 
     async def _watch(self, flow: http.HTTPFlow, streamed: StreamedFlow, timeout: float) -> None:
         """A blob's host that sends nothing for `timeout` seconds, before its answer or between two pieces of it, is

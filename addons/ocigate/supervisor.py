@@ -143,7 +143,19 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         slot.restart_at = None
         slot.started = self.clock()
-        slot.pid = self.spawn(slot.index)
+        try:
+            slot.pid = self.spawn(slot.index)
+        except OSError as e:  # no process to be had now (EAGAIN, ENOMEM): the others go on serving
+            slot.pid = None
+            if not slot.ever_listened:
+                self.say(f"worker {slot.index} cannot be started ({e}): stopping the gateway")
+                self.status = self.status or 1
+                self._stop(signal.SIGTERM)
+                return
+            slot.restarts_in_a_row += 1
+            delay = min(MAX_DELAY, FIRST_DELAY * 2 ** (slot.restarts_in_a_row - 1))
+            slot.restart_at = self.clock() + delay
+            self.say(f"worker {slot.index} cannot be started ({e}); trying again in {delay:g} s")
 
     def _slot_of(self, pid: int) -> Slot | None:
         return next((slot for slot in self.slots if slot.pid == pid), None)

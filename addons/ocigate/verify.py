@@ -96,8 +96,8 @@ def _is_json_object(content: bytes) -> bool:
 
 
 class StreamVerifier:
-    """Hashes a blob while it streams to the client (on worker threads, see hashing), holding back its last piece: a
-    blob that turns out not to be what its digest says then never arrives complete.
+    """Hashes a blob while it streams to the client (past its first MiBs on a thread of its own, see hashing),
+    holding back its last piece: a blob that turns out not to be what its digest says then never arrives complete.
 
     It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
     chunk of its own, which in a chunked answer is the one that ends the body."""

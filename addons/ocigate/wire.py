@@ -9,6 +9,7 @@ when its request is sent, so that the caller's deadline for the answer starts th
 
 import asyncio
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ import h11
 MAX_HEADER_BYTES = 100 * 1024
 # The longest request target sent (httpx's limit): a longer one is no request for a registry.
 MAX_TARGET = 64 * 1024
-# Idle connections kept for one address of one host.
+# Idle connections kept for one address of one host, and for how long (httpx's keep-alive expiry, which ocigate had):
+# a host or a load balancer before it closes idle connections after some seconds, and a request sent as it does so
+# gets no answer.
 MAX_IDLE = 8
+IDLE_EXPIRY = 5.0
 _READ_SIZE = 64 * 1024
 # Requests sent once more on a new connection when a kept-alive one turns out closed before any answer, as Go's
 # http.Transport does: they change nothing on the host.
@@ -30,12 +34,12 @@ Address = tuple[str, int]
 
 class WireError(Exception):
     """A request that got no complete answer. `connecting`: the connection could not be made (refused, unreachable,
-    TLS handshake); `timeout`: connecting took too long."""
+    TLS handshake, or not in time). The message never quotes what the host sent: a host echoing the request would
+    have it quote ocigate's credential."""
 
-    def __init__(self, message: str, *, connecting: bool = False, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, connecting: bool = False) -> None:
         super().__init__(message)
         self.connecting = connecting
-        self.timeout = timeout
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,20 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.idle_since = 0.0
 
-    def idle(self) -> bool:
-        """Fit for another request: the host has not closed it meanwhile."""
-        return self.protocol.our_state is h11.IDLE and not self.writer.is_closing() and not self.reader.at_eof()
+    def idle(self, now: float) -> bool:
+        """Fit for another request: between requests, not expired, and nothing from the host since its last answer
+        (bytes after that answer, an unasked-for 408, its close), which the next request would take for its own."""
+        return (
+            self.protocol.our_state is h11.IDLE
+            and now - self.idle_since < IDLE_EXPIRY
+            and not self.protocol.trailing_data[0]
+            and not self.writer.is_closing()
+            and not self.reader.at_eof()
+            # asyncio reads whatever arrives into the reader's buffer: it has no public way to ask for its length.
+            and not self.reader._buffer  # type: ignore[attr-defined]
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -98,12 +112,14 @@ class _Connection:
                         raise WireError(f"answer larger than {request.max_body} bytes")
                 elif isinstance(event, h11.EndOfMessage):
                     break
-                # h11.InformationalResponse (100 Continue, 103 Early Hints): the answer is still to come.
+                elif not isinstance(event, h11.InformationalResponse):  # 100 Continue, 103: the answer is to come
+                    # h11.PAUSED: the host switched protocols (101), which no registry request asks for.
+                    raise WireError("an answer that switches to another protocol")
         except (h11.RemoteProtocolError, OSError) as e:
             if not heard:
                 closed = isinstance(e, h11.RemoteProtocolError)  # h11 read the end of the connection
                 raise _Unanswered("the host closed the connection" if closed else _text(e)) from None
-            raise WireError(_text(e)) from None
+            raise WireError(_text(e) if isinstance(e, OSError) else _protocol_text(e)) from None
         assert head is not None  # h11 gives a Response before any EndOfMessage
         if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
             protocol.start_next_cycle()
@@ -132,16 +148,19 @@ class HostConnections:
         allow) when no complete answer came; OSError and ssl.SSLError from the connection's own failures."""
         if len(request.target) > MAX_TARGET:
             raise WireError("the request could not be sent: URL too long")
+        connection = self._take_idle(address)
+        reused = connection is not None
         while True:
-            connection, reused = self._take_idle(address), True
             if connection is None:
-                connection, reused = await self._dial(address, connect_timeout), False
+                connection = await self._dial(address, connect_timeout)
             try:
                 answer = await connection.exchange(request, sent)
             except _Unanswered as e:
                 connection.close()
                 if reused and request.method in _SENT_AGAIN:
-                    continue  # the host closed it while it was idle: once more on a new connection
+                    # The host closed it while it was idle: once more, on a new connection.
+                    connection, reused = None, False
+                    continue
                 raise WireError(f"{e} without answering") from None
             except BaseException:
                 connection.close()
@@ -157,22 +176,34 @@ class HostConnections:
                 connection.close()
 
     def _take_idle(self, address: Address) -> _Connection | None:
+        self._sweep()
         connections = self._idle.get(address)
-        while connections:
-            connection = connections.pop()
-            if connection.idle():
-                return connection
-            connection.close()
-        return None
+        return connections.pop() if connections else None
 
     def _keep(self, address: Address, connection: _Connection) -> None:
-        if self.is_closed or not connection.idle():
+        connection.idle_since = time.monotonic()
+        if self.is_closed or not connection.idle(connection.idle_since):
             connection.close()
             return
         connections = self._idle.setdefault(address, [])
         connections.append(connection)
         while len(connections) > MAX_IDLE:
             connections.pop(0).close()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Closes the idle connections no longer fit for a request (expired, closed by the host, sent to since), at
+        every address: none lingers half-closed, and addresses no longer dialled are forgotten."""
+        now = time.monotonic()
+        for address, connections in list(self._idle.items()):
+            fit = [connection for connection in connections if connection.idle(now)]
+            for connection in connections:
+                if connection not in fit:
+                    connection.close()
+            if fit:
+                self._idle[address] = fit
+            else:
+                del self._idle[address]
 
     async def _dial(self, address: Address, timeout: float) -> _Connection:
         host, port = address
@@ -186,10 +217,19 @@ class HostConnections:
                     ssl_handshake_timeout=timeout if self._tls is not None else None,
                 )
         except TimeoutError:
-            raise WireError("timed out (ConnectTimeout)", connecting=True, timeout=True) from None
+            raise WireError("timed out (ConnectTimeout)", connecting=True) from None
         except (OSError, ssl.SSLError) as e:
             raise WireError(_text(e), connecting=True) from None
         return _Connection(reader, writer)
+
+
+def _protocol_text(error: h11.RemoteProtocolError) -> str:
+    """h11's reason without the bytes it quotes ("illegal header line: bytearray(b'...')"): what the host sent may be
+    an echo of ocigate's own request."""
+    text = str(error)
+    if "b'" in text or 'b"' in text:
+        return f"a malformed answer ({text.partition(':')[0]})"
+    return text
 
 
 def _text(error: BaseException) -> str:

@@ -56,7 +56,9 @@ def run(count: int, arguments: Sequence[str]) -> int:
 
     def spawn(index: int) -> int:
         environment = os.environ | Identity(index, count, os.getpid()).environment()
-        return os.posix_spawn(sys.executable, command, environment, setsigmask=())
+        # Signals the parent was started ignoring (nohup, a shell's background job) are not ignored by the workers:
+        # a stop forwarded to them must stop them.
+        return os.posix_spawn(sys.executable, command, environment, setsigmask=(), setsigdef=waited_for)
 
     supervisor = Supervisor(count, spawn, os.kill, time.monotonic, _say)
     _say(f"starting {count} workers (worker 0 first, the others once it listens)")
