@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from ocigate.destinations import Addresses, DestinationError, Destinations
+from ocigate.destinations import Addresses, DestinationError, Destinations, reaches, unspecified
 
 
 async def test_mapped_name_dials_the_mapped_address_and_port() -> None:
@@ -101,3 +101,49 @@ async def test_addresses_follow_the_host_map_resolve_names_once_a_while_and_are_
     await addresses.of(resolving, "a.example", 443)
     await addresses.of(resolving, "b.example", 443)
     assert len(addresses._known) == 2
+
+
+async def test_a_failed_lookup_is_not_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers: list[Exception | str] = [socket.gaierror(-2, "Name or service not known"), "10.0.0.7"]
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer, port))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    addresses, resolving = Addresses(), Destinations(dns=True)
+    with pytest.raises(DestinationError, match=r"mirror\.example:443: cannot resolve mirror\.example: .*not known"):
+        await addresses.of(resolving, "mirror.example", 443)
+    assert await addresses.of(resolving, "mirror.example", 443) == {("10.0.0.7", 443)}
+    assert answers == []
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "reached"),
+    [
+        ("127.0.0.1", 5000, True),
+        ("127.0.0.2", 5000, True),  # every loopback address is the local host
+        ("127.255.0.9", 5000, True),
+        ("::1", 5000, True),
+        ("::ffff:127.0.0.3", 5000, True),
+        ("127.0.0.2", 5001, False),  # another service of the local host
+        ("::ffff:10.0.0.7", 443, True),  # an IPv4-mapped address is its IPv4 address
+        ("10.0.0.7", 443, True),
+        ("10.0.0.8", 443, False),
+        ("10.0.0.7", 5000, False),
+        ("127.0.0.1", 443, False),  # 10.0.0.7 is not a loopback address
+    ],
+)
+def test_a_mirror_is_reached_at_its_address_and_port_and_a_loopback_one_at_any_loopback_address(
+    address: str, port: int, reached: bool
+) -> None:
+    assert reaches(address, port, frozenset({("127.0.0.1", 5000), ("10.0.0.7", 443)})) is reached
+
+
+@pytest.mark.parametrize(
+    ("address", "answer"), [("0.0.0.0", True), ("::", True), ("::ffff:0.0.0.0", True), ("127.0.0.1", False)]
+)
+def test_the_unspecified_address_in_any_spelling_is_told(address: str, answer: bool) -> None:
+    assert unspecified(address) is answer

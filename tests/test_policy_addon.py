@@ -192,24 +192,24 @@ async def test_a_connection_dialling_a_mirror_by_its_address_or_another_name_is_
     with gateway(rules, host_map) as (gw, _):
         dialing = Dialing(gw.shared)
         by_address, by_alias = _connection_to("127.0.0.1", port), _connection_to("alias.test", port)
-        other_port, elsewhere = _connection_to("127.0.0.1", free_port()), _connection_to("127.0.0.2", port)
+        other_port, other_loopback = _connection_to("127.0.0.1", free_port()), _connection_to("127.0.0.2", port)
         upstream = _connection_to("upstream.test", 443)
         repointed = _connection_to("mirror.test", port)
         gw.shared.repointed[repointed.client.id] = {("mirror.test", port): next(gw.shared.rules.rules()).hosts[0]}
         with caplog.at_level(logging.INFO):
-            for data in (by_address, by_alias, other_port, elsewhere, upstream, repointed):
+            for data in (by_address, by_alias, other_loopback, other_port, upstream, repointed):
                 await dialing.server_connect(data)
         (rules / POLICY_FILE).unlink()
     with gateway(rules, host_map) as (gw, _):
         open_gateway = _connection_to("127.0.0.1", port)
         await Dialing(gw.shared).server_connect(open_gateway)
-    for refused, asked in ((by_address, "127.0.0.1"), (by_alias, "alias.test")):
+    for refused, asked in ((by_address, "127.0.0.1"), (by_alias, "alias.test"), (other_loopback, "127.0.0.2")):
         assert refused.server.error is not None
         assert f"{asked}:{port} dials mirror.test:{port}, a mirror of the rules" in refused.server.error
-    for allowed in (other_port, elsewhere, upstream, repointed, open_gateway):
+    for allowed in (other_port, upstream, repointed, open_gateway):
         assert allowed.server.error is None
     audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
-    assert len(audits) == 2
+    assert len(audits) == 3
     peer = by_address.client.peername
     assert audits[0].startswith(f"ocigate audit: client {peer[0]}:{peer[1]} connection to 127.0.0.1:{port}: refused")
     assert f"mirror.test:{port}" in audits[0]
@@ -252,29 +252,119 @@ async def test_proxyauth_any_with_per_user_rules_is_warned_of_at_start(
 async def test_a_name_is_checked_by_the_address_it_is_dialled_at(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A name of the client's that the resolver sends to a mirror's address: the address checked is the one dialled,
-    so no second lookup can answer differently."""
+    """A name of the client's that the resolver answers with a harmless address, then (rebound) with a mirror's: the
+    connection is dialled at the address checked, so the second answer never reaches the dialler; asked again, the
+    name is refused."""
     port = free_port()
+    answers = ["10.0.0.7", "127.0.0.1"]
     resolved: list[str] = []
 
     async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
         resolved.append(host)
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers.pop(0), port))]
 
     with gateway(ruled(tmp_path, port), ["mirror.test=127.0.0.1"]) as (gw, tctx):
         tctx.options.update(ocigate_dns=True, ocigate_allow_destinations=[])
         monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
         dialing = Dialing(gw.shared)
-        rebound, elsewhere = _connection_to("rebind.example", port), _connection_to("rebind.example", port + 1)
-        for data in (rebound, elsewhere):
-            await dialing.server_connect(data)
+        checked, rebound = _connection_to("rebind.example", port), _connection_to("rebind.example", port)
+        await dialing.server_connect(checked)
+        await dialing.server_connect(rebound)
         (tmp_path / POLICY_FILE).unlink()
         tctx.options.update(ocigate_rules=str(tmp_path))  # read again: no policy
         unguarded = _connection_to("rebind.example", port)
         await dialing.server_connect(unguarded)
+    # Dialled by the address it was checked at: what the resolver answers next is not asked.
+    assert checked.server.error is None and checked.server.address == ("10.0.0.7", port)
     assert rebound.server.error is not None and f"dials mirror.test:{port}" in rebound.server.error
-    # Dialled by the address it was checked at.
-    assert elsewhere.server.error is None and elsewhere.server.address == ("127.0.0.1", port + 1)
     # Without a policy a name is left to mitmproxy to resolve, as before.
     assert unguarded.server.error is None and unguarded.server.address == ("rebind.example", port)
     assert resolved == ["rebind.example", "rebind.example"]
+
+
+async def test_another_local_address_of_a_mirror_on_the_gateways_host_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mirror the rules name at a loopback address answers at every one of them, and 0.0.0.0 or :: dials the local
+    host: with no allow-list to stop them, all are refused; another port of the local host and another host are
+    not, and the gateway's own re-pointed connection to the mirror never is."""
+    port, other_port = free_port(), free_port()
+    rules = ruled(tmp_path, port)
+    with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, tctx):
+        tctx.options.update(ocigate_allow_destinations=[])
+        dialing = Dialing(gw.shared)
+        mirror_elsewhere = [("127.0.0.2", port), ("::1", port), ("::ffff:127.0.0.1", port)]
+        local_host = [("0.0.0.0", other_port), ("::", port), ("::ffff:0.0.0.0", other_port)]
+        refused = [_connection_to(host, p) for host, p in (*mirror_elsewhere, *local_host)]
+        allowed = [_connection_to("127.0.0.2", other_port), _connection_to("10.0.0.7", port)]
+        repointed = _connection_to("mirror.test", port)
+        gw.shared.repointed[repointed.client.id] = {("mirror.test", port): next(gw.shared.rules.rules()).hosts[0]}
+        with caplog.at_level(logging.INFO):
+            for data in (*refused, *allowed, repointed):
+                await dialing.server_connect(data)
+    for data in refused:
+        assert data.server.error is not None and "ocigate refused the connection" in data.server.error
+    for data in refused[:3]:
+        assert f"dials mirror.test:{port}, a mirror of the rules" in data.server.error
+    for data in refused[3:]:
+        assert "the gateway's own host" in data.server.error
+    for data in (*allowed, repointed):
+        assert data.server.error is None
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == len(refused)
+
+
+def _resolver(answers: dict[str, str], barrier: asyncio.Barrier | None = None):
+    """A getaddrinfo that answers `answers` (name: address) and fails for other names; with `barrier`, each lookup
+    waits for the barrier's other parties, which only lookups made together reach."""
+    asked: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list:
+        asked.append(host)
+        if barrier is not None:
+            await barrier.wait()
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    return getaddrinfo, asked
+
+
+async def test_while_a_mirrors_address_is_unknown_guarded_connections_are_refused_and_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = write_rules(tmp_path, "upstream.test", '[host."http://mirror.example:5000"]\n')
+    (rules / POLICY_FILE).write_text(POLICY)
+    answers: dict[str, str] = {}
+    getaddrinfo, asked = _resolver(answers)
+    with gateway(rules) as (gw, tctx):
+        tctx.options.update(ocigate_dns=True, ocigate_allow_destinations=[])
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+        dialing = Dialing(gw.shared)
+        while_unknown = _connection_to("10.0.0.7", 443)
+        with caplog.at_level(logging.INFO):
+            await dialing.server_connect(while_unknown)
+        answers["mirror.example"] = "10.9.9.9"  # the resolver answers again
+        once_known = _connection_to("10.0.0.7", 443)
+        await dialing.server_connect(once_known)
+    assert while_unknown.server.error is not None
+    assert "mirror.example:5000, a mirror of the rules whose address is unknown" in while_unknown.server.error
+    (audit,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert "connection to 10.0.0.7:443: refused" in audit and "whose address is unknown" in audit
+    # The failure was not remembered: asked again, and answered.
+    assert once_known.server.error is None and asked == ["mirror.example", "mirror.example"]
+
+
+async def test_the_mirrors_are_resolved_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = '[host."http://one.example:5000"]\n[host."http://two.example:5000"]\n'
+    rules = write_rules(tmp_path, "upstream.test", hosts)
+    (rules / POLICY_FILE).write_text(POLICY)
+    # Each lookup waits for the other: one after the other, the first would wait for ever (failing at the guard).
+    getaddrinfo, asked = _resolver({"one.example": "10.9.9.1", "two.example": "10.9.9.2"}, asyncio.Barrier(2))
+    with gateway(rules) as (gw, tctx):
+        tctx.options.update(ocigate_dns=True, ocigate_allow_destinations=[])
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+        to_two = _connection_to("10.9.9.2", 5000)
+        await asyncio.wait_for(Dialing(gw.shared).server_connect(to_two), 30)
+    assert sorted(asked) == ["one.example", "two.example"]
+    assert to_two.server.error is not None and "dials two.example:5000, a mirror of the rules" in to_two.server.error

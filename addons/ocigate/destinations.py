@@ -119,8 +119,9 @@ class Addresses:
         self._for: Destinations | None = None
 
     async def of(self, destinations: Destinations, host: str, port: int) -> Endpoints:
-        """Every address host:port would dial under `destinations`; empty when it cannot be resolved (nothing to
-        compare: it cannot be dialled either)."""
+        """Every address host:port would dial under `destinations`; empty when name resolution is off and the host
+        map does not name it (it cannot be dialled). Raises DestinationError when the resolver fails: not
+        remembered, since a name that does not resolve now may the next moment, and nothing is known of it."""
         if destinations is not self._for:
             self._known.clear()  # another host map: what was known may be wrong
             self._for = destinations
@@ -140,9 +141,28 @@ async def _endpoints(destinations: Destinations, host: str, port: int) -> Endpoi
         return frozenset()
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(target_host, target_port, type=socket.SOCK_STREAM)
-    except OSError:
-        return frozenset()
+    except OSError as e:
+        raise DestinationError(f"{host}:{port}: cannot resolve {target_host}: {e}") from None
     return frozenset((_canonical(str(info[4][0])), target_port) for info in infos)
+
+
+def reaches(address: str, port: int, endpoints: Endpoints) -> bool:
+    """Whether dialling address:port (an address, not a name) reaches one of `endpoints`: the same port, and the same
+    address, an IPv4-mapped IPv6 address being its IPv4 address; or, for a loopback endpoint, any loopback address:
+    all of them are the local host, and a mirror named at 127.0.0.1 that listens on every address answers at
+    127.0.0.2 and ::1 too."""
+    address = _canonical(address)
+    loopback = ipaddress.ip_address(address).is_loopback
+    return any(
+        port == endpoint_port and (address == endpoint or (loopback and ipaddress.ip_address(endpoint).is_loopback))
+        for endpoint, endpoint_port in endpoints
+    )
+
+
+def unspecified(address: str) -> bool:
+    """Whether `address` is 0.0.0.0 or :: (in any spelling): dialled, it connects to the local host, every service
+    on it at once as far as telling them apart by address goes."""
+    return ipaddress.ip_address(_canonical(address)).is_unspecified
 
 
 def _canonical(address: str) -> str:

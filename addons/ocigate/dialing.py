@@ -1,6 +1,7 @@
 """Where mitmproxy's own connections go: the host map, the destination policy, and each host's TLS settings; and,
 where a policy restricts anything, never to a mirror of the rules but for a ruled upstream's request."""
 
+import asyncio
 import logging
 
 from cachetools import LRUCache
@@ -9,9 +10,9 @@ from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .configuration import MAX_CONNECTIONS, Shared
-from .destinations import Addresses, DestinationError
+from .destinations import Addresses, DestinationError, Endpoints, reaches, unspecified
 from .hosttls import openssl_context
-from .policy import around_the_rules_at, audit_line
+from .policy import Decision, around_the_rules_at, audit_line
 
 log = logging.getLogger("ocigate")
 audit = logging.getLogger("ocigate.audit")
@@ -41,9 +42,8 @@ class Dialing:
             server.error = f"ocigate refused the connection: {e}"
             log.warning("ocigate: refused connection to %s:%s: %s", host, port, e)
             return
-        mirror = await self._mirror_at(*server.address) if guarded else None
-        if mirror is not None:
-            decision = around_the_rules_at(self.shared.services.policy, host, port, mirror)
+        decision = await self._around_the_rules(host, port, *server.address) if guarded else None
+        if decision is not None:
             server.error = f"ocigate refused the connection: {decision.describe()}"
             peer = data.client.peername
             who = f"client {peer[0]}:{peer[1]}" if peer else "client"
@@ -63,19 +63,35 @@ class Dialing:
             return False
         return not any(self.shared.upstream_rule(host, port, scheme) for scheme in ("https", "http"))
 
-    async def _mirror_at(self, address: str, port: int) -> str | None:
-        """The mirror of the rules (host:port) that dials `address`:`port` (by the host map, then the resolver);
-        None: none does."""
+    async def _around_the_rules(self, host: str, port: int, address: str, dial_port: int) -> Decision | None:
+        """The refusal of a guarded connection to host:port, dialled at `address`:`dial_port`, that reaches or may
+        reach a mirror of the rules (by the host map, then the resolver); None: it cannot."""
         rules = self.shared.rules
         if rules is None:
             return None
+        policy = self.shared.services.policy
+        if unspecified(address):
+            # The local host, at whatever it listens on: no telling which service, a mirror's perhaps.
+            return around_the_rules_at(policy, host, port, f"dials {address}, the gateway's own host")
         mirrors = sorted({(h.host, h.port) for rule in rules.rules() for h in rule.hosts if not h.is_server})
         destinations = self.shared.hostclient.destinations
-        dialled = await self.addresses.of(destinations, address, port)
-        for name, mirror_port in mirrors:
-            if dialled & await self.addresses.of(destinations, name, mirror_port):
-                return f"{name}:{mirror_port}"
-        return None
+        # Resolved together: a miss costs this connection the slowest lookup, not their sum.
+        known: list[Endpoints | BaseException] = await asyncio.gather(
+            *(self.addresses.of(destinations, name, mirror_port) for name, mirror_port in mirrors),
+            return_exceptions=True,
+        )
+        unknown = None
+        for (name, mirror_port), endpoints in zip(mirrors, known, strict=True):
+            if isinstance(endpoints, DestinationError):
+                unknown = (
+                    unknown or f"{name}:{mirror_port}, a mirror of the rules whose address is unknown ({endpoints})"
+                )
+            elif isinstance(endpoints, BaseException):
+                raise endpoints
+            elif reaches(address, dial_port, endpoints):
+                return around_the_rules_at(policy, host, port, f"dials {name}:{mirror_port}, a mirror of the rules")
+        # A mirror that does not resolve may be where this connection goes: refused until it resolves again.
+        return around_the_rules_at(policy, host, port, f"cannot be told from {unknown}") if unknown else None
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         asked = self.asked.pop(data.server.id, None)

@@ -420,11 +420,11 @@ def around_the_rules(policy: Policy, mirrors: Iterable[tuple[str, int]], host: s
     return _around(policy, f"{host}:{port} is a mirror of the rules")
 
 
-def around_the_rules_at(policy: Policy, host: str, port: int, mirror: str) -> Decision:
-    """The refusal of a connection to host:port, which the gateway did not open for a ruled upstream and which dials
-    an address of `mirror` (a mirror of the rules, host:port, under a policy that restricts): asked by its address
-    or by another of its names, a mirror is reached around the rules all the same."""
-    return _around(policy, f"{host}:{port} dials {mirror}, a mirror of the rules")
+def around_the_rules_at(policy: Policy, host: str, port: int, why: str) -> Decision:
+    """The refusal of a connection to host:port, which the gateway did not open for a ruled upstream and which may
+    reach a mirror of the rules (under a policy that restricts), `why` saying how (it dials a mirror's address, ...):
+    asked by its address or by another of its names, a mirror is reached around the rules all the same."""
+    return _around(policy, f"{host}:{port} {why}")
 
 
 def _around(policy: Policy, what: str) -> Decision:
