@@ -414,7 +414,7 @@ def test_a_ruled_blobs_bodyless_redirect_from_a_mirror_reaches_the_client_whole_
     them, never the placeholders the capture holds."""
     rules = tmp_path / "rules"
     gateway_dir = tmp_path / "gateway"
-    with http_host(redirecting_mirror) as (port, _):
+    with http_host(redirecting_mirror) as (port, mirror_seen):
         mirror = f"mirror.test:{port}"
         (rules / "upstream.test").mkdir(parents=True)
         (rules / "upstream.test" / "hosts.toml").write_text(
@@ -424,8 +424,14 @@ def test_a_ruled_blobs_bodyless_redirect_from_a_mirror_reaches_the_client_whole_
             start_gateway(gateway_dir, rules, {mirror: f"127.0.0.1:{port}"}) as gateway,
             httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
         ):
-            moved = client.get(f"http://upstream.test/v2/team/app/blobs/{BLOB}", follow_redirects=False)
+            moved = client.get(
+                f"http://upstream.test/v2/team/app/blobs/{BLOB}",
+                headers={"Cookie": "session=the-upstreams-own"},
+                follow_redirects=False,
+            )
     assert moved.status_code == 307, moved.text
+    # The client's cookies are for the upstream it named: the mirror gets none.
+    assert mirror_seen and all(headers.get("Cookie") is None for _, _, headers in mirror_seen)
     assert moved.headers["Location"] == SIGNED and moved.headers["Set-Cookie"] == f"lb={MIRROR_COOKIE}"
     assert_nowhere([STORAGE_TOKEN, MIRROR_COOKIE], gateway_dir / "capture.flows", gateway_dir / "gateway.log")
     (recorded_blob,) = [r for r in from_flows(gateway_dir / "capture.flows") if "/blobs/" in r.url]
