@@ -425,6 +425,13 @@ def test_a_connect_proxyauth_refused_keeps_no_proxy_credential() -> None:
     assert flow.request.headers["Proxy-Authorization"] == "Basic <redacted>"
 
 
+def test_the_proxy_password_leaves_the_flow_as_soon_as_its_request_headers_are_in() -> None:
+    flow = _passing_through()
+    flow.metadata["proxyauth"] = ("alice", "the-proxy-password")  # as mitmproxy's proxyauth leaves it
+    Redaction().requestheaders(flow)
+    assert flow.metadata["proxyauth"] == ("alice", R)  # the user name stays: the record and the policy read it
+
+
 def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
     kept = captures._Passing(None, keep=True)
     for _ in range(5):

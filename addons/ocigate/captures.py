@@ -103,6 +103,7 @@ class Redaction:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
         self._held.pop(flow, None)  # a replayed flow starts again, from its recorded (redacted) request
+        _redact_proxyauth(flow)  # checked by proxyauth, before this hook: not held, it goes nowhere
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
@@ -285,6 +286,12 @@ def _redact_request(flow: http.HTTPFlow) -> None:
     request.path = _redacted_path(request.path)
     if request.raw_content:
         _redact_body(request, request.raw_content, complete=True)
+    _redact_proxyauth(flow)
+
+
+def _redact_proxyauth(flow: http.HTTPFlow) -> None:
+    """The proxy password beside the user name: nobody reads it once proxyauth has checked it (ocigate reads only the
+    user name, record.proxy_user_of), and mitmweb's dump and the captures write metadata."""
     proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
     if isinstance(proxy_user, tuple | list) and proxy_user:
         flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], scrub.REDACTED)
