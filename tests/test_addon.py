@@ -162,13 +162,14 @@ async def test_blob_is_repointed_to_the_only_mirror_with_ns_and_without_client_c
         '[host."http://mirror.test:5000"]\ncapabilities = ["pull"]\n',
     )
     with gateway(rules, ["mirror.test=127.0.0.1"]) as (gw, _):
-        flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=((b"Authorization", b"Bearer client"),))
+        client_own = ((b"Authorization", b"Bearer client"), (b"Cookie", b"session=client"))
+        flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", headers=client_own)
         await gw.requestheaders(flow)
         assert flow.response is None
         request = flow.request
         assert (request.scheme, request.host, request.port) == ("http", "mirror.test", 5000)
         assert request.path == f"/v2/team/app/blobs/{DIGEST}?ns=upstream.test"
-        assert "Authorization" not in request.headers
+        assert "Authorization" not in request.headers and "Cookie" not in request.headers
         assert request.host_header == "mirror.test:5000"
         flow.response = tutils.tresp()
         gw.responseheaders(flow)
@@ -256,9 +257,11 @@ async def test_hosts_refusing_the_gateway_give_the_client_unauthorized_naming_ea
             f'server = "http://upstream.test:{port}"\n[host."http://m.test:{port}"]\n',
         )
         with gateway(rules, ["upstream.test=127.0.0.1", "m.test=127.0.0.1"]) as (gw, _):
-            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port, headers=[CLIENT_AUTHORIZATION])
+            client_own = [CLIENT_AUTHORIZATION, (b"Cookie", b"session=client-own-cookie")]
+            flow = flow_to("upstream.test", "/v2/team/app/manifests/v1", port=port, headers=client_own)
             await gw.requestheaders(flow)
     assert flow.response.status_code == 401
+    assert [headers.get("Cookie") for _, _, headers in seen] == [None, None]
     error = json.loads(flow.response.content)["errors"][0]
     assert error["code"] == "UNAUTHORIZED"
     assert f"http://m.test:{port}/v2: 401 unauthorized without credentials" in error["message"]

@@ -425,8 +425,15 @@ def test_a_connect_proxyauth_refused_keeps_no_proxy_credential() -> None:
     assert flow.request.headers["Proxy-Authorization"] == "Basic <redacted>"
 
 
+def test_the_proxy_password_leaves_the_flow_as_soon_as_its_request_headers_are_in() -> None:
+    flow = _passing_through()
+    flow.metadata["proxyauth"] = ("alice", "the-proxy-password")  # as mitmproxy's proxyauth leaves it
+    Redaction().requestheaders(flow)
+    assert flow.metadata["proxyauth"] == ("alice", R)  # the user name stays: the record and the policy read it
+
+
 def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
-    kept = captures._Kept()
+    kept = captures._Passing(None, keep=True)
     for _ in range(5):
         assert kept(b"x" * (captures.MAX_KEPT // 4)) == b"x" * (captures.MAX_KEPT // 4)  # the client gets it all
     assert kept.overflowed and not kept.data
@@ -462,6 +469,56 @@ def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_an
     assert sent.headers["Location"] == "https://cdn.test/blob?token=the-cdn-token"
     assert sent.headers["Set-Cookie"] == "session=the-session-cookie; Path=/"
     assert redaction.answer_as_sent(flow, flow.response) is flow.response  # given back once: nothing is kept
+
+
+def _ended_with_its_headers(method: str, content_type: str) -> tuple[Redaction, http.HTTPFlow]:
+    """A passing-through answer with secrets in its headers that mitmproxy never streams (no body): it gets a stream
+    hook at responseheaders, which is never called."""
+    redaction = Redaction()
+    flow = _passing_through("/v2/team/app/blobs/sha256:0", method)
+    redaction.requestheaders(flow)
+    location = "https://storage.test/blob?token=the-storage-token"
+    _answer(flow, {"Content-Type": content_type, "Location": location, "Set-Cookie": "lb=the-lb-cookie"})
+    flow.response.status_code = 307
+    redaction.responseheaders(flow)
+    assert flow.response.stream
+    flow.response.content = b""
+    redaction.response(flow)
+    return redaction, flow
+
+
+def test_an_answer_given_a_stream_hook_but_never_streamed_goes_to_the_client_as_received() -> None:
+    for method, content_type in [("GET", "application/octet-stream"), ("HEAD", "application/json")]:
+        redaction, flow = _ended_with_its_headers(method, content_type)
+        assert flow.response.headers["Set-Cookie"] == f"lb={R}"
+        assert "the-storage-token" not in flow.response.headers["Location"]
+        sent = redaction.answer_as_sent(flow, flow.response)
+        assert sent.headers["Location"] == "https://storage.test/blob?token=the-storage-token"
+        assert sent.headers["Set-Cookie"] == "lb=the-lb-cookie"
+
+
+def test_a_stream_hook_set_by_another_addon_and_never_called_leaves_the_answer_to_go_as_received() -> None:
+    redaction = Redaction()
+    flow = _bodyless_redirect()
+    flow.metadata[METADATA_KEY] = {}  # the gateway's: it streams the answer itself (a ruled blob's redirect)
+    redaction.requestheaders(flow)
+    flow.response.stream = lambda chunk: chunk
+    redaction.responseheaders(flow)
+    redaction.response(flow)
+    assert "the-cdn-token" not in flow.response.headers["Location"]
+    assert redaction.answer_as_sent(flow, flow.response).headers["Location"].endswith("token=the-cdn-token")
+
+
+def test_a_stream_hook_set_by_another_addon_still_shapes_what_the_client_gets() -> None:
+    redaction = Redaction()
+    flow = _bodyless_redirect()
+    flow.metadata[METADATA_KEY] = {}
+    redaction.requestheaders(flow)
+    flow.response.stream = lambda chunk: chunk.upper()
+    redaction.responseheaders(flow)
+    assert _stream(flow, b"moved") == b"MOVED"
+    redaction.response(flow)
+    assert redaction.answer_as_sent(flow, flow.response) is flow.response  # streamed: its headers have gone
 
 
 def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_back_what_was_received() -> None:

@@ -461,13 +461,16 @@ async def test_a_redirect_elsewhere_never_carries_the_clients_own_credentials(tm
             rules = write_rules(tmp_path, upstream, f'authentication = "client"\nserver = "http://{upstream}"\n')
             with gateway(rules, ["upstream.test=127.0.0.1", "elsewhere.test=127.0.0.1"]) as (gw, _):
                 secret = (b"Authorization", b"Bearer the-clients-own-token")
+                cookie = (b"Cookie", b"session=the-clients-own-cookie")
                 flow = flow_to(
-                    "upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}", port=port, headers=[secret]
+                    "upstream.test", f"/v2/team/app/manifests/{MANIFEST_DIGEST}", port=port, headers=[secret, cookie]
                 )
                 await gw.requestheaders(flow)
     assert flow.response.status_code == 200 and flow.response.content == MANIFEST
     assert seen[0][2].get("Authorization") == "Bearer the-clients-own-token"  # the registry's own: it may have it
+    assert seen[0][2].get("Cookie") == "session=the-clients-own-cookie"
     assert elsewhere_seen and elsewhere_seen[0][2].get("Authorization") is None
+    assert elsewhere_seen[0][2].get("Cookie") is None
 
 
 async def test_what_mitmproxy_says_of_a_failed_host_reaches_nobody_with_ocigates_credential_in_it(

@@ -61,7 +61,8 @@ def request_headers(client_headers: Lines, attempt: Attempt) -> Lines:
     dropped = HOP_BY_HOP | _PARTIAL_OR_CONDITIONAL | {b"host", b"content-length", b"accept-encoding"}
     dropped |= {name.encode() for name in attempt.withheld}
     if not attempt.forward_authorization:
-        dropped |= {b"authorization"}
+        # The client's credentials and cookies are for the upstream it named, never for a mirror.
+        dropped |= {b"authorization", b"cookie"}
     added = {name.lower().encode() for name, _ in attempt.headers}
     kept = without(client_headers, dropped | added)
     return kept + tuple((name.encode(), value.encode()) for name, value in attempt.headers)
@@ -137,8 +138,9 @@ class Asker:
             lines = headers + authorization.lines() if same_host and authorization else headers
             if not same_host:
                 # Nothing that was for the host: its hosts.toml headers, and whatever Authorization went with the
-                # request (ocigate's, or the client's own where its rule says the client authenticates).
-                dropped = own | {b"authorization", b"proxy-authorization"}
+                # request (ocigate's, or the client's own where its rule says the client authenticates), and the
+                # client's cookies.
+                dropped = own | {b"authorization", b"proxy-authorization", b"cookie"}
                 lines = without(lines, dropped)
             answer = await self.broker.hostclient.send(target, method, next_url.target, lines)
             answer = without_echoes(answer, authorization if same_host else None)

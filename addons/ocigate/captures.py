@@ -26,6 +26,7 @@ such a capture, with placeholders where its secrets were (Replayed).
 
 import weakref
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mitmproxy import http
@@ -44,24 +45,29 @@ _PROXYAUTH_METADATA = "proxyauth"
 # small; anything larger is dropped from the flow with a note rather than held or inflated in memory.
 MAX_KEPT = 4 * 1024 * 1024
 
+StreamHook = Callable[[bytes], bytes | Iterable[bytes]]
 
-class _Kept:
-    """mitmproxy's `response.stream`: passes an answer on to the client as it comes, keeping a copy for the flow (up
-    to MAX_KEPT)."""
 
-    def __init__(self) -> None:
+class _Passing:
+    """mitmproxy's `response.stream`, around whatever stream hook the answer had (or True: passed on as it comes):
+    notes whether mitmproxy streamed the answer at all (it does not stream one that ended with its headers, and sends
+    it only after the response hook), and keeps a copy for the flow when asked to (up to MAX_KEPT)."""
+
+    def __init__(self, inner: StreamHook | None, *, keep: bool) -> None:
+        self._inner = inner
+        self.keep = keep
         self.data = bytearray()
         self.streaming = False  # mitmproxy called it: the client has the headers, and every byte so far
         self.overflowed = False
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | Iterable[bytes]:
         self.streaming = True
-        if not self.overflowed and len(self.data) + len(chunk) <= MAX_KEPT:
+        if self.keep and not self.overflowed and len(self.data) + len(chunk) <= MAX_KEPT:
             self.data += chunk
-        else:
+        elif self.keep:
             self.overflowed = True
             self.data.clear()
-        return chunk
+        return chunk if self._inner is None else self._inner(chunk)
 
 
 @dataclass
@@ -83,7 +89,8 @@ class Redaction:
 
     def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        self._kept: weakref.WeakKeyDictionary[http.HTTPFlow, _Kept] = weakref.WeakKeyDictionary()
+        # Every streamed answer's stream hook, as this addon wrapped it (and what it kept of the body).
+        self._passing: weakref.WeakKeyDictionary[http.HTTPFlow, _Passing] = weakref.WeakKeyDictionary()
         # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
         # request headers on) until the request is sent (as_sent).
         self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
@@ -96,6 +103,7 @@ class Redaction:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._under_way.add(flow)
         self._held.pop(flow, None)  # a replayed flow starts again, from its recorded (redacted) request
+        _redact_proxyauth(flow)  # checked by proxyauth, before this hook: not held, it goes nowhere
         if flow.response is not None:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
@@ -147,24 +155,28 @@ class Redaction:
         self._held.pop(flow, None)  # sent: the values need not outlive the request
         self._redact_request(flow)
         response = flow.response
-        if response is not None and not response.stream and _passes_through(flow) and _may_hold_secrets(response):
-            if scrub.may_hold_fields(response.headers.get("Content-Type")):
-                kept = _Kept()
-                response.stream = kept
-                self._kept[flow] = kept
-            else:
-                # Secrets in its headers only: streamed, the headers go to the client as they came before the flow's
-                # are redacted.
-                response.stream = True
+        if response is None:
+            return
+        keep = False
+        if not response.stream and _passes_through(flow) and _may_hold_secrets(response):
+            # Secrets in its headers only: streamed, the headers go to the client as they came before the flow's are
+            # redacted. Secrets in its body too: a copy is kept, redacted at the response hook.
+            keep = scrub.may_hold_fields(response.headers.get("Content-Type"))
+            response.stream = True
+        if response.stream:
+            passing = _Passing(None if response.stream is True else response.stream, keep=keep)
+            response.stream = passing
+            self._passing[flow] = passing
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._redact_request(flow)
-        kept = self._kept.pop(flow, None)
+        passing = self._passing.pop(flow, None)
         response = flow.response
         if response is not None:
-            # A kept answer never streamed (it ended with its headers) goes to the client after this hook, as one
-            # streamed by the gateway or mitmproxy has gone already.
-            sent = kept.streaming if kept is not None else bool(response.stream)
+            # An answer mitmproxy never streamed (it ended with its headers, whatever its stream hook) goes to the
+            # client after this hook, as one it streamed has gone already.
+            sent = passing is not None and passing.streaming
+            kept = passing if passing is not None and passing.keep else None
             received = response.headers.copy()
             _redact_response(response, kept, sent=sent, complete=True)
             if not sent and response.headers != received:
@@ -234,8 +246,9 @@ class Redaction:
         self._held.pop(flow, None)
         self._received.pop(flow, None)
         self._redact_request(flow)
-        kept = self._kept.pop(flow, None)
+        passing = self._passing.pop(flow, None)
         if flow.response is not None:
+            kept = passing if passing is not None and passing.keep else None
             _redact_response(flow.response, kept, sent=True, complete=False)
         _redact_record(flow)
 
@@ -273,6 +286,12 @@ def _redact_request(flow: http.HTTPFlow) -> None:
     request.path = _redacted_path(request.path)
     if request.raw_content:
         _redact_body(request, request.raw_content, complete=True)
+    _redact_proxyauth(flow)
+
+
+def _redact_proxyauth(flow: http.HTTPFlow) -> None:
+    """The proxy password beside the user name: nobody reads it once proxyauth has checked it (ocigate reads only the
+    user name, record.proxy_user_of), and mitmweb's dump and the captures write metadata."""
     proxy_user = flow.metadata.get(_PROXYAUTH_METADATA)
     if isinstance(proxy_user, tuple | list) and proxy_user:
         flow.metadata[_PROXYAUTH_METADATA] = (proxy_user[0], scrub.REDACTED)
@@ -284,7 +303,7 @@ def _redacted_path(path: str) -> str:
     return f"{before}?{scrub.form(query)}" if question else path
 
 
-def _redact_response(response: http.Response, kept: _Kept | None, *, sent: bool, complete: bool) -> None:
+def _redact_response(response: http.Response, kept: _Passing | None, *, sent: bool, complete: bool) -> None:
     """`sent`: the client has the answer (or will get nothing more of it), so its body may change too."""
     _redact_header(response.headers, "Set-Cookie", scrub.set_cookie)
     _redact_header(response.headers, "Location", scrub.url)

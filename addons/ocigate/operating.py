@@ -38,6 +38,8 @@ class Operating:
         self.records = records  # the gateway's, by flow
         self.worker = worker  # which of `ocigate --workers N`'s processes this is; None: a gateway alone
         self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        # Each streamed answer's counter: kept here, since addons after this one may wrap it in their own hooks.
+        self.counted: weakref.WeakKeyDictionary[http.HTTPFlow, Counted] = weakref.WeakKeyDictionary()
         # One registry for the life of the process: counters survive a change of address.
         self.metrics = Metrics(self._cooling_down, self._cache_entries)
         self.access_log: AccessLog | None = None
@@ -94,7 +96,10 @@ class Operating:
         """Around whatever stream hook the gateway gave a host's answer (streaming.Streams), last: what reaches the
         client is counted as it passes."""
         if flow.response is not None and flow in self.records:
-            flow.response.stream = Counted.around(flow.response.stream)
+            counted = Counted.around(flow.response.stream)
+            flow.response.stream = counted
+            if isinstance(counted, Counted):
+                self.counted[flow] = counted
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._ended(flow)
@@ -115,7 +120,7 @@ class Operating:
             return
         self.ended.add(flow)
         started = flow.request.timestamp_start
-        record.bytes_sent = bytes_sent(flow.response)
+        record.bytes_sent = bytes_sent(flow.response, self.counted.pop(flow, None))
         record.duration = max(0.0, time.time() - started)
         record.publish(flow)
         if self.access_log is not None:
@@ -246,12 +251,11 @@ class Counted:
         return pieces
 
 
-def bytes_sent(response: http.Response | None) -> int:
-    """The bytes of `response`'s body sent to the client: those that passed its counted stream hook, or its content
-    when mitmproxy sent it whole."""
+def bytes_sent(response: http.Response | None, counted: Counted | None) -> int:
+    """The bytes of `response`'s body sent to the client: those that passed its stream hook, `counted`, or its
+    content when mitmproxy sent it whole."""
     if response is None:
         return 0
-    stream = response.stream
-    if isinstance(stream, Counted) and stream.called:
-        return stream.sent
+    if counted is not None and counted.called:
+        return counted.sent
     return len(response.raw_content or b"")

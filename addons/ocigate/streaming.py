@@ -344,7 +344,9 @@ def _repoint(request: http.Request, chosen: Streamed, *, as_digest_names_it: boo
     request.path = attempt.target
     request.host_header = host.netloc
     if not attempt.forward_authorization:
+        # The client's credentials and cookies are for the upstream it named, never for a mirror.
         request.headers.pop("Authorization", None)
+        request.headers.pop("Cookie", None)
     for name in attempt.withheld | {name for name, _ in attempt.headers}:
         request.headers.pop(name, None)
     # What may be a secret (ocigate's Authorization, the host's hosts.toml headers) is kept in the flow, where

@@ -391,3 +391,49 @@ def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo(tm
     log = gateway.log_text()
     assert f"builder:{REDACTED}@bad.test" in log
     assert_nowhere([BAD_LINE_PASSWORD], gateway.log_path)
+
+
+STORAGE_TOKEN = "captures-storage-token-0461"
+MIRROR_COOKIE = "captures-mirror-cookie-0462"
+remember(STORAGE_TOKEN, MIRROR_COOKIE)
+SIGNED = f"https://storage.test/blob?token={STORAGE_TOKEN}"
+BLOB = "sha256:" + "ab" * 32
+
+
+def redirecting_mirror(handler) -> tuple[int, bytes, dict[str, str]]:
+    if "/blobs/" in handler.path:
+        # Without a body: mitmproxy never streams it, though the gateway gave it a stream hook.
+        return 307, b"", {"Location": SIGNED, "Set-Cookie": f"lb={MIRROR_COOKIE}"}
+    return 200, b"{}", {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def test_a_ruled_blobs_bodyless_redirect_from_a_mirror_reaches_the_client_whole_and_the_capture_redacted(
+    tmp_path: Path,
+) -> None:
+    """A mirror that sends blobs to signed storage URLs: the client is given the URL and cookie as the mirror sent
+    them, never the placeholders the capture holds."""
+    rules = tmp_path / "rules"
+    gateway_dir = tmp_path / "gateway"
+    with http_host(redirecting_mirror) as (port, mirror_seen):
+        mirror = f"mirror.test:{port}"
+        (rules / "upstream.test").mkdir(parents=True)
+        (rules / "upstream.test" / "hosts.toml").write_text(
+            f'server = "http://upstream.test"\n[host."http://{mirror}"]\ncapabilities = ["pull"]\n'
+        )
+        with (
+            start_gateway(gateway_dir, rules, {mirror: f"127.0.0.1:{port}"}) as gateway,
+            httpx.Client(proxy=gateway.proxy_url, trust_env=False, timeout=30) as client,
+        ):
+            moved = client.get(
+                f"http://upstream.test/v2/team/app/blobs/{BLOB}",
+                headers={"Cookie": "session=the-upstreams-own"},
+                follow_redirects=False,
+            )
+    assert moved.status_code == 307, moved.text
+    # The client's cookies are for the upstream it named: the mirror gets none.
+    assert mirror_seen and all(headers.get("Cookie") is None for _, _, headers in mirror_seen)
+    assert moved.headers["Location"] == SIGNED and moved.headers["Set-Cookie"] == f"lb={MIRROR_COOKIE}"
+    assert_nowhere([STORAGE_TOKEN, MIRROR_COOKIE], gateway_dir / "capture.flows", gateway_dir / "gateway.log")
+    (recorded_blob,) = [r for r in from_flows(gateway_dir / "capture.flows") if "/blobs/" in r.url]
+    assert recorded_blob.response_header("Location") == [f"https://storage.test/blob?token={REDACTED}"]
+    assert recorded_blob.response_header("Set-Cookie") == [f"lb={REDACTED}"]
