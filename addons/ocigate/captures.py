@@ -395,8 +395,9 @@ def without_placeholders(headers: http.Headers) -> list[str]:
 
 class Replayed:
     """A flow mitmproxy's client replay sends again was read from a capture (or a view) that holds `<redacted>` in
-    place of each secret, and goes through mitmproxy's own HTTP layer, not askagain's, which would have put held
-    values back. So its placeholders are dropped before the gateway sees it: a request to a ruled upstream is
+    place of each secret, whose values nobody holds any more (askagain's layer, which askagain.Playback sends a replay
+    through, puts back only what the gateway holds for this sending). So its placeholders are dropped before the
+    gateway sees it: a request to a ruled upstream is
     authenticated afresh by the gateway, and no host is ever sent a placeholder as a credential. ocigate's record
     of the first sending goes too: the gateway writes its own for this one. Runs before the gateway."""
 

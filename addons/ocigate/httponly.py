@@ -58,6 +58,10 @@ class HttpOnly:
         found = self.upstream_rule(host, port, "https") or self.upstream_rule(host, port, "http")
         return found[0] if found else None
 
+    def http_layer(self, context: Context, mode: HTTPMode) -> HttpLayer:
+        """The HTTP layer of a connection, a replayed flow's included (askagain.Playback)."""
+        return AskAgainHttpLayer(context, mode, self.instead, self.answer_as_sent, self.as_sent)
+
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
         decider = ctx.master.addons.get("nextlayer")
@@ -69,7 +73,7 @@ class HttpOnly:
             # Every HTTP layer, the proxy's own (plain http:// requests) included: which host a request goes to is
             # known per request, and the gateway answers only for the flows it streams.
             _drop(context, chosen)
-            nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead, self.answer_as_sent, self.as_sent)
+            nextlayer.layer = self.http_layer(context, chosen.mode)
             return
         upstream = self._ruled(context.server.address)
         if upstream is None or chosen is None or isinstance(chosen, _LEADS_TO_HTTP):
