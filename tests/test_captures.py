@@ -6,6 +6,7 @@ import json
 import time
 from urllib.parse import parse_qsl, urlencode
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
@@ -568,6 +569,44 @@ def test_a_replayed_flow_sends_no_placeholder_and_loses_the_record_of_its_first_
     assert METADATA_KEY not in replayed.metadata
     # A flow that is no replay is the client's own: its values are what it sent.
     assert live.request.headers["Authorization"] == "Bearer <redacted>" and METADATA_KEY in live.metadata
+
+
+def _replayed_post(content: bytes, content_type: str = "application/x-www-form-urlencoded") -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request.method = "POST"
+    flow.request.url = "https://auth.test/token?service=registry&client_secret=<redacted>&scope=repository%3Aa%3Apull"
+    flow.request.headers["Content-Type"] = content_type
+    flow.request.raw_content = content
+    flow.is_replay = "request"
+    return flow
+
+
+def test_a_replay_loses_the_query_fields_holding_a_placeholder_and_keeps_the_others() -> None:
+    flow = _replayed_post(b"grant_type=password&username=alice")
+    captures.Replayed().requestheaders(flow)
+    assert flow.request.path == "/token?service=registry&scope=repository%3Aa%3Apull"
+    assert not flow.error
+    assert captures.without_placeholder_fields("/v2/?token=%3Credacted%3E") == "/v2/"
+    assert captures.without_placeholder_fields("/v2/?a=1&&b") == "/v2/?a=1&&b"
+
+
+def test_a_replay_whose_body_holds_a_placeholder_is_refused_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    bodies = [
+        _replayed_post(b"grant_type=password&username=alice&password=<redacted>"),
+        _replayed_post(b'{"refresh_token": "<redacted>"}', "application/json"),
+        _replayed_post(gzip.compress(b"password=<redacted>")),
+        _replayed_post(b"<redacted: the body was cut short, so it could not be read whole>"),
+    ]
+    bodies[2].request.headers["Content-Encoding"] = "gzip"
+    for flow in bodies:
+        captures.Replayed().requestheaders(flow)
+        assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE, flow.request.raw_content
+    assert caplog.text.count("replay of POST https://auth.test/token?service=registry&scope=") == len(bodies)
+    # Not a replay: the client's own request, whatever it holds.
+    live = _replayed_post(b"password=<redacted>")
+    live.is_replay = None
+    captures.Replayed().requestheaders(live)
+    assert not live.error
 
 
 @given(st.lists(st.tuples(st.sampled_from(["A", "B", "Cookie"]), st.text(alphabet="ab<redacted>; =", max_size=20))))

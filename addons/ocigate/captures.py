@@ -24,15 +24,19 @@ A flow sent again by mitmproxy's client replay (`replay.client`, mitmweb's repla
 such a capture, with placeholders where its secrets were (Replayed).
 """
 
+import logging
 import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
 
 from mitmproxy import http
 
 from . import scrub
 from .record import METADATA_KEY
+
+log = logging.getLogger("ocigate")
 
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
 # Held out of the flow from the request's headers on, and put back only in what is sent (Redaction.as_sent).
@@ -396,13 +400,46 @@ def without_placeholders(headers: http.Headers) -> list[str]:
 class Replayed:
     """A flow mitmproxy's client replay sends again was read from a capture (or a view) that holds `<redacted>` in
     place of each secret, whose values nobody holds any more (askagain's layer, which askagain.Playback sends a replay
-    through, puts back only what the gateway holds for this sending). So its placeholders are dropped before the
-    gateway sees it: a request to a ruled upstream is
-    authenticated afresh by the gateway, and no host is ever sent a placeholder as a credential. ocigate's record
-    of the first sending goes too: the gateway writes its own for this one. Runs before the gateway."""
+    through, puts back only what the gateway holds for this sending). So before the gateway sees it, the headers and
+    query fields holding a placeholder are dropped, and a body holding one is refused: a request to a ruled upstream
+    is authenticated afresh by the gateway, and no host is ever sent a placeholder. ocigate's record of the first
+    sending goes too: the gateway writes its own for this one. Runs before the gateway."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.is_replay != "request":
             return
         flow.metadata.pop(METADATA_KEY, None)
-        without_placeholders(flow.request.headers)
+        request = flow.request
+        without_placeholders(request.headers)
+        request.path = without_placeholder_fields(request.path)
+        # A body holding a placeholder (a token realm's form, a JSON body's token) or the note a dropped body was
+        # replaced by is refused whole rather than edited: a form without its password is another request (an
+        # anonymous token, a refresh grant without its token), a JSON or encoded body cannot be edited by field
+        # without re-encoding it, and a note is no body at all. Refused, nothing of it is sent anywhere.
+        if _holds_placeholder(request):
+            log.warning(
+                "ocigate: replay of %s %s refused: its body holds a %s placeholder where the capture redacted a "
+                "secret, which no host is sent",
+                request.method,
+                request.pretty_url,
+                scrub.REDACTED,
+            )
+            flow.kill()
+
+
+def without_placeholder_fields(path: str) -> str:
+    """A path whose query lost every field holding a redaction placeholder (`password=<redacted>`, as a capture holds
+    a secret query field), every other field and separator kept as it was."""
+    before, question, query = path.partition("?")
+    if not question:
+        return path
+    kept = [pair for pair in query.split("&") if scrub.REDACTED not in unquote_plus(pair)]
+    return f"{before}?{'&'.join(kept)}" if kept else before
+
+
+def _holds_placeholder(request: http.Request) -> bool:
+    """The body as it would be sent, and as decoded, holds a placeholder or the note a dropped body was replaced by
+    (both start `<redacted`)."""
+    marker = scrub.REDACTED[:-1].encode()
+    raw = request.raw_content or b""
+    return marker in raw or marker in (request.get_content(strict=False) or b"")
