@@ -305,6 +305,29 @@ def test_a_replayed_flow_is_sent_as_recorded_and_an_edit_made_while_held_goes_as
     assert redaction.as_sent(flow, flow.request) is flow.request
 
 
+def test_a_header_edited_while_held_goes_as_edited_and_the_others_as_the_client_sent_them() -> None:
+    redaction = Redaction()
+    headers = [
+        (b"Authorization", b"Bearer client-token-0123456789"),
+        (b"Cookie", b"a=cookie-one-0123456789"),
+        (b"Cookie", b"b=cookie-two-0123456789"),
+    ]
+    flow = _passing_through("/v2/", headers=headers)
+    redaction.requestheaders(flow)
+    assert flow.request.headers.get_all("Cookie") == ["a=<redacted>", "b=<redacted>"]
+    # In mitmweb, while the flow is held: a new credential typed in, the second cookie edited.
+    flow.request.headers["Authorization"] = "Bearer typed-in-mitmweb"
+    flow.request.headers.set_all("Cookie", ["a=<redacted>", "b=typed-in-mitmweb"])
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent.headers["Authorization"] == "Bearer typed-in-mitmweb"
+    assert sent.headers.get_all("Cookie") == ["a=cookie-one-0123456789", "b=typed-in-mitmweb"]
+    # Left as it was shown, each goes as the client sent it.
+    untouched = _passing_through("/v2/", headers=headers)
+    redaction.requestheaders(untouched)
+    untouched_sent = redaction.as_sent(untouched, untouched.request).headers
+    assert [(name, value) for name, value in untouched_sent.fields if name in (b"Authorization", b"Cookie")] == headers
+
+
 @given(_pairs, _pairs)
 def test_any_request_under_way_shows_no_secret_and_goes_to_the_host_byte_for_byte(query: list, body: list) -> None:
     redaction = Redaction()

@@ -78,7 +78,7 @@ class _Passing:
 class _Held:
     """What a request under way shows redacted in its flow, as the client sent it: put back only in what is sent."""
 
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str, str]] = field(default_factory=list)  # (name, as the flow shows it, as sent)
     path: tuple[str, str] | None = None  # (as the flow shows it, as sent): its query held a secret
     # (as the flow shows it, as sent: in its Content-Encoding), and the Content-Encoding it was sent in
     body: tuple[bytes, bytes] | None = None
@@ -116,10 +116,10 @@ class Redaction:
         # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
         held = _Held(
             headers=[
-                (name, value)
+                (name, shown, value)
                 for name in _HELD_HEADERS
                 for value in request.headers.get_all(name)
-                if _redacted(name, value) != value
+                if (shown := _redacted(name, value)) != value
             ]
         )
         _redact_held(request.headers)
@@ -220,9 +220,10 @@ class Redaction:
             return request
         sent = request.copy() if request is flow.request else request
         for name in _HELD_HEADERS:
-            values = [value for held_name, value in held.headers if held_name == name]
-            if values and name in sent.headers:
-                sent.headers.set_all(name, values)
+            # Only a value the flow still shows as redacted goes as sent: one edited meanwhile goes as edited.
+            held_values = [(shown, value) for held_name, shown, value in held.headers if held_name == name]
+            if held_values and name in sent.headers:
+                sent.headers.set_all(name, [_as_held(value, held_values) for value in sent.headers.get_all(name)])
         if held.path is not None and sent.path == held.path[0]:
             sent.path = held.path[1]
         if held.body is not None and sent.raw_content == held.body[0]:
@@ -255,6 +256,16 @@ class Redaction:
             kept = passing if passing is not None and passing.keep else None
             _redact_response(flow.response, kept, sent=True, complete=False)
         _redact_record(flow)
+
+
+def _as_held(current: str, held: list[tuple[str, str]]) -> str:
+    """A header's value as it is sent: the first held value (taken) the flow still shows as `current`, else `current`
+    as it stands (edited in mitmweb, or added by the gateway)."""
+    for index, (shown, value) in enumerate(held):
+        if shown == current:
+            del held[index]
+            return value
+    return current
 
 
 def _passes_through(flow: http.HTTPFlow) -> bool:
