@@ -346,15 +346,19 @@ def test_any_request_under_way_shows_no_secret_and_goes_to_the_host_byte_for_byt
     assert sent.headers["Content-Length"] == str(len(form))
 
 
-def test_set_cookie_and_location_userinfo_are_redacted_after_the_client_has_them() -> None:
+def test_set_cookie_and_location_userinfo_are_redacted_from_the_answers_headers_on_and_sent_as_received() -> None:
     redaction = Redaction()
     flow = _passing_through("/v2/team/app/blobs/sha256:0")
     redaction.requestheaders(flow)
     location = "https://u:storage-0123456789@storage.test/blob"
     _answer(flow, {"Set-Cookie": "lb=cookie-0123456789; Path=/", "Location": location, "Content-Type": "text/html"})
     redaction.responseheaders(flow)
-    # mitmproxy sends these headers to the client when the hook returns: they must be the host's.
-    assert flow.response.headers["Location"] == location
+    # The flow (mitmweb's dump of it while its body streams) shows them redacted from here on.
+    assert flow.response.headers["Location"] == f"https://u:{R}@storage.test/blob"
+    assert flow.response.headers["Set-Cookie"] == f"lb={R}; Path=/"
+    # mitmproxy sends these headers to the client when the hook returns, through askagain's layer: as received.
+    sent = redaction.answer_as_sent(flow, flow.response)
+    assert sent.headers["Location"] == location and sent.headers["Set-Cookie"] == "lb=cookie-0123456789; Path=/"
     _stream(flow, b"<a>moved</a>")
     redaction.response(flow)
     assert flow.response.headers["Set-Cookie"] == f"lb={R}; Path=/"
@@ -496,8 +500,8 @@ def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_an
 
 
 def _ended_with_its_headers(method: str, content_type: str) -> tuple[Redaction, http.HTTPFlow]:
-    """A passing-through answer with secrets in its headers that mitmproxy never streams (no body): it gets a stream
-    hook at responseheaders, which is never called."""
+    """A passing-through answer with secrets in its headers that mitmproxy never streams (no body): one that may hold
+    secrets in its body gets a stream hook at responseheaders, which is never called."""
     redaction = Redaction()
     flow = _passing_through("/v2/team/app/blobs/sha256:0", method)
     redaction.requestheaders(flow)
@@ -505,7 +509,7 @@ def _ended_with_its_headers(method: str, content_type: str) -> tuple[Redaction, 
     _answer(flow, {"Content-Type": content_type, "Location": location, "Set-Cookie": "lb=the-lb-cookie"})
     flow.response.status_code = 307
     redaction.responseheaders(flow)
-    assert flow.response.stream
+    assert bool(flow.response.stream) == (content_type == "application/json")
     flow.response.content = b""
     redaction.response(flow)
     return redaction, flow
@@ -545,7 +549,7 @@ def test_a_stream_hook_set_by_another_addon_still_shapes_what_the_client_gets() 
     assert redaction.answer_as_sent(flow, flow.response) is flow.response  # streamed: its headers have gone
 
 
-def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_back_what_was_received() -> None:
+def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_not_given_back_what_it_no_longer_shows() -> None:
     redaction = Redaction()
     streamed = _passing_through()
     redaction.requestheaders(streamed)
@@ -559,7 +563,10 @@ def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_b
     redaction.responseheaders(edited)
     redaction.response(edited)
     edited.response.headers["Location"] = "https://elsewhere.test/"  # in mitmweb, while it was held
-    assert redaction.answer_as_sent(edited, edited.response) is edited.response
+    sent = redaction.answer_as_sent(edited, edited.response)
+    # The value edited goes as edited; the one still shown redacted, as received.
+    assert sent.headers["Location"] == "https://elsewhere.test/"
+    assert sent.headers["Set-Cookie"] == "session=the-session-cookie; Path=/"
 
 
 def _as_captured() -> http.HTTPFlow:

@@ -10,12 +10,13 @@ what is redacted and how):
   hook, its body at the request hook. The values as the client sent them are held out of the flow until askagain's
   layer sends the request (`as_sent`), and dropped once it is sent, answered by the gateway, or killed. The body of
   a request mitmproxy streams has gone as it came by its request hook: it is redacted there, and never held;
-- an answer's (Set-Cookie, a Location's userinfo, a token endpoint's tokens) once the client has it. mitmproxy sends
-  the client an answer it reads whole only after the response hook, where the recorders look at it; so an answer that
-  passes through and may hold a secret is streamed to the client instead, as it comes, with a copy kept, and the copy
-  (redacted) is what the flow holds at the response hook. An answer mitmproxy sends only after that hook (one without
-  a body, one the gateway made) is redacted in the flow like any other, and askagain's layer sends the client its
-  headers as received (`answer_as_sent`), wherever ocigate's addons stand in the chain.
+- an answer's headers (Set-Cookie, a Location's userinfo) as soon as the flow has them, at the responseheaders hook
+  (a download under way shows them redacted): askagain's layer sends the client the headers as received
+  (`answer_as_sent`), streamed or not, wherever ocigate's addons stand in the chain;
+- an answer's body (a token endpoint's tokens) once the client has it. mitmproxy sends the client an answer it reads
+  whole only after the response hook, where the recorders look at it; so an answer that passes through and may hold
+  a secret in its body is streamed to the client instead, as it comes, with a copy kept, and the copy (redacted) is
+  what the flow holds at the response hook.
 
 Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
 save addon writes them; a body cut short that cannot be read whole is dropped with a note.
@@ -41,6 +42,8 @@ log = logging.getLogger("ocigate")
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
 # Held out of the flow from the request's headers on, and put back only in what is sent (Redaction.as_sent).
 _HELD_HEADERS = (*_CREDENTIAL_HEADERS, "Cookie")
+# An answer's, redacted in the flow from its headers on, and put back only in what is sent (answer_as_sent).
+_ANSWER_HEADERS: dict[str, scrub.Redact] = {"Set-Cookie": scrub.set_cookie, "Location": scrub.url}
 # mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
 _PROXYAUTH_METADATA = "proxyauth"
 
@@ -87,7 +90,8 @@ class _Held:
 
 class Redaction:
     """Redacts every secret of a flow before mitmproxy's recorders see it: a request's as soon as the flow has it
-    (what is still to be sent held out of the flow), an answer's once the client has it. Runs after the gateway
+    (what is still to be sent held out of the flow), an answer's headers as soon as the flow has them (held out of it
+    the same way) and its body once the client has it. Runs after the gateway
     (whose decisions need the request as the client sent it) and before mitmproxy's save, har and dumper addons,
     mitmweb's view and its intercept."""
 
@@ -98,9 +102,9 @@ class Redaction:
         # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
         # request headers on) until the request is sent (as_sent).
         self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
-        # Answers whose headers were redacted before mitmproxy sent them: (the headers as the flow shows them, as
-        # received), until askagain's layer sends them (answer_as_sent).
-        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Headers, http.Headers]] = (
+        # Answers whose headers were redacted before mitmproxy sent them: the answer, and each value redacted (name,
+        # as the flow shows it, as received), until askagain's layer sends them (answer_as_sent).
+        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Response, list[tuple[str, str, str]]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -161,11 +165,13 @@ class Redaction:
         response = flow.response
         if response is None:
             return
-        keep = False
-        if not response.stream and _passes_through(flow) and _may_hold_secrets(response):
-            # Secrets in its headers only: streamed, the headers go to the client as they came before the flow's are
-            # redacted. Secrets in its body too: a copy is kept, redacted at the response hook.
-            keep = scrub.may_hold_fields(response.headers.get("Content-Type"))
+        # Redacted in the flow at once (mitmweb's dump of a download under way shows the flow as it stands), and sent
+        # to the client as received by askagain's layer, whether the answer is streamed or not.
+        self._hold_answer_headers(flow, response)
+        content_type = response.headers.get("Content-Type")
+        keep = not response.stream and _passes_through(flow) and scrub.may_hold_fields(content_type)
+        if keep:
+            # Secrets in its body: streamed to the client as it comes, and a copy kept, redacted at the response hook.
             response.stream = True
         if response.stream:
             passing = _Passing(None if response.stream is True else response.stream, keep=keep)
@@ -181,11 +187,13 @@ class Redaction:
             # client after this hook, as one it streamed has gone already.
             sent = passing is not None and passing.streaming
             kept = passing if passing is not None and passing.keep else None
-            received = response.headers.copy()
+            if sent:
+                self._received.pop(flow, None)  # its headers have gone
+            else:
+                # An answer that ended with its headers (or one the gateway made, which had no responseheaders hook)
+                # has yet to go: it goes as received (answer_as_sent).
+                self._hold_answer_headers(flow, response)
             _redact_response(response, kept, sent=sent, complete=True)
-            if not sent and response.headers != received:
-                # An answer that ended with its headers has yet to go: it goes as received (answer_as_sent).
-                self._received[flow] = (response.headers.copy(), received)
         _redact_record(flow)
         self._under_way.discard(flow)
 
@@ -239,12 +247,35 @@ class Redaction:
     def answer_as_sent(self, flow: http.HTTPFlow, response: http.Response) -> http.Response:
         """The answer as it goes to the client (askagain sends it): with its headers as received, where the flow
         still shows them as redacted here (an edit made to the flow meanwhile, in mitmweb, goes as edited)."""
-        redacted, received = self._received.pop(flow, (None, None))
-        if received is None or response is not flow.response or response.headers != redacted:
+        answer, held = self._received.pop(flow, (None, []))
+        if answer is None or response is not answer or response is not flow.response:
+            return response
+        headers = response.headers.copy()
+        for name in _ANSWER_HEADERS:
+            held_values = [(shown, value) for held_name, shown, value in held if held_name == name]
+            if held_values and name in headers:
+                headers.set_all(name, [_as_held(value, held_values) for value in headers.get_all(name)])
+        if headers == response.headers:
             return response
         sent = response.copy()
-        sent.headers = received
+        sent.headers = headers
         return sent
+
+    def _hold_answer_headers(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Redacts the answer's Set-Cookie and Location in the flow, holding the values as received for
+        answer_as_sent (added to those held already for the same answer)."""
+        held = [
+            (name, shown, value)
+            for name, redact in _ANSWER_HEADERS.items()
+            for value in response.headers.get_all(name)
+            if (shown := redact(value)) != value
+        ]
+        if not held:
+            return
+        for name, redact in _ANSWER_HEADERS.items():
+            _redact_header(response.headers, name, redact)
+        answer, already = self._received.get(flow, (response, []))
+        self._received[flow] = (response, [*already, *held] if answer is response else held)
 
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
@@ -272,14 +303,6 @@ def _passes_through(flow: http.HTTPFlow) -> bool:
     """An answer ocigate neither made nor streams itself: from a token realm, a registry without rules, anything
     else the proxy decrypts."""
     return METADATA_KEY not in flow.metadata
-
-
-def _may_hold_secrets(response: http.Response) -> bool:
-    return bool(
-        response.headers.get_all("Set-Cookie")
-        or "Location" in response.headers
-        or scrub.may_hold_fields(response.headers.get("Content-Type"))
-    )
 
 
 def _redacted(name: str, value: str) -> str:
