@@ -440,8 +440,8 @@ class Replayed:
     sending goes too: the gateway writes its own for this one. Runs before the gateway."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.is_replay != "request":
-            return
+        if flow.is_replay != "request" or not flow.killable:
+            return  # the client's own, or a replay refused already (httponly.HttpOnly)
         flow.metadata.pop(METADATA_KEY, None)
         request = flow.request
         without_placeholders(request.headers)

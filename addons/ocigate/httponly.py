@@ -18,7 +18,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead
+from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead, Playback
 from .hoststoml import Rule
 
 log = logging.getLogger("ocigate")
@@ -92,6 +92,17 @@ class HttpOnly:
         request = flow.request
         found = self.upstream_rule(request.host, request.port, request.scheme)
         if found is None:
+            return
+        if flow.is_replay == "request" and not isinstance(ctx.master.addons.get("clientplayback"), Playback):
+            # mitmproxy's own client replay (`mitmdump -s addons/gateway.py` keeps it) sends the flow through its own
+            # HTTP layer, which never puts in what the gateway keeps out of the flow: its placeholders would go.
+            log.warning(
+                "ocigate: %s: replay of %s %s refused: only the ocigate command replays a ruled registry's flows",
+                found[0],
+                request.method,
+                request.pretty_url,
+            )
+            flow.kill()
             return
         self._flows[flow] = found[0]
         # No protocol switch: a server may ignore an Upgrade (RFC 9110 7.8), and after a 101 the connection would be

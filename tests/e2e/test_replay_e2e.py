@@ -1,7 +1,7 @@
 """mitmproxy's client replay of a capture the gateway wrote: the capture holds `<redacted>` where each secret was, and
-a replayed flow goes through mitmproxy's own HTTP layer. The real gateway replays (`client_replay`, as `mitmdump -C`)
-a manifest it read whole and a blob it streamed, against a real registry behind a recorder: no host is sent a
-placeholder."""
+a replayed flow goes through the gateway's HTTP layer (askagain.Playback). The real gateway replays (`client_replay`,
+as `mitmdump -C`) a manifest it read whole and a blob it streamed, against a real registry behind a recorder: no host
+is sent a placeholder."""
 
 import hashlib
 import subprocess
