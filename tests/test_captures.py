@@ -6,6 +6,7 @@ import json
 import time
 from urllib.parse import parse_qsl, urlencode
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
@@ -304,6 +305,29 @@ def test_a_replayed_flow_is_sent_as_recorded_and_an_edit_made_while_held_goes_as
     assert redaction.as_sent(flow, flow.request) is flow.request
 
 
+def test_a_header_edited_while_held_goes_as_edited_and_the_others_as_the_client_sent_them() -> None:
+    redaction = Redaction()
+    headers = [
+        (b"Authorization", b"Bearer client-token-0123456789"),
+        (b"Cookie", b"a=cookie-one-0123456789"),
+        (b"Cookie", b"b=cookie-two-0123456789"),
+    ]
+    flow = _passing_through("/v2/", headers=headers)
+    redaction.requestheaders(flow)
+    assert flow.request.headers.get_all("Cookie") == ["a=<redacted>", "b=<redacted>"]
+    # In mitmweb, while the flow is held: a new credential typed in, the second cookie edited.
+    flow.request.headers["Authorization"] = "Bearer typed-in-mitmweb"
+    flow.request.headers.set_all("Cookie", ["a=<redacted>", "b=typed-in-mitmweb"])
+    sent = redaction.as_sent(flow, flow.request)
+    assert sent.headers["Authorization"] == "Bearer typed-in-mitmweb"
+    assert sent.headers.get_all("Cookie") == ["a=cookie-one-0123456789", "b=typed-in-mitmweb"]
+    # Left as it was shown, each goes as the client sent it.
+    untouched = _passing_through("/v2/", headers=headers)
+    redaction.requestheaders(untouched)
+    untouched_sent = redaction.as_sent(untouched, untouched.request).headers
+    assert [(name, value) for name, value in untouched_sent.fields if name in (b"Authorization", b"Cookie")] == headers
+
+
 @given(_pairs, _pairs)
 def test_any_request_under_way_shows_no_secret_and_goes_to_the_host_byte_for_byte(query: list, body: list) -> None:
     redaction = Redaction()
@@ -322,15 +346,19 @@ def test_any_request_under_way_shows_no_secret_and_goes_to_the_host_byte_for_byt
     assert sent.headers["Content-Length"] == str(len(form))
 
 
-def test_set_cookie_and_location_userinfo_are_redacted_after_the_client_has_them() -> None:
+def test_set_cookie_and_location_userinfo_are_redacted_from_the_answers_headers_on_and_sent_as_received() -> None:
     redaction = Redaction()
     flow = _passing_through("/v2/team/app/blobs/sha256:0")
     redaction.requestheaders(flow)
     location = "https://u:storage-0123456789@storage.test/blob"
     _answer(flow, {"Set-Cookie": "lb=cookie-0123456789; Path=/", "Location": location, "Content-Type": "text/html"})
     redaction.responseheaders(flow)
-    # mitmproxy sends these headers to the client when the hook returns: they must be the host's.
-    assert flow.response.headers["Location"] == location
+    # The flow (mitmweb's dump of it while its body streams) shows them redacted from here on.
+    assert flow.response.headers["Location"] == f"https://u:{R}@storage.test/blob"
+    assert flow.response.headers["Set-Cookie"] == f"lb={R}; Path=/"
+    # mitmproxy sends these headers to the client when the hook returns, through askagain's layer: as received.
+    sent = redaction.answer_as_sent(flow, flow.response)
+    assert sent.headers["Location"] == location and sent.headers["Set-Cookie"] == "lb=cookie-0123456789; Path=/"
     _stream(flow, b"<a>moved</a>")
     redaction.response(flow)
     assert flow.response.headers["Set-Cookie"] == f"lb={R}; Path=/"
@@ -472,8 +500,8 @@ def test_an_answer_that_ended_with_its_headers_goes_to_the_client_as_received_an
 
 
 def _ended_with_its_headers(method: str, content_type: str) -> tuple[Redaction, http.HTTPFlow]:
-    """A passing-through answer with secrets in its headers that mitmproxy never streams (no body): it gets a stream
-    hook at responseheaders, which is never called."""
+    """A passing-through answer with secrets in its headers that mitmproxy never streams (no body): one that may hold
+    secrets in its body gets a stream hook at responseheaders, which is never called."""
     redaction = Redaction()
     flow = _passing_through("/v2/team/app/blobs/sha256:0", method)
     redaction.requestheaders(flow)
@@ -481,7 +509,7 @@ def _ended_with_its_headers(method: str, content_type: str) -> tuple[Redaction, 
     _answer(flow, {"Content-Type": content_type, "Location": location, "Set-Cookie": "lb=the-lb-cookie"})
     flow.response.status_code = 307
     redaction.responseheaders(flow)
-    assert flow.response.stream
+    assert bool(flow.response.stream) == (content_type == "application/json")
     flow.response.content = b""
     redaction.response(flow)
     return redaction, flow
@@ -521,7 +549,7 @@ def test_a_stream_hook_set_by_another_addon_still_shapes_what_the_client_gets() 
     assert redaction.answer_as_sent(flow, flow.response) is flow.response  # streamed: its headers have gone
 
 
-def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_back_what_was_received() -> None:
+def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_not_given_back_what_it_no_longer_shows() -> None:
     redaction = Redaction()
     streamed = _passing_through()
     redaction.requestheaders(streamed)
@@ -535,7 +563,10 @@ def test_an_answer_already_streamed_or_edited_before_it_is_sent_is_never_given_b
     redaction.responseheaders(edited)
     redaction.response(edited)
     edited.response.headers["Location"] = "https://elsewhere.test/"  # in mitmweb, while it was held
-    assert redaction.answer_as_sent(edited, edited.response) is edited.response
+    sent = redaction.answer_as_sent(edited, edited.response)
+    # The value edited goes as edited; the one still shown redacted, as received.
+    assert sent.headers["Location"] == "https://elsewhere.test/"
+    assert sent.headers["Set-Cookie"] == "session=the-session-cookie; Path=/"
 
 
 def _as_captured() -> http.HTTPFlow:
@@ -568,6 +599,44 @@ def test_a_replayed_flow_sends_no_placeholder_and_loses_the_record_of_its_first_
     assert METADATA_KEY not in replayed.metadata
     # A flow that is no replay is the client's own: its values are what it sent.
     assert live.request.headers["Authorization"] == "Bearer <redacted>" and METADATA_KEY in live.metadata
+
+
+def _replayed_post(content: bytes, content_type: str = "application/x-www-form-urlencoded") -> http.HTTPFlow:
+    flow = tflow.tflow()
+    flow.request.method = "POST"
+    flow.request.url = "https://auth.test/token?service=registry&client_secret=<redacted>&scope=repository%3Aa%3Apull"
+    flow.request.headers["Content-Type"] = content_type
+    flow.request.raw_content = content
+    flow.is_replay = "request"
+    return flow
+
+
+def test_a_replay_loses_the_query_fields_holding_a_placeholder_and_keeps_the_others() -> None:
+    flow = _replayed_post(b"grant_type=password&username=alice")
+    captures.Replayed().requestheaders(flow)
+    assert flow.request.path == "/token?service=registry&scope=repository%3Aa%3Apull"
+    assert not flow.error
+    assert captures.without_placeholder_fields("/v2/?token=%3Credacted%3E") == "/v2/"
+    assert captures.without_placeholder_fields("/v2/?a=1&&b") == "/v2/?a=1&&b"
+
+
+def test_a_replay_whose_body_holds_a_placeholder_is_refused_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    bodies = [
+        _replayed_post(b"grant_type=password&username=alice&password=<redacted>"),
+        _replayed_post(b'{"refresh_token": "<redacted>"}', "application/json"),
+        _replayed_post(gzip.compress(b"password=<redacted>")),
+        _replayed_post(b"<redacted: the body was cut short, so it could not be read whole>"),
+    ]
+    bodies[2].request.headers["Content-Encoding"] = "gzip"
+    for flow in bodies:
+        captures.Replayed().requestheaders(flow)
+        assert flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE, flow.request.raw_content
+    assert caplog.text.count("replay of POST https://auth.test/token?service=registry&scope=") == len(bodies)
+    # Not a replay: the client's own request, whatever it holds.
+    live = _replayed_post(b"password=<redacted>")
+    live.is_replay = None
+    captures.Replayed().requestheaders(live)
+    assert not live.error
 
 
 @given(st.lists(st.tuples(st.sampled_from(["A", "B", "Cookie"]), st.text(alphabet="ab<redacted>; =", max_size=20))))

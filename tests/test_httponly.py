@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import http, tcp, udp
+from mitmproxy.addons import clientplayback
 from mitmproxy.addons.next_layer import NextLayer
 from mitmproxy.proxy import commands, events, layer, server_hooks
 from mitmproxy.proxy.context import Context
@@ -15,6 +16,7 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer, TC
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.test import taddons, tflow, tutils
 
+from ocigate import askagain
 from ocigate.askagain import AskAgainHttpLayer
 from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
@@ -173,3 +175,30 @@ async def test_dialing_leaves_a_refused_connection_alone(tmp_path: Path) -> None
         data.address, data.error = ("upstream.test", 443), "ocigate refused a raw TCP connection to upstream.test"
         await dialing.server_connect(server_hooks.ServerConnectionHookData(data, tflow.tclient_conn()))
     assert data.address == ("upstream.test", 443) and dialing.asked == {}
+
+
+def test_a_replay_is_sent_through_the_gateways_http_layer(tmp_path: Path) -> None:
+    with http_only(tmp_path) as (addon, tctx):
+        handler = askagain._ReplayHandler(flow_to("upstream.test", ()), tctx.options, addon.http_layer)
+    assert type(handler.layer) is AskAgainHttpLayer and handler.layer.mode is HTTPMode.transparent
+    assert isinstance(handler.layer.connections[handler.layer.context.client], clientplayback.MockServer)
+    assert handler.layer.context.layers == [handler.layer]  # mitmproxy's own layer is gone
+
+
+def test_a_ruled_replay_not_sent_through_the_gateways_layer_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with http_only(tmp_path) as (addon, tctx):
+        flows = [flow_to("upstream.test", ()), flow_to("other.test", ())]
+        for flow in flows:
+            flow.is_replay = "request"
+        tctx.master.addons.add(clientplayback.ClientPlayback())  # mitmproxy's, as `mitmdump -s` keeps it
+        for flow in flows:
+            addon.requestheaders(flow)
+        kept = flow_to("upstream.test", ())
+        kept.is_replay = "request"
+        tctx.master.addons.chain.remove(tctx.master.addons.lookup.pop("clientplayback"))
+        tctx.master.addons.add(askagain.Playback(addon.http_layer))  # ocigate's
+        addon.requestheaders(kept)
+    assert flows[0].error is not None and flows[1].error is None and kept.error is None
+    assert "upstream.test: replay of GET https://x/path refused" in caplog.text

@@ -10,12 +10,17 @@ Its streams also send each request and answer as it is to go (`as_sent`, `answer
 keeps out of the flow, where captures see it, put back in (credentials, secret query fields and form values held by
 captures.Redaction, the headers ocigate adds to a streamed request, the Set-Cookie and Location of an answer
 mitmproxy sends only after recording it).
+
+A flow sent again by mitmproxy's client replay (`replay.client`, mitmweb's replay button, `mitmdump -C`) goes through
+the same layer (Playback): mitmproxy's own would send what the flow shows, placeholders included.
 """
 
 import logging
 from collections.abc import Callable
 
 from mitmproxy import http
+from mitmproxy.addons import clientplayback
+from mitmproxy.options import Options
 from mitmproxy.proxy import events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import (
@@ -29,6 +34,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
     SendHttp,
 )
+from mitmproxy.utils import asyncio_utils
 
 log = logging.getLogger("ocigate")
 
@@ -114,3 +120,50 @@ class _AskAgainStream(HttpStream):
                 yield from self.send_response()
                 return
         yield from super().handle_protocol_error(event)
+
+
+# The HTTP layer the gateway puts on a connection of the given mode (httponly.HttpOnly.http_layer).
+MakeLayer = Callable[[Context, HTTPMode], HttpLayer]
+
+
+class Playback(clientplayback.ClientPlayback):
+    """mitmproxy's client replay, each replayed flow sent through the gateway's HTTP layer: the credential, query and
+    form values ocigate chose for a request it streams are put in as it goes (as_sent), as for the client's own.
+    Takes the place of mitmproxy's (same name, options and commands), under the `ocigate` command (cli.py)."""
+
+    name = "clientplayback"
+
+    def __init__(self, make_layer: MakeLayer) -> None:
+        super().__init__()
+        self._make_layer = make_layer
+
+    async def playback(self) -> None:
+        # mitmproxy's loop, whose ReplayHandler is named in its body: the same, with the handler below.
+        while True:
+            self.inflight = await self.queue.get()
+            try:
+                handler = _ReplayHandler(self.inflight, self.options, self._make_layer)
+                if self.options.client_replay_concurrency == -1:
+                    task = asyncio_utils.create_task(
+                        handler.replay(), name="client playback awaiting response", keep_ref=False
+                    )
+                    self.replay_tasks.add(task)  # kept: not garbage collected while it runs
+                    task.add_done_callback(self.replay_tasks.remove)
+                else:
+                    await handler.replay()
+            except Exception:
+                log.exception("ocigate: client replay failed")
+            self.queue.task_done()
+            self.inflight = None
+
+
+class _ReplayHandler(clientplayback.ReplayHandler):
+    """mitmproxy's replay of one flow, on the gateway's HTTP layer (in the mode mitmproxy chose) instead of its own."""
+
+    def __init__(self, flow: http.HTTPFlow, options: Options, make_layer: MakeLayer) -> None:
+        super().__init__(flow, options)
+        plain = self.layer
+        context = plain.context
+        del context.layers[context.layers.index(plain) :]
+        self.layer = make_layer(context, plain.mode)
+        self.layer.connections[context.client] = clientplayback.MockServer(flow, context.fork())

@@ -10,12 +10,13 @@ what is redacted and how):
   hook, its body at the request hook. The values as the client sent them are held out of the flow until askagain's
   layer sends the request (`as_sent`), and dropped once it is sent, answered by the gateway, or killed. The body of
   a request mitmproxy streams has gone as it came by its request hook: it is redacted there, and never held;
-- an answer's (Set-Cookie, a Location's userinfo, a token endpoint's tokens) once the client has it. mitmproxy sends
-  the client an answer it reads whole only after the response hook, where the recorders look at it; so an answer that
-  passes through and may hold a secret is streamed to the client instead, as it comes, with a copy kept, and the copy
-  (redacted) is what the flow holds at the response hook. An answer mitmproxy sends only after that hook (one without
-  a body, one the gateway made) is redacted in the flow like any other, and askagain's layer sends the client its
-  headers as received (`answer_as_sent`), wherever ocigate's addons stand in the chain.
+- an answer's headers (Set-Cookie, a Location's userinfo) as soon as the flow has them, at the responseheaders hook
+  (a download under way shows them redacted): askagain's layer sends the client the headers as received
+  (`answer_as_sent`), streamed or not, wherever ocigate's addons stand in the chain;
+- an answer's body (a token endpoint's tokens) once the client has it. mitmproxy sends the client an answer it reads
+  whole only after the response hook, where the recorders look at it; so an answer that passes through and may hold
+  a secret in its body is streamed to the client instead, as it comes, with a copy kept, and the copy (redacted) is
+  what the flow holds at the response hook.
 
 Flows still under way when the gateway stops, and flows that failed, are redacted as they stand before mitmproxy's
 save addon writes them; a body cut short that cannot be read whole is dropped with a note.
@@ -24,19 +25,25 @@ A flow sent again by mitmproxy's client replay (`replay.client`, mitmweb's repla
 such a capture, with placeholders where its secrets were (Replayed).
 """
 
+import logging
 import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import unquote_plus
 
 from mitmproxy import http
 
 from . import scrub
 from .record import METADATA_KEY
 
+log = logging.getLogger("ocigate")
+
 _CREDENTIAL_HEADERS = ("Authorization", "Proxy-Authorization")
 # Held out of the flow from the request's headers on, and put back only in what is sent (Redaction.as_sent).
 _HELD_HEADERS = (*_CREDENTIAL_HEADERS, "Cookie")
+# An answer's, redacted in the flow from its headers on, and put back only in what is sent (answer_as_sent).
+_ANSWER_HEADERS: dict[str, scrub.Redact] = {"Set-Cookie": scrub.set_cookie, "Location": scrub.url}
 # mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
 _PROXYAUTH_METADATA = "proxyauth"
 
@@ -74,7 +81,7 @@ class _Passing:
 class _Held:
     """What a request under way shows redacted in its flow, as the client sent it: put back only in what is sent."""
 
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[tuple[str, str, str]] = field(default_factory=list)  # (name, as the flow shows it, as sent)
     path: tuple[str, str] | None = None  # (as the flow shows it, as sent): its query held a secret
     # (as the flow shows it, as sent: in its Content-Encoding), and the Content-Encoding it was sent in
     body: tuple[bytes, bytes] | None = None
@@ -83,7 +90,8 @@ class _Held:
 
 class Redaction:
     """Redacts every secret of a flow before mitmproxy's recorders see it: a request's as soon as the flow has it
-    (what is still to be sent held out of the flow), an answer's once the client has it. Runs after the gateway
+    (what is still to be sent held out of the flow), an answer's headers as soon as the flow has them (held out of it
+    the same way) and its body once the client has it. Runs after the gateway
     (whose decisions need the request as the client sent it) and before mitmproxy's save, har and dumper addons,
     mitmweb's view and its intercept."""
 
@@ -94,9 +102,9 @@ class Redaction:
         # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
         # request headers on) until the request is sent (as_sent).
         self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
-        # Answers whose headers were redacted before mitmproxy sent them: (the headers as the flow shows them, as
-        # received), until askagain's layer sends them (answer_as_sent).
-        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Headers, http.Headers]] = (
+        # Answers whose headers were redacted before mitmproxy sent them: the answer, and each value redacted (name,
+        # as the flow shows it, as received), until askagain's layer sends them (answer_as_sent).
+        self._received: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[http.Response, list[tuple[str, str, str]]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -112,10 +120,10 @@ class Redaction:
         # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
         held = _Held(
             headers=[
-                (name, value)
+                (name, shown, value)
                 for name in _HELD_HEADERS
                 for value in request.headers.get_all(name)
-                if _redacted(name, value) != value
+                if (shown := _redacted(name, value)) != value
             ]
         )
         _redact_held(request.headers)
@@ -157,11 +165,13 @@ class Redaction:
         response = flow.response
         if response is None:
             return
-        keep = False
-        if not response.stream and _passes_through(flow) and _may_hold_secrets(response):
-            # Secrets in its headers only: streamed, the headers go to the client as they came before the flow's are
-            # redacted. Secrets in its body too: a copy is kept, redacted at the response hook.
-            keep = scrub.may_hold_fields(response.headers.get("Content-Type"))
+        # Redacted in the flow at once (mitmweb's dump of a download under way shows the flow as it stands), and sent
+        # to the client as received by askagain's layer, whether the answer is streamed or not.
+        self._hold_answer_headers(flow, response)
+        content_type = response.headers.get("Content-Type")
+        keep = not response.stream and _passes_through(flow) and scrub.may_hold_fields(content_type)
+        if keep:
+            # Secrets in its body: streamed to the client as it comes, and a copy kept, redacted at the response hook.
             response.stream = True
         if response.stream:
             passing = _Passing(None if response.stream is True else response.stream, keep=keep)
@@ -177,11 +187,13 @@ class Redaction:
             # client after this hook, as one it streamed has gone already.
             sent = passing is not None and passing.streaming
             kept = passing if passing is not None and passing.keep else None
-            received = response.headers.copy()
+            if sent:
+                self._received.pop(flow, None)  # its headers have gone
+            else:
+                # An answer that ended with its headers (or one the gateway made, which had no responseheaders hook)
+                # has yet to go: it goes as received (answer_as_sent).
+                self._hold_answer_headers(flow, response)
             _redact_response(response, kept, sent=sent, complete=True)
-            if not sent and response.headers != received:
-                # An answer that ended with its headers has yet to go: it goes as received (answer_as_sent).
-                self._received[flow] = (response.headers.copy(), received)
         _redact_record(flow)
         self._under_way.discard(flow)
 
@@ -216,9 +228,10 @@ class Redaction:
             return request
         sent = request.copy() if request is flow.request else request
         for name in _HELD_HEADERS:
-            values = [value for held_name, value in held.headers if held_name == name]
-            if values and name in sent.headers:
-                sent.headers.set_all(name, values)
+            # Only a value the flow still shows as redacted goes as sent: one edited meanwhile goes as edited.
+            held_values = [(shown, value) for held_name, shown, value in held.headers if held_name == name]
+            if held_values and name in sent.headers:
+                sent.headers.set_all(name, [_as_held(value, held_values) for value in sent.headers.get_all(name)])
         if held.path is not None and sent.path == held.path[0]:
             sent.path = held.path[1]
         if held.body is not None and sent.raw_content == held.body[0]:
@@ -234,12 +247,35 @@ class Redaction:
     def answer_as_sent(self, flow: http.HTTPFlow, response: http.Response) -> http.Response:
         """The answer as it goes to the client (askagain sends it): with its headers as received, where the flow
         still shows them as redacted here (an edit made to the flow meanwhile, in mitmweb, goes as edited)."""
-        redacted, received = self._received.pop(flow, (None, None))
-        if received is None or response is not flow.response or response.headers != redacted:
+        answer, held = self._received.pop(flow, (None, []))
+        if answer is None or response is not answer or response is not flow.response:
+            return response
+        headers = response.headers.copy()
+        for name in _ANSWER_HEADERS:
+            held_values = [(shown, value) for held_name, shown, value in held if held_name == name]
+            if held_values and name in headers:
+                headers.set_all(name, [_as_held(value, held_values) for value in headers.get_all(name)])
+        if headers == response.headers:
             return response
         sent = response.copy()
-        sent.headers = received
+        sent.headers = headers
         return sent
+
+    def _hold_answer_headers(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Redacts the answer's Set-Cookie and Location in the flow, holding the values as received for
+        answer_as_sent (added to those held already for the same answer)."""
+        held = [
+            (name, shown, value)
+            for name, redact in _ANSWER_HEADERS.items()
+            for value in response.headers.get_all(name)
+            if (shown := redact(value)) != value
+        ]
+        if not held:
+            return
+        for name, redact in _ANSWER_HEADERS.items():
+            _redact_header(response.headers, name, redact)
+        answer, already = self._received.get(flow, (response, []))
+        self._received[flow] = (response, [*already, *held] if answer is response else held)
 
     def _ended_early(self, flow: http.HTTPFlow) -> None:
         """A flow that failed or was cut off: nothing more of it reaches anybody."""
@@ -253,18 +289,20 @@ class Redaction:
         _redact_record(flow)
 
 
+def _as_held(current: str, held: list[tuple[str, str]]) -> str:
+    """A header's value as it is sent: the first held value (taken) the flow still shows as `current`, else `current`
+    as it stands (edited in mitmweb, or added by the gateway)."""
+    for index, (shown, value) in enumerate(held):
+        if shown == current:
+            del held[index]
+            return value
+    return current
+
+
 def _passes_through(flow: http.HTTPFlow) -> bool:
     """An answer ocigate neither made nor streams itself: from a token realm, a registry without rules, anything
     else the proxy decrypts."""
     return METADATA_KEY not in flow.metadata
-
-
-def _may_hold_secrets(response: http.Response) -> bool:
-    return bool(
-        response.headers.get_all("Set-Cookie")
-        or "Location" in response.headers
-        or scrub.may_hold_fields(response.headers.get("Content-Type"))
-    )
 
 
 def _redacted(name: str, value: str) -> str:
@@ -395,13 +433,47 @@ def without_placeholders(headers: http.Headers) -> list[str]:
 
 class Replayed:
     """A flow mitmproxy's client replay sends again was read from a capture (or a view) that holds `<redacted>` in
-    place of each secret, and goes through mitmproxy's own HTTP layer, not askagain's, which would have put held
-    values back. So its placeholders are dropped before the gateway sees it: a request to a ruled upstream is
-    authenticated afresh by the gateway, and no host is ever sent a placeholder as a credential. ocigate's record
-    of the first sending goes too: the gateway writes its own for this one. Runs before the gateway."""
+    place of each secret, whose values nobody holds any more (askagain's layer, which askagain.Playback sends a replay
+    through, puts back only what the gateway holds for this sending). So before the gateway sees it, the headers and
+    query fields holding a placeholder are dropped, and a body holding one is refused: a request to a ruled upstream
+    is authenticated afresh by the gateway, and no host is ever sent a placeholder. ocigate's record of the first
+    sending goes too: the gateway writes its own for this one. Runs before the gateway."""
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.is_replay != "request":
-            return
+        if flow.is_replay != "request" or not flow.killable:
+            return  # the client's own, or a replay refused already (httponly.HttpOnly)
         flow.metadata.pop(METADATA_KEY, None)
-        without_placeholders(flow.request.headers)
+        request = flow.request
+        without_placeholders(request.headers)
+        request.path = without_placeholder_fields(request.path)
+        # A body holding a placeholder (a token realm's form, a JSON body's token) or the note a dropped body was
+        # replaced by is refused whole rather than edited: a form without its password is another request (an
+        # anonymous token, a refresh grant without its token), a JSON or encoded body cannot be edited by field
+        # without re-encoding it, and a note is no body at all. Refused, nothing of it is sent anywhere.
+        if _holds_placeholder(request):
+            log.warning(
+                "ocigate: replay of %s %s refused: its body holds a %s placeholder where the capture redacted a "
+                "secret, which no host is sent",
+                request.method,
+                request.pretty_url,
+                scrub.REDACTED,
+            )
+            flow.kill()
+
+
+def without_placeholder_fields(path: str) -> str:
+    """A path whose query lost every field holding a redaction placeholder (`password=<redacted>`, as a capture holds
+    a secret query field), every other field and separator kept as it was."""
+    before, question, query = path.partition("?")
+    if not question:
+        return path
+    kept = [pair for pair in query.split("&") if scrub.REDACTED not in unquote_plus(pair)]
+    return f"{before}?{'&'.join(kept)}" if kept else before
+
+
+def _holds_placeholder(request: http.Request) -> bool:
+    """The body as it would be sent, and as decoded, holds a placeholder or the note a dropped body was replaced by
+    (both start `<redacted`)."""
+    marker = scrub.REDACTED[:-1].encode()
+    raw = request.raw_content or b""
+    return marker in raw or marker in (request.get_content(strict=False) or b"")

@@ -19,7 +19,9 @@ from mitmproxy.tools.web.master import WebMaster
 
 from . import workers
 from .addon import make_addons
+from .askagain import Playback
 from .captures import Redaction
+from .httponly import HttpOnly
 from .worker import ENVIRONMENT, Identity, follow_parent, label_output
 
 USAGE_EXTRA = """
@@ -33,6 +35,17 @@ flows in mitmweb's UI, each with ocigate's decision as its comment. Its own:
 def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None) -> None:
     ours = make_addons(worker)
     master.addons.add(*ours)
+    # mitmproxy's client replay sends a flow through an HTTP layer of its own, which would send what the flow shows
+    # (placeholders where the gateway holds its secrets): ocigate's sends it through the gateway's. Replaced before
+    # the command line's options are set, so its own (client_replay, ...) take them.
+    httponly = next(addon for addon in ours if isinstance(addon, HttpOnly))
+    # (Not AddonManager.remove: it would run mitmproxy's async `done` outside a loop; nothing of it has started.)
+    at = master.addons.chain.index(master.addons.lookup.pop("clientplayback"))
+    del master.addons.chain[at]
+    playback = Playback(httponly.http_layer)
+    master.addons.add(playback)
+    master.addons.chain.remove(playback)
+    master.addons.chain.insert(at, playback)
     # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without proxy
     # credentials never reaches a rule) and before save, dumper and mitmweb's view (which then see redacted flows,
     # and a flow's comment as soon as it is shown).

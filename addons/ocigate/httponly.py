@@ -18,7 +18,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead
+from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead, Playback
 from .hoststoml import Rule
 
 log = logging.getLogger("ocigate")
@@ -58,6 +58,10 @@ class HttpOnly:
         found = self.upstream_rule(host, port, "https") or self.upstream_rule(host, port, "http")
         return found[0] if found else None
 
+    def http_layer(self, context: Context, mode: HTTPMode) -> HttpLayer:
+        """The HTTP layer of a connection, a replayed flow's included (askagain.Playback)."""
+        return AskAgainHttpLayer(context, mode, self.instead, self.answer_as_sent, self.as_sent)
+
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
         decider = ctx.master.addons.get("nextlayer")
@@ -69,7 +73,7 @@ class HttpOnly:
             # Every HTTP layer, the proxy's own (plain http:// requests) included: which host a request goes to is
             # known per request, and the gateway answers only for the flows it streams.
             _drop(context, chosen)
-            nextlayer.layer = AskAgainHttpLayer(context, chosen.mode, self.instead, self.answer_as_sent, self.as_sent)
+            nextlayer.layer = self.http_layer(context, chosen.mode)
             return
         upstream = self._ruled(context.server.address)
         if upstream is None or chosen is None or isinstance(chosen, _LEADS_TO_HTTP):
@@ -88,6 +92,17 @@ class HttpOnly:
         request = flow.request
         found = self.upstream_rule(request.host, request.port, request.scheme)
         if found is None:
+            return
+        if flow.is_replay == "request" and not isinstance(ctx.master.addons.get("clientplayback"), Playback):
+            # mitmproxy's own client replay (`mitmdump -s addons/gateway.py` keeps it) sends the flow through its own
+            # HTTP layer, which never puts in what the gateway keeps out of the flow: its placeholders would go.
+            log.warning(
+                "ocigate: %s: replay of %s %s refused: only the ocigate command replays a ruled registry's flows",
+                found[0],
+                request.method,
+                request.pretty_url,
+            )
+            flow.kill()
             return
         self._flows[flow] = found[0]
         # No protocol switch: a server may ignore an Upgrade (RFC 9110 7.8), and after a 101 the connection would be
