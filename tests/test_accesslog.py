@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ocigate.accesslog import REPORT_EVERY, AccessLog, entry, line, reference
+from ocigate.accesslog import CUT_MARK, PIPE_BUF, REPORT_EVERY, AccessLog, entry, fit_pipe, line, reference
 from ocigate.attempts import Outcome
 from ocigate.hoststoml import Rule
 from ocigate.record import GATEWAY, FlowRecord
@@ -237,3 +237,47 @@ def test_a_log_file_moved_or_removed_by_logrotate_is_opened_again_at_its_path(tm
     assert path.read_text() == "after\n"
     if rotate == "moved":
         assert (tmp_path / "access.log.1").read_text() == "before\n"
+
+
+def long_line() -> str:
+    record = served_manifest()
+    record.repository = "team/" + "r" * 3000
+    record.error = 'a host said "' + "e\n" * 3000 + '"'
+    return line(record, 1_700_000_000.0, worker=1)
+
+
+def test_a_line_longer_than_pipe_buf_is_cut_to_fit_and_stays_json_naming_what_was_cut() -> None:
+    text = long_line()
+    assert len(text.encode()) > PIPE_BUF
+    fitted = fit_pipe(text)
+    assert len(fitted.encode()) <= PIPE_BUF and fitted.endswith("}\n") and fitted.count("\n") == 1
+    fields = json.loads(fitted)
+    whole = json.loads(text)
+    assert set(fields["cut"]) <= {"error", "reference"}  # the longest values, nothing else
+    assert "error" in fields["cut"] and fields["error"].endswith(CUT_MARK)
+    assert whole["error"].startswith(fields["error"].removesuffix(CUT_MARK))
+    uncut = {name: value for name, value in whole.items() if name not in fields["cut"]}
+    assert uncut == {name: fields[name] for name in uncut}  # the rest as it was
+    assert fit_pipe("short\n") == "short\n"
+
+
+def test_a_line_to_standard_error_is_one_write_of_at_most_pipe_buf_and_a_file_keeps_it_whole(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    text = long_line()
+    writes: list[bytes] = []
+    original = os.write
+
+    def noting(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return original(fd, data)
+
+    path = tmp_path / "access.log"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "write", noting)
+        for log in (AccessLog.open("-"), AccessLog.open(path)):
+            log.write(text)
+            log.close()
+    assert len(writes) == 2 and len(writes[0]) <= PIPE_BUF and writes[1] == text.encode()
+    assert json.loads(capfd.readouterr().err)["cut"]
+    assert path.read_text() == text

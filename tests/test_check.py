@@ -177,7 +177,7 @@ def test_a_broken_policy_file_is_a_problem_check_names(tmp_path: Path) -> None:
 def test_a_docker_hub_prefix_of_one_component_is_warned_of_and_is_no_problem(tmp_path: Path) -> None:
     tree = activated_examples(tmp_path)
     (tree / "policy.toml").write_text(
-        '[upstream."docker.io"]\nblock = ["nginx", "library/redis", "bitnami/redis"]\n'
+        '[upstream."docker.io"]\nallow = ["library", "bitnami"]\nblock = ["nginx", "library/redis", "bitnami/redis"]\n'
         '[user.alice]\npull = ["index.docker.io/alpine", "docker.io/library", "quay.io/team"]\n'
     )
     result = run("check", "--rules", str(tree), home=tmp_path)
@@ -185,8 +185,11 @@ def test_a_docker_hub_prefix_of_one_component_is_warned_of_and_is_no_problem(tmp
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
     policy = tree / "policy.toml"
     assert warnings == [
-        f"warning: {policy}: upstream.\"docker.io\".block[0]: 'nginx' covers Docker Hub's namespace nginx/ only, not "
-        "the official image nginx (library/nginx): write 'library/nginx' for that",
-        f"warning: {policy}: user.alice.pull[0]: 'index.docker.io/alpine' covers Docker Hub's namespace alpine/ only, "
-        "not the official image alpine (library/alpine): write 'index.docker.io/library/alpine' for that",
+        f"warning: {policy}: upstream.\"docker.io\".allow[1]: 'bitnami' matches Docker Hub's bitnami/... repositories, "
+        "not the official image library/bitnami",
+        f"warning: {policy}: upstream.\"docker.io\".block[0]: 'nginx' matches Docker Hub's nginx/... repositories, "
+        "not the official image library/nginx",
+        f"warning: {policy}: user.alice.pull[0]: 'index.docker.io/alpine' matches Docker Hub's alpine/... "
+        "repositories, not the official image library/alpine",
     ]
+    assert "write 'library/" not in result.stdout  # no advice: a namespace such as bitnami/ is meant as such

@@ -6,6 +6,8 @@ import signal
 import pytest
 
 from ocigate.supervisor import FIRST_DELAY, MAX_DELAY, STABLE_AFTER, Supervisor, describe
+from ocigate.worker import LISTENING_SIGNAL
+from ocigate.workers import handle
 
 
 class Box:
@@ -205,3 +207,29 @@ def test_a_worker_that_cannot_be_started_at_all_stops_the_gateway() -> None:
     box.supervisor.spawn = no_process
     box.supervisor.start()
     assert box.supervisor.done and box.supervisor.exit_status == 1
+
+
+def siginfo(signo: int, pid: int) -> signal.struct_siginfo:
+    return signal.struct_siginfo((signo, 0, 0, pid, 0, 0, 0))
+
+
+def test_a_worker_that_said_it_listens_and_died_at_once_is_started_again_not_taken_for_a_failed_start() -> None:
+    box = Box(2)
+    box.supervisor.start()
+    pid = box.pid_of(0)
+    # Both signals pending: sigwaitinfo hands SIGCHLD (the lower number) first, the listening signal still queued.
+    pending = [pid]
+    handle(box.supervisor, siginfo(signal.SIGCHLD, pid), lambda: pending.pop() if pending else None, lambda: [(pid, 1)])
+    assert pending == []
+    assert box.supervisor.stopping is None and box.supervisor.slots[0].restart_at is not None
+    assert [index for index, _ in box.started] == [0, 1]  # worker 1 started, as after any worker 0 that listened
+
+
+def test_a_listening_signal_or_a_stop_signal_alone_goes_to_the_supervisor() -> None:
+    box = Box(2)
+    box.supervisor.start()
+    nothing_pending: list[int] = []
+    handle(box.supervisor, siginfo(LISTENING_SIGNAL, box.pid_of(0)), lambda: None, nothing_pending.copy)
+    assert [index for index, _ in box.started] == [0, 1]
+    handle(box.supervisor, siginfo(signal.SIGTERM, 1), lambda: None, nothing_pending.copy)
+    assert box.supervisor.stopping == signal.SIGTERM

@@ -374,3 +374,101 @@ async def test_an_error_never_quotes_what_the_host_sent() -> None:
             await ask(connections, h.port)
     assert "the-echoed-token" not in str(raised.value) and "malformed answer" in str(raised.value)
     await connections.aclose()
+
+
+@asynccontextmanager
+async def held_host() -> AsyncIterator[tuple[Host, asyncio.Semaphore]]:
+    """A host that answers each request once the test releases an answer."""
+    release = asyncio.Semaphore(0)
+    served = Host(lambda n, r: ok())
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.connections += 1
+        served.open.add(writer)
+        try:
+            while True:
+                try:
+                    served.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                await release.acquire()
+                writer.write(ok())
+                await writer.drain()
+        finally:
+            served.open.discard(writer)
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    served.port = server.sockets[0].getsockname()[1]
+    try:
+        yield served, release
+    finally:
+        server.close()
+        for writer in list(served.open):
+            writer.close()
+        await server.wait_closed()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_beyond_max_connections_a_request_waits_for_one_to_come_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 2)
+    connections = HostConnections(None, "mirror.test")
+    async with held_host() as (h, release):
+        asks = [asyncio.create_task(ask(connections, h.port)) for _ in range(3)]
+        await until(lambda: len(h.requests) == 2)
+        await asyncio.sleep(0.1)  # time for a third connection, were one made
+        assert h.connections == 2 and not any(task.done() for task in asks)
+        release.release()  # one answer: its connection comes back, and the third request is sent on it
+        await until(lambda: len(h.requests) == 3)
+        release.release()
+        release.release()
+        assert [(await task)[0] for task in asks] == [200, 200, 200]
+    assert h.connections == 2
+    await connections.aclose()
+
+
+async def test_a_request_cancelled_while_waiting_for_a_connection_takes_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 1)
+    connections = HostConnections(None, "mirror.test")
+    async with held_host() as (h, release):
+        first = asyncio.create_task(ask(connections, h.port))
+        await until(lambda: len(h.requests) == 1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await ask(connections, h.port)
+        release.release()
+        assert (await first)[0] == 200
+        release.release()
+        assert (await ask(connections, h.port))[0] == 200  # the one connection, not held by the cancelled request
+    assert h.connections == 1 and len(h.requests) == 2
+    await connections.aclose()
+
+
+async def test_a_connection_that_could_not_be_made_frees_its_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 1)
+    connections = HostConnections(None, "mirror.test")
+    async with host(lambda n, r: ok()) as h:
+        port = h.port
+    for _ in range(2):
+        with pytest.raises(WireError, match="connection refused"):
+            async with asyncio.timeout(10):
+                await ask(connections, port)
+    async with host(lambda n, r: ok()) as h:
+        assert (await ask(connections, h.port))[0] == 200
+
+
+async def test_at_max_connections_an_idle_one_to_another_address_gives_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 1)
+    connections = HostConnections(None, "mirror.test")
+    async with host(lambda n, r: ok()) as a, host(lambda n, r: ok()) as b:
+        assert (await ask(connections, a.port))[0] == 200
+        async with asyncio.timeout(10):
+            assert (await ask(connections, b.port))[0] == 200
+        assert (await ask(connections, a.port))[0] == 200
+    assert (a.connections, b.connections) == (2, 1)
+    await connections.aclose()

@@ -5,6 +5,8 @@ import ctypes
 import os
 import re
 import socket
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,10 @@ from mitmproxy import exceptions
 from mitmproxy.options import Options
 from mitmproxy.test import taddons
 
-from ocigate import cli
+from ocigate import cli, worker
 from ocigate.configuration import Shared
 from ocigate.settings import MetricsAddress
-from ocigate.worker import ENVIRONMENT, Identity, LabelledLines, SharedListen
+from ocigate.worker import ENVIRONMENT, STOP_GRACE, Identity, LabelledLines, SharedListen, end_if_hung
 from ocigate.workers import split
 from tests.support.registry import free_port
 
@@ -149,3 +151,31 @@ async def test_a_gateway_alone_listens_without_it() -> None:
         other.close()
     finally:
         await proxyserver.servers.update([])
+
+
+def test_a_worker_whose_parent_died_is_ended_if_it_has_not_stopped_within_the_grace() -> None:
+    happened: list[str] = []
+    end_if_hung(
+        lambda: happened.append("parent gone"),
+        lambda seconds: happened.append(f"slept {seconds:g}"),
+        happened.append,
+        lambda status: happened.append(f"exit {status}"),
+    )
+    assert happened == [
+        "parent gone",
+        f"slept {STOP_GRACE:g}",
+        f"the parent is gone and this worker has not stopped within {STOP_GRACE:g} s: ending it now",
+        "exit 1",
+    ]
+
+
+def test_the_wait_for_the_parent_ends_once_it_has_exited() -> None:
+    parent = subprocess.Popen(["sleep", "60"])
+    pidfd = os.pidfd_open(parent.pid)
+    waiting = threading.Thread(target=worker._wait_readable, args=(pidfd,), daemon=True)
+    waiting.start()
+    parent.kill()
+    parent.wait()
+    waiting.join(10)
+    os.close(pidfd)
+    assert not waiting.is_alive()

@@ -6,8 +6,8 @@ log line per REPORT_EVERY seconds) rather than the gateway's memory. A log file 
 opened again at its path before the next lines are written, as logging's WatchedFileHandler does.
 
 Each line is written by one write(2) to a file opened O_APPEND: the workers of `ocigate --workers N` append to one
-file, and their lines never mix. On standard error (a pipe, the journal) that holds for lines up to PIPE_BUF (4 KiB),
-which most lines are.
+file, and their lines never mix. On standard error (a pipe, the journal) that holds only for writes up to PIPE_BUF
+(4 KiB): a longer line is shortened there (see fit_pipe), while a file keeps it whole.
 """
 
 import json
@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -35,6 +36,10 @@ _END = None
 MAX_QUEUED = 10_000
 # How often at most the lines dropped are said in the log.
 REPORT_EVERY = 60.0
+# The longest write to a pipe that the kernel never mixes with another process's writes to it.
+PIPE_BUF = select.PIPE_BUF
+# Ends a value cut short to fit a line in PIPE_BUF: ASCII, so that JSON keeps it as it is.
+CUT_MARK = "...[cut]"
 
 
 def reference(record: FlowRecord) -> str | None:
@@ -88,7 +93,41 @@ def entry(record: FlowRecord, started: float, worker: int | None = None) -> dict
 
 def line(record: FlowRecord, started: float, worker: int | None = None) -> str:
     """The entry as one line: JSON escapes every line break a value may hold."""
-    return json.dumps(entry(record, started, worker), separators=(",", ":")) + "\n"
+    return _dumps(entry(record, started, worker)) + "\n"
+
+
+def fit_pipe(text: str, limit: int = PIPE_BUF) -> str:
+    """The line `text` in at most `limit` bytes, to go to a pipe in one write that no other worker's line can cut into:
+    its longest string values cut short (ending with CUT_MARK), then its lists emptied, until it fits, each value cut
+    named in "cut". Still one JSON object."""
+    if len(text.encode()) <= limit:
+        return text
+    fields: dict[str, Any] = json.loads(text)
+    cut: list[str] = []
+
+    def size() -> int:
+        return len(_dumps(fields | {"cut": cut}).encode())
+
+    while size() > limit:
+        strings = [name for name, value in fields.items() if isinstance(value, str) and len(value) > len(CUT_MARK)]
+        lists = [name for name, value in fields.items() if isinstance(value, list) and value]
+        if strings:
+            name = max(strings, key=lambda name: len(fields[name]))
+            value = fields[name]
+            keep = max(0, len(value) - (size() - limit) - len(CUT_MARK))
+            fields[name] = value[:keep] + CUT_MARK
+        elif lists:
+            name = lists[0]
+            fields[name] = []
+        else:
+            break  # nothing left to cut: written whole, in more than one write
+        if name not in cut:
+            cut.append(name)
+    return _dumps(fields | {"cut": cut}) + "\n"
+
+
+def _dumps(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, separators=(",", ":"))
 
 
 class AccessLog:
@@ -154,6 +193,8 @@ class AccessLog:
             if text is _END:
                 return
             self._reopen_if_moved()
+            if self._path is None:
+                text = fit_pipe(text)
             try:
                 self._write_line(text.encode())
             except OSError as e:

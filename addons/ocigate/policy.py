@@ -244,9 +244,10 @@ def check(
 
 
 def doubtful_entries(policy: Policy) -> list[str]:
-    """What a valid policy most likely does not mean, for `ocigate check` to warn of: a Docker Hub prefix of one
-    component (`nginx`) covers the namespace `nginx/` only, never the official image `nginx`, which Docker Hub (and
-    so the policy) names `library/nginx`."""
+    """What a valid policy may well not mean, for `ocigate check` to warn of: a Docker Hub prefix of one component
+    (`nginx`) covers the repositories `nginx/...` only, never the official image `nginx`, which Docker Hub (and so the
+    policy) names `library/nginx`. Only a warning, with no advice: most such entries are namespaces meant as such
+    (`bitnami`), and which names are official images is Docker Hub's to say."""
     entries = [entry for lists in policy.upstreams.values() for entry in (*(lists.allow or ()), *lists.block)]
     for rights in (policy.users or {}).values():
         entries += [*rights.pull, *rights.push]
@@ -255,10 +256,9 @@ def doubtful_entries(policy: Policy) -> list[str]:
         prefix = entry.prefix
         if entry.upstream != DOCKER_HUB or not prefix or "/" in prefix or prefix == "library":
             continue
-        meant = entry.written[: len(entry.written) - len(prefix)] + f"library/{prefix}"
         doubtful.append(
-            f"{policy.source}: {entry.key}: {entry.written!r} covers Docker Hub's namespace {prefix}/ only, not the "
-            f"official image {prefix} (library/{prefix}): write {meant!r} for that"
+            f"{policy.source}: {entry.key}: {entry.written!r} matches Docker Hub's {prefix}/... repositories, not "
+            f"the official image library/{prefix}"
         )
     return doubtful
 

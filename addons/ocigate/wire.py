@@ -10,6 +10,7 @@ when its request is sent, so that the caller's deadline for the answer starts th
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ MAX_TARGET = 64 * 1024
 # gets no answer.
 MAX_IDLE = 8
 IDLE_EXPIRY = 5.0
+# Connections open at once to one host, idle and in use (httpx's limit per client, which ocigate had): a crowd of
+# clients asking at once must not have ocigate open as many connections to a mirror as there are requests. A request
+# beyond it waits for a connection to come back or close.
+MAX_CONNECTIONS = 100
 _READ_SIZE = 64 * 1024
 # Requests sent once more on a new connection when a kept-alive one turns out closed before any answer, as Go's
 # http.Transport does: they change nothing on the host.
@@ -132,12 +137,18 @@ class _Unanswered(Exception):
 
 
 class HostConnections:
-    """The connections to one host (one name, port and TLS settings), idle ones kept per address dialled."""
+    """The connections to one host (one name, port and TLS settings), idle ones kept per address dialled, at most
+    MAX_CONNECTIONS of them open at once."""
 
     def __init__(self, tls: ssl.SSLContext | None, server_name: str) -> None:
         self._tls = tls
         self._server_name = server_name
         self._idle: dict[Address, list[_Connection]] = {}
+        self._open: set[_Connection] = set()  # idle and in use
+        self._dialling = 0  # connections being made: counted against MAX_CONNECTIONS already
+        # Requests waiting for a connection to come back or close, first come first served. Woken from code that
+        # cannot await (a connection closed, kept idle), which asyncio.Condition's notify cannot be.
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.is_closed = False
 
     async def request(
@@ -148,22 +159,19 @@ class HostConnections:
         allow) when no complete answer came; OSError and ssl.SSLError from the connection's own failures."""
         if len(request.target) > MAX_TARGET:
             raise WireError("the request could not be sent: URL too long")
-        connection = self._take_idle(address)
-        reused = connection is not None
+        connection, reused = await self._connection(address, connect_timeout, reuse=True)
         while True:
-            if connection is None:
-                connection = await self._dial(address, connect_timeout)
             try:
                 answer = await connection.exchange(request, sent)
             except _Unanswered as e:
-                connection.close()
+                self._close(connection)
                 if reused and request.method in _SENT_AGAIN:
                     # The host closed it while it was idle: once more, on a new connection.
-                    connection, reused = None, False
+                    connection, reused = await self._connection(address, connect_timeout, reuse=False)
                     continue
                 raise WireError(f"{e} without answering") from None
             except BaseException:
-                connection.close()
+                self._close(connection)
                 raise
             self._keep(address, connection)
             return answer
@@ -173,7 +181,62 @@ class HostConnections:
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
-                connection.close()
+                self._close(connection)
+
+    async def _connection(self, address: Address, connect_timeout: float, *, reuse: bool) -> tuple[_Connection, bool]:
+        """An idle connection to `address` (when `reuse`) or a new one, and whether it was idle; waits while
+        MAX_CONNECTIONS are open and in use. Cancelled while waiting, it has taken nothing."""
+        while True:
+            connection = self._take_idle(address) if reuse else None
+            if connection is not None:
+                return connection, True
+            if len(self._open) + self._dialling >= MAX_CONNECTIONS:
+                # One idle at another address (or at this one when a new connection is asked for) gives way.
+                idle = next((connections[0] for connections in self._idle.values()), None)
+                if idle is None:
+                    await self._wait()
+                    continue
+                self._close(idle)
+            self._dialling += 1
+            try:
+                connection = await self._dial(address, connect_timeout)
+            except BaseException:
+                self._dialling -= 1
+                self._wake()  # its place is free again
+                raise
+            self._dialling -= 1
+            self._open.add(connection)
+            return connection, False
+
+    async def _wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # woken, then cancelled before using it: the next one waiting gets its turn
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        """Wakes the first request waiting, if any: a connection came back or a place became free."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _close(self, connection: _Connection) -> None:
+        connection.close()
+        if connection in self._open:
+            self._open.discard(connection)
+            self._wake()
+        for connections in self._idle.values():
+            if connection in connections:
+                connections.remove(connection)
 
     def _take_idle(self, address: Address) -> _Connection | None:
         self._sweep()
@@ -183,26 +246,23 @@ class HostConnections:
     def _keep(self, address: Address, connection: _Connection) -> None:
         connection.idle_since = time.monotonic()
         if self.is_closed or not connection.idle(connection.idle_since):
-            connection.close()
+            self._close(connection)
             return
         connections = self._idle.setdefault(address, [])
         connections.append(connection)
         while len(connections) > MAX_IDLE:
-            connections.pop(0).close()
+            self._close(connections[0])
         self._sweep()
+        self._wake()
 
     def _sweep(self) -> None:
         """Closes the idle connections no longer fit for a request (expired, closed by the host, sent to since), at
         every address: none lingers half-closed, and addresses no longer dialled are forgotten."""
         now = time.monotonic()
         for address, connections in list(self._idle.items()):
-            fit = [connection for connection in connections if connection.idle(now)]
-            for connection in connections:
-                if connection not in fit:
-                    connection.close()
-            if fit:
-                self._idle[address] = fit
-            else:
+            for connection in [connection for connection in connections if not connection.idle(now)]:
+                self._close(connection)
+            if not connections:
                 del self._idle[address]
 
     async def _dial(self, address: Address, timeout: float) -> _Connection:

@@ -11,10 +11,12 @@ import contextlib
 import ctypes
 import io
 import os
+import select
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -33,6 +35,9 @@ ENVIRONMENT = "OCIGATE_WORKER"  # INDEX/COUNT/PARENT_PID, set by the parent for 
 # Real-time signals are queued and carry the sender's pid: workers saying so at once are each heard.
 LISTENING_SIGNAL = signal.SIGRTMIN
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Seconds a worker whose parent died has to stop before it is ended at once (os._exit): mitmproxy's clean stop ends
+# the flows under way well within it.
+STOP_GRACE = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,39 @@ def follow_parent(worker: Identity) -> None:
     # It died before the line above: nobody would tell this worker.
     if os.getppid() != worker.parent:
         raise SystemExit(f"ocigate: {worker.label} the parent (pid {worker.parent}) is gone")
+    # Still its parent, so the pid is still the parent's: a pidfd that becomes readable when it exits.
+    parent = os.pidfd_open(worker.parent)
+    threading.Thread(
+        target=end_if_hung,
+        args=(partial(_wait_readable, parent), time.sleep, partial(_say, worker), os._exit),
+        name="ocigate-follow-parent",
+        daemon=True,
+    ).start()
+
+
+def end_if_hung(
+    parent_gone: Callable[[], None],
+    sleep: Callable[[float], None],
+    say: Callable[[str], None],
+    exit: Callable[[int], None],
+) -> None:
+    """Once `parent_gone` returns, gives this worker STOP_GRACE seconds to stop after the SIGTERM its parent's death
+    sent, then ends it however far it got: a worker hung while stopping, with no parent left to kill it, would stay
+    up forever. A daemon thread: a worker that stops in time ends it too."""
+    parent_gone()
+    sleep(STOP_GRACE)
+    say(f"the parent is gone and this worker has not stopped within {STOP_GRACE:g} s: ending it now")
+    exit(1)
+
+
+def _wait_readable(fd: int) -> None:
+    """Until a pidfd says its process has exited."""
+    select.select([fd], [], [])
+
+
+def _say(worker: Identity, text: str) -> None:
+    # Straight to the file descriptor: sys.stderr's lock may be held by the very thread that hangs.
+    os.write(2, f"{worker.label} ocigate: {text}\n".encode())
 
 
 class LabelledLines(io.TextIOBase):

@@ -5,14 +5,15 @@ starts and signals processes: what it does when is supervisor.py's.
 The parent waits for events with sigtimedwait, its signals blocked: a worker's exit (SIGCHLD), a worker listening
 (worker.LISTENING_SIGNAL), SIGTERM, SIGINT or SIGHUP, or the time of a restart; it never polls. Each worker runs the
 gateway with the same arguments (`python -m ocigate.cli`, the same interpreter and code), its environment saying
-which worker it is, and ends when the parent does (worker.follow_parent).
+which worker it is, and ends when the parent does (worker.follow_parent), within worker.STOP_GRACE even if it hangs
+while stopping.
 """
 
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .supervisor import STOP_SIGNALS, Supervisor
 from .worker import LISTENING_SIGNAL, Identity
@@ -69,17 +70,37 @@ def run(count: int, arguments: Sequence[str]) -> int:
             event: signal.struct_siginfo | None = signal.sigwaitinfo(waited_for)
         else:
             event = signal.sigtimedwait(waited_for, timeout)
-        if event is None:
-            pass  # a restart is due
-        elif event.si_signo == signal.SIGCHLD:
-            for pid, code in _reap():
-                supervisor.exited(pid, code)
-        elif event.si_signo == LISTENING_SIGNAL:
-            supervisor.listening(event.si_pid)
-        else:
-            supervisor.signalled(signal.Signals(event.si_signo))
+        handle(supervisor, event, _pending_listening, _reap)
         supervisor.tick()
     return supervisor.exit_status
+
+
+def handle(
+    supervisor: Supervisor,
+    event: signal.struct_siginfo | None,
+    pending_listening: Callable[[], int | None],
+    reap: Callable[[], list[tuple[int, int]]],
+) -> None:
+    """Tells `supervisor` of `event` (None: a restart is due). `pending_listening`: the pid of a worker whose
+    LISTENING_SIGNAL is pending, taking it (None when none is); `reap`: the children that have exited."""
+    if event is None:
+        return
+    if event.si_signo == signal.SIGCHLD:
+        # sigwaitinfo hands pending signals lowest number first, SIGCHLD before LISTENING_SIGNAL (SIGRTMIN): a worker
+        # that said it listens and died at once would be judged to have died before it listened, stopping the gateway.
+        while (pid := pending_listening()) is not None:
+            supervisor.listening(pid)
+        for pid, code in reap():
+            supervisor.exited(pid, code)
+    elif event.si_signo == LISTENING_SIGNAL:
+        supervisor.listening(event.si_pid)
+    else:
+        supervisor.signalled(signal.Signals(event.si_signo))
+
+
+def _pending_listening() -> int | None:
+    event = signal.sigtimedwait({LISTENING_SIGNAL}, 0)
+    return None if event is None else event.si_pid
 
 
 def _reap() -> list[tuple[int, int]]:
