@@ -281,3 +281,25 @@ def test_a_line_to_standard_error_is_one_write_of_at_most_pipe_buf_and_a_file_ke
     assert len(writes) == 2 and len(writes[0]) <= PIPE_BUF and writes[1] == text.encode()
     assert json.loads(capfd.readouterr().err)["cut"]
     assert path.read_text() == text
+
+
+def test_a_line_cut_to_fit_keeps_its_short_fields_and_cuts_the_largest_value_first() -> None:
+    record = served_manifest()
+    record.attempts = [Outcome(f"http://mirror-{n}.test:5000/v2", "x" * 200, True) for n in range(30)]
+    text = line(record, 1_700_000_000.0, worker=1)
+    assert len(text.encode()) > PIPE_BUF
+    fields = json.loads(fit_pipe(text))
+    assert fields["cut"] == ["hosts"] and fields["hosts"] == []
+    assert (fields["time"], fields["upstream"], fields["reference"]) == (
+        "2023-11-14T22:13:20.000Z",
+        "upstream.test",
+        "upstream.test/team/app:v1",
+    )
+
+
+def test_a_line_cut_to_fit_is_at_most_pipe_buf_with_its_newline_whatever_its_values() -> None:
+    for length in range(4000, 4200, 7):
+        record = served_manifest()
+        record.error = "a" * length
+        fitted = fit_pipe(line(record, 0.0))
+        assert len(fitted.encode()) <= PIPE_BUF, length

@@ -645,3 +645,36 @@ def test_no_header_holding_a_placeholder_is_left(fields: list[tuple[str, str]]) 
     dropped = captures.without_placeholders(headers)
     assert all(scrub.REDACTED not in value for _, value in headers.items(multi=True))
     assert len(dropped) + len(list(headers.items(multi=True))) == len(fields)
+
+
+@pytest.mark.parametrize("ocigate_replays", [True, False])
+def test_a_replay_sent_by_mitmproxys_own_replay_keeps_its_values_until_sent(ocigate_replays: bool) -> None:
+    from mitmproxy.addons.clientplayback import ClientPlayback
+    from mitmproxy.test import taddons
+
+    from ocigate.askagain import Playback
+
+    with taddons.context(Playback(lambda context: None) if ocigate_replays else ClientPlayback()):  # type: ignore[arg-type,return-value]
+        redaction = Redaction()
+        flow = _passing_through(
+            "/token?access_token=the-query-token",
+            "POST",
+            headers=((b"Authorization", b"Basic dXNlcjp0aGUtcGFzc3dvcmQ="),),
+            content=b"grant_type=password&password=the-password",
+        )
+        flow.request.headers["Content-Type"] = "application/x-www-form-urlencoded"
+        flow.is_replay = "request"
+        redaction.requestheaders(flow)
+        redaction.request(flow)
+        shown = str(flow.request.headers) + flow.request.path + flow.request.get_text()
+        if ocigate_replays:
+            # ocigate's layer sends what is held: the flow shows placeholders only.
+            assert "the-password" not in shown and "the-query-token" not in shown and "dXNlcjp0aGUt" not in shown
+        else:
+            # mitmproxy's plain layer sends the flow as it stands: the values stay in it until they are sent.
+            assert "the-password" in shown and "the-query-token" in shown and "dXNlcjp0aGUt" in shown
+        flow.response = http.Response.make(200, b"{}", {"Content-Type": "application/json"})
+        redaction.responseheaders(flow)
+        redaction.response(flow)
+        shown = str(flow.request.headers) + flow.request.path + flow.request.get_text()
+        assert "the-password" not in shown and "the-query-token" not in shown and "dXNlcjp0aGUt" not in shown

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from ocigate import wire
 from ocigate.hostclient import MAX_CLIENTS, ClientPool, HostClient, HostFailed
 from ocigate.hoststoml import Host
 from ocigate.hosttls import HostTLS, forget_contexts, python_context
@@ -150,3 +151,18 @@ async def test_http_and_https_to_one_port_never_share_a_client() -> None:
     pool.release(first)
     pool.release(second)
     await pool.aclose()
+
+
+async def test_a_request_that_waited_for_a_place_too_long_does_not_make_the_host_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 0)  # every place taken, as by other requests under way
+    upstream = HostClient(read_timeout=1, connect_timeout=0.5)
+    with http_host(lambda h: (200, ANSWER)) as (port, seen):
+        try:
+            with pytest.raises(HostFailed) as raised:
+                await upstream.send(local(port), "GET", "/v2/", [])
+        finally:
+            await upstream.aclose()
+    assert str(raised.value) == "no connection to it free within 1.5 s"
+    assert not raised.value.unreachable and seen == []

@@ -472,3 +472,39 @@ async def test_at_max_connections_an_idle_one_to_another_address_gives_way(monke
         assert (await ask(connections, a.port))[0] == 200
     assert (a.connections, b.connections) == (2, 1)
     await connections.aclose()
+
+
+async def test_at_max_connections_a_request_sent_again_after_a_stale_connection_gets_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 1)
+    connections = HostConnections(None, "mirror.test")
+    # The first connection answers once, then closes on the next request without a word.
+    async with host(lambda n, r: None if n == 1 and len(h.requests) > 1 else ok()) as h:
+        assert (await ask(connections, h.port))[0] == 200
+        async with asyncio.timeout(10):
+            assert (await ask(connections, h.port))[0] == 200
+    assert h.connections == 2
+    await connections.aclose()
+
+
+async def test_a_request_waiting_for_a_place_is_told_when_it_has_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "MAX_CONNECTIONS", 1)
+    connections = HostConnections(None, "mirror.test")
+    told: list[str] = []
+    async with held_host() as (h, release):
+        first = asyncio.create_task(ask(connections, h.port))
+        await until(lambda: len(h.requests) == 1)
+        second = asyncio.create_task(
+            connections.request(
+                ("127.0.0.1", h.port), 5.0, request(), lambda: told.append("sent"), lambda: told.append("connected")
+            )
+        )
+        await asyncio.sleep(0.1)
+        assert told == []  # waiting for the one place
+        release.release()
+        await first
+        await until(lambda: told == ["connected", "sent"])
+        release.release()
+        assert (await second).status == 200
+    await connections.aclose()

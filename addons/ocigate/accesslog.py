@@ -97,30 +97,33 @@ def line(record: FlowRecord, started: float, worker: int | None = None) -> str:
 
 
 def fit_pipe(text: str, limit: int = PIPE_BUF) -> str:
-    """The line `text` in at most `limit` bytes, to go to a pipe in one write that no other worker's line can cut into:
-    its longest string values cut short (ending with CUT_MARK), then its lists emptied, until it fits, each value cut
-    named in "cut". Still one JSON object."""
+    """The line `text` (newline included) in at most `limit` bytes, to go to a pipe in one write that no other
+    worker's line can cut into: whichever value is largest goes first, a string cut short (ending with CUT_MARK), a
+    list emptied, until it fits, each value cut named in "cut". Still one JSON object."""
     if len(text.encode()) <= limit:
         return text
     fields: dict[str, Any] = json.loads(text)
     cut: list[str] = []
 
     def size() -> int:
-        return len(_dumps(fields | {"cut": cut}).encode())
+        return len(_dumps(fields | {"cut": cut}).encode()) + 1  # and its newline
+
+    def saving(name: str) -> int:
+        value = fields[name]
+        if isinstance(value, str):
+            return len(value.encode()) - len(CUT_MARK) if len(value) > len(CUT_MARK) else 0
+        return len(_dumps({"v": value}).encode()) - len('{"v":[]}') if isinstance(value, list) else 0
 
     while size() > limit:
-        strings = [name for name, value in fields.items() if isinstance(value, str) and len(value) > len(CUT_MARK)]
-        lists = [name for name, value in fields.items() if isinstance(value, list) and value]
-        if strings:
-            name = max(strings, key=lambda name: len(fields[name]))
-            value = fields[name]
+        name = max(fields, key=saving)
+        value = fields[name]
+        if saving(name) <= 0:
+            break  # nothing left to cut: written whole, in more than one write
+        if isinstance(value, str):
             keep = max(0, len(value) - (size() - limit) - len(CUT_MARK))
             fields[name] = value[:keep] + CUT_MARK
-        elif lists:
-            name = lists[0]
-            fields[name] = []
         else:
-            break  # nothing left to cut: written whole, in more than one write
+            fields[name] = []
         if name not in cut:
             cut.append(name)
     return _dumps(fields | {"cut": cut}) + "\n"
@@ -193,12 +196,13 @@ class AccessLog:
             if text is _END:
                 return
             self._reopen_if_moved()
-            if self._path is None:
-                text = fit_pipe(text)
             try:
+                if self._path is None:
+                    text = fit_pipe(text)
                 self._write_line(text.encode())
-            except OSError as e:
-                # A full disk loses lines, never the gateway's flows: said once for each line lost.
+            except (OSError, ValueError) as e:
+                # A full disk (or a line that is no JSON) loses lines, never the gateway's flows or its writer: said
+                # once for each line lost.
                 print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
 
     def _write_line(self, data: bytes) -> None:

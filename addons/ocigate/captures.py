@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from . import scrub
+from .askagain import Playback
 from .record import METADATA_KEY
 
 log = logging.getLogger("ocigate")
@@ -116,6 +117,8 @@ class Redaction:
             # The gateway answered it (it asked its hosts itself): the request as sent goes nowhere.
             self._redact_request(flow)
             return
+        if _replayed_by_mitmproxy(flow):
+            return
         request = flow.request
         # Held as the client sent them: the gateway's own, already redacted in the flow, go in as it is sent.
         held = _Held(
@@ -142,7 +145,7 @@ class Redaction:
             self._redact_request(flow)
             return
         data = request.raw_content
-        if not data:
+        if not data or _replayed_by_mitmproxy(flow):
             return
         if request.stream:
             # Its body went as it came (mitmproxy keeps a copy under store_streamed_bodies): nothing to hold.
@@ -455,10 +458,17 @@ class Replayed:
                 "ocigate: replay of %s %s refused: its body holds a %s placeholder where the capture redacted a "
                 "secret, which no host is sent",
                 request.method,
-                request.pretty_url,
+                scrub.url(request.pretty_url),
                 scrub.REDACTED,
             )
             flow.kill()
+
+
+def _replayed_by_mitmproxy(flow: http.HTTPFlow) -> bool:
+    """A replay sent by mitmproxy's own client replay (`mitmdump -s addons/gateway.py` keeps it), whose HTTP layer
+    never puts back what Redaction holds out of a flow: nothing is held for it, so that what it sends is what the flow
+    holds (redacted once sent, as any request)."""
+    return flow.is_replay == "request" and not isinstance(ctx.master.addons.get("clientplayback"), Playback)
 
 
 def without_placeholder_fields(path: str) -> str:

@@ -175,6 +175,13 @@ class HostClient:
         deadline = asyncio.timeout(None)
 
         answer_by: list[float] = []
+        waiting = [True]  # for a place among the host's MAX_CONNECTIONS: ocigate's own limit, not the host's fault
+
+        def connected() -> None:
+            waiting[0] = False
+            # Writing the request counts against the answer's time too (connecting has its own timeout): a host that
+            # reads nothing holds a request no longer than one that answers nothing.
+            deadline.reschedule(loop.time() + connect_timeout + self.read_timeout)
 
         def sent() -> None:
             # The answer's time starts once the request is sent (connecting has its own timeout); a request sent
@@ -192,11 +199,13 @@ class HostClient:
             raise HostFailed(f"TLS settings: {e}") from None
         try:
             async with deadline:
-                # Writing the request counts against the answer's time too (connecting has its own timeout): a host
-                # that reads nothing holds a request no longer than one that answers nothing.
+                # Waiting for a place (while MAX_CONNECTIONS requests to the host are under way) has the same bound.
                 deadline.reschedule(loop.time() + connect_timeout + self.read_timeout)
-                answer = await client.request((address, port), connect_timeout, request, sent)
+                answer = await client.request((address, port), connect_timeout, request, sent, connected)
         except TimeoutError:
+            if waiting[0]:
+                # The host is busy with ocigate's other requests, not down: no cool-down for it.
+                raise HostFailed(f"no connection to it free within {connect_timeout + self.read_timeout:g} s") from None
             raise HostFailed(f"answer not complete within {self.read_timeout:g} s", unreachable=True) from None
         except WireError as e:
             raise HostFailed(str(e), unreachable=e.connecting) from None

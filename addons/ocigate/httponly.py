@@ -18,6 +18,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
+from . import scrub
 from .askagain import AnswerAsSent, AskAgainHttpLayer, AsSent, Instead, Playback
 from .hoststoml import Rule
 
@@ -100,9 +101,10 @@ class HttpOnly:
                 "ocigate: %s: replay of %s %s refused: only the ocigate command replays a ruled registry's flows",
                 found[0],
                 request.method,
-                request.pretty_url,
+                scrub.url(request.pretty_url),
             )
-            flow.kill()
+            if flow.killable:
+                flow.kill()
             return
         self._flows[flow] = found[0]
         # No protocol switch: a server may ignore an Upgrade (RFC 9110 7.8), and after a 101 the connection would be

@@ -27,7 +27,9 @@ MAX_IDLE = 8
 IDLE_EXPIRY = 5.0
 # Connections open at once to one host, idle and in use (httpx's limit per client, which ocigate had): a crowd of
 # clients asking at once must not have ocigate open as many connections to a mirror as there are requests. A request
-# beyond it waits for a connection to come back or close.
+# beyond it waits for a connection to come back or close. It bounds ocigate's own requests (manifests, probes, tokens)
+# of one process and one host client: blobs go over mitmproxy's connections, each worker has its own, and a client
+# replaced (rules reloaded) while requests hold it keeps its connections until they are done.
 MAX_CONNECTIONS = 100
 _READ_SIZE = 64 * 1024
 # Requests sent once more on a new connection when a kept-alive one turns out closed before any answer, as Go's
@@ -152,14 +154,21 @@ class HostConnections:
         self.is_closed = False
 
     async def request(
-        self, address: Address, connect_timeout: float, request: Request, sent: Callable[[], None]
+        self,
+        address: Address,
+        connect_timeout: float,
+        request: Request,
+        sent: Callable[[], None],
+        connected: Callable[[], None] = lambda: None,
     ) -> Answer:
-        """Sends `request` on an idle connection to `address` or a new one, and reads its whole answer. `sent` is
-        called once the request is written. WireError (and h11's LocalProtocolError for a request HTTP does not
+        """Sends `request` on an idle connection to `address` or a new one, and reads its whole answer. `connected` is
+        called once it has a connection (after any wait for a place under MAX_CONNECTIONS), `sent` once the request is
+        written. WireError (and h11's LocalProtocolError for a request HTTP does not
         allow) when no complete answer came; OSError and ssl.SSLError from the connection's own failures."""
         if len(request.target) > MAX_TARGET:
             raise WireError("the request could not be sent: URL too long")
         connection, reused = await self._connection(address, connect_timeout, reuse=True)
+        connected()
         while True:
             try:
                 answer = await connection.exchange(request, sent)
@@ -192,7 +201,7 @@ class HostConnections:
                 return connection, True
             if len(self._open) + self._dialling >= MAX_CONNECTIONS:
                 # One idle at another address (or at this one when a new connection is asked for) gives way.
-                idle = next((connections[0] for connections in self._idle.values()), None)
+                idle = next((connections[0] for connections in self._idle.values() if connections), None)
                 if idle is None:
                     await self._wait()
                     continue

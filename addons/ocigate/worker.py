@@ -83,11 +83,17 @@ def follow_parent(worker: Identity) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    # It died before the line above: nobody would tell this worker.
+    # Opened before the check below: if the parent is still there then, the pidfd is its own (the pid not reused).
+    try:
+        parent: int | None = os.pidfd_open(worker.parent)
+    except OSError as e:  # a kernel before 5.3, a seccomp profile that refuses it: no watch on a hung shutdown
+        _say(worker, f"cannot watch the parent (pid {worker.parent}): {e}; a worker that hangs as it stops stays up")
+        parent = None
+    # It died before PR_SET_PDEATHSIG was set: nobody would tell this worker.
     if os.getppid() != worker.parent:
         raise SystemExit(f"ocigate: {worker.label} the parent (pid {worker.parent}) is gone")
-    # Still its parent, so the pid is still the parent's: a pidfd that becomes readable when it exits.
-    parent = os.pidfd_open(worker.parent)
+    if parent is None:
+        return
     threading.Thread(
         target=end_if_hung,
         args=(partial(_wait_readable, parent), time.sleep, partial(_say, worker), os._exit),
