@@ -13,6 +13,18 @@ from hypothesis import strategies as st
 from ocigate import hashing
 from ocigate.hashing import BATCH, IN_THE_LOOP, MAX_BEHIND, BackgroundHash
 
+
+def noting_threads(started: list[threading.Thread]) -> Callable[[Callable[[], None]], None]:
+    """A BackgroundHash's way to start its thread that keeps the thread, for the test to join."""
+
+    def start(run: Callable[[], None]) -> None:
+        thread = threading.Thread(target=run, daemon=True)
+        started.append(thread)
+        thread.start()
+
+    return start
+
+
 pieces = st.lists(
     st.one_of(st.binary(max_size=300), st.integers(1, 3 * BATCH // 2).map(lambda n: bytes([n % 251]) * n)),
     max_size=24,
@@ -88,11 +100,7 @@ def test_the_loop_waits_once_the_thread_is_max_behind() -> None:
 
 def test_a_closed_hash_ends_its_thread() -> None:
     started: list[threading.Thread] = []
-
-    def start(run: Callable[[], None]) -> None:
-        thread = threading.Thread(target=run, daemon=True)
-        started.append(thread)
-        thread.start()
+    start = noting_threads(started)
 
     hashed = BackgroundHash("sha256", start=start)
     hashed.update(b"c" * (IN_THE_LOOP + BATCH))
@@ -103,11 +111,7 @@ def test_a_closed_hash_ends_its_thread() -> None:
 
 def test_a_dropped_hash_ends_its_thread() -> None:
     started: list[threading.Thread] = []
-
-    def start(run: Callable[[], None]) -> None:
-        thread = threading.Thread(target=run, daemon=True)
-        started.append(thread)
-        thread.start()
+    start = noting_threads(started)
 
     hashed = BackgroundHash("sha256", start=start)
     hashed.update(b"d" * (IN_THE_LOOP + BATCH))
@@ -145,11 +149,7 @@ def test_without_a_thread_the_loop_hashes() -> None:
 
 def test_a_closed_hash_takes_no_more_pieces_and_never_blocks_the_loop() -> None:
     started: list[threading.Thread] = []
-
-    def start(run: Callable[[], None]) -> None:
-        thread = threading.Thread(target=run, daemon=True)
-        started.append(thread)
-        thread.start()
+    start = noting_threads(started)
 
     hashed = BackgroundHash("sha256", start=start)
     hashed.update(b"e" * (IN_THE_LOOP + BATCH))

@@ -4,7 +4,7 @@ policy, each answer read whole within a deadline."""
 import asyncio
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import h11
@@ -14,6 +14,7 @@ from .headers import Lines
 from .hoststoml import Host
 from .hosttls import HostTLS, HostTLSError, python_context
 from .verify import MAX_MANIFEST_SIZE
+from .wire import Answer as HostResponse  # a host's whole answer, as ocigate read it
 from .wire import HostConnections, Request, WireError
 
 # The most ocigate reads of one answer (a manifest, a tag list, a catalog page): a manifest above MAX_MANIFEST_SIZE is
@@ -32,14 +33,6 @@ class HostFailed(Exception):
     def __init__(self, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
-
-
-@dataclass(frozen=True)
-class HostResponse:
-    status: int
-    reason: bytes
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes  # as sent on the wire: still content-encoded when Content-Encoding says so
 
 
 class ClientPool:
@@ -214,7 +207,7 @@ class HostClient:
             raise HostFailed("the request could not be encoded (a header value HTTP does not allow)") from None
         finally:
             self.clients.release(client)
-        return HostResponse(answer.status, answer.reason, answer.headers, answer.body)
+        return answer
 
     async def aclose(self) -> None:
         await self.clients.aclose()
