@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -384,24 +384,29 @@ def report(args: argparse.Namespace, content: Content, legs: Sequence[Leg], resu
     )
 
 
-def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwinds like Ctrl-C does, so every process started is stopped on the way out.
-    print("bench.pull: terminated; everything started is stopped", file=sys.stderr)
-    raise SystemExit(128 + signum)
+def run_guarded(program: str, run: Callable[[], None], errors: tuple[type[Exception], ...]) -> int:
+    """Runs a benchmark's `run` as its command: SIGTERM unwinds it as Ctrl-C does, so that every process started is
+    stopped on the way out; an error of `errors` (something answered wrongly) is said in one line. The exit status."""
+
+    def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+        print(f"{program}: terminated; everything started is stopped", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        run()
+    except errors as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; everything started is stopped", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        run(args)
-    except (BenchError, NotReady) as e:
-        print(f"bench.pull: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench.pull: interrupted; everything started is stopped", file=sys.stderr)
-        return 130
-    return 0
+    return run_guarded("bench.pull", lambda: run(args), (BenchError, NotReady))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import httpx
 
@@ -864,21 +862,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # Unwinds like Ctrl-C does, so every process started is stopped on the way out.
-    print("bench: terminated; everything started is stopped", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        run(args)
-    except (BenchError, pull.BenchError, NotReady) as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything started is stopped", file=sys.stderr)
-        return 130
-    return 0
+    return pull.run_guarded("bench", lambda: run(args), (BenchError, pull.BenchError, NotReady))
