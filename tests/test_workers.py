@@ -1,12 +1,14 @@
 """`ocigate --workers N`: the command line, what a worker knows of itself, its labelled output, and its proxy server
 sharing the listening address (the processes themselves: tests/e2e/test_workers_e2e.py)."""
 
+import contextlib
 import ctypes
 import os
 import re
 import socket
 import subprocess
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -121,36 +123,37 @@ def test_a_worker_refuses_what_the_workers_cannot_share(option: dict, message: s
             tctx.configure(tctx.master.addons.get("sharedlisten"), **option)
 
 
-async def test_a_workers_proxy_server_listens_with_so_reuseport() -> None:
-    """A second socket can bind the address the proxy listens on only when both set SO_REUSEPORT."""
+@contextlib.asynccontextmanager
+async def listening(worker: Identity | None) -> AsyncIterator[int]:
+    """The gateway's proxy server (a worker's when `worker` is given) listening on a free loopback port."""
     port = free_port()
-    master = cli.OcigateMaster(Options(), worker=Identity(0, 2, os.getpid()), with_termlog=False, with_dumper=False)
+    master = cli.OcigateMaster(Options(), worker=worker, with_termlog=False, with_dumper=False)
     master.options.update(listen_host="127.0.0.1", listen_port=port)
     proxyserver = master.addons.get("proxyserver")
     assert await proxyserver.setup_servers()
     try:
-        other = socket.socket()
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        other.bind(("127.0.0.1", port))
-        other.close()
+        yield port
     finally:
         await proxyserver.servers.update([])
+
+
+def reusing_socket() -> socket.socket:
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return other
+
+
+async def test_a_workers_proxy_server_listens_with_so_reuseport() -> None:
+    """A second socket can bind the address the proxy listens on only when both set SO_REUSEPORT."""
+    async with listening(Identity(0, 2, os.getpid())) as port:
+        with reusing_socket() as other:
+            other.bind(("127.0.0.1", port))
 
 
 async def test_a_gateway_alone_listens_without_it() -> None:
-    port = free_port()
-    master = cli.OcigateMaster(Options(), with_termlog=False, with_dumper=False)
-    master.options.update(listen_host="127.0.0.1", listen_port=port)
-    proxyserver = master.addons.get("proxyserver")
-    assert await proxyserver.setup_servers()
-    try:
-        other = socket.socket()
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        with pytest.raises(OSError, match="Address already in use"):
+    async with listening(None) as port:
+        with reusing_socket() as other, pytest.raises(OSError, match="Address already in use"):
             other.bind(("127.0.0.1", port))
-        other.close()
-    finally:
-        await proxyserver.servers.update([])
 
 
 def test_a_worker_whose_parent_died_is_ended_if_it_has_not_stopped_within_the_grace() -> None:
