@@ -193,17 +193,23 @@ class AccessLog:
     def _write_lines(self) -> None:
         while True:
             text = self._lines.get()
+            # Once each time the writer wakes, not for every line: two stat calls a line would be most of its work.
+            self._reopen_if_moved()
+            while text is not _END:
+                try:
+                    if self._path is None:
+                        text = fit_pipe(text)
+                    self._write_line(text.encode())
+                except (OSError, ValueError) as e:
+                    # A full disk (or a line that is no JSON) loses lines, never the gateway's flows or its writer:
+                    # said once for each line lost.
+                    print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
+                try:
+                    text = self._lines.get_nowait()
+                except queue.Empty:
+                    break
             if text is _END:
                 return
-            self._reopen_if_moved()
-            try:
-                if self._path is None:
-                    text = fit_pipe(text)
-                self._write_line(text.encode())
-            except (OSError, ValueError) as e:
-                # A full disk (or a line that is no JSON) loses lines, never the gateway's flows or its writer: said
-                # once for each line lost.
-                print(f"ocigate: access log: cannot write: {e}", file=sys.stderr)
 
     def _write_line(self, data: bytes) -> None:
         # A regular file takes it in one write; what is left after a short one (a pipe) follows.
