@@ -108,7 +108,7 @@ class Operating:
         self._ended(flow)
 
     def done(self) -> None:
-        self.shared.stopping = True
+        # shared.stopping was set by Configuration, done first.
         self._close_access_log()
         self._stop_server()
 
