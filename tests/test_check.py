@@ -177,8 +177,9 @@ def test_a_broken_policy_file_is_a_problem_check_names(tmp_path: Path) -> None:
 def test_a_docker_hub_prefix_of_one_component_is_warned_of_and_is_no_problem(tmp_path: Path) -> None:
     tree = activated_examples(tmp_path)
     (tree / "policy.toml").write_text(
-        '[upstream."docker.io"]\nallow = ["library", "bitnami"]\nblock = ["nginx", "library/redis", "bitnami/redis"]\n'
-        '[user.alice]\npull = ["index.docker.io/alpine", "docker.io/library", "quay.io/team"]\n'
+        '[upstream."docker.io"]\nallow = ["library", "bitnami", "bitnami/"]\n'
+        'block = ["nginx", "library/redis", "bitnami/redis"]\n'
+        '[user.alice]\npull = ["index.docker.io/alpine", "docker.io/library", "quay.io/team", "docker.io/alpine/"]\n'
     )
     result = run("check", "--rules", str(tree), home=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -186,10 +187,12 @@ def test_a_docker_hub_prefix_of_one_component_is_warned_of_and_is_no_problem(tmp
     policy = tree / "policy.toml"
     assert warnings == [
         f"warning: {policy}: upstream.\"docker.io\".allow[1]: 'bitnami' matches Docker Hub's bitnami/... repositories, "
-        "not the official image library/bitnami",
+        "not the official image library/bitnami (write 'bitnami/' if the namespace is meant)",
         f"warning: {policy}: upstream.\"docker.io\".block[0]: 'nginx' matches Docker Hub's nginx/... repositories, "
-        "not the official image library/nginx",
+        "not the official image library/nginx (write 'nginx/' if the namespace is meant)",
         f"warning: {policy}: user.alice.pull[0]: 'index.docker.io/alpine' matches Docker Hub's alpine/... "
-        "repositories, not the official image library/alpine",
+        "repositories, not the official image library/alpine (write 'alpine/' if the namespace is meant)",
     ]
-    assert "write 'library/" not in result.stdout  # no advice: a namespace such as bitnami/ is meant as such
+    # No advice to write library/: which names are official images is Docker Hub's to say. An entry written with
+    # a trailing slash ('bitnami/', 'docker.io/alpine/') says the namespace is meant, and is not warned of.
+    assert "write 'library/" not in result.stdout

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ocigate.policy import POLICY_FILE, Policy, PolicyError, check, load_policy, parse_policy, under
+from ocigate.policy import (
+    POLICY_FILE,
+    Policy,
+    PolicyError,
+    check,
+    doubtful_entries,
+    load_policy,
+    parse_policy,
+    under,
+)
 from ocigate.routes import Route, RouteKind, normalize_repository
 
 COMPONENT = st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True)
@@ -161,6 +170,40 @@ def test_a_mount_source_however_spelled_is_checked(tmp_path: Path, sources: str)
     assert decision is not None and not decision.allowed and "block[0]" in decision.rule
 
 
+@pytest.mark.parametrize("source", ["team/app=x", "team/app/", "Team/App", "team//app"])
+def test_a_mount_source_that_is_no_repository_name_is_refused(tmp_path: Path, source: str) -> None:
+    # Judged by prefix, `team/app=x` would pass as under team/app; a host reads it otherwise, or not at all.
+    policy = policy_of(tmp_path, EXAMPLE)
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    query = "mount=sha256:" + "a" * 64 + "&from=" + source
+    decision = check(policy, "alice", "upstream.test", upload, "POST", query)
+    assert decision is not None and not decision.allowed and "no repository" in decision.why
+
+
+def test_an_empty_mount_source_mounts_nothing_and_is_a_plain_upload(tmp_path: Path) -> None:
+    policy = policy_of(tmp_path, EXAMPLE)
+    upload = Route(RouteKind.BLOB_UPLOAD, repository="team/app")
+    decision = check(policy, "alice", "upstream.test", upload, "POST", "mount=sha256:" + "a" * 64 + "&from=")
+    assert decision is not None and decision.allowed
+
+
+def test_a_prefix_may_end_in_one_slash_and_means_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('[upstream."docker.io"]\nallow = ["bitnami/"]\n[user.a]\npull = ["docker.io/bitnami/"]\n')
+    policy = load_policy(tmp_path)
+    assert policy.decide("a", "docker.io", "bitnami/redis", push=False).allowed
+    assert not policy.decide("a", "docker.io", "bitnamix/redis", push=False).allowed
+    assert not policy.decide("a", "docker.io", "library/redis", push=False).allowed
+    assert doubtful_entries(policy) == []
+
+
+@pytest.mark.parametrize("prefix", ["bitnami//", "/", "/bitnami"])
+def test_a_prefix_with_more_than_one_trailing_slash_or_a_leading_one_is_refused(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "policy.toml").write_text(f'[upstream."docker.io"]\nallow = ["{prefix}"]\n')
+    with pytest.raises(PolicyError, match="not a repository prefix"):
+        load_policy(tmp_path)
+
+
 def test_an_upload_with_a_form_body_is_refused_where_a_policy_restricts(tmp_path: Path) -> None:
     # distribution reads a mount's `from` from a form body too, which the gateway does not read.
     policy = policy_of(tmp_path, EXAMPLE)
@@ -182,7 +225,7 @@ def test_an_upload_with_a_form_body_is_refused_where_a_policy_restricts(tmp_path
         ('[user.alice]\npull = ["up.test/Team"]\n', "user.alice.pull[0]", "not a repository prefix"),
         ('[user.alice]\npull = ["bad host/x"]\n', "user.alice.pull[0]", "invalid"),
         ('[upstream."up.test"]\nblock = [""]\n', 'upstream."up.test".block[0]', "empty prefix"),
-        ('[upstream."up.test"]\nallow = ["team/"]\n', 'upstream."up.test".allow[0]', "not a repository prefix"),
+        ('[upstream."up.test"]\nallow = ["team//"]\n', 'upstream."up.test".allow[0]', "not a repository prefix"),
         ('[upstream."docker.io"]\n[upstream."index.docker.io"]\n', 'upstream."index.docker.io"', "again"),
         ("user = 3\n", "user", "expected a table"),
     ],

@@ -233,10 +233,14 @@ def check(
             decision, allowed=False, why=f"{decision.why}; but its query holds a ';', read differently by hosts"
         )
     for source in mount_sources(query):
+        if not source:
+            continue  # `from=` mounts nothing: a registry starts a plain upload
         try:
-            repository = normalize_repository(upstream, source)
+            # Judged only as a repository name: `team/app=x` is none, under whatever prefix it starts with.
+            validate_repository(source)
         except RouteError:
             return replace(decision, allowed=False, why=f"{decision.why}; but it mounts from {source!r}, no repository")
+        repository = normalize_repository(upstream, source)
         mounted = policy.decide(user, upstream, repository, push=False)
         if not mounted.allowed:
             return replace(mounted, push=True)
@@ -246,8 +250,9 @@ def check(
 def doubtful_entries(policy: Policy) -> list[str]:
     """What a valid policy may well not mean, for `ocigate check` to warn of: a Docker Hub prefix of one component
     (`nginx`) covers the repositories `nginx/...` only, never the official image `nginx`, which Docker Hub (and so the
-    policy) names `library/nginx`. Only a warning, with no advice: most such entries are namespaces meant as such
-    (`bitnami`), and which names are official images is Docker Hub's to say."""
+    policy) names `library/nginx`. Only a warning, with no advice but how to say a namespace is meant: which names
+    are official images is Docker Hub's to say, so an entry written with a trailing slash (`bitnami/`) is trusted to
+    mean the namespace and is not warned of."""
     entries = [entry for lists in policy.upstreams.values() for entry in (*(lists.allow or ()), *lists.block)]
     for rights in (policy.users or {}).values():
         entries += [*rights.pull, *rights.push]
@@ -256,9 +261,11 @@ def doubtful_entries(policy: Policy) -> list[str]:
         prefix = entry.prefix
         if entry.upstream != DOCKER_HUB or not prefix or "/" in prefix or prefix == "library":
             continue
+        if entry.written.endswith("/"):
+            continue  # `bitnami/`: the namespace, said so
         doubtful.append(
             f"{policy.source}: {entry.key}: {entry.written!r} matches Docker Hub's {prefix}/... repositories, not "
-            f"the official image library/{prefix}"
+            f"the official image library/{prefix} (write {prefix + '/'!r} if the namespace is meant)"
         )
     return doubtful
 
@@ -371,14 +378,17 @@ def _upstream(name: str, key: str, path: Path) -> str:
 
 
 def _prefix(text: str, key: str, path: Path) -> str:
-    """A repository prefix as written: whole repository name components, no leading or trailing slash."""
+    """A repository prefix as written: whole repository name components, no leading slash. One trailing slash
+    (`bitnami/`) is allowed and means the same prefix: the author's way of saying a namespace is meant, which
+    `doubtful_entries` trusts."""
+    name = text.removesuffix("/")
     if not text:
         return ""
     try:
-        validate_repository(text)
+        validate_repository(name)
     except RouteError as error:
         raise PolicyError(path, key, f"{text!r} is not a repository prefix ({error})") from None
-    return text
+    return name
 
 
 def _prefixes(value: object, key: str, upstream: str, path: Path) -> tuple[Entry, ...]:
