@@ -42,7 +42,15 @@ from bench.charts import draw_all
 from bench.load import Outcome, Spec, parse_outcome
 from bench.procs import cpu_seconds, process_tree, summed_memory_mib
 from bench.results import Chart, Results, Scenario, save, this_machine
-from bench.stats import median, mib_per_second, percentile, ratio
+from bench.stats import (
+    alternating,
+    median,
+    median_of_differences,
+    median_of_ratios,
+    mib_per_second,
+    percentile,
+    ratio,
+)
 from bench.tables import Cell, format_table
 from ocigate.credentials import Credential, OcigateStore
 from tests.support.gateway import Gateway, running_gateway
@@ -216,18 +224,15 @@ def manifest_get(session: httpx.Client, way: Way, repository: str, tag: str, dig
     return elapsed
 
 
-def manifest_series(way: Way, count: int, warmup: int, repository: str, tag: str, digest: str) -> list[float]:
-    """`count` sequential manifest GETs on one keep-alive connection after `warmup` unmeasured ones; bounded by
-    pull.MANIFEST_LEG_SECONDS (fewer timings, then)."""
-    deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
+def manifest_batch(
+    session: httpx.Client, way: Way, count: int, repository: str, tag: str, digest: str, deadline: float
+) -> list[float]:
+    """`count` sequential manifest GETs on `session` (fewer when `deadline`, a time.monotonic(), passes)."""
     timings: list[float] = []
-    with client(way) as session:
-        for number in range(warmup + count):
-            if time.monotonic() > deadline:
-                break
-            elapsed = manifest_get(session, way, repository, tag, digest)
-            if number >= warmup:
-                timings.append(elapsed)
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        timings.append(manifest_get(session, way, repository, tag, digest))
     if not timings:
         raise BenchError(f"{way.name}: no manifest GET finished within {pull.MANIFEST_LEG_SECONDS:.0f} s")
     return timings
@@ -306,11 +311,12 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
                     seconds[way.name].append(elapsed)
                     say(f"blob {'h2' if http2 else 'h1'} round {number}/{args.rounds} {way.name:<14} {elapsed:6.2f} s")
             speeds = {name: mib_per_second(world.content.blob_size, median(values)) for name, values in seconds.items()}
-            baselines: dict[str, float | None] = dict(speeds)
             for way in ways:
                 rounds = " ".join(f"{value:.2f}" for value in seconds[way.name])
                 row: list[Cell] = [way.name, "HTTP/2 offered" if http2 else "HTTP/1.1", spoken[way.name]]
-                rows.append([*row, speeds[way.name], rounds, *versus(speeds[way.name], baselines)])
+                # Throughput ratio = time ratio inverted: baseline's seconds over this way's, round by round.
+                against = [median_of_ratios(seconds[name], seconds[way.name]) for name in (MITMPROXY_TLS, DIRECT)]
+                rows.append([*row, speeds[way.name], rounds, *against])
                 series[way.name].append(speeds[way.name])
     return Scenario(
         name="blob",
@@ -323,6 +329,7 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
             "ocigate hashes the blob as it streams and probes the host with a HEAD first",
             "the http:// ways (direct, mitmproxy) stay on HTTP/1.1 when HTTP/2 is offered (no h2c in httpx)",
             "direct is bounded by the client itself (httpx and sha256 on the same cores)",
+            "MiB/s: from the median time of the rounds; ratios: per round (the ways interleave), the median of them",
         ],
     )
 
@@ -332,31 +339,65 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
 
 def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
     token = world.bearer()
+    digest = world.small.manifest.digest
     with contextlib.ExitStack() as stack:
         ways = [
             direct_way(world.auth_registry, token),
             proxy_way(MITMPROXY_TLS, world.repointing(world.auth_registry, stack), AUTH_UPSTREAM, token),
             proxy_way(OCIGATE, world.gateway(stack), AUTH_UPSTREAM),
         ]
-        timings: dict[str, list[float]] = {}
+        # One keep-alive connection per way for the whole scenario; its unmeasured first GETs open it and, through
+        # ocigate, fill the token cache.
+        sessions = {way.name: stack.enter_context(client(way)) for way in ways}
         for way in ways:
-            # The unmeasured first GETs open the connection and, through ocigate, fill its token cache.
-            timings[way.name] = manifest_series(
-                way, args.requests, pull.MANIFEST_WARMUP, SMALL_REPOSITORY, SMALL_TAG, world.small.manifest.digest
+            warmup_deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
+            manifest_batch(
+                sessions[way.name], way, pull.MANIFEST_WARMUP, SMALL_REPOSITORY, SMALL_TAG, digest, warmup_deadline
             )
-            say(f"manifests {way.name:<14} median {median(timings[way.name]):.2f} ms")
-    p50 = {name: percentile(values, 0.5) for name, values in timings.items()}
-    p95 = {name: percentile(values, 0.95) for name, values in timings.items()}
+        # Rounds interleave the ways (a batch each, the order reversed every other round), so that the figures of
+        # one round are measured side by side, under the same state of the machine.
+        batches: dict[str, list[list[float]]] = {way.name: [] for way in ways}
+        deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS * len(ways)
+        for number in range(args.manifest_rounds):
+            for way in alternating(ways, number):
+                batch = manifest_batch(
+                    sessions[way.name], way, args.requests, SMALL_REPOSITORY, SMALL_TAG, digest, deadline
+                )
+                batches[way.name].append(batch)
+                say(
+                    f"manifests round {number + 1}/{args.manifest_rounds} {way.name:<14} "
+                    f"p50 {percentile(batch, 0.5):.2f} ms"
+                )
+            if time.monotonic() > deadline:
+                say(f"manifests: stopped after {number + 1} rounds ({pull.MANIFEST_LEG_SECONDS * len(ways):.0f} s)")
+                break
+    every = {name: [value for batch in rounds for value in batch] for name, rounds in batches.items()}
+    p50 = {name: percentile(values, 0.5) for name, values in every.items()}
+    p95 = {name: percentile(values, 0.95) for name, values in every.items()}
+    round_p50 = {name: [percentile(batch, 0.5) for batch in rounds] for name, rounds in batches.items()}
+    round_p95 = {name: [percentile(batch, 0.95) for batch in rounds] for name, rounds in batches.items()}
     rows: list[list[Cell]] = []
     for way in ways:
-        added50 = p50[way.name] - p50[MITMPROXY_TLS] if way.name != DIRECT else None
-        added95 = p95[way.name] - p95[MITMPROXY_TLS] if way.name != DIRECT else None
+        measured = way.name != DIRECT
         rows.append(
-            [way.name, p50[way.name], p95[way.name], added50, added95, *versus(p50[way.name], dict(p50.items()))]
+            [
+                way.name,
+                p50[way.name],
+                p95[way.name],
+                median_of_differences(round_p50[way.name], round_p50[MITMPROXY_TLS]) if measured else None,
+                median_of_differences(round_p95[way.name], round_p95[MITMPROXY_TLS]) if measured else None,
+                median_of_ratios(round_p50[way.name], round_p50[MITMPROXY_TLS]),
+                median_of_ratios(round_p50[way.name], round_p50[DIRECT]),
+            ]
         )
+    added = " ".join(
+        f"{value:+.2f}" for value in (a - b for a, b in zip(round_p50[OCIGATE], round_p50[MITMPROXY_TLS], strict=True))
+    )
+    rounds_done = len(batches[OCIGATE])
     return Scenario(
         name="manifest",
-        title=f"2. Manifest by tag, token cached, {args.requests} sequential GETs on one connection (ms)",
+        title=f"2. Manifest by tag, token cached, {rounds_done} interleaved rounds of {args.requests} sequential GETs "
+        "per way, one connection per way (ms)",
         columns=["way", "p50 ms", "p95 ms", "p50 added", "p95 added", "p50 /mitmproxy+tls", "/direct"],
         rows=rows,
         chart=Chart(
@@ -370,6 +411,10 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
         notes=[
             "token-auth registry: direct and mitmproxy+tls send a token the client holds; through ocigate the client "
             "sends none and ocigate uses the token it cached (the first GETs, unmeasured, fetched it)",
+            f"rounds interleave the ways (a batch of {args.requests} GETs each, the order reversed every other round); "
+            "p50 and p95: all rounds together; added and ratios: per round against the same round's mitmproxy+tls "
+            "(or direct), the median over rounds",
+            f"ocigate's p50 added per round: {added} ms",
             "targets (issue 12): added p50 <= 1.0 ms, p95 <= 2 ms over mitmproxy+tls",
         ],
     )
@@ -819,7 +864,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenarios", type=scenario_names, default=list(SCENARIOS), help=",".join(SCENARIOS))
     parser.add_argument("--blob-mib", type=int, help="blob scenario: blob size (256; quick 64)")
     parser.add_argument("--rounds", type=int, help="blob GETs per way and client (3; quick 2)")
-    parser.add_argument("--requests", type=int, help="manifest GETs per way (200; quick 100)")
+    parser.add_argument("--requests", type=int, help="manifest GETs per way and round (100; quick 50)")
+    parser.add_argument("--manifest-rounds", type=int, help="manifest: interleaved rounds (10; quick 4)")
     parser.add_argument("--rss-mib", type=numbers, help="rss scenario: blob sizes in MiB (256,2048; quick 64,256)")
     parser.add_argument("--concurrency", type=numbers, help="concurrent pulls (1,10,50,200)")
     parser.add_argument("--layers", type=int, default=10, help="layers of the small image (10)")
@@ -834,7 +880,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {
         "blob_mib": (256, 64),
         "rounds": (3, 2),
-        "requests": (200, 100),
+        "requests": (100, 50),
+        "manifest_rounds": (10, 4),
         "rss_mib": ([256, 2048], [64, 256]),
         "concurrency": ([1, 10, 50, 200], [1, 10, 50, 200]),
         "layer_kib": (1024, 256),
@@ -848,6 +895,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "blob_mib",
         "rounds",
         "requests",
+        "manifest_rounds",
         "layers",
         "layer_kib",
         "min_pulls",

@@ -18,10 +18,10 @@ from mitmproxy.test import tutils
 from ocigate.addon import METADATA_KEY
 from ocigate.auth import MAX_KNOWN_HOSTS, Access, Authorization, Broker
 from ocigate.captures import Redaction
-from ocigate.cli import OcigateMaster
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.hostclient import HostClient, HostResponse
 from ocigate.hoststoml import Host
+from ocigate.masters import OcigateMaster
 from tests.support.http_host import http_host
 from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 

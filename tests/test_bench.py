@@ -13,7 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import charts, procs, results, suite
-from bench.stats import median, mib_per_second, percentile, ratio
+from bench.stats import (
+    alternating,
+    median,
+    median_of_differences,
+    median_of_ratios,
+    mib_per_second,
+    percentile,
+    ratio,
+)
 from bench.tables import format_cell, format_table, markdown_table
 
 FIXED_RESULTS = Path(__file__).parent / "data" / "bench" / "results.json"
@@ -57,6 +65,45 @@ def test_ratio_and_throughput() -> None:
     assert mib_per_second(256 * 1024 * 1024, 2.0) == 128
     with pytest.raises(ValueError):
         mib_per_second(1, 0)
+
+
+def test_ratios_are_taken_round_by_round_then_the_median() -> None:
+    baseline = [1.0, 2.0, 3.0]
+    way = [3.0, 2.5, 3.3]  # per round 3.0, 1.25, 1.1: the median is 1.25
+    assert median_of_ratios(way, baseline) == 1.25
+    assert median(way) / median(baseline) == 1.5  # a ratio of medians pairs round 1's way with round 2's baseline
+    assert median_of_differences([3.0, 30.0, 4.0], [2.0, 28.0, 3.5]) == 1.0  # +1, +2, +0.5
+
+
+def test_one_drifted_round_does_not_move_the_median_of_differences() -> None:
+    assert median_of_differences([1.5, 1.6, 9.0, 1.4, 1.5], [1.0, 1.0, 1.0, 1.0, 1.0]) == 0.5
+
+
+def test_paired_rounds_must_match_and_a_zero_baseline_has_no_ratio() -> None:
+    with pytest.raises(ValueError, match="3 rounds paired with 2 baseline rounds"):
+        median_of_ratios([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no rounds"):
+        median_of_differences([], [])
+    assert median_of_ratios([1.0, 2.0], [1.0, 0.0]) is None
+
+
+@given(st.lists(st.tuples(st.floats(0.01, 1e3), st.floats(0.01, 1e3)), min_size=1, max_size=30))
+def test_a_ratio_round_by_round_lies_between_the_rounds_ratios(pairs: list[tuple[float, float]]) -> None:
+    values, baselines = [a for a, _ in pairs], [b for _, b in pairs]
+    ratios = [a / b for a, b in pairs]
+    found = median_of_ratios(values, baselines)
+    assert found is not None
+    assert min(ratios) <= found <= max(ratios)
+    assert median_of_ratios(baselines, baselines) == 1.0
+
+
+def test_rounds_alternate_the_order_of_the_ways() -> None:
+    ways = ["direct", "mitmproxy+tls", "ocigate"]
+    orders = [alternating(ways, number) for number in range(4)]
+    assert orders == [ways, ways[::-1], ways, ways[::-1]]
+    # Over a pair of rounds every way holds each position once from either end: as often early as late.
+    for way in ways:
+        assert orders[0].index(way) + orders[1].index(way) == len(ways) - 1
 
 
 # --- tables ----------------------------------------------------------------------------------------------------------
@@ -217,8 +264,10 @@ def test_quick_lowers_sizes_and_a_flag_wins_over_it() -> None:
     full = suite.parse_args([])
     assert (full.blob_mib, full.rss_mib, full.concurrency, full.layer_kib) == (256, [256, 2048], [1, 10, 50, 200], 1024)
     assert full.scenarios == list(suite.SCENARIOS)
+    assert (full.requests, full.manifest_rounds) == (100, 10)
     quick = suite.parse_args(["--quick", "--blob-mib", "32"])
     assert (quick.blob_mib, quick.rss_mib, quick.layer_kib) == (32, [64, 256], 256)
+    assert (quick.requests, quick.manifest_rounds) == (50, 4)
 
 
 @pytest.mark.parametrize(
@@ -228,6 +277,7 @@ def test_quick_lowers_sizes_and_a_flag_wins_over_it() -> None:
         (["--concurrency", "1,x"], "not a comma-separated list of whole numbers"),
         (["--rss-mib", "0"], "every number must be at least 1"),
         (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--manifest-rounds", "0"], "--manifest-rounds must be at least 1"),
     ],
 )
 def test_bad_flags_are_named(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from ocigate import captures, cli, scrub
+from ocigate import captures, masters, scrub
 from ocigate.captures import Redaction
 from ocigate.record import METADATA_KEY
 from tests.test_addon import flow_to
@@ -434,7 +434,7 @@ def test_a_flow_under_way_holds_its_credentials_redacted_and_they_go_whole_to_th
     flow.response = None
     redaction = Redaction()
     redaction.requestheaders(flow)
-    shown = cli._redacted_json(redaction, flow)
+    shown = masters._redacted_json(redaction, flow)
     text = json.dumps(shown)
     assert not any(secret in text for secret in ("the-gateways-own-token", "the-session-cookie"))
     assert "Bearer <redacted>" in text and shown["id"] == flow.id

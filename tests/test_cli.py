@@ -2,7 +2,7 @@
 
 from mitmproxy.options import Options
 
-from ocigate.cli import OcigateWebMaster
+from ocigate.masters import OcigateWebMaster
 
 
 async def test_ocigate_web_runs_its_addons_before_mitmwebs_view_and_lists_each_flows_comment() -> None:

@@ -11,6 +11,7 @@ import pytest
 from ocigate.reuseport import keep_clients_together
 
 CLIENTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+IPV6_CONNECTIONS = 40
 
 
 @contextmanager
@@ -66,6 +67,12 @@ def test_it_is_accepted_for_ipv6_listeners() -> None:
         probe.close()
     except OSError:
         pytest.skip("no IPv6 loopback here")
+    # ::1 has one source address only: without affinity its connections would all land on one listener by chance
+    # 1 time in 2**(IPV6_CONNECTIONS - 1); the control group shows that this many do spread without it.
+    with group(socket.AF_INET6, "::1", 2) as control:
+        spread = {accepted_by(control, "::1") for _ in range(IPV6_CONNECTIONS)}
     with group(socket.AF_INET6, "::1", 2) as listeners:
         keep_clients_together(listeners[0], 2)
-        assert len({accepted_by(listeners, "::1") for _ in range(8)}) == 1
+        together = {accepted_by(listeners, "::1") for _ in range(IPV6_CONNECTIONS)}
+    assert spread == {0, 1}
+    assert together == {1}  # the last 32 bits of ::1 are 1, and 1 modulo 2 is 1

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from ocigate.supervisor import FIRST_DELAY, MAX_DELAY, STABLE_AFTER, Supervisor, describe
-from ocigate.worker import LISTENING_SIGNAL
+from ocigate.workeridentity import LISTENING_SIGNAL
 from ocigate.workers import handle
 
 

@@ -3,10 +3,12 @@ sharing the listening address (the processes themselves: tests/e2e/test_workers_
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,10 +18,11 @@ from mitmproxy import exceptions
 from mitmproxy.options import Options
 from mitmproxy.test import taddons
 
-from ocigate import cli, worker
+from ocigate import cli, masters, worker
 from ocigate.configuration import Shared
 from ocigate.settings import MetricsAddress
-from ocigate.worker import ENVIRONMENT, STOP_GRACE, Identity, LabelledLines, SharedListen, end_if_hung
+from ocigate.worker import STOP_GRACE, LabelledLines, SharedListen, end_if_hung
+from ocigate.workeridentity import ENVIRONMENT, Identity
 from ocigate.workers import split
 from tests.support.registry import free_port
 
@@ -64,6 +67,28 @@ def test_a_worker_whose_parent_is_gone_ends_at_once(monkeypatch: pytest.MonkeyPa
             cli.main([])
     finally:
         ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: the test run's own process is no worker
+
+
+# Runs `ocigate --workers 2` up to where the parent starts its workers (workers.run, replaced by a report of what is
+# imported by then), in a fresh interpreter: what the parent holds in memory for as long as the gateway runs.
+PARENT_IMPORTS = """
+import json, sys
+from ocigate import cli, workers
+workers.run = lambda count, argv: print(json.dumps(sorted(sys.modules))) or 0
+cli.main(["--workers", "2", "--rules", "rules"])
+"""
+
+
+def test_the_parent_of_the_workers_imports_neither_mitmproxy_nor_the_gateway() -> None:
+    environment = {key: value for key, value in os.environ.items() if key != ENVIRONMENT}
+    finished = subprocess.run(
+        [sys.executable, "-c", PARENT_IMPORTS], capture_output=True, text=True, env=environment, check=True
+    )
+    modules = set(json.loads(finished.stdout))
+    assert "ocigate.workers" in modules  # the report ran where the parent starts its workers
+    assert not {module for module in modules if module.split(".")[0] in ("mitmproxy", "mitmproxy_rs", "httpx")}
+    ours = {module for module in modules if module.startswith("ocigate.")}
+    assert ours == {"ocigate.cli", "ocigate.workers", "ocigate.supervisor", "ocigate.workeridentity"}
 
 
 def test_a_worker_is_who_its_environment_says() -> None:
@@ -127,7 +152,7 @@ def test_a_worker_refuses_what_the_workers_cannot_share(option: dict, message: s
 async def listening(worker: Identity | None) -> AsyncIterator[int]:
     """The gateway's proxy server (a worker's when `worker` is given) listening on a free loopback port."""
     port = free_port()
-    master = cli.OcigateMaster(Options(), worker=worker, with_termlog=False, with_dumper=False)
+    master = masters.OcigateMaster(Options(), worker=worker, with_termlog=False, with_dumper=False)
     master.options.update(listen_host="127.0.0.1", listen_port=port)
     proxyserver = master.addons.get("proxyserver")
     assert await proxyserver.setup_servers()

@@ -34,7 +34,8 @@ from .policy import Decision, around_the_rules, audit_line, check
 from .record import METADATA_KEY, FlowRecord, proxy_user_of
 from .routes import Route
 from .streaming import Streams
-from .worker import Identity, SharedListen
+from .worker import SharedListen
+from .workeridentity import Identity
 
 log = logging.getLogger("ocigate")
 # The audit events (policy.py): every refusal and every push, one line each.

@@ -1,7 +1,7 @@
 """What captures and other addons see of a flow: no secret once it has reached where it was going.
 
 Whatever records flows (mitmdump's `-w`/save_stream_file, hardump, mitmweb's view and export, the dumper at any
-flow_detail) records them in the hooks that come after this addon's (see cli.OcigateMaster), and reads the flow
+flow_detail) records them in the hooks that come after this addon's (see masters.OcigateMaster), and reads the flow
 object itself. So a secret is redacted in the flow, in place, but only once nobody needs it any more (scrub.py says
 what is redacted and how):
 

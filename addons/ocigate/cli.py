@@ -1,28 +1,14 @@
-"""The `ocigate` command: mitmdump (or, as `ocigate web`, mitmweb) with the ocigate addons loaded and the settings they
-depend on."""
+"""The `ocigate` command: mitmdump (or, as `ocigate web`, mitmweb) with the ocigate addons loaded (masters.py) and the
+settings they depend on; its subcommands; and `--workers N`, the parent of N gateways (workers.py)."""
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
-from functools import partial
-from typing import Any, cast
 
-from mitmproxy import http
-from mitmproxy.flow import Flow
-from mitmproxy.options import Options
-from mitmproxy.tools import cmdline
-from mitmproxy.tools.dump import DumpMaster
-from mitmproxy.tools.main import run
-from mitmproxy.tools.web import app as web_app
-from mitmproxy.tools.web.master import WebMaster
-
+# Only what the parent of `ocigate --workers N` needs, which starts and signals the workers: mitmproxy and the gateway
+# (masters.py, worker.py) are imported by main() where a gateway runs (tests/test_workers.py checks).
 from . import workers
-from .addon import make_addons
-from .askagain import Playback
-from .captures import Redaction
-from .httponly import HttpOnly
-from .worker import ENVIRONMENT, Identity, follow_parent, label_output
+from .workeridentity import ENVIRONMENT, Identity
 
 USAGE_EXTRA = """
 ocigate takes every mitmdump flag; `ocigate web` every mitmweb flag (--web-host, --web-port, ...) and shows the
@@ -30,64 +16,6 @@ flows in mitmweb's UI, each with ocigate's decision as its comment. Its own:
   --rules DIR      containerd hosts.toml tree (certs.d layout); same as --set ocigate_rules=DIR
   --workers N      N gateway processes sharing the listening address, the CA and the rules (not with `ocigate web`)
 """
-
-
-def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None) -> None:
-    ours = make_addons(worker)
-    master.addons.add(*ours)
-    # mitmproxy's client replay sends a flow through an HTTP layer of its own, which would send what the flow shows
-    # (placeholders where the gateway holds its secrets): ocigate's sends it through the gateway's. Replaced before
-    # the command line's options are set, so its own (client_replay, ...) take them.
-    httponly = next(addon for addon in ours if isinstance(addon, HttpOnly))
-    # (Not AddonManager.remove: it would run mitmproxy's async `done` outside a loop; nothing of it has started.)
-    at = master.addons.chain.index(master.addons.lookup.pop("clientplayback"))
-    del master.addons.chain[at]
-    playback = Playback(httponly.http_layer)
-    master.addons.add(playback)
-    master.addons.chain.remove(playback)
-    master.addons.chain.insert(at, playback)
-    # Where `mitmdump -s addons/gateway.py` puts them, so both run alike: after proxyauth (a client without proxy
-    # credentials never reaches a rule) and before save, dumper and mitmweb's view (which then see redacted flows,
-    # and a flow's comment as soon as it is shown).
-    scripts = master.addons.chain.index(master.addons.get("scriptloader"))
-    rest = [addon for addon in master.addons.chain if addon not in ours]
-    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
-
-
-class OcigateMaster(DumpMaster):
-    def __init__(self, options: Options, worker: Identity | None = None, **kwargs: Any) -> None:
-        super().__init__(options, **kwargs)
-        _add_ocigate(self, worker)
-
-
-class OcigateWebMaster(WebMaster):
-    """The gateway with mitmweb's UI."""
-
-    def __init__(self, options: Options, **kwargs: Any) -> None:
-        super().__init__(options, **kwargs)
-        _add_ocigate(self)
-        # mitmweb shows a flow from its request headers on, before the request is sent and its secrets can be
-        # redacted in it (the Authorization ocigate adds among them): its page is sent a redacted stand-in instead.
-        redaction = next(addon for addon in self.addons.chain if isinstance(addon, Redaction))
-        web_app.flow_to_json = partial(_redacted_json, redaction)
-        # The flow list shows each flow's comment, where ocigate says what it decided (a --set web_columns= wins).
-        self.options.update(web_columns=[*self.options.web_columns, "comment"])
-
-
-_flow_to_json = web_app.flow_to_json
-
-
-def _redacted_json(redaction: Redaction, flow: Flow) -> dict:
-    """mitmweb's JSON of a flow, from a stand-in with its secrets redacted (see captures.Redaction.shown)."""
-    return _flow_to_json(redaction.shown(flow) if isinstance(flow, http.HTTPFlow) else flow)
-
-
-def _mitmdump_filters(args: argparse.Namespace) -> dict[str, str]:
-    # What mitmdump itself does with trailing filter expressions.
-    if args.filter_args:
-        expression = " ".join(args.filter_args)
-        return {"save_stream_filter": expression, "readfile_filter": expression, "dumper_filter": expression}
-    return {}
 
 
 def translate(argv: Sequence[str]) -> list[str]:
@@ -136,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "ocigate web: --workers cannot be used with mitmweb's UI, which shows the flows of one process; "
                 "run `ocigate --workers N` without it"
             )
-        run(OcigateWebMaster, cmdline.mitmweb, translate(argv))
+        from . import masters
+
+        masters.serve_web(translate(argv))
         return
     try:
         worker = Identity.from_environment(os.environ)
@@ -146,12 +76,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.pop(ENVIRONMENT, None)
     if worker is None and count > 1 and not helping:
         raise SystemExit(workers.run(count, argv))
+    from . import masters
+    from .worker import follow_parent, label_output
+
     if worker is not None:
         follow_parent(worker)
         label_output(worker)
-    # mitmproxy's run() makes the master from the options alone: this one knows which worker it is.
-    master = cast(type[OcigateMaster], partial(OcigateMaster, worker=worker))
-    run(master, cmdline.mitmdump, translate(argv), _mitmdump_filters)
+    masters.serve(translate(argv), worker)
 
 
 if __name__ == "__main__":

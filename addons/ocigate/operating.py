@@ -19,7 +19,7 @@ from .metrics import Metrics, MetricsServer, Names, observations
 from .probes import LIVENESS_TIMEOUT, Verdict
 from .record import FlowRecord
 from .settings import MetricsAddress
-from .worker import Identity
+from .workeridentity import Identity
 
 _T = TypeVar("_T")
 

@@ -16,8 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from functools import partial
 
 import mitmproxy_rs
@@ -29,52 +28,12 @@ from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 
 from .configuration import Shared
 from .reuseport import keep_clients_together
-from .settings import MetricsAddress
+from .workeridentity import LISTENING_SIGNAL, Identity
 
-ENVIRONMENT = "OCIGATE_WORKER"  # INDEX/COUNT/PARENT_PID, set by the parent for each worker
-# Real-time signals are queued and carry the sender's pid: workers saying so at once are each heard.
-LISTENING_SIGNAL = signal.SIGRTMIN
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Seconds a worker whose parent died has to stop before it is ended at once (os._exit): mitmproxy's clean stop ends
 # the flows under way well within it.
 STOP_GRACE = 30.0
-
-
-@dataclass(frozen=True)
-class Identity:
-    index: int  # 0 .. count - 1
-    count: int
-    parent: int  # the parent's pid
-
-    @property
-    def label(self) -> str:
-        return f"[w{self.index}]"
-
-    def environment(self) -> dict[str, str]:
-        return {ENVIRONMENT: f"{self.index}/{self.count}/{self.parent}"}
-
-    @classmethod
-    def from_environment(cls, environment: Mapping[str, str]) -> "Identity | None":
-        """The worker this process is; None for a gateway alone. ValueError when the variable is not the parent's."""
-        value = environment.get(ENVIRONMENT)
-        if value is None:
-            return None
-        parts = value.split("/")
-        if len(parts) != 3 or not all(part.isdigit() for part in parts):
-            raise ValueError(f"{ENVIRONMENT}={value!r} is not INDEX/COUNT/PARENT_PID")
-        index, count, parent = map(int, parts)
-        if index >= count:
-            raise ValueError(f"{ENVIRONMENT}={value!r}: worker {index} of {count}")
-        return cls(index, count, parent)
-
-    def metrics_address(self, address: MetricsAddress) -> MetricsAddress:
-        """Where this worker serves the metrics and probes: the port given plus its index (0: a free port each)."""
-        if address.port == 0:
-            return address
-        port = address.port + self.index
-        if port > 65535:
-            raise ValueError(f"ocigate_metrics: worker {self.index} would serve on port {port}, above 65535")
-        return replace(address, port=port)
 
 
 def follow_parent(worker: Identity) -> None:

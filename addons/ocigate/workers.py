@@ -3,10 +3,10 @@ worker.py), one CA (mitmproxy's confdir) and one rules tree, started and watched
 starts and signals processes: what it does when is supervisor.py's.
 
 The parent waits for events with sigtimedwait, its signals blocked: a worker's exit (SIGCHLD), a worker listening
-(worker.LISTENING_SIGNAL), SIGTERM, SIGINT or SIGHUP, or the time of a restart; it never polls. Each worker runs the
-gateway with the same arguments (`python -m ocigate.cli`, the same interpreter and code), its environment saying
-which worker it is, and ends when the parent does (worker.follow_parent), within worker.STOP_GRACE even if it hangs
-while stopping.
+(workeridentity.LISTENING_SIGNAL), SIGTERM, SIGINT or SIGHUP, or the time of a restart; it never polls. Each worker
+runs the gateway with the same arguments (`python -m ocigate.cli`, the same interpreter and code), its environment
+saying which worker it is, and ends when the parent does (worker.follow_parent), within worker.STOP_GRACE even if it
+hangs while stopping.
 """
 
 import os
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .supervisor import STOP_SIGNALS, Supervisor
-from .worker import LISTENING_SIGNAL, Identity
+from .workeridentity import LISTENING_SIGNAL, Identity
 
 OPTION = "--workers"
 

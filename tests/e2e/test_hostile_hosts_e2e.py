@@ -4,10 +4,15 @@ did not ask for, corrupted, cut short, dripped — first in the host list, befor
 
 Through the real gateway, for every answer the client either gets exactly the blob's bytes or a transfer it can see
 failed (a short body, a reset, an OCI error); never a complete-looking wrong blob. The host that failed is not asked
-again for that blob: the next request is served right, by the good mirror. The run ends with one line,
-`hostile hosts: N hostile answers tried, N handled`.
+again for that blob: the next request is served right, by the good mirror.
+
+Manifests, by tag and by digest, get the same framings and the faults that matter to a body ocigate reads whole
+itself (wire.py, its own HTTP/1.1 client) and checks against its digest before answering: the client gets exactly the
+manifest, at once, from the faulty host when its answer was legal and from the good mirror otherwise, the faulty one
+named in the log. The run ends with one line, `hostile hosts: N hostile answers tried, N handled`.
 """
 
+import gzip
 import hashlib
 import json
 import time
@@ -21,7 +26,7 @@ from tests.support import tally
 from tests.support.faulty_host import FRAMINGS, FaultyHost, Shape, running_faulty_host
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.hoststoml import write_mirror_rules
-from tests.support.images import Blob, push_blob
+from tests.support.images import OCI_MANIFEST, Blob, Image, make_image, push_blob, push_image
 from tests.support.recorder import Recorder, recording_proxy
 from tests.support.registry import running_registry
 from tests.support.through import Fetched, get_through
@@ -152,6 +157,92 @@ def test_a_blob_answer_is_the_blob_or_a_visible_failure_and_the_next_request_is_
     assert handled, (
         f"first: {describe(first)}; second: {describe(second)}; the good mirror served it {len(good_served)} times\n"
         + mirrors.gateway.log_text()[-2000:]
+    )
+
+
+# Manifests: what ocigate reads whole itself, so every fault must end in the right manifest for the client at once.
+MANIFEST_BY = ("tag", "digest")
+# Each a Shape's fields, and whether the answer is the manifest, legally framed and labelled (served from that host).
+MANIFEST_FAULTS = {
+    "as it is": ({}, True),
+    "dripping": ({"drip": 0.05, "pieces": 6}, True),
+    # A coding is legal HTTP: ocigate checks the decoded bytes against the digest and relays the answer as it came.
+    "gzip, compressed": ({"encoding": "gzip", "compress": True}, True),
+    "gzip label on its own bytes": ({"encoding": "gzip"}, False),
+    "one byte wrong": ({"corrupt": True}, False),
+    "cut off half way": ({"cut": True}, False),
+}
+# Why ocigate passed over the host, as its log line says.
+SKIPPED_BECAUSE = {
+    "gzip label on its own bytes": "200 but a gzip body that does not decode",
+    "one byte wrong": "200 but bytes hash to",
+    "cut off half way": "peer closed connection without sending complete message body",
+}
+
+
+def skipped_because(framing: str, fault: str) -> str:
+    if fault == "cut off half way" and framing == "close":
+        return "200 but bytes hash to"  # a close-delimited body cut short looks complete: only its digest tells
+    return SKIPPED_BECAUSE[fault]
+
+
+MANIFEST_CASES = [(by, framing, fault) for by in MANIFEST_BY for framing in FRAMINGS for fault in MANIFEST_FAULTS]
+
+
+@pytest.fixture(scope="module")
+def manifests(mirrors: Mirrors) -> dict[tuple[str, str, str], Image]:
+    """An image of its own per manifest case, its tag the case's index, in the mirrors' registry: what the gateway
+    learns of the faulty host for one manifest does not touch another."""
+    images = {case: make_image(" / ".join(case), layers=1, layer_size=1024) for case in MANIFEST_CASES}
+    with httpx.Client(timeout=30) as client:
+        for number, image in enumerate(images.values()):
+            push_image(mirrors.faulty.target_url, REPOSITORY, f"case{number}", image, client=client)
+    return images
+
+
+def decoded(fetched: Fetched) -> bytes | None:
+    """The body as a client reads it: decoded as its Content-Encoding says (None: it does not decode)."""
+    coding = (fetched.header("Content-Encoding") or "identity").lower()
+    if coding == "identity":
+        return fetched.body
+    try:
+        return gzip.decompress(fetched.body) if coding == "gzip" else None
+    except (OSError, EOFError):
+        return None
+
+
+@pytest.mark.parametrize(("by", "framing", "fault"), MANIFEST_CASES, ids=[" | ".join(case) for case in MANIFEST_CASES])
+def test_a_manifest_answer_ends_in_the_right_manifest_at_once_and_a_wrong_one_names_the_host(
+    mirrors: Mirrors, manifests: dict[tuple[str, str, str], Image], by: str, framing: str, fault: str
+) -> None:
+    manifest = manifests[(by, framing, fault)].manifest
+    reference = f"case{MANIFEST_CASES.index((by, framing, fault))}" if by == "tag" else manifest.digest
+    path = f"/v2/{REPOSITORY}/manifests/{reference}"
+    fields, legal = MANIFEST_FAULTS[fault]
+    mirrors.faulty.shape(reference, Shape(framing=framing, **fields))
+    log_before, shaped_before = len(mirrors.gateway.log_text()), mirrors.faulty.served("shape")
+    fetched = get_through(mirrors.gateway, UPSTREAM, path, [("Accept", OCI_MANIFEST)])
+    asked_the_faulty_host = mirrors.faulty.served("shape") == shaped_before + 1
+    log = mirrors.gateway.log_text()[log_before:]
+    good_served = [r for r in mirrors.good.requests if r.method == "GET" and r.path.startswith(path)]
+    right = (
+        fetched.status == 200
+        and fetched.broken is None
+        and decoded(fetched) == manifest.data
+        and fetched.header("Docker-Content-Digest") == manifest.digest
+    )
+    # A legal answer is served from the host that sent it; a wrong one from the next mirror, the host named.
+    if legal:
+        from_the_right_host = not good_served
+    else:
+        why = f"-> good.test:5000 200 (skipped http://faulty.test:5000/v2: {skipped_because(framing, fault)}"
+        from_the_right_host = len(good_served) == 1 and why in log
+    handled = right and asked_the_faulty_host and from_the_right_host
+    tally.record(HOSTILE_HOSTS, handled=handled)
+    assert handled, (
+        f"{describe(fetched)}, Content-Encoding {fetched.header('Content-Encoding')}, "
+        f"right bytes: {decoded(fetched) == manifest.data}, the faulty host asked: {asked_the_faulty_host}; "
+        f"the good mirror served it {len(good_served)} times\n" + log
     )
 
 
