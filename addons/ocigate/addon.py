@@ -171,7 +171,7 @@ class Gateway:
             if answer is None:
                 return Answer(*failed_plan(request.method, plan, outcomes))
             served_by = next(a.host for a in plan.attempts if a.host.url == outcomes[-1].host)
-            response = from_host(answer, head=request.method == "HEAD")
+            response = from_host(answer, head=request.method == "HEAD", client_headers=request.headers.fields)
             point_location_at_the_gateway(response, served_by)
             self.shared.contexts.served(client, plan, served_by.url, answer)
             served = outcomes[-1]

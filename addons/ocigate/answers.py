@@ -10,13 +10,14 @@ from mitmproxy import http
 
 from .attempts import Outcome, refusal
 from .auth import Authorization
-from .headers import HOP_BY_HOP, header_value
+from .headers import HOP_BY_HOP, Lines, accepts_coding, header_value
 from .hostclient import HostResponse
 from .hoststoml import Host
 from .ocierror import OciError
 from .plan import Plan, location_for_client
 from .record import FlowRecord
 from .routes import RouteKind
+from .verify import decoded_body
 
 
 def error_response(method: str, error: OciError) -> http.Response:
@@ -95,15 +96,27 @@ def after_failed_host(
     return failure(plan, outcomes)
 
 
-def from_host(answer: HostResponse, *, head: bool) -> http.Response:
-    """A host's answer that ocigate read whole, as the client gets it."""
+def from_host(answer: HostResponse, *, head: bool, client_headers: Lines) -> http.Response:
+    """A host's answer that ocigate read whole, as the client gets it. A body in a content coding the client's
+    Accept-Encoding does not accept (ocigate asked the host for identity; a host may compress anyway) is decoded:
+    the client gets the bytes it can read, which are the ones ocigate checked."""
     headers = http.Headers([(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP])
+    body = answer.body
+    coding = header_value(answer.headers, b"content-encoding")
+    if not head and coding and coding.lower() != "identity" and not accepts_coding(client_headers, coding):
+        try:
+            body = decoded_body(body, coding)
+        except ValueError:
+            pass  # not one ocigate decodes (a manifest in it was not served): passed on as it came
+        else:
+            del headers["Content-Encoding"]
+            headers["Content-Length"] = str(len(body))
     # The host sent its body chunked: it goes on with a length. A HEAD answer keeps exactly what the host said,
     # since a client takes its Content-Length as the size of what a GET would bring.
     if not head and header_value(answer.headers, b"content-length") is None:
-        headers["Content-Length"] = str(len(answer.body))
+        headers["Content-Length"] = str(len(body))
     now = time.time()
-    return http.Response(b"HTTP/1.1", answer.status, answer.reason, headers, answer.body, None, now, now)
+    return http.Response(b"HTTP/1.1", answer.status, answer.reason, headers, body, None, now, now)
 
 
 def ping_answer(method: str) -> http.Response:

@@ -32,7 +32,9 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hasher.hexdigest()}"
 
 
-def _decoded(body: bytes, coding: str | None) -> bytes:
+def decoded_body(body: bytes, coding: str | None) -> bytes:
+    """A small body read whole, decoded as its Content-Encoding says (bounded by MAX_MANIFEST_SIZE); ValueError
+    names why it cannot be."""
     coding = (coding or "identity").strip().lower()
     if coding == "identity":
         return body
@@ -69,7 +71,7 @@ def manifest_problem(requested_digest: str | None, headers: Lines, body: bytes, 
     if head:
         return None
     try:
-        content = _decoded(body, header_value(headers, b"content-encoding"))
+        content = decoded_body(body, header_value(headers, b"content-encoding"))
     except ValueError as e:
         return Problem(str(e), wrong=False)
     for expected, what in ((requested_digest, "asked for"), (claimed, "Docker-Content-Digest")):
