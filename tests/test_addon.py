@@ -349,6 +349,32 @@ async def test_blob_probe_skips_a_mirror_that_lacks_it(tmp_path: Path) -> None:
     assert flow.metadata[METADATA_KEY]["attempts"][0]["result"] == "probe: 404"
 
 
+@pytest.mark.parametrize("first_down", [False, True])
+async def test_a_blob_head_404_is_expected_only_when_every_host_asked_said_not_found(
+    tmp_path: Path, first_down: bool
+) -> None:
+    with http_host(lambda h: (404, b"")) as (missing, _), http_host(lambda h: (404, b"")) as (other, _):
+        first = free_port() if first_down else missing  # nothing listens on a free port: the host is down
+        rules = write_rules(
+            tmp_path,
+            "upstream.test",
+            # Pull hosts only: no push, so a blob HEAD is a pull's and asks every host in turn.
+            f'server = "http://second.test:{other}"\ncapabilities = ["pull", "resolve"]\n'
+            f'[host."http://first.test:{first}"]\ncapabilities = ["pull"]\n',
+        )
+        with gateway(rules, ["first.test=127.0.0.1", "second.test=127.0.0.1"]) as (gw, _):
+            flow = flow_to("upstream.test", f"/v2/team/app/blobs/{DIGEST}", method="HEAD")
+            await gw.requestheaders(flow)
+            gw.response(flow)
+    # A host down is no reason to tell a client checking for a blob anything but "not found" (answers.failure)...
+    assert flow.response.status_code == 404
+    results = [attempt["result"] for attempt in flow.metadata[METADATA_KEY]["attempts"]]
+    assert results == ["connection refused" if first_down else "404", "404"]
+    # ... but the host that was down may have it: that 404 is no registry's verdict, and stands out.
+    assert flow.metadata[METADATA_KEY].get("expected") == (None if first_down else "probe")
+    assert flow.marked == (FAILED_MARK if first_down else "")
+
+
 def test_tls_to_unruled_hosts_is_not_intercepted(tmp_path: Path) -> None:
     with gateway(write_rules(tmp_path, "upstream.test", 'server = "https://upstream.test"\n')) as (gw, tctx):
         cases = ((("upstream.test", 443), False), (("upstream.test.", 443), False), (("other.test", 443), True))

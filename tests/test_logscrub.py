@@ -1,7 +1,14 @@
-"""mitmproxy's own log lines hold no URL userinfo once the gateway runs (ScrubbedLogs)."""
+"""mitmproxy's own log lines hold no URL userinfo nor secret query field once the gateway runs (ScrubbedLogs)."""
 
+import contextlib
+import io
 import logging
+import string
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ocigate import scrub
 from ocigate.logscrub import ScrubbedLogs
 
 
@@ -35,3 +42,87 @@ def test_mitmproxys_lines_lose_url_userinfo_on_every_handler_while_the_gateway_r
         "http://bob:kept-0123@h.test/",
         "after http://carol:pw-4567@h.test/",  # the filter is gone with the gateway
     ]
+
+
+def _through_the_filter(logger: str, msg: object, *args: object) -> tuple[list[str], str]:
+    """What a handler of the root logger writes of one record, and what went to stderr, with the gateway running."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    scrubbed = ScrubbedLogs()
+    errors = io.StringIO()
+    try:
+        scrubbed.running()
+        with contextlib.redirect_stderr(errors):
+            logging.getLogger(logger).warning(msg, *args)
+    finally:
+        scrubbed.done()
+        root.removeHandler(handler)
+    return stream.getvalue().splitlines(), errors.getvalue()
+
+
+def test_secret_query_fields_lose_their_values_and_keep_their_shape() -> None:
+    line = b"GET /token?service=registry&Access_Token=tok-0123&scope=repository:a:pull&password=pw%2F0123 HTTP/1.1"
+    lines, _ = _through_the_filter("mitmproxy.proxy.server", "Bad HTTP request line: %r", line)
+    assert lines == [
+        "Bad HTTP request line: "
+        "b'GET /token?service=registry&Access_Token=<redacted>&scope=repository:a:pull&password=<redacted> HTTP/1.1'"
+    ]
+
+
+def test_a_record_whose_arguments_do_not_fit_its_format_is_shown_redacted_and_raises_nothing() -> None:
+    secret = "fmt-secret-0123"
+    lines, stderr = _through_the_filter(
+        "mitmproxy.proxy.server", "request %s to http://alice:%s@h.test/?token=" + secret + " failed %d", "GET", secret
+    )
+    assert lines == [
+        "request %s to http://alice:<redacted>@h.test/?token=<redacted> failed %d"
+        " (its arguments could not be formatted)"
+    ]
+    # Nothing for logging's handleError to print (it would print the format and the arguments raw).
+    assert stderr == ""
+    assert secret not in "\n".join(lines)
+
+
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+# What a URL's userinfo and query values are made of: unreserved characters, sub-delimiters and escapes.
+_URL_TEXT = st.lists(
+    st.sampled_from([*_UNRESERVED, *"!$'()*+,;=:", *(f"%{b:02X}" for b in range(256))]), min_size=1, max_size=20
+).map("".join)
+
+
+def _secret() -> st.SearchStrategy[str]:
+    # A marker no other part of the line holds, so that finding the secret's text means it leaked.
+    return _URL_TEXT.map(lambda text: f"SeCrEt{text}")
+
+
+@given(
+    user=st.text(_UNRESERVED, min_size=1, max_size=8),
+    password=_secret(),
+    lone_user=st.booleans(),
+    fields=st.lists(
+        st.tuples(st.sampled_from(sorted(scrub.SECRET_FIELDS)), st.booleans(), _secret()), min_size=1, max_size=3
+    ),
+    other=st.lists(st.tuples(st.text(string.ascii_lowercase, min_size=1, max_size=6), _URL_TEXT), max_size=3),
+    shape=st.sampled_from(["%s", "%r", "url %s: 404", "b'GET %s HTTP/1.1'"]),
+    fragment=st.booleans(),
+)
+def test_no_secret_of_a_url_survives_in_mitmproxys_lines(
+    user: str,
+    password: str,
+    lone_user: bool,
+    fields: list[tuple[str, bool, str]],
+    other: list[tuple[str, str]],
+    shape: str,
+    fragment: bool,
+) -> None:
+    userinfo = password if lone_user else f"{user}:{password}"
+    query = [(name.upper() if upper else name, value) for name, upper, value in fields] + other
+    url = f"https://{userinfo}@registry.test:5000/v2/token?" + "&".join(f"{n}={v}" for n, v in query)
+    url += "#frag" if fragment else ""
+    lines, stderr = _through_the_filter("mitmproxy.proxy.server", shape, url)
+    shown = "\n".join(lines) + stderr
+    assert "SeCrEt" not in shown, shown
+    for name, _ in query[: len(fields)]:
+        assert f"{name}=<redacted>" in shown

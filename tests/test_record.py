@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy.test import tflow
 
 from ocigate.attempts import Outcome
 from ocigate.auth import Authorization
@@ -88,27 +90,100 @@ def test_a_host_refusal_passed_to_the_client_failed() -> None:
 
 def test_a_hosts_challenge_to_a_client_without_credentials_yet_is_expected_not_failed() -> None:
     challenged = manifest_record(served_by=MIRROR_A)
-    challenged.answered(401, client_sent_credentials=False)
+    challenged.answered(401, client_sent_credentials=False, challenged=True)
     assert challenged.expected == "challenge" and not challenged.failed()
-    refused = manifest_record(served_by=MIRROR_A)
-    refused.answered(401, client_sent_credentials=True)  # the client's own credential refused
-    by_gateway = manifest_record()
-    by_gateway.answered(401, client_sent_credentials=False)  # ocigate's credentials refused by every host
+    assert challenged.as_metadata()["expected"] == "challenge"
+
+
+def challenged_401(client_sent: bool = False, **fields) -> FlowRecord:
+    record = manifest_record(**fields)
+    record.answered(401, client_sent_credentials=client_sent, challenged=True)
+    return record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(challenged_401(served_by=MIRROR_A, client_sent=True), id="the client's own credential refused"),
+        pytest.param(challenged_401(), id="ocigate's credentials refused by every host: the gateway's 401"),
+        pytest.param(
+            challenged_401(served_by=MIRROR_A, credential="'alice' from ocigate credentials", token="cached"),
+            id="ocigate's own credential refused by the host that answered",
+        ),
+        pytest.param(challenged_401(served_by=MIRROR_A, token="fetched"), id="ocigate's anonymous token refused"),
+        pytest.param(
+            challenged_401(served_by=MIRROR_A, error=f"{MIRROR_A} answered 401"), id="an error the gateway put instead"
+        ),
+    ],
+)
+def test_a_401_that_is_no_start_of_the_clients_own_authentication_is_marked(record: FlowRecord) -> None:
+    assert record.expected is None and record.failed()
+    flow = tflow.tflow()
+    record.publish(flow)
+    assert flow.marked == FAILED_MARK and "expected" not in flow.metadata[METADATA_KEY]
+
+
+def test_a_401_without_a_challenge_or_a_403_is_marked() -> None:
+    unchallenged = manifest_record(served_by=MIRROR_A)
+    unchallenged.answered(401, client_sent_credentials=False, challenged=False)
     forbidden = manifest_record(served_by=MIRROR_A)
-    forbidden.answered(403, client_sent_credentials=False)
-    assert all(r.expected is None and r.failed() for r in (refused, by_gateway, forbidden))
+    forbidden.answered(403, client_sent_credentials=False, challenged=True)
+    assert all(r.expected is None and r.failed() for r in (unchallenged, forbidden))
 
 
-def test_a_blob_head_answered_404_is_a_probe_not_a_failure_but_a_blob_get_404_is_one() -> None:
-    def blob(method: str, status: int) -> FlowRecord:
-        record = FlowRecord("upstream.test", "hosts.toml", "blob", method, "team/app", DIGEST, served_by=MIRROR_A)
-        record.answered(status, client_sent_credentials=True)
-        return record
+def blob_record(method: str, status: int, attempts: list[Outcome], **fields) -> FlowRecord:
+    # A HEAD is read whole: every host's 404 falls through, and the gateway passes their verdict on.
+    record = FlowRecord("upstream.test", "hosts.toml", "blob", method, "team/app", DIGEST, attempts=attempts, **fields)
+    record.answered(status, client_sent_credentials=False, challenged=False)
+    return record
 
-    assert blob("HEAD", 404).expected == "probe" and not blob("HEAD", 404).failed()
-    assert blob("GET", 404).failed() and blob("HEAD", 500).failed()
-    head_manifest = FlowRecord("upstream.test", "hosts.toml", "manifest", "HEAD")
-    head_manifest.answered(404, client_sent_credentials=False)
+
+def test_the_registrys_not_found_to_a_blob_head_is_a_probe_not_a_failure() -> None:
+    push_check = blob_record("HEAD", 404, [Outcome(MIRROR_A, "404", True, status=404)])  # one host: the push's
+    pull_check = blob_record(
+        "HEAD", 404, [Outcome(MIRROR_A, "404", True, status=404), Outcome(MIRROR_B, "404", True, status=404)]
+    )
+    for record in (push_check, pull_check):
+        assert record.expected == "probe" and not record.failed()
+        assert record.as_metadata()["expected"] == "probe"
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome(MIRROR_A, "connection refused", True, unreachable=True),
+        Outcome(MIRROR_A, "timed out (skipped for 27 s)", True, unreachable=True),
+        Outcome(MIRROR_A, "503", True, status=503),
+        Outcome(MIRROR_A, "401 unauthorized with the credential of 'alice'", True, status=401, auth_failure=True),
+        Outcome(MIRROR_A, f"sent something else for {DIGEST} before (sha256:...)", True),
+    ],
+    ids=["refused", "cooling down", "5xx", "ocigate's credential refused", "passed over for the digest"],
+)
+def test_a_blob_head_404_with_a_host_that_failed_is_marked(outcome: Outcome) -> None:
+    for attempts in (
+        [outcome, Outcome(MIRROR_B, "404", True, status=404)],
+        [Outcome(MIRROR_B, "404", True, status=404), outcome],
+    ):
+        record = blob_record("HEAD", 404, attempts)
+        assert record.expected is None and record.failed()
+        flow = tflow.tflow()
+        record.publish(flow)
+        assert flow.marked == FAILED_MARK and "expected" not in flow.metadata[METADATA_KEY]
+
+
+def test_a_blob_head_404_no_host_said_or_the_gateway_answered_for_a_failure_is_marked() -> None:
+    no_host_asked = blob_record("HEAD", 404, [])
+    # The host streamed to failed mid-answer, or the policy refused: the error says why, whatever the status.
+    with_error = blob_record(
+        "HEAD", 404, [Outcome(MIRROR_A, "404", True, status=404)], error=f"not found on any host ({MIRROR_B}: reset)"
+    )
+    assert all(r.expected is None and r.failed() for r in (no_host_asked, with_error))
+    assert blob_record("GET", 404, [Outcome(MIRROR_A, "404", True, status=404)]).failed()
+    assert blob_record("HEAD", 500, [Outcome(MIRROR_A, "500", True, status=500)]).failed()
+    head_manifest = FlowRecord(
+        "upstream.test", "hosts.toml", "manifest", "HEAD", attempts=[Outcome(MIRROR_A, "404", True, status=404)]
+    )
+    head_manifest.answered(404, client_sent_credentials=False, challenged=False)
     assert head_manifest.failed()
 
 

@@ -206,7 +206,8 @@ class Gateway:
         if not cut_short:
             # A client that authenticates itself sent its own Authorization (held redacted in the flow), or none yet.
             sent_credentials = "Authorization" in flow.request.headers
-            record.answered(flow.response.status_code, client_sent_credentials=sent_credentials)
+            challenged = "WWW-Authenticate" in flow.response.headers
+            record.answered(flow.response.status_code, client_sent_credentials=sent_credentials, challenged=challenged)
         record.publish(flow)
         if cut_short:
             log.warning("ocigate: %s", record.describe())

@@ -126,6 +126,18 @@ class _AskAgainStream(HttpStream):
 MakeLayer = Callable[[Context, HTTPMode], HttpLayer]
 
 
+# What Playback copies from mitmproxy 12.3's clientplayback or relies on, by the sha256 of its source: the replay loop
+# (copied, for the handler it names), the start that runs it, the handler's construction of the HTTP layer it
+# replaces, and the MockServer it puts back the same way. tests/test_askagain.py fails when one differs: recheck
+# Playback and update on a mitmproxy upgrade.
+COPIED_FROM_MITMPROXY = {
+    "ClientPlayback.running": "55c6a0c2b9417495fd008d4ff352da8b032b2469709bd957f2d973ce6026c897",
+    "ClientPlayback.playback": "aa7c4b9f5e044ae245b9c691a555ebd7f2317b27e4e10959b5057d641f62d794",
+    "ReplayHandler.__init__": "3830fad55fab2d87e9c4f614df4c465726ef77073947eb46c7b9ec87435f60ab",
+    "MockServer.__init__": "4122cc5e0e4608a87d329360bc335a35418ab460a9cc625197980e970cb541e6",
+}
+
+
 class Playback(clientplayback.ClientPlayback):
     """mitmproxy's client replay, each replayed flow sent through the gateway's HTTP layer: the credential, query and
     form values ocigate chose for a request it streams are put in as it goes (as_sent), as for the client's own.

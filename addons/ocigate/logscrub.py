@@ -1,22 +1,37 @@
-"""mitmproxy's own log lines hold no URL userinfo: a client's bad request line (`GET http://user:password@host/`) is
-quoted whole in mitmproxy's protocol error, at any verbosity. A filter on each log handler redacts it as scrub.py
-does in the lines of mitmproxy's loggers (ocigate's own say no secret to begin with)."""
+"""mitmproxy's own log lines hold no secret a URL carries: a client's bad request line (`GET http://user:password@host/`,
+`GET /token?access_token=...`) is quoted whole in mitmproxy's protocol error, at any verbosity. A filter on each log
+handler redacts URL userinfo and secret query fields as scrub.py does in the lines of mitmproxy's loggers (ocigate's
+own say no secret to begin with)."""
 
 import logging
 
 from . import scrub
 
 
-class UserinfoFilter(logging.Filter):
-    """Redacts the userinfo of every URL in a record of mitmproxy's loggers, before any handler formats it."""
+class UrlSecretsFilter(logging.Filter):
+    """Redacts the userinfo and the secret query fields of every URL in a record of mitmproxy's loggers, before any
+    handler formats it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "mitmproxy" or record.name.startswith("mitmproxy."):
-            message = record.getMessage()
-            redacted = scrub.text_userinfo(message)
+            try:
+                message = record.getMessage()
+            except Exception:
+                # Arguments that do not fit the format: logging's handleError would print the format and the
+                # arguments raw to stderr. What is left is the format alone, redacted.
+                record.msg, record.args = f"{_redacted_format(record)} (its arguments could not be formatted)", None
+                return True
+            redacted = scrub.text_urls(message)
             if redacted != message:
                 record.msg, record.args = redacted, None
         return True
+
+
+def _redacted_format(record: logging.LogRecord) -> str:
+    try:
+        return scrub.text_urls(str(record.msg))
+    except Exception:
+        return "a log message that could not be shown"
 
 
 class ScrubbedLogs:
@@ -24,7 +39,7 @@ class ScrubbedLogs:
     list, the error check) are, once they are all there; takes it off when the gateway ends."""
 
     def __init__(self) -> None:
-        self.filter = UserinfoFilter()
+        self.filter = UrlSecretsFilter()
 
     def running(self) -> None:
         for handler in logging.getLogger().handlers:

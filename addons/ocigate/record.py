@@ -47,8 +47,9 @@ class FlowRecord:
     bytes_sent: int | None = None  # of the answer's body, sent to the client, once the flow ended
     duration: float | None = None  # seconds from the request to the end of the flow, once it ended
     policy: str | None = None  # the policy's decision on a refused request or a push, naming its rule (policy.py)
-    # A status of 400 or more the client was to expect, no failure: "challenge" (a host's 401 to a client that
-    # authenticates itself and sent no credential yet) or "probe" (404 to a blob HEAD: a push asks before uploading).
+    # A status of 400 or more the client was to expect, no failure (see answered): "challenge" (a host's challenge to
+    # a client that authenticates itself and sent no credential yet) or "probe" (the registry's "not found" to a
+    # blob HEAD: a push asks before uploading, containerd before pulling by digest).
     expected: str | None = None
 
     @classmethod
@@ -154,13 +155,30 @@ class FlowRecord:
         if self.failed():
             flow.marked = FAILED_MARK
 
-    def answered(self, status: int, *, client_sent_credentials: bool) -> None:
-        """The status the client got, and whether it was one to expect on the way (`expected`)."""
+    def answered(self, status: int, *, client_sent_credentials: bool, challenged: bool) -> None:
+        """The status the client got (`challenged`: with a WWW-Authenticate challenge), and whether it was one to
+        expect on the way (`expected`). Never one the gateway answered with for a failure of its own or of a host
+        (an `error`: a policy's refusal, a host that failed mid-answer, an internal error):
+        - "challenge": a host's own 401 with its challenge, passed on to a client that sent no credential yet, and to
+          which ocigate presented none of its own (neither a credential nor a token: had it, the 401 is ocigate's
+          credential failing). That is the first step of the client's own authentication.
+        - "probe": a 404 to a blob HEAD that is the registry's own "not found": every host asked said 404 (the
+          gateway passes their verdict on, naming them). Not when a host was passed over or failed (cooling down,
+          refused, timed out, 5xx, refused ocigate's credentials): that host may have the blob."""
         self.status = status
-        if status == 401 and self.served_by != GATEWAY and not client_sent_credentials:
+        if self.error is not None:
+            return
+        if status == 401 and self._clients_own_challenge(challenged, client_sent_credentials):
             self.expected = "challenge"
-        elif status == 404 and self.method == "HEAD" and self.route == RouteKind.BLOB:
+        elif status == 404 and self.method == "HEAD" and self.route == RouteKind.BLOB and self._not_found_anywhere():
             self.expected = "probe"
+
+    def _clients_own_challenge(self, challenged: bool, client_sent_credentials: bool) -> bool:
+        presented = self.credential is not None or self.token is not None
+        return self.served_by != GATEWAY and challenged and not client_sent_credentials and not presented
+
+    def _not_found_anywhere(self) -> bool:
+        return bool(self.attempts) and all(attempt.status == 404 for attempt in self.attempts)
 
     def failed(self) -> bool:
         """The client did not get what it asked for: an error (a blob that was not what its digest says among

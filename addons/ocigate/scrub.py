@@ -127,18 +127,38 @@ def _netloc(parts: SplitResult) -> str:
     return f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
 
 
-# scheme://userinfo@ within free text (an error message naming a URL)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#@]+)@")
+# scheme://userinfo@ within free text (an error message naming a URL), up to the authority's last @ as `url` reads it
+_USERINFO = r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]+)@"
+# ?name=value or &name=value within free text, with or without a URL around it (a request line names a path only):
+# the value runs to the next &, # or white space. Not to a quote: a value may hold one (a repr then quotes with ").
+# A name holds no / : or @, so that a URL after a ? is read as one.
+_QUERY_FIELD = r"(?P<separator>[?&])(?P<name>[^\s=&#?/:@]+)=(?P<value>[^\s&#]+)"
+_IN_TEXT = re.compile(f"{_USERINFO}|{_QUERY_FIELD}")
 
 
 def text_userinfo(text: str) -> str:
     """Free text with the userinfo of every URL in it redacted as `url` does."""
+    return re.sub(_USERINFO, _redacted_userinfo, text)
+
+
+def text_urls(text: str) -> str:
+    """Free text (a log line) with what every URL in it may carry as a secret redacted, in one pass over it: the
+    userinfo as `url` does, and the value of each secret query field (`token=<redacted>`), whether or not a scheme and
+    host come before the query."""
 
     def redact(match: re.Match[str]) -> str:
-        user, colon, _ = match["userinfo"].partition(":")
-        return f"{match['scheme']}{user}:{REDACTED}@" if colon else f"{match['scheme']}{REDACTED}@"
+        if match["scheme"] is not None:
+            return _redacted_userinfo(match)
+        value = REDACTED if is_secret_field(unquote_plus(match["name"])) else text_urls(match["value"])
+        # Another field's value may hold a URL of its own (`?next=https://user:password@host/`).
+        return f"{match['separator']}{match['name']}={value}"
 
-    return _USERINFO.sub(redact, text)
+    return _IN_TEXT.sub(redact, text)
+
+
+def _redacted_userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match["userinfo"].partition(":")
+    return f"{match['scheme']}{user}:{REDACTED}@" if colon else f"{match['scheme']}{REDACTED}@"
 
 
 def is_form(content_type: str | None) -> bool:

@@ -370,16 +370,18 @@ def test_under_mitmdump_s_a_bodyless_redirect_reaches_the_client_whole_and_the_c
 
 
 BAD_LINE_PASSWORD = "captures-bad-line-password-0460"
-remember(BAD_LINE_PASSWORD)
+BAD_LINE_TOKEN = "captures-bad-line-token-0463"
+remember(BAD_LINE_PASSWORD, BAD_LINE_TOKEN)
 
 
-def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo(tmp_path: Path) -> None:
+def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo_nor_query_secret(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     client_auth_rule(rules, "unused.test:5000")
     with running_gateway(tmp_path / "gateway", rules, options=["flow_detail=4"]) as gateway:
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
             # A port mitmproxy cannot read: the request line is refused, and quoted in its protocol error.
-            client.sendall(f"GET http://builder:{BAD_LINE_PASSWORD}@bad.test:99999/v2/ HTTP/1.1\r\n\r\n".encode())
+            target = f"http://builder:{BAD_LINE_PASSWORD}@bad.test:99999/v2/?scope=x&access_token={BAD_LINE_TOKEN}"
+            client.sendall(f"GET {target} HTTP/1.1\r\n\r\n".encode())
             answer = client.recv(65536)
         assert answer.startswith(b"HTTP/1.1 400"), answer
         wait_until(
@@ -389,8 +391,8 @@ def test_mitmproxys_own_log_line_for_a_bad_request_line_holds_no_url_userinfo(tm
             process=gateway.process,
         )
     log = gateway.log_text()
-    assert f"builder:{REDACTED}@bad.test" in log
-    assert_nowhere([BAD_LINE_PASSWORD], gateway.log_path)
+    assert f"builder:{REDACTED}@bad.test" in log and f"&access_token={REDACTED}" in log
+    assert_nowhere([BAD_LINE_PASSWORD, BAD_LINE_TOKEN], gateway.log_path)
 
 
 STORAGE_TOKEN = "captures-storage-token-0461"

@@ -1,7 +1,8 @@
 """`ocigate web`: skopeo pulls through the gateway running with mitmweb's UI, and headless Chromium reads mitmweb's flow
 list: each flow of the pull says what ocigate decided for it, and the failed one stands out. A token request mitmweb
 holds mid-way shows none of its secrets anywhere mitmweb can show or give out a flow, neither while held nor once
-answered."""
+answered. A person's replay in mitmweb's page (its `r` key) of a pull's manifest and blob GETs reaches the registry
+with ocigate's real credential, never a placeholder, and mitmweb still shows no secret."""
 
 import base64
 import json
@@ -11,8 +12,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.clients import skopeo_copy_to_layout, skopeo_inspect_raw
+from ocigate.credentials import Credential, OcigateStore
+from tests.support.clients import assert_layout_holds, skopeo_copy_to_layout, skopeo_inspect_raw
 from tests.support.http_host import http_host
+from tests.support.images import make_image, push_image
+from tests.support.processes import wait_until
+from tests.support.recorder import recording_proxy
+from tests.support.registry import running_registry, write_htpasswd
 from tests.support.secrets import forms, remember
 from tests.support.web import artifact, headless_chromium, running_web_gateway
 from tests.support.world import UPSTREAM, World
@@ -159,9 +165,9 @@ def _revealed(page, flow_id: str, har: Path) -> dict[str, bytes]:
     return seen
 
 
-def _assert_nowhere(seen: dict[str, bytes], when: str) -> None:
+def _assert_nowhere(seen: dict[str, bytes], when: str, secrets: list[str] = SECRETS) -> None:
     for where, data in seen.items():
-        for secret in SECRETS:
+        for secret in secrets:
             for form in forms(secret):
                 assert form not in data, f"{when}, mitmweb's {where} holds {secret!r} (as {form!r})"
 
@@ -237,3 +243,78 @@ def _post_token(proxy: str, realm: str, form: bytes) -> httpx.Response:
             auth=("alice", BASIC_PASSWORD),
             headers={"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"session={COOKIE}"},
         )
+
+
+REPLAY_PASSWORD = "web-replay-password-0468"
+remember(REPLAY_PASSWORD)
+_REPLAY_TIMEOUT = 60.0
+
+
+def _replayed(page, path: str) -> dict:
+    """The GET of `path` as mitmweb's /flows has it once replayed and answered again, else {}."""
+    status, data = _api(page, "GET", "/flows")
+    assert status == 200, data
+    flows = [f for f in json.loads(data) if f["request"]["method"] == "GET" and f["request"]["path"] == path]
+    return next((f for f in flows if f.get("is_replay") == "request" and f.get("response")), {})
+
+
+def test_a_flow_replayed_in_mitmwebs_page_reaches_the_registry_with_ocigates_credential_and_shows_no_secret(
+    tmp_path: Path,
+) -> None:
+    image = make_image("web-replay", layers=1)
+    blob = image.layers[0].digest
+    upstream = "registry.test:5000"
+    basic_credential = "Basic " + base64.b64encode(f"bob:{REPLAY_PASSWORD}".encode()).decode()
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"bob": REPLAY_PASSWORD})
+    with running_registry(tmp_path / "registry", htpasswd=htpasswd) as registry, recording_proxy(registry.url) as front:
+        with httpx.Client(auth=("bob", REPLAY_PASSWORD)) as pushing:
+            push_image(registry.url, "team/app", "v1", image, client=pushing)
+        # The registry itself is the ruled upstream: a blob's flow, re-pointed at its host, is still for a ruled
+        # upstream when replayed (see test_replay_e2e.py).
+        rules = tmp_path / "rules"
+        (rules / upstream).mkdir(parents=True)
+        (rules / upstream / "hosts.toml").write_text(f'server = "http://{upstream}"\n')
+        gateway_dir = tmp_path / "gateway"
+        OcigateStore(gateway_dir / "ocigate-credentials.json").save(upstream, Credential("bob", REPLAY_PASSWORD))
+        with running_web_gateway(gateway_dir, rules, {upstream: f"127.0.0.1:{front.port}"}) as web:
+            result, layout = skopeo_copy_to_layout(web.gateway, tmp_path / "pull", f"{upstream}/team/app:v1")
+            assert result.returncode == 0, f"skopeo failed:\n{result.stderr.decode()}\n{web.gateway.log_text()}"
+            assert_layout_holds(layout, image)
+            front.clear()
+            with headless_chromium() as browser:
+                page = browser.new_page(viewport={"width": 1800, "height": 1400})
+                page.goto(web.page_url)
+                replayed = {}
+                for path in ("/v2/team/app/manifests/v1", f"/v2/team/app/blobs/{blob}"):
+                    row = page.locator(".flow-table tbody tr").filter(has_text=path).filter(has_text="GET").first
+                    row.click(timeout=_REPLAY_TIMEOUT * 1000)
+                    assert not _replayed(page, path)
+                    # mitmweb's own shortcut for its Replay button, on the flow the person selected.
+                    page.keyboard.press("r")
+                    wait_until(
+                        lambda path=path: bool(_replayed(page, path)),
+                        _REPLAY_TIMEOUT,
+                        lambda why, path=path: f"mitmweb never replayed {path} ({why}):\n{web.gateway.log_text()}",
+                        interval=0.2,
+                    )
+                    replayed[path] = _replayed(page, path)
+                page.locator(".flow-table tbody tr").filter(has_text=f"/blobs/{blob}").first.click()
+                screenshot = artifact("mitmweb-replayed-flows.png")
+                page.screenshot(path=str(screenshot), full_page=True)
+                print(f"screenshot of mitmweb after its replay of a manifest and a blob: {screenshot}")
+                blob_id = replayed[f"/v2/team/app/blobs/{blob}"]["id"]
+                seen = _revealed(page, blob_id, tmp_path / "replayed.har")
+
+    # The replays succeeded: the registry answered each with what was asked for.
+    assert all(flow["response"]["status_code"] == 200 for flow in replayed.values()), replayed
+    asked = {(request.method, request.path): request for request in front.requests}
+    for path in replayed:
+        request = asked.get(("GET", path))
+        assert request is not None, f"the registry's front never got the replayed GET {path}: {front.requests}"
+        # ocigate's own credential, the real one: what mitmweb shows in its place is never sent.
+        assert request.header_values("Authorization") == [basic_credential], (path, request.headers)
+    for request in front.requests:
+        assert REDACTED not in request.target, request.target
+        for name, value in request.headers:
+            assert REDACTED not in value, (request.target, name, value)
+    _assert_nowhere(seen, "after the replay", [REPLAY_PASSWORD, basic_credential.removeprefix("Basic ")])
