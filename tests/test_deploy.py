@@ -219,6 +219,11 @@ def test_the_unit_runs_the_installed_command_hardened_as_a_user_of_its_own() -> 
     ]:
         assert value(unit, "Service", setting) == expected, setting
     assert value(unit, "Install", "WantedBy") == "multi-user.target"
+    # A stop may drain (ocigate_drain) before it stops: systemd's kill comes only after the drain.
+    timeout = re.fullmatch(r"(\d+)s", value(unit, "Service", "TimeoutStopSec"))
+    assert timeout, value(unit, "Service", "TimeoutStopSec")
+    for where, variables in [("unit", unit_defaults()), ("env file", unit_defaults() | env_file(ENV_FILE))]:
+        assert int(settings_of(exec_start(variables))["ocigate_drain"]) < int(timeout.group(1)), where
     # The metrics with the probes stay on this machine unless the file says otherwise.
     assert settings["ocigate_metrics"].startswith("127.0.0.1:")
 
@@ -363,6 +368,12 @@ def test_the_probes_ask_the_health_endpoint_on_the_metrics_port() -> None:
         assert (get["path"], ports[get["port"]]) == (path, ports["metrics"]), probe
         assert container[probe]["timeoutSeconds"] > LIVENESS_TIMEOUT, probe
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    # On SIGTERM the gateway drains: long enough for the readiness probe to fail (Kubernetes' default threshold is
+    # 3), and over before the kubelet's SIGKILL.
+    drain = int(settings["ocigate_drain"])
+    readiness = container["readinessProbe"]
+    assert drain > readiness["periodSeconds"] * readiness.get("failureThreshold", 3)
+    assert one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
     assert "memory" in container["resources"]["limits"]
 
 

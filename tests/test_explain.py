@@ -217,3 +217,6 @@ def test_the_command_says_that_asking_the_mirrors_directly_is_refused_under_a_po
     (tmp_path / "policy.toml").write_text('[upstream."docker.io"]\nblock = ["library/secret"]\n')
     guarded = run("explain", "alpine", "--rules", str(tmp_path), home=tmp_path)
     assert guarded.returncode == 0 and said in guarded.stdout
+    assert "at an address of the gateway's own host is refused at every such address, loopback included" in (
+        guarded.stdout.replace("\n", " ")
+    )

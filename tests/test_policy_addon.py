@@ -16,6 +16,7 @@ from mitmproxy.test import taddons, tflow
 from ocigate.addon import METADATA_KEY
 from ocigate.configuration import Configuration, Shared
 from ocigate.credentials import CredentialChain
+from ocigate.destinations import Local, LocalAddresses, local_networks
 from ocigate.dialing import Dialing
 from ocigate.policy import POLICY_FILE
 from tests.support.http_host import http_host
@@ -312,6 +313,51 @@ async def test_another_local_address_of_a_mirror_on_the_gateways_host_is_refused
         assert data.server.error is None
     audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
     assert len(audits) == len(refused)
+
+
+async def test_a_mirror_at_one_of_the_gateways_own_addresses_is_refused_at_loopback_and_its_other_addresses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mirror named at 10.123.0.1, here the gateway's own host's address, listening on every address, answers at
+    127.0.0.1 and the host's other addresses too: refused there; another host of its network is not."""
+    port = free_port()
+    rules = ruled(tmp_path, port)
+    own = Local(local_networks("|-- 10.123.0.1\n   /32 host LOCAL\n|-- 10.123.0.9\n   /32 host LOCAL\n", ""))
+    with gateway(rules, ["mirror.test=10.123.0.1"]) as (gw, tctx):
+        tctx.options.update(ocigate_allow_destinations=[])
+        dialing = Dialing(gw.shared, LocalAddresses(lambda: own))
+        refused = [_connection_to(host, port) for host in ("127.0.0.1", "::1", "10.123.0.9", "10.123.0.1")]
+        allowed = [_connection_to("10.123.0.2", port), _connection_to("127.0.0.1", free_port())]
+        with caplog.at_level(logging.INFO):
+            for data in (*refused, *allowed):
+                await dialing.server_connect(data)
+    for data in refused:
+        assert data.server.error is not None and f"dials mirror.test:{port}, a mirror of the rules" in data.server.error
+    for data in allowed:
+        assert data.server.error is None
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ocigate audit:")]
+    assert len(audits) == len(refused)
+
+
+async def test_while_the_gateways_own_addresses_are_unknown_any_address_at_a_mirrors_port_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    rules = ruled(tmp_path, port)
+    unknown = Local(known=False, why="cannot read the box's own addresses from /proc/net/fib_trie: gone")
+    with gateway(rules, ["mirror.test=10.0.0.7"]) as (gw, tctx):
+        tctx.options.update(ocigate_allow_destinations=[])
+        dialing = Dialing(gw.shared, LocalAddresses(lambda: unknown))
+        anywhere, other_port = _connection_to("192.0.2.9", port), _connection_to("192.0.2.9", free_port())
+        again = _connection_to("127.0.0.1", port)
+        with caplog.at_level(logging.INFO):
+            for data in (anywhere, other_port, again):
+                await dialing.server_connect(data)
+    assert anywhere.server.error is not None and again.server.error is not None
+    assert other_port.server.error is None
+    # Said once, not at every connection.
+    warned = [r.getMessage() for r in caplog.records if "cannot read the box's own addresses" in r.getMessage()]
+    assert len(warned) == 1 and "is refused" in warned[0]
 
 
 def _resolver(answers: dict[str, str], barrier: asyncio.Barrier | None = None):

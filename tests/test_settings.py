@@ -88,6 +88,11 @@ def test_a_cooldown_of_0_is_no_cooldown() -> None:
     assert Settings.parse(options(ocigate_cooldown=0)).cooldown == 0
 
 
+def test_no_drain_unless_asked() -> None:
+    assert Settings.parse(options()).drain == 0
+    assert Settings.parse(options(ocigate_drain=15)).drain == 15
+
+
 def test_the_workers_affinity_is_by_connection_unless_by_client() -> None:
     assert Settings.parse(options()).worker_affinity == "connection"
     assert Settings.parse(options(ocigate_worker_affinity="client")).worker_affinity == "client"
@@ -159,6 +164,7 @@ BAD_VALUES = {
     ),
     "ocigate_allow_destinations": (["10.0.0.0/33"], "ocigate_allow_destinations entry '10.0.0.0/33': "),
     "ocigate_metrics": (":9090", "ocigate_metrics: ':9090' is not HOST:PORT or PORT"),
+    "ocigate_drain": (-1, "ocigate_drain must be 0 or a positive number of seconds"),
 }
 
 

@@ -152,14 +152,21 @@ def test_a_restart_that_is_due_is_not_made_once_the_gateway_stops() -> None:
     assert len(box.started) == 2 and box.supervisor.done
 
 
-def test_a_second_stop_signal_kills_the_workers_left() -> None:
+def test_a_second_stop_signal_is_passed_on_and_a_third_kills_the_workers_left() -> None:
     box = Box(2)
     box.all_listening()
-    box.supervisor.signalled(signal.SIGINT)
+    box.supervisor.signalled(signal.SIGTERM)
     box.supervisor.exited(box.pid_of(0), 0)
     left = box.pid_of(1)
+    # A worker draining stops at once on the second: cleanly, so the gateway's status is still 0.
+    box.supervisor.signalled(signal.SIGINT)
+    assert box.signals[-1] == (left, signal.SIGINT)
     box.supervisor.signalled(signal.SIGINT)
     assert box.signals[-1] == (left, signal.SIGKILL)
+    assert box.said[-2:] == [
+        "SIGINT again: passing it on (a worker draining stops at once); another kills them",
+        "SIGINT again: killing the workers",
+    ]
 
 
 def test_other_signals_and_unknown_children_change_nothing() -> None:

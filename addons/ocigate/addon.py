@@ -24,6 +24,7 @@ from .attempts import Streamed, choose_streamed_host, first_good
 from .captures import Redaction, Replayed
 from .configuration import Configuration, Shared
 from .dialing import Dialing
+from .draining import Draining
 from .hoststoml import Rule
 from .httponly import HttpOnly
 from .logscrub import ScrubbedLogs
@@ -276,6 +277,8 @@ def make_addons(worker: Identity | None = None) -> list:
         gateway,
         # After the gateway: each flow's record is complete when it ends.
         Operating(shared, gateway.records, worker),
+        # SIGTERM: /readyz says 503 for ocigate_drain seconds before the gateway stops.
+        Draining(shared, worker),
         # After the gateway, whose decisions need the request as the client sent it (see captures.py), and last
         # before mitmproxy's own recorders.
         redaction,

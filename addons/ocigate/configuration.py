@@ -53,7 +53,8 @@ class Shared:
         # one host may stand in several rules with different TLS settings, and a client connection (one CONNECT
         # tunnel) belongs to one upstream.
         self.repointed: LRUCache[str, dict[tuple[str, int], Host]] = LRUCache(MAX_CONNECTIONS)
-        # The gateway is shutting down (the first of its addons to hear `done` says so): no longer ready.
+        # The gateway is shutting down (draining after a SIGTERM, see draining.py, or the first of its addons to hear
+        # `done` says so): no longer ready.
         self.stopping = False
 
     @property

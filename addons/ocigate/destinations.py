@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cachetools import TTLCache
 
@@ -146,17 +147,101 @@ async def _endpoints(destinations: Destinations, host: str, port: int) -> Endpoi
     return frozenset((_canonical(str(info[4][0])), target_port) for info in infos)
 
 
-def reaches(address: str, port: int, endpoints: Endpoints) -> bool:
+@dataclass(frozen=True)
+class Local:
+    """The box's own addresses, where a service listening on every address answers as it does at loopback: every
+    loopback address, and `networks` (what the kernel routes to this host). Not `known` when they could not be read
+    (`why`): then any address may be one of them."""
+
+    networks: tuple[IPNetwork, ...] = ()
+    known: bool = True
+    why: str | None = None
+
+    def holds(self, address: str) -> bool:
+        ip = ipaddress.ip_address(_canonical(address))
+        return ip.is_loopback or any(ip in network for network in self.networks)
+
+
+# Only loopback: what reaches() knew before it was told the box's addresses.
+LOOPBACK = Local()
+
+
+def reaches(address: str, port: int, endpoints: Endpoints, local: Local = LOOPBACK) -> bool:
     """Whether dialling address:port (an address, not a name) reaches one of `endpoints`: the same port, and the same
-    address, an IPv4-mapped IPv6 address being its IPv4 address; or, for a loopback endpoint, any loopback address:
-    all of them are the local host, and a mirror named at 127.0.0.1 that listens on every address answers at
-    127.0.0.2 and ::1 too."""
+    address, an IPv4-mapped IPv6 address being its IPv4 address; or, when both are the box's own addresses (`local`:
+    loopback and its interfaces' addresses), any of them: a mirror named at 127.0.0.1 or at the box's 10.1.2.3 that
+    listens on every address answers at 127.0.0.2, ::1 and the box's other addresses too. While the box's addresses
+    are unknown, any address at an endpoint's port may reach it."""
     address = _canonical(address)
-    loopback = ipaddress.ip_address(address).is_loopback
+    here = local.holds(address)
     return any(
-        port == endpoint_port and (address == endpoint or (loopback and ipaddress.ip_address(endpoint).is_loopback))
+        port == endpoint_port and (address == endpoint or not local.known or (here and local.holds(endpoint)))
         for endpoint, endpoint_port in endpoints
     )
+
+
+# Where Linux says which addresses are this host's (in the network namespace of the process reading them).
+FIB_TRIE = Path("/proc/net/fib_trie")
+IF_INET6 = Path("/proc/net/if_inet6")
+# How long the box's addresses read are used before they are read again: a box whose address changes (DHCP, a
+# failover address) is guarded at its new one within seconds. Reading them costs two small reads of /proc.
+LOCAL_TTL = 5.0
+
+
+def local_networks(fib_trie: str, if_inet6: str) -> tuple[IPNetwork, ...]:
+    """The networks `fib_trie` (/proc/net/fib_trie) routes as LOCAL (each address of an interface as a /32, a range
+    routed to the host as itself) and the addresses `if_inet6` (/proc/net/if_inet6) lists, each a /128."""
+    found: dict[IPNetwork, None] = {}
+    leaf: str | None = None
+    for line in fib_trie.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "|--":
+            leaf = words[1]
+        elif leaf is not None and words and words[0].startswith("/") and words[-1] == "LOCAL":
+            found[ipaddress.ip_network(f"{leaf}{words[0]}", strict=False)] = None
+    for line in if_inet6.splitlines():
+        words = line.split()
+        if words and len(words[0]) == 32:
+            found[ipaddress.ip_network(int(words[0], 16).to_bytes(16, "big"))] = None
+    return tuple(found)
+
+
+def read_local(fib_trie: Path = FIB_TRIE, if_inet6: Path = IF_INET6) -> Local:
+    """The box's addresses as Linux lists them, read now (blocking: run it on a thread). A box without IPv6 has no
+    if_inet6: no IPv6 address; an unreadable fib_trie leaves them unknown, saying why."""
+    try:
+        routes = fib_trie.read_text()
+        try:
+            addresses6 = if_inet6.read_text()
+        except FileNotFoundError:
+            addresses6 = ""
+        return Local(local_networks(routes, addresses6))
+    except (OSError, ValueError) as e:
+        return Local(known=False, why=f"cannot read the box's own addresses from {fib_trie} and {if_inet6}: {e}")
+
+
+class LocalAddresses:
+    """The box's addresses, read on a thread when first asked, again once `ttl` seconds old or when asked for other
+    rules (those loaded meanwhile), one read shared by everyone asking meanwhile."""
+
+    def __init__(
+        self,
+        read: Callable[[], Local] = read_local,
+        ttl: float = LOCAL_TTL,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read, self._ttl, self._timer = read, ttl, timer
+        self._reading: asyncio.Future[Local] | None = None
+        self._read_at = 0.0
+        self._for: object = None
+
+    async def of(self, rules: object) -> Local:
+        """The box's addresses, read since `rules` were loaded, within `ttl` seconds."""
+        stale = self._for is not rules or self._timer() - self._read_at >= self._ttl
+        if self._reading is None or (stale and self._reading.done()):
+            self._for, self._read_at = rules, self._timer()
+            self._reading = asyncio.ensure_future(asyncio.to_thread(self._read))
+        return await asyncio.shield(self._reading)
 
 
 def unspecified(address: str) -> bool:

@@ -10,7 +10,7 @@ from mitmproxy.proxy import server_hooks
 from OpenSSL import SSL
 
 from .configuration import MAX_CONNECTIONS, Shared
-from .destinations import Addresses, DestinationError, Endpoints, reaches, unspecified
+from .destinations import Addresses, DestinationError, Endpoints, LocalAddresses, reaches, unspecified
 from .hosttls import openssl_context
 from .policy import Decision, around_the_rules_at, audit_line
 
@@ -22,8 +22,12 @@ class Dialing:
     """Every connection mitmproxy opens goes where the host map says and only to allowed addresses, as ocigate's own
     requests do, and with the TLS settings its host has in hosts.toml."""
 
-    def __init__(self, shared: Shared) -> None:
+    def __init__(self, shared: Shared, local: LocalAddresses | None = None) -> None:
         self.shared = shared
+        # The box's own addresses: a mirror at one of them (or at loopback) that listens on every address answers at
+        # all of them.
+        self.local = local or LocalAddresses()
+        self._unknown_local: str | None = None  # why the box's addresses are unknown, as last logged
         # The address each connection was asked for, until it is connected (see server_connect).
         self.asked: LRUCache[str, tuple[str, int]] = LRUCache(MAX_CONNECTIONS)
         self.addresses = Addresses()
@@ -80,6 +84,15 @@ class Dialing:
             *(self.addresses.of(destinations, name, mirror_port) for name, mirror_port in mirrors),
             return_exceptions=True,
         )
+        local = await self.local.of(rules)
+        if local.why != self._unknown_local:
+            self._unknown_local = local.why
+            if local.why is not None:
+                log.warning(
+                    "ocigate: %s; until they are read, a connection around the rules to any address at a mirror's "
+                    "port is refused",
+                    local.why,
+                )
         unknown = None
         for (name, mirror_port), endpoints in zip(mirrors, known, strict=True):
             if isinstance(endpoints, DestinationError):
@@ -88,7 +101,7 @@ class Dialing:
                 )
             elif isinstance(endpoints, BaseException):
                 raise endpoints
-            elif reaches(address, dial_port, endpoints):
+            elif reaches(address, dial_port, endpoints, local):
                 return around_the_rules_at(policy, host, port, f"dials {name}:{mirror_port}, a mirror of the rules")
         # A mirror that does not resolve may be where this connection goes: refused until it resolves again.
         return around_the_rules_at(policy, host, port, f"cannot be told from {unknown}") if unknown else None

@@ -213,7 +213,8 @@ def render(explanation: Explanation) -> str:
     if e.guarded and mirrors:
         lines.append(
             "policy: a client asking these mirrors directly (by name, address or another name of theirs) is refused: "
-            "they are reached through the rules only"
+            "they are reached through the rules only; a mirror at loopback or at an address of the gateway's own host "
+            "is refused at every such address, loopback included, at its port"
         )
     return "\n".join(lines) + "\n"
 

@@ -151,6 +151,14 @@ def declare(loader: Loader) -> None:
         "Address the Prometheus metrics are served on (/metrics), HOST:PORT, or PORT alone for 127.0.0.1:PORT "
         "(0: any free port). Empty: no metrics.",
     )
+    loader.add_option(
+        "ocigate_drain",
+        int,
+        0,
+        "Seconds the gateway keeps serving after its first SIGTERM, with /readyz answering 503, so that a load "
+        "balancer stops sending it clients before it stops; a second SIGTERM, or SIGINT, stops it at once. "
+        "0: stop at once.",
+    )
 
 
 def is_settings_option(name: str) -> bool:
@@ -189,6 +197,7 @@ class Settings:
     access_log: Path | Literal["-"] | None = None  # ocigate_access_log: a file, STDERR, or None for none
     metrics: MetricsAddress | None = None  # ocigate_metrics
     worker_affinity: Affinity = "connection"  # ocigate_worker_affinity
+    drain: int = 0  # ocigate_drain: seconds served after the first SIGTERM
 
     @classmethod
     def parse(cls, options: OptManager) -> "Settings":
@@ -225,6 +234,7 @@ class Settings:
             access_log=_access_log(options.ocigate_access_log),
             metrics=_metrics_address(options.ocigate_metrics),
             worker_affinity=_affinity(options.ocigate_worker_affinity),
+            drain=_drain(options.ocigate_drain),
         )
 
 
@@ -241,6 +251,12 @@ def _seconds(name: str, value: int) -> int:
 def _cooldown(value: int) -> int:
     if value < 0:
         raise exceptions.OptionsError("ocigate_cooldown must be 0 or a positive number of seconds")
+    return value
+
+
+def _drain(value: int) -> int:
+    if value < 0:
+        raise exceptions.OptionsError("ocigate_drain must be 0 or a positive number of seconds")
     return value
 
 

@@ -12,7 +12,8 @@ The policy, for systemd (Restart=on-failure restarts the whole gateway):
   dying soon after it started; back to 1 s once one has run for a minute), each time logged with its exit status. The
   other workers serve meanwhile.
 - SIGTERM, SIGINT and SIGHUP are passed on to every worker; the parent exits once all have exited (0 when each ended
-  cleanly or of that signal, else 1). A second such signal while they stop kills them (SIGKILL).
+  cleanly or of that signal, else 1). A second such signal while they stop is passed on too (a worker draining, see
+  draining.py, then stops at once, cleanly); a third kills them (SIGKILL).
 """
 
 import signal
@@ -57,6 +58,7 @@ class Supervisor:
     say: Callable[[str], None]
     slots: list[Slot] = field(init=False)
     stopping: signal.Signals | None = field(default=None, init=False)
+    signals_while_stopping: int = field(default=0, init=False)  # stop signals that came after the first
     status: int | None = field(default=None, init=False)  # the exit status, once decided
 
     def __post_init__(self) -> None:
@@ -127,16 +129,23 @@ class Supervisor:
         if self.stopping is None:
             self.say(f"{signum.name}: stopping the workers")
             self._stop(signum)
+            return
+        self.signals_while_stopping += 1
+        if self.signals_while_stopping == 1:
+            self.say(f"{signum.name} again: passing it on (a worker draining stops at once); another kills them")
+            self._signal_workers(signum)
         else:
             self.say(f"{signum.name} again: killing the workers")
-            for slot in self.slots:
-                if slot.pid is not None:
-                    self.kill(slot.pid, signal.SIGKILL)
+            self._signal_workers(signal.SIGKILL)
 
     def _stop(self, signum: signal.Signals) -> None:
         self.stopping = signum
         for slot in self.slots:
             slot.restart_at = None
+        self._signal_workers(signum)
+
+    def _signal_workers(self, signum: signal.Signals) -> None:
+        for slot in self.slots:
             if slot.pid is not None:
                 self.kill(slot.pid, signum)
 

@@ -184,6 +184,7 @@ def _build_config(
     tls: ServerTLS | None,
     htpasswd: Path | None,
     extra_config: dict[str, Any] | None,
+    listen_host: str = "127.0.0.1",
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "version": "0.1",
@@ -195,7 +196,7 @@ def _build_config(
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {
-            "addr": f"127.0.0.1:{port}",
+            "addr": f"{listen_host}:{port}",
             "secret": secrets.token_hex(16),
             "headers": {"X-Content-Type-Options": ["nosniff"]},
         },
@@ -245,6 +246,7 @@ def _start(
     tls: ServerTLS | None,
     htpasswd: Path | None,
     extra_config: dict[str, Any] | None,
+    listen_host: str = "127.0.0.1",
 ) -> Registry:
     """Start one registry, retrying with a new port when the old one was taken meanwhile."""
     binary = shutil.which(REGISTRY_BINARY)
@@ -253,7 +255,7 @@ def _start(
     last_error = ""
     for _attempt in range(_START_ATTEMPTS):
         port = free_port()
-        config = _build_config(root, port, tls, htpasswd, extra_config)
+        config = _build_config(root, port, tls, htpasswd, extra_config, listen_host)
         config_path = root / "config.yml"
         # JSON is valid YAML, and distribution's YAML parser reads it.
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -302,17 +304,19 @@ def running_registry(
     tls: ServerTLS | None = None,
     htpasswd: Path | None = None,
     extra_config: dict[str, Any] | None = None,
+    listen_host: str = "127.0.0.1",
 ) -> Iterator[Registry]:
     """Run docker-registry with its storage, config.yml and registry.log in `workdir`.
 
     `extra_config` is deep-merged into the generated config (e.g. {"http": {"tls": {"clientcas": [...]}}},
     {"http": {"relativeurls": True}}); a None value deletes a key ({"storage": {"filesystem": None,
-    "inmemory": {}}}).
+    "inmemory": {}}}). `listen_host` is where it listens (0.0.0.0: every address of the host); it is asked at
+    127.0.0.1 all the same.
     When it demands client certificates, readiness is "listening" in the log plus a TCP connection.
     The process is stopped on exit, whatever happened inside the block.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    registry = _start(workdir, tls, htpasswd, extra_config)
+    registry = _start(workdir, tls, htpasswd, extra_config, listen_host)
     try:
         yield registry
     finally:
