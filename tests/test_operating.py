@@ -2,7 +2,6 @@
 in front of it."""
 
 import asyncio
-import hashlib
 import json
 import socket
 import subprocess
@@ -22,9 +21,9 @@ from mitmproxy.test import taddons, tutils
 from ocigate.addon import METADATA_KEY, Gateway
 from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
-from ocigate.operating import Counted, Operating
+from ocigate.operating import Operating
+from ocigate.passing import Passing
 from ocigate.probes import Verdict
-from ocigate.verify import StreamVerifier
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, write_rules
 from tests.test_trust import BLOB, BLOB_DIGEST, through
@@ -104,7 +103,7 @@ async def test_a_streamed_blob_counts_the_bytes_that_reached_the_client(tmp_path
             flow.response = tutils.tresp(content=None)
             gw.responseheaders(flow)
             op.responseheaders(flow)
-            assert isinstance(flow.response.stream, Counted)
+            assert isinstance(flow.response.stream, Passing)
             sent = through(flow.response.stream, [BLOB[:5], BLOB[5:]])
             gw.response(flow)
             op.response(flow)
@@ -133,18 +132,6 @@ async def test_a_wrong_blob_cut_short_counts_only_what_passed(tmp_path: Path) ->
     (logged,) = lines(log)
     assert logged["bytes"] == len(b"".join(sent)) == len(b"not the ")
     assert "transfer aborted" in logged["error"] and logged["verified"] is None
-
-
-def test_counted_hands_on_what_the_hook_gives_and_counts_it() -> None:
-    counted = Counted.around(StreamVerifier("sha256:" + hashlib.sha256(b"abcdef").hexdigest()))
-    assert isinstance(counted, Counted) and not counted.called
-    assert through(counted, [b"abc", b"def"]) == [b"abc", b"def"]
-    assert counted.sent == 6
-    plain = Counted.around(True)
-    assert isinstance(plain, Counted) and through(plain, [b"xy"]) == [b"xy"] and plain.sent == 2
-    assert Counted.around(False) is False
-    giving_bytes = Counted.around(lambda chunk: chunk.upper())
-    assert isinstance(giving_bytes, Counted) and through(giving_bytes, [b"ab"]) == [b"AB"]  # b"" gives no piece
 
 
 def scrape(port: int) -> str:

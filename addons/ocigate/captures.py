@@ -28,7 +28,6 @@ such a capture, with placeholders where its secrets were (Replayed).
 import logging
 import weakref
 import zlib
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus
 
@@ -36,6 +35,7 @@ from mitmproxy import ctx, http
 
 from . import scrub
 from .askagain import Playback
+from .passing import MAX_KEPT, Passing, around, keeping
 from .record import METADATA_KEY
 
 log = logging.getLogger("ocigate")
@@ -47,35 +47,6 @@ _HELD_HEADERS = (*_CREDENTIAL_HEADERS, "Cookie")
 _ANSWER_HEADERS: dict[str, scrub.Redact] = {"Set-Cookie": scrub.set_cookie, "Location": scrub.url}
 # mitmproxy's proxyauth keeps (user, password) of the client's proxy credentials here.
 _PROXYAUTH_METADATA = "proxyauth"
-
-
-# The most of a body passing through that is kept, or decoded, to look for secrets: token answers and forms are
-# small; anything larger is dropped from the flow with a note rather than held or inflated in memory.
-MAX_KEPT = 4 * 1024 * 1024
-
-StreamHook = Callable[[bytes], bytes | Iterable[bytes]]
-
-
-class _Passing:
-    """mitmproxy's `response.stream`, around whatever stream hook the answer had (or True: passed on as it comes):
-    notes whether mitmproxy streamed the answer at all (it does not stream one that ended with its headers, and sends
-    it only after the response hook), and keeps a copy for the flow when asked to (up to MAX_KEPT)."""
-
-    def __init__(self, inner: StreamHook | None, *, keep: bool) -> None:
-        self._inner = inner
-        self.keep = keep
-        self.data = bytearray()
-        self.streaming = False  # mitmproxy called it: the client has the headers, and every byte so far
-        self.overflowed = False
-
-    def __call__(self, chunk: bytes) -> bytes | Iterable[bytes]:
-        self.streaming = True
-        if self.keep and not self.overflowed and len(self.data) + len(chunk) <= MAX_KEPT:
-            self.data += chunk
-        elif self.keep:
-            self.overflowed = True
-            self.data.clear()
-        return chunk if self._inner is None else self._inner(chunk)
 
 
 @dataclass
@@ -99,7 +70,7 @@ class Redaction:
     def __init__(self) -> None:
         self._under_way: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # Every streamed answer's stream hook, as this addon wrapped it (and what it kept of the body).
-        self._passing: weakref.WeakKeyDictionary[http.HTTPFlow, _Passing] = weakref.WeakKeyDictionary()
+        self._passing: weakref.WeakKeyDictionary[http.HTTPFlow, Passing] = weakref.WeakKeyDictionary()
         # A request's secrets as the client sent them, held out of the flow (which shows them redacted from its
         # request headers on) until the request is sent (as_sent).
         self._held: weakref.WeakKeyDictionary[http.HTTPFlow, _Held] = weakref.WeakKeyDictionary()
@@ -172,13 +143,12 @@ class Redaction:
         # to the client as received by askagain's layer, whether the answer is streamed or not.
         self._hold_answer_headers(flow, response)
         content_type = response.headers.get("Content-Type")
-        keep = not response.stream and _passes_through(flow) and scrub.may_hold_fields(content_type)
-        if keep:
+        if not response.stream and _passes_through(flow) and scrub.may_hold_fields(content_type):
             # Secrets in its body: streamed to the client as it comes, and a copy kept, redacted at the response hook.
-            response.stream = True
-        if response.stream:
-            passing = _Passing(None if response.stream is True else response.stream, keep=keep)
-            response.stream = passing
+            passing: Passing | None = keeping(response)
+        else:
+            passing = around(response)
+        if passing is not None:
             self._passing[flow] = passing
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -344,7 +314,7 @@ def _redacted_path(path: str) -> str:
     return f"{before}?{scrub.form(query)}" if question else path
 
 
-def _redact_response(response: http.Response, kept: _Passing | None, *, sent: bool, complete: bool) -> None:
+def _redact_response(response: http.Response, kept: Passing | None, *, sent: bool, complete: bool) -> None:
     """`sent`: the client has the answer (or will get nothing more of it), so its body may change too."""
     _redact_header(response.headers, "Set-Cookie", scrub.set_cookie)
     _redact_header(response.headers, "Location", scrub.url)

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -16,6 +16,7 @@ from mitmproxy import exceptions, http
 from .accesslog import AccessLog, line
 from .configuration import Shared
 from .metrics import Metrics, MetricsServer, Names, observations
+from .passing import Passing, around, bytes_sent
 from .probes import LIVENESS_TIMEOUT, Verdict
 from .record import FlowRecord
 from .settings import MetricsAddress
@@ -39,7 +40,7 @@ class Operating:
         self.worker = worker  # which of `ocigate --workers N`'s processes this is; None: a gateway alone
         self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         # Each streamed answer's counter: kept here, since addons after this one may wrap it in their own hooks.
-        self.counted: weakref.WeakKeyDictionary[http.HTTPFlow, Counted] = weakref.WeakKeyDictionary()
+        self.passing: weakref.WeakKeyDictionary[http.HTTPFlow, Passing] = weakref.WeakKeyDictionary()
         # One registry for the life of the process: counters survive a change of address.
         self.metrics = Metrics(self._cooling_down, self._cache_entries)
         self.access_log: AccessLog | None = None
@@ -93,13 +94,12 @@ class Operating:
         self._listening = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Around whatever stream hook the gateway gave a host's answer (streaming.Streams), last: what reaches the
-        client is counted as it passes."""
+        """Around whatever stream hook the gateway gave a host's answer (streaming.Streams): what reaches the
+        client is counted as it passes (passing.py)."""
         if flow.response is not None and flow in self.records:
-            counted = Counted.around(flow.response.stream)
-            flow.response.stream = counted
-            if isinstance(counted, Counted):
-                self.counted[flow] = counted
+            passing = around(flow.response)
+            if passing is not None:
+                self.passing[flow] = passing
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._ended(flow)
@@ -120,7 +120,7 @@ class Operating:
             return
         self.ended.add(flow)
         started = flow.request.timestamp_start
-        record.bytes_sent = bytes_sent(flow.response, self.counted.pop(flow, None))
+        record.bytes_sent = bytes_sent(flow.response, self.passing.pop(flow, None))
         record.duration = max(0.0, time.time() - started)
         record.publish(flow)
         if self.access_log is not None:
@@ -217,45 +217,3 @@ class Operating:
             self.server.stop()
             self.server = None
         self.metrics_address = None
-
-
-StreamHook = Callable[[bytes], bytes | Iterable[bytes]]
-
-
-class Counted:
-    """A stream hook that counts the bytes another hook hands on to the client (as mitmproxy sends them: the body,
-    without its framing), and hands them on as they are."""
-
-    def __init__(self, inner: StreamHook | None) -> None:
-        self._inner = inner
-        self.sent = 0
-        self.called = False  # the answer streamed: mitmproxy sent no body of its own after it
-
-    @classmethod
-    def around(cls, stream: bool | StreamHook) -> "bool | Counted":
-        """`stream` (mitmproxy's response.stream) counted: every piece passed on as it came when it is True; not at
-        all when it is False, since mitmproxy then sends the answer whole."""
-        if stream is False:
-            return False
-        return cls(None if stream is True else stream)
-
-    def __call__(self, chunk: bytes) -> list[bytes]:
-        self.called = True
-        if self._inner is None:
-            pieces: list[bytes] = [chunk] if chunk else []
-        else:
-            passed = self._inner(chunk)
-            # An empty piece would go out as a chunk of its own: in a chunked answer, the one that ends the body.
-            pieces = ([passed] if passed else []) if isinstance(passed, bytes) else list(passed)
-        self.sent += sum(len(piece) for piece in pieces)
-        return pieces
-
-
-def bytes_sent(response: http.Response | None, counted: Counted | None) -> int:
-    """The bytes of `response`'s body sent to the client: those that passed its stream hook, `counted`, or its
-    content when mitmproxy sent it whole."""
-    if response is None:
-        return 0
-    if counted is not None and counted.called:
-        return counted.sent
-    return len(response.raw_content or b"")
