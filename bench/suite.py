@@ -357,11 +357,14 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
         # Rounds interleave the ways (a batch each, the order reversed every other round), so that the figures of
         # one round are measured side by side, under the same state of the machine.
         batches: dict[str, list[list[float]]] = {way.name: [] for way in ways}
+        # The scenario's time limit is checked between rounds only: a round cut in the middle would leave ways
+        # without a batch to pair with the others'. Each batch has a limit of its own.
         deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS * len(ways)
         for number in range(args.manifest_rounds):
             for way in alternating(ways, number):
+                batch_deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
                 batch = manifest_batch(
-                    sessions[way.name], way, args.requests, SMALL_REPOSITORY, SMALL_TAG, digest, deadline
+                    sessions[way.name], way, args.requests, SMALL_REPOSITORY, SMALL_TAG, digest, batch_deadline
                 )
                 batches[way.name].append(batch)
                 say(

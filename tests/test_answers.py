@@ -42,11 +42,23 @@ def test_a_chunked_deflate_answer_is_decoded_for_a_client_naming_none() -> None:
     assert response.raw_content == MANIFEST and response.headers["Content-Length"] == str(len(MANIFEST))
 
 
-def test_a_body_that_does_not_decode_and_a_head_answer_pass_as_they_came() -> None:
+def test_a_body_that_does_not_decode_passes_as_it_came() -> None:
     broken = HostResponse(200, b"OK", ((b"Content-Encoding", b"gzip"), (b"Content-Length", b"3")), b"abc")
     assert from_host(broken, head=False, client_headers=()).raw_content == b"abc"
+
+
+def test_a_head_answer_agrees_with_what_a_get_would_bring() -> None:
+    # Not accepted: a GET would be decoded, to a length the HEAD cannot know; so it names neither coding nor length.
     head = from_host(compressed(), head=True, client_headers=())
-    assert head.headers["Content-Encoding"] == "gzip"
+    assert "Content-Encoding" not in head.headers and "Content-Length" not in head.headers
+    # Accepted: as the host said.
+    answer = compressed()
+    accepted = from_host(answer, head=True, client_headers=((b"Accept-Encoding", b"gzip"),))
+    assert accepted.headers["Content-Encoding"] == "gzip"
+    assert accepted.headers["Content-Length"] == str(len(answer.body))
+    # A coding ocigate does not decode: a GET would pass it on as it came, so the HEAD does too.
+    unknown = HostResponse(200, b"OK", ((b"Content-Encoding", b"br"), (b"Content-Length", b"9")), b"")
+    assert from_host(unknown, head=True, client_headers=()).headers["Content-Length"] == "9"
 
 
 def test_accept_encoding_is_read_as_rfc_9110_says() -> None:

@@ -44,9 +44,10 @@ def test_urls_lose_their_userinfo_and_secret_query_fields_only() -> None:
     unchanged = "https://storage.test/blob?X-Amz-Date=20240101&sig=1"
     assert scrub.url(unchanged) is unchanged
     assert scrub.url("http://[::1/x:pw@h") == "http://[::1/x:pw@h"  # no URL: nothing redacted that is not one
-    assert scrub.text_userinfo("GET https://u:pw@h.test/v2: 401 and http://tok@h2.test") == (
+    assert scrub.text_urls("GET https://u:pw@h.test/v2: 401 and http://tok@h2.test") == (
         f"GET https://u:{R}@h.test/v2: 401 and http://{R}@h2.test"
     )
+    assert scrub.url("http://[::1/x?token=abc") == f"http://[::1/x?token={R}"  # no URL, its secrets redacted still
 
 
 def test_an_oauth_form_keeps_every_pair_but_its_secrets() -> None:

@@ -13,7 +13,7 @@ from mitmproxy.test import taddons
 from ocigate.configuration import Configuration, Shared
 from ocigate.draining import Draining
 from ocigate.operating import Operating
-from ocigate.worker import Identity
+from ocigate.workeridentity import Identity
 
 
 class Clock:
@@ -108,9 +108,11 @@ async def test_a_worker_whose_parent_is_gone_does_not_drain() -> None:
 
 async def test_running_puts_its_handler_in_place_of_mitmproxys() -> None:
     loop = asyncio.get_running_loop()
-    # Whatever handled SIGTERM before (here: a stand-in for mitmproxy's, which must not hear it) is replaced.
+    # Whatever handled SIGTERM before (a stand-in for mitmproxy's, put in place as mitmproxy's run() does, with the
+    # loop's add_signal_handler, before the running hook) must not hear it: it is replaced.
     before: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: before.append(signum))
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGTERM, lambda: before.append(signal.SIGTERM))
     try:
         with draining(0) as rig:
             rig.addon.running()

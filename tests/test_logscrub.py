@@ -4,12 +4,14 @@ import contextlib
 import io
 import logging
 import string
+import subprocess
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ocigate import scrub
-from ocigate.logscrub import ScrubbedLogs
+from ocigate.logscrub import MAX_MESSAGE, ScrubbedLogs
 
 
 class _Kept(logging.Handler):
@@ -83,6 +85,42 @@ def test_a_record_whose_arguments_do_not_fit_its_format_is_shown_redacted_and_ra
     # Nothing for logging's handleError to print (it would print the format and the arguments raw).
     assert stderr == ""
     assert secret not in "\n".join(lines)
+
+
+def test_a_message_longer_than_max_message_is_cut_and_says_so_and_what_is_kept_is_scrubbed() -> None:
+    long_line = "GET /x?token=tok-0123&a=" + "b" * MAX_MESSAGE + "&password=pw-4567 HTTP/1.1"
+    lines, stderr = _through_the_filter("mitmproxy.proxy.server", "Bad HTTP request line: %s", long_line)
+    (line,) = lines
+    assert line.startswith("Bad HTTP request line: GET /x?token=<redacted>&a=bbb")
+    assert line.endswith(
+        f"... ({len('Bad HTTP request line: ') + len(long_line) - MAX_MESSAGE} characters more not shown)"
+    )
+    assert "tok-0123" not in line and "pw-4567" not in line and stderr == ""
+
+
+def test_fields_nested_in_field_values_are_read_without_recursion() -> None:
+    # Each value holds the next field: read on as text, not by a call per level (a 3.6 KB line exceeded the stack).
+    nested = "GET /?" + "a=?" * 5000 + "token=tok-0123 HTTP/1.1"
+    assert scrub.text_urls(nested) == nested.replace("tok-0123", "<redacted>")
+    assert (
+        scrub.text_urls("?next=https://u:pw@h.test/?token=t&x=1")
+        == "?next=https://u:<redacted>@h.test/?token=<redacted>&x=1"
+    )
+
+
+# A hang guard, not a speed test: the old pattern took time quadratic in a run of letters (10 s for 128 KiB, minutes
+# for this line); the limit is far beyond what a linear scan needs on any machine.
+_HANG = f"""
+import sys
+sys.path[:0] = {sys.path!r}
+from ocigate import scrub
+text = "GET /" + "A" * (1 << 20) + " HTTP/1.1 " + "9" * (1 << 20) + "+" * (1 << 20)
+assert scrub.text_urls(text) == text
+"""
+
+
+def test_a_long_run_of_letters_is_scrubbed_without_hanging() -> None:
+    subprocess.run([sys.executable, "-c", _HANG], check=True, timeout=120)
 
 
 _UNRESERVED = string.ascii_letters + string.digits + "-._~"

@@ -17,7 +17,7 @@ from .ocierror import OciError
 from .plan import Plan, location_for_client
 from .record import FlowRecord
 from .routes import RouteKind
-from .verify import decoded_body
+from .verify import decodable, decoded_body
 
 
 def error_response(method: str, error: OciError) -> http.Response:
@@ -103,14 +103,21 @@ def from_host(answer: HostResponse, *, head: bool, client_headers: Lines) -> htt
     headers = http.Headers([(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP])
     body = answer.body
     coding = header_value(answer.headers, b"content-encoding")
-    if not head and coding and coding.lower() != "identity" and not accepts_coding(client_headers, coding):
-        try:
-            body = decoded_body(body, coding)
-        except ValueError:
-            pass  # not one ocigate decodes (a manifest in it was not served): passed on as it came
+    if coding and coding.lower() != "identity" and not accepts_coding(client_headers, coding):
+        if head:
+            if decodable(coding):
+                # A GET would be decoded, to a length the HEAD cannot know: it says none, rather than the length of
+                # bytes the client would never get (containerd then asks with a GET for the size).
+                del headers["Content-Encoding"]
+                headers.pop("Content-Length", None)
         else:
-            del headers["Content-Encoding"]
-            headers["Content-Length"] = str(len(body))
+            try:
+                body = decoded_body(body, coding)
+            except ValueError:
+                pass  # not one ocigate decodes (a manifest in it was not served): passed on as it came
+            else:
+                del headers["Content-Encoding"]
+                headers["Content-Length"] = str(len(body))
     # The host sent its body chunked: it goes on with a length. A HEAD answer keeps exactly what the host said,
     # since a client takes its Content-Length as the size of what a GET would bring.
     if not head and header_value(answer.headers, b"content-length") is None:

@@ -388,7 +388,7 @@ def _redact_record(flow: http.HTTPFlow) -> None:
     if record is not None:
         flow.metadata[METADATA_KEY] = scrub.in_strings(record)
     if flow.comment:
-        flow.comment = scrub.text_userinfo(flow.comment)
+        flow.comment = scrub.text_urls(flow.comment)
 
 
 def without_placeholders(headers: http.Headers) -> list[str]:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from mitmproxy import ctx
 
 from .configuration import Shared
-from .worker import Identity
+from .workeridentity import Identity
 
 log = logging.getLogger("ocigate")
 

@@ -7,31 +7,43 @@ import logging
 
 from . import scrub
 
+# The most of one of mitmproxy's log messages kept: it quotes a client's request line whole, and mitmproxy sets no
+# limit to one. A line a person reads needs no more; what is cut is said.
+MAX_MESSAGE = 16 * 1024
+# Set on a record once scrubbed: every handler of the root logger has the filter, and each handler runs it.
+_SCRUBBED = "ocigate_scrubbed"
+
 
 class UrlSecretsFilter(logging.Filter):
     """Redacts the userinfo and the secret query fields of every URL in a record of mitmproxy's loggers, before any
-    handler formats it."""
+    handler formats it. It never raises (an exception in a filter escapes the logging call, into mitmproxy's
+    hook), and a record it cannot read loses its arguments rather than have logging print them raw."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, _SCRUBBED, False):
+            return True  # by the filter of another handler: once is enough, and a message cut is not cut again
         if record.name == "mitmproxy" or record.name.startswith("mitmproxy."):
+            setattr(record, _SCRUBBED, True)
             try:
                 message = record.getMessage()
             except Exception:
                 # Arguments that do not fit the format: logging's handleError would print the format and the
                 # arguments raw to stderr. What is left is the format alone, redacted.
-                record.msg, record.args = f"{_redacted_format(record)} (its arguments could not be formatted)", None
+                record.msg, record.args = f"{_redacted(str(record.msg))} (its arguments could not be formatted)", None
                 return True
-            redacted = scrub.text_urls(message)
+            redacted = _redacted(message)
             if redacted != message:
                 record.msg, record.args = redacted, None
         return True
 
 
-def _redacted_format(record: logging.LogRecord) -> str:
+def _redacted(message: str) -> str:
+    cut = len(message) - MAX_MESSAGE
+    shown = message if cut <= 0 else f"{message[:MAX_MESSAGE]}... ({cut} characters more not shown)"
     try:
-        return scrub.text_urls(str(record.msg))
+        return scrub.text_urls(shown)
     except Exception:
-        return "a log message that could not be shown"
+        return "a log message of mitmproxy's that ocigate could not look for secrets in, not shown"
 
 
 class ScrubbedLogs:

@@ -39,7 +39,7 @@ class Operating:
         self.records = records  # the gateway's, by flow
         self.worker = worker  # which of `ocigate --workers N`'s processes this is; None: a gateway alone
         self.ended: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        # Each streamed answer's counter: kept here, since addons after this one may wrap it in their own hooks.
+        # Each streamed answer's wrapper (passing.py), shared with the captures: what reached the client.
         self.passing: weakref.WeakKeyDictionary[http.HTTPFlow, Passing] = weakref.WeakKeyDictionary()
         # One registry for the life of the process: counters survive a change of address.
         self.metrics = Metrics(self._cooling_down, self._cache_entries)

@@ -32,6 +32,11 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hasher.hexdigest()}"
 
 
+def decodable(coding: str) -> bool:
+    """Whether `decoded_body` decodes a body in this Content-Encoding (one coding ocigate knows)."""
+    return coding.strip().lower() in _DECODERS
+
+
 def decoded_body(body: bytes, coding: str | None) -> bytes:
     """A small body read whole, decoded as its Content-Encoding says (bounded by MAX_MANIFEST_SIZE); ValueError
     names why it cannot be."""

@@ -1,4 +1,4 @@
-"""One of the processes `ocigate --workers N` runs (see workers.py): who it is (its environment says), how it ends with
+"""One of the processes `ocigate --workers N` runs (see workers.py; who it is, `workeridentity.py`): how it ends with
 its parent, how its output names it, and how it shares the listening address with the other workers.
 
 Each worker binds the proxy's address with SO_REUSEPORT: the kernel hands each new client connection to one of the
