@@ -24,7 +24,7 @@ from ocigate.configuration import Configuration, Shared
 from ocigate.dialing import Dialing
 from ocigate.operating import Counted, Operating
 from ocigate.probes import Verdict
-from ocigate.verify import StreamVerifier
+from ocigate.verify import PASS_SIZE, StreamVerifier
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, write_rules
 from tests.test_trust import BLOB, BLOB_DIGEST, through
@@ -125,20 +125,21 @@ async def test_a_wrong_blob_cut_short_counts_only_what_passed(tmp_path: Path) ->
             flow.response = tutils.tresp(content=None)
             gw.responseheaders(flow)
             op.responseheaders(flow)
-            sent = through(flow.response.stream, [b"not the ", b"blob's bytes"])
+            # Pieces of PASS_SIZE go on one piece late: the first passes, the rest is held back and never sent.
+            sent = through(flow.response.stream, [b"n" * PASS_SIZE, b"o" * PASS_SIZE, b"t the blob's bytes"])
             gw.response(flow)
             op.response(flow)
             gw.error(flow)
             op.error(flow)
     (logged,) = lines(log)
-    assert logged["bytes"] == len(b"".join(sent)) == len(b"not the ")
+    assert logged["bytes"] == len(b"".join(sent)) == PASS_SIZE
     assert "transfer aborted" in logged["error"] and logged["verified"] is None
 
 
 def test_counted_hands_on_what_the_hook_gives_and_counts_it() -> None:
     counted = Counted.around(StreamVerifier("sha256:" + hashlib.sha256(b"abcdef").hexdigest()))
     assert isinstance(counted, Counted) and not counted.called
-    assert through(counted, [b"abc", b"def"]) == [b"abc", b"def"]
+    assert through(counted, [b"abc", b"def"]) == [b"abcdef"]  # the verifier gathers small pieces
     assert counted.sent == 6
     plain = Counted.around(True)
     assert isinstance(plain, Counted) and through(plain, [b"xy"]) == [b"xy"] and plain.sent == 2

@@ -18,6 +18,14 @@ from .headers import Lines, header_value
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
 # (containerd's MaxManifestSize) do not take them either.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# A blob's bytes go on to the client gathered into pieces of about this size. mitmproxy reads a host's answer in pieces
+# of 64 KiB at most and sends each piece a stream hook hands it through its HTTP and TLS layers, at a cost per piece
+# that made a third of the gateway's time per GiB (py-spy, docs/benchmarks.md); the hash thread too takes fewer, larger
+# pieces (see hashing).
+PASS_SIZE = 256 * 1024
+# ...and sooner when the host sends slowly: bytes gathered go on with the first piece that comes this long after the
+# last ones went, so a slow host's bytes reach the client as they come (one piece later, the one held back).
+PASS_AFTER = 0.05
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -98,6 +106,7 @@ def _is_json_object(content: bytes) -> bool:
 class StreamVerifier:
     """Hashes a blob while it streams to the client (past its first MiBs on a thread of its own, see hashing),
     holding back its last piece: a blob that turns out not to be what its digest says then never arrives complete.
+    The host's pieces are passed on gathered (PASS_SIZE, PASS_AFTER).
 
     It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
     chunk of its own, which in a chunked answer is the one that ends the body."""
@@ -108,6 +117,9 @@ class StreamVerifier:
         self._clock = clock
         self.last_piece = clock()  # when the host last sent a piece: a stalled host is cut off (see addon)
         self._hash = BackgroundHash(algorithm)  # off the event loop
+        self._gathered: list[bytes] = []
+        self._gathered_size = 0
+        self._passed_at = self.last_piece  # when the gathered bytes last went on (to be held back)
         self._held = b""
         self.size = 0
         self.finished = False  # the end (b"") was seen
@@ -116,18 +128,31 @@ class StreamVerifier:
     def __call__(self, chunk: bytes) -> list[bytes]:
         """mitmproxy's stream hook: each piece from the host in, what goes on to the client out; b"" at the end."""
         if chunk:
-            self.last_piece = self._clock()
-            self._hash.update(chunk)
+            now = self.last_piece = self._clock()
             self.size += len(chunk)
-            passed, self._held = self._held, chunk
+            self._gathered.append(chunk)
+            self._gathered_size += len(chunk)
+            if self._gathered_size < PASS_SIZE and now - self._passed_at < PASS_AFTER:
+                return []
+            self._passed_at = now
+            passed, self._held = self._held, self._hashed_gathered()
             return [passed] if passed else []
         self.finished = True
+        rest = self._hashed_gathered()
         actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
         if actual != self.digest:
             self.mismatch = f"{self.size} bytes that hash to {actual}"
             return []
         passed, self._held = self._held, b""
-        return [passed] if passed else []
+        return [piece for piece in (passed, rest) if piece]
+
+    def _hashed_gathered(self) -> bytes:
+        """The pieces gathered since the last ones went on, as one (not copied when it is one), hashed."""
+        piece = b"".join(self._gathered)
+        self._gathered, self._gathered_size = [], 0
+        if piece:
+            self._hash.update(piece)
+        return piece
 
     def close(self) -> None:
         """The blob will not be finished (its flow failed or ended otherwise): its hashing thread ends."""
