@@ -18,10 +18,10 @@ from .headers import Lines, header_value
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
 # (containerd's MaxManifestSize) do not take them either.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
-# A blob's bytes go on to the client gathered into pieces of about this size. mitmproxy reads a host's answer in pieces
-# of 64 KiB at most and sends each piece a stream hook hands it through its HTTP and TLS layers, at a cost per piece
-# that made a third of the gateway's time per GiB (py-spy, docs/benchmarks.md); the hash thread too takes fewer, larger
-# pieces (see hashing).
+# A blob's bytes go on to the client gathered into pieces of about this size. mitmproxy sends each piece a stream hook
+# hands it through its HTTP and TLS layers to the client at about the same cost whatever its size, and the pieces it
+# reads from a host can be small (down to a few bytes, see reads.py); the hash thread too then takes fewer, larger
+# pieces (see hashing). Measured in docs/benchmarks.md.
 PASS_SIZE = 256 * 1024
 # ...and sooner when the host sends slowly: bytes gathered go on with the first piece that comes this long after the
 # last ones went, so a slow host's bytes reach the client as they come (one piece later, the one held back).
