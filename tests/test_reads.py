@@ -8,6 +8,7 @@ from mitmproxy.proxy.server import ConnectionIO
 from mitmproxy.test import taddons, tflow
 
 from ocigate.reads import READ_SIZE, LargerReads, _LargerReads
+from ocigate.verify import GATHERING_BLOBS, StreamVerifier, digest_of
 
 
 async def test_a_read_takes_all_that_is_buffered_up_to_read_size_and_waits_for_no_more() -> None:
@@ -20,6 +21,16 @@ async def test_a_read_takes_all_that_is_buffered_up_to_read_size_and_waits_for_n
     assert await asyncio.wait_for(reader.read(65535), 5) == b"tail"
     reader.feed_eof()
     assert await reader.read(65535) == b""
+
+
+async def test_under_many_blobs_at_once_reads_stay_as_mitmproxy_asks() -> None:
+    blobs = [StreamVerifier(digest_of(b"")) for _ in range(GATHERING_BLOBS)]
+    reader = _LargerReads()
+    reader.feed_data(b"x" * 100_000)
+    assert len(await reader.read(65535)) == 65535
+    for blob in blobs:
+        blob.close()
+    assert len(await reader.read(65535)) == 100_000 - 65535
 
 
 class _Proxyserver:

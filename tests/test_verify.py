@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ocigate.verify import (
+    GATHERING_BLOBS,
     MAX_MANIFEST_SIZE,
     PASS_AFTER,
     PASS_SIZE,
@@ -14,6 +15,7 @@ from ocigate.verify import (
     Problem,
     StreamVerifier,
     digest_of,
+    few_blobs_streaming,
     judge_blob_answer,
     manifest_problem,
 )
@@ -128,10 +130,22 @@ def test_a_fast_host_s_pieces_go_on_gathered_and_the_last_is_held_back() -> None
     blob = piece * 10
     verifier = StreamVerifier(digest_of(blob), clock=Clock([]))
     sent = [verifier(piece) for _ in range(10)]
-    # Four pieces make one to pass on; the first such goes on only when the next is complete (held back till then).
-    assert [[len(out) for out in outs] for outs in sent] == [[]] * 7 + [[PASS_SIZE]] + [[]] * 2
-    assert [len(out) for out in verifier(b"")] == [PASS_SIZE, 2 * len(piece)]
+    # The last piece is held back; the ones before it go on four at a time.
+    assert [[len(out) for out in outs] for outs in sent] == [[]] * 4 + [[PASS_SIZE]] + [[]] * 3 + [[PASS_SIZE]] + [[]]
+    assert [len(out) for out in verifier(b"")] == [len(piece), len(piece)]
     assert verifier.mismatch is None and verifier.size == len(blob)
+
+
+def test_under_many_blobs_at_once_a_fast_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:
+    others = [StreamVerifier(digest_of(b"")) for _ in range(GATHERING_BLOBS)]
+    assert not few_blobs_streaming()
+    piece = b"p" * 65536
+    verifier = StreamVerifier(digest_of(piece * 3), clock=Clock([]))
+    assert [verifier(piece) for _ in range(3)] == [[], [piece], [piece]]
+    assert verifier(b"") == [piece]
+    for other in others:
+        other.close()
+    assert few_blobs_streaming()
 
 
 def test_a_slow_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:

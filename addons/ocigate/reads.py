@@ -2,11 +2,11 @@
 
 mitmproxy reads each server connection 65535 bytes at a time (`ConnectionHandler.handle_connection`), while asyncio
 takes up to 256 KiB from the socket at once: a blob from a fast host came in four pieces of 64 KiB and one of 4 bytes
-for every 256 KiB, each a trip through mitmproxy's layers (server event, HTTP/1, the stream hook, HTTP/1 and TLS to
-the client) that costs the event loop about as much whatever its size. Reading all that is buffered, up to
-READ_SIZE, takes in one trip what asyncio holds already: the event loop's time per GiB streamed went down by a
-quarter (docs/benchmarks.md). No byte waits longer (a read returns what is there, as before) and nothing more is held
-(asyncio's buffer held those bytes anyway).
+for every 256 KiB, each a trip through mitmproxy's layers (server event, HTTP/1, the stream hook, HTTP/1 and TLS to the
+client) that costs the event loop about as much whatever its size. Reading all that is buffered, up to READ_SIZE, takes
+in one trip what asyncio holds already: the event loop's time per GiB streamed went down by a quarter
+(docs/benchmarks.md). No byte waits longer (a read returns what is there, as before), but each connection has more bytes
+in flight: under many blobs at once (verify.GATHERING_BLOBS) reads stay as they were.
 """
 
 import asyncio
@@ -14,12 +14,15 @@ import asyncio
 from mitmproxy import ctx
 from mitmproxy.proxy import server_hooks
 
+from .verify import few_blobs_streaming
+
 READ_SIZE = 1024 * 1024
 
 
 class _LargerReads(asyncio.StreamReader):
     async def read(self, n: int = -1) -> bytes:
-        return await super().read(max(n, READ_SIZE) if n > 0 else n)
+        # Only while few blobs stream: under many at once, what each connection holds counts more (see verify).
+        return await super().read(max(n, READ_SIZE) if n > 0 and few_blobs_streaming() else n)
 
 
 class LargerReads:

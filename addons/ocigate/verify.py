@@ -7,6 +7,7 @@ digest of another algorithm cannot be checked and passes as it is.
 
 import json
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ PASS_SIZE = 256 * 1024
 # ...and sooner when the host sends slowly: bytes gathered go on with the first piece that comes this long after the
 # last ones went, so a slow host's bytes reach the client as they come (one piece later, the one held back).
 PASS_AFTER = 0.05
+# Blobs streaming at once up to which a new one's pieces are gathered, and hosts' connections read in larger pieces
+# (reads.py). Each such blob holds up to a piece and PASS_SIZE more than mitmproxy alone would, and its connection a
+# larger read: under 200 pulls at once that took the gateway from 170 to 300 MiB (docs/benchmarks.md). Beyond it the
+# loop's time is shared between many blobs anyway, and their pieces go on as they come.
+GATHERING_BLOBS = 16
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -103,6 +109,13 @@ def _is_json_object(content: bytes) -> bool:
         return False
 
 
+_streaming: "weakref.WeakSet[StreamVerifier]" = weakref.WeakSet()  # not finished or closed, nor collected
+
+
+def few_blobs_streaming() -> bool:
+    return len(_streaming) < GATHERING_BLOBS
+
+
 class StreamVerifier:
     """Hashes a blob while it streams to the client (past its first MiBs on a thread of its own, see hashing),
     holding back its last piece: a blob that turns out not to be what its digest says then never arrives complete.
@@ -119,7 +132,9 @@ class StreamVerifier:
         self._hash = BackgroundHash(algorithm)  # off the event loop
         self._gathered: list[bytes] = []
         self._gathered_size = 0
-        self._passed_at = self.last_piece  # when the gathered bytes last went on (to be held back)
+        self._passed_at = self.last_piece  # when the gathered bytes last went on
+        self._pass_size = PASS_SIZE if few_blobs_streaming() else 0  # 0: each piece goes on as the next one comes
+        _streaming.add(self)
         self._held = b""
         self.size = 0
         self.finished = False  # the end (b"") was seen
@@ -130,32 +145,33 @@ class StreamVerifier:
         if chunk:
             now = self.last_piece = self._clock()
             self.size += len(chunk)
-            self._gathered.append(chunk)
-            self._gathered_size += len(chunk)
-            if self._gathered_size < PASS_SIZE and now - self._passed_at < PASS_AFTER:
+            self._hash.update(chunk)
+            if self._held:
+                self._gathered.append(self._held)
+                self._gathered_size += len(self._held)
+            self._held = chunk
+            if not self._gathered or (self._gathered_size < self._pass_size and now - self._passed_at < PASS_AFTER):
                 return []
             self._passed_at = now
-            passed, self._held = self._held, self._hashed_gathered()
-            return [passed] if passed else []
+            return [self._take_gathered()]
         self.finished = True
-        rest = self._hashed_gathered()
+        _streaming.discard(self)
         actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
         if actual != self.digest:
             self.mismatch = f"{self.size} bytes that hash to {actual}"
             return []
-        passed, self._held = self._held, b""
-        return [piece for piece in (passed, rest) if piece]
+        passed, held, self._held = self._take_gathered(), self._held, b""
+        return [piece for piece in (passed, held) if piece]
 
-    def _hashed_gathered(self) -> bytes:
-        """The pieces gathered since the last ones went on, as one (not copied when it is one), hashed."""
+    def _take_gathered(self) -> bytes:
+        """The pieces gathered since the last ones went on, as one (not copied when it is one)."""
         piece = b"".join(self._gathered)
         self._gathered, self._gathered_size = [], 0
-        if piece:
-            self._hash.update(piece)
         return piece
 
     def close(self) -> None:
         """The blob will not be finished (its flow failed or ended otherwise): its hashing thread ends."""
+        _streaming.discard(self)
         self._hash.close()
 
 
