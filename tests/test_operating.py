@@ -24,6 +24,7 @@ from ocigate.dialing import Dialing
 from ocigate.operating import Operating
 from ocigate.passing import Passing
 from ocigate.probes import Verdict
+from ocigate.verify import PASS_SIZE
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, write_rules
 from tests.test_trust import BLOB, BLOB_DIGEST, through
@@ -124,13 +125,14 @@ async def test_a_wrong_blob_cut_short_counts_only_what_passed(tmp_path: Path) ->
             flow.response = tutils.tresp(content=None)
             gw.responseheaders(flow)
             op.responseheaders(flow)
-            sent = through(flow.response.stream, [b"not the ", b"blob's bytes"])
+            # The first piece goes on once it is PASS_SIZE and the next has come; the last is held back, never sent.
+            sent = through(flow.response.stream, [b"n" * PASS_SIZE, b"ot the blob's bytes"])
             gw.response(flow)
             op.response(flow)
             gw.error(flow)
             op.error(flow)
     (logged,) = lines(log)
-    assert logged["bytes"] == len(b"".join(sent)) == len(b"not the ")
+    assert logged["bytes"] == len(b"".join(sent)) == PASS_SIZE
     assert "transfer aborted" in logged["error"] and logged["verified"] is None
 
 

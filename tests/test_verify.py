@@ -7,11 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ocigate.verify import (
+    GATHERING_BLOBS,
     MAX_MANIFEST_SIZE,
+    PASS_AFTER,
+    PASS_SIZE,
     BlobAnswer,
     Problem,
     StreamVerifier,
     digest_of,
+    few_blobs_streaming,
     judge_blob_answer,
     manifest_problem,
 )
@@ -91,16 +95,65 @@ def test_an_empty_blob_streams_as_nothing_at_all() -> None:
     assert stream(verifier, []) == [] and verifier.mismatch is None
 
 
-@given(st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=20), st.binary(min_size=1, max_size=8))
-def test_a_wrong_blob_never_arrives_whole(pieces: list[bytes], extra: bytes) -> None:
+@given(
+    st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=20),
+    st.binary(min_size=1, max_size=8),
+    st.lists(st.sampled_from([0.0, 2 * PASS_AFTER]), min_size=20, max_size=20),
+)
+def test_a_wrong_blob_never_arrives_whole(pieces: list[bytes], extra: bytes, waits: list[float]) -> None:
     blob = b"".join(pieces)
-    verifier = StreamVerifier(digest_of(blob + extra))
+    clock = Clock(waits)
+    verifier = StreamVerifier(digest_of(blob + extra), clock=clock)
     sent = stream(verifier, pieces)
     passed = b"".join(sent)
     assert b"" not in sent
-    # The last piece is held back: the client is short of bytes, and told nothing arrived complete.
-    assert len(passed) == len(blob) - len(pieces[-1])
+    # The last piece (and what came with it) is held back: the client is short of bytes, and told nothing arrived
+    # complete.
+    assert blob.startswith(passed) and len(passed) <= len(blob) - len(pieces[-1])
     assert verifier.mismatch == f"{len(blob)} bytes that hash to {digest_of(blob)}"
+
+
+class Clock:
+    """A monotonic clock that moves on by the next of `waits` each time it is read (then stands still)."""
+
+    def __init__(self, waits: list[float]) -> None:
+        self.now = 1000.0
+        self._waits = list(waits)
+
+    def __call__(self) -> float:
+        self.now += self._waits.pop(0) if self._waits else 0.0
+        return self.now
+
+
+def test_a_fast_host_s_pieces_go_on_gathered_and_the_last_is_held_back() -> None:
+    piece = bytes(range(256)) * 256  # 64 KiB, as mitmproxy reads a host's answer
+    blob = piece * 10
+    verifier = StreamVerifier(digest_of(blob), clock=Clock([]))
+    sent = [verifier(piece) for _ in range(10)]
+    # The last piece is held back; the ones before it go on four at a time.
+    assert [[len(out) for out in outs] for outs in sent] == [[]] * 4 + [[PASS_SIZE]] + [[]] * 3 + [[PASS_SIZE]] + [[]]
+    assert [len(out) for out in verifier(b"")] == [len(piece), len(piece)]
+    assert verifier.mismatch is None and verifier.size == len(blob)
+
+
+def test_under_many_blobs_at_once_a_fast_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:
+    others = [StreamVerifier(digest_of(b"")) for _ in range(GATHERING_BLOBS)]
+    assert not few_blobs_streaming()
+    piece = b"p" * 65536
+    verifier = StreamVerifier(digest_of(piece * 3), clock=Clock([]))
+    assert [verifier(piece) for _ in range(3)] == [[], [piece], [piece]]
+    assert verifier(b"") == [piece]
+    for other in others:
+        other.close()
+    assert few_blobs_streaming()
+
+
+def test_a_slow_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:
+    pieces = [b"a" * 10, b"b" * 10, b"c" * 10]
+    # Each piece comes longer than PASS_AFTER after the one before it.
+    verifier = StreamVerifier(digest_of(b"".join(pieces)), clock=Clock([0.0] + [2 * PASS_AFTER] * 3))
+    assert [verifier(piece) for piece in pieces] == [[], [pieces[0]], [pieces[1]]]
+    assert verifier(b"") == [pieces[2]]
 
 
 def test_a_tag_answered_with_what_is_no_manifest_is_a_problem_but_not_a_lie() -> None:

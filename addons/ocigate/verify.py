@@ -7,6 +7,7 @@ digest of another algorithm cannot be checked and passes as it is.
 
 import json
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,19 @@ from .headers import Lines, header_value
 # distribution refuses larger manifest bodies (registry/handlers/manifests.go, maxManifestBodySize), and clients
 # (containerd's MaxManifestSize) do not take them either.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# A blob's bytes go on to the client gathered into pieces of about this size. mitmproxy sends each piece a stream hook
+# hands it through its HTTP and TLS layers to the client at about the same cost whatever its size, and the pieces it
+# reads from a host can be small (down to a few bytes, see reads.py); the hash thread too then takes fewer, larger
+# pieces (see hashing). Measured in docs/benchmarks.md.
+PASS_SIZE = 256 * 1024
+# ...and sooner when the host sends slowly: bytes gathered go on with the first piece that comes this long after the
+# last ones went, so a slow host's bytes reach the client as they come (one piece later, the one held back).
+PASS_AFTER = 0.05
+# Blobs streaming at once up to which a new one's pieces are gathered, and hosts' connections read in larger pieces
+# (reads.py). Each such blob holds up to a piece and PASS_SIZE more than mitmproxy alone would, and its connection a
+# larger read: under 200 pulls at once that took the gateway from 170 to 300 MiB (docs/benchmarks.md). Beyond it the
+# loop's time is shared between many blobs anyway, and their pieces go on as they come.
+GATHERING_BLOBS = 16
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -102,9 +116,17 @@ def _is_json_object(content: bytes) -> bool:
         return False
 
 
+_streaming: "weakref.WeakSet[StreamVerifier]" = weakref.WeakSet()  # not finished or closed, nor collected
+
+
+def few_blobs_streaming() -> bool:
+    return len(_streaming) < GATHERING_BLOBS
+
+
 class StreamVerifier:
     """Hashes a blob while it streams to the client (past its first MiBs on a thread of its own, see hashing),
     holding back its last piece: a blob that turns out not to be what its digest says then never arrives complete.
+    The host's pieces are passed on gathered (PASS_SIZE, PASS_AFTER).
 
     It hands mitmproxy a list of pieces, empty while nothing is to pass: an empty bytes object would go out as a
     chunk of its own, which in a chunked answer is the one that ends the body."""
@@ -115,6 +137,11 @@ class StreamVerifier:
         self._clock = clock
         self.last_piece = clock()  # when the host last sent a piece: a stalled host is cut off (see addon)
         self._hash = BackgroundHash(algorithm)  # off the event loop
+        self._gathered: list[bytes] = []
+        self._gathered_size = 0
+        self._passed_at = self.last_piece  # when the gathered bytes last went on
+        self._pass_size = PASS_SIZE if few_blobs_streaming() else 0  # 0: each piece goes on as the next one comes
+        _streaming.add(self)
         self._held = b""
         self.size = 0
         self.finished = False  # the end (b"") was seen
@@ -123,21 +150,35 @@ class StreamVerifier:
     def __call__(self, chunk: bytes) -> list[bytes]:
         """mitmproxy's stream hook: each piece from the host in, what goes on to the client out; b"" at the end."""
         if chunk:
-            self.last_piece = self._clock()
-            self._hash.update(chunk)
+            now = self.last_piece = self._clock()
             self.size += len(chunk)
-            passed, self._held = self._held, chunk
-            return [passed] if passed else []
+            self._hash.update(chunk)
+            if self._held:
+                self._gathered.append(self._held)
+                self._gathered_size += len(self._held)
+            self._held = chunk
+            if not self._gathered or (self._gathered_size < self._pass_size and now - self._passed_at < PASS_AFTER):
+                return []
+            self._passed_at = now
+            return [self._take_gathered()]
         self.finished = True
+        _streaming.discard(self)
         actual = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
         if actual != self.digest:
             self.mismatch = f"{self.size} bytes that hash to {actual}"
             return []
-        passed, self._held = self._held, b""
-        return [passed] if passed else []
+        passed, held, self._held = self._take_gathered(), self._held, b""
+        return [piece for piece in (passed, held) if piece]
+
+    def _take_gathered(self) -> bytes:
+        """The pieces gathered since the last ones went on, as one (not copied when it is one)."""
+        piece = b"".join(self._gathered)
+        self._gathered, self._gathered_size = [], 0
+        return piece
 
     def close(self) -> None:
         """The blob will not be finished (its flow failed or ended otherwise): its hashing thread ends."""
+        _streaming.discard(self)
         self._hash.close()
 
 
