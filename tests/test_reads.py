@@ -1,14 +1,22 @@
 """Larger reads from the hosts mitmproxy dials (reads.py)."""
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+from mitmproxy import http
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy.server import ConnectionIO
 from mitmproxy.test import taddons, tflow
 
-from ocigate.reads import READ_SIZE, LargerReads, _LargerReads
-from ocigate.verify import GATHERING_BLOBS, StreamVerifier, digest_of
+from ocigate import reads
+from ocigate.reads import READ_SIZE, _LargerReads, read_larger
+from ocigate.verify import StreamVerifier
+from tests.support.http_host import http_host
+from tests.test_addon import flow_to, gateway, write_rules
+from tests.test_trust import BLOB, BLOB_DIGEST
+from tests.test_verify import many_blobs_streaming
 
 
 async def test_a_read_takes_all_that_is_buffered_up_to_read_size_and_waits_for_no_more() -> None:
@@ -24,12 +32,10 @@ async def test_a_read_takes_all_that_is_buffered_up_to_read_size_and_waits_for_n
 
 
 async def test_under_many_blobs_at_once_reads_stay_as_mitmproxy_asks() -> None:
-    blobs = [StreamVerifier(digest_of(b"")) for _ in range(GATHERING_BLOBS)]
     reader = _LargerReads()
     reader.feed_data(b"x" * 100_000)
-    assert len(await reader.read(65535)) == 65535
-    for blob in blobs:
-        blob.close()
+    with many_blobs_streaming():
+        assert len(await reader.read(65535)) == 65535
     assert len(await reader.read(65535)) == 100_000 - 65535
 
 
@@ -41,19 +47,54 @@ class _Proxyserver:
     def __init__(self) -> None:
         self.connections: dict[str, SimpleNamespace] = {}
 
+    def readers(self, flow: http.HTTPFlow) -> tuple[asyncio.StreamReader, asyncio.StreamReader]:
+        """The flow's server and client connections' readers, as mitmproxy holds them."""
+        server, client = asyncio.StreamReader(), asyncio.StreamReader()
+        self.connections[flow.client_conn.id] = SimpleNamespace(
+            transports={flow.server_conn: ConnectionIO(reader=server), flow.client_conn: ConnectionIO(reader=client)}
+        )
+        return server, client
 
-async def test_a_server_connection_s_reader_reads_larger_once_connected() -> None:
+
+async def test_read_larger_swaps_the_flows_host_connection_reader_only() -> None:
     flow = tflow.tflow()
-    reader, other = asyncio.StreamReader(), asyncio.StreamReader()
     proxyserver = _Proxyserver()
-    proxyserver.connections[flow.client_conn.id] = SimpleNamespace(
-        transports={flow.server_conn: ConnectionIO(reader=reader), flow.client_conn: ConnectionIO(reader=other)}
-    )
-    larger = LargerReads()
-    with taddons.context(proxyserver, larger):
-        larger.server_connected(SimpleNamespace(client=flow.client_conn, server=flow.server_conn))
-    assert type(reader) is _LargerReads
-    assert type(other) is asyncio.StreamReader  # only the connection that was connected
+    server, client = proxyserver.readers(flow)
+    with taddons.context(proxyserver):
+        assert read_larger(flow) and read_larger(flow)  # again: it is so already
+    assert type(server) is _LargerReads
+    assert type(client) is asyncio.StreamReader
+
+
+async def test_without_mitmproxys_connections_it_says_so_and_reads_stay(caplog: pytest.LogCaptureFixture) -> None:
+    reads._not_found.cache_clear()  # said once a process: as if this were the first
+    with taddons.context():
+        assert not read_larger(tflow.tflow())
+        assert not read_larger(tflow.tflow())
+    assert caplog.text.count("blobs are read in 64 KiB pieces") == 1
+
+
+async def test_only_a_verified_blobs_host_connection_reads_larger(tmp_path: Path) -> None:
+    with http_host(lambda h: (200, BLOB)) as (port, _):
+        rules = write_rules(tmp_path, "upstream.test", f'[host."http://a.test:{port}"]\n')
+        with gateway(rules, ["a.test=127.0.0.1"]) as (gw, tctx):
+            proxyserver = _Proxyserver()
+            tctx.master.addons.add(proxyserver)
+            verified = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}")
+            ranged = flow_to("upstream.test", f"/v2/team/app/blobs/{BLOB_DIGEST}", headers=[(b"Range", b"bytes=4-")])
+            readers, streams = {}, {}
+            for flow, status, headers in (
+                (verified, 200, {"Content-Length": str(len(BLOB))}),
+                (ranged, 206, {"Content-Range": f"bytes 4-{len(BLOB) - 1}/{len(BLOB)}", "Content-Length": "12"}),
+            ):
+                await gw.requestheaders(flow)
+                readers[status], _ = proxyserver.readers(flow)
+                flow.response = http.Response.make(status, b"", headers)
+                gw.responseheaders(flow)
+                streams[status] = flow.response.stream
+    assert isinstance(streams[200], StreamVerifier) and callable(streams[206])
+    assert type(readers[200]) is _LargerReads
+    assert type(readers[206]) is asyncio.StreamReader  # unchecked: read as mitmproxy reads
 
 
 def test_mitmproxy_keeps_its_connections_where_reads_py_looks_for_them() -> None:

@@ -2,6 +2,8 @@
 
 import gzip
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -136,15 +138,24 @@ def test_a_fast_host_s_pieces_go_on_gathered_and_the_last_is_held_back() -> None
     assert verifier.mismatch is None and verifier.size == len(blob)
 
 
-def test_under_many_blobs_at_once_a_fast_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:
+@contextmanager
+def many_blobs_streaming() -> Iterator[None]:
+    """GATHERING_BLOBS other blobs streaming meanwhile; closed whatever happens (the count is the process's)."""
     others = [StreamVerifier(digest_of(b"")) for _ in range(GATHERING_BLOBS)]
-    assert not few_blobs_streaming()
-    piece = b"p" * 65536
-    verifier = StreamVerifier(digest_of(piece * 3), clock=Clock([]))
-    assert [verifier(piece) for _ in range(3)] == [[], [piece], [piece]]
-    assert verifier(b"") == [piece]
-    for other in others:
-        other.close()
+    try:
+        yield
+    finally:
+        for other in others:
+            other.close()
+
+
+def test_under_many_blobs_at_once_a_fast_host_s_pieces_go_on_as_they_come_one_piece_late() -> None:
+    with many_blobs_streaming():
+        assert not few_blobs_streaming()
+        piece = b"p" * 65536
+        verifier = StreamVerifier(digest_of(piece * 3), clock=Clock([]))
+        assert [verifier(piece) for _ in range(3)] == [[], [piece], [piece]]
+        assert verifier(b"") == [piece]
     assert few_blobs_streaming()
 
 

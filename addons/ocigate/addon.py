@@ -32,7 +32,6 @@ from .ocierror import OciError
 from .operating import Operating
 from .plan import Handling, Plan, classify, make_plan, origin_query
 from .policy import Decision, around_the_rules, audit_line, check
-from .reads import LargerReads
 from .record import METADATA_KEY, FlowRecord, proxy_user_of
 from .routes import Route
 from .streaming import Streams
@@ -272,7 +271,6 @@ def make_addons(worker: Identity | None = None) -> list:
             lambda flow, request: gateway.streams.as_sent(flow, redaction.as_sent(flow, request)),
         ),
         Dialing(shared),
-        LargerReads(),
         Configuration(shared),
         # Before the gateway: a replayed flow's placeholders never reach a decision or a host.
         Replayed(),

@@ -1,20 +1,25 @@
-"""Larger reads from the hosts mitmproxy dials: a blob crosses mitmproxy's layers in a fifth of the trips.
+"""Larger reads from a host sending a verified blob: it crosses mitmproxy's layers in a fifth of the trips.
 
 mitmproxy reads each server connection 65535 bytes at a time (`ConnectionHandler.handle_connection`), while asyncio
 takes up to 256 KiB from the socket at once: a blob from a fast host came in four pieces of 64 KiB and one of 4 bytes
 for every 256 KiB, each a trip through mitmproxy's layers (server event, HTTP/1, the stream hook, HTTP/1 and TLS to the
-client) that costs the event loop about as much whatever its size. Reading all that is buffered, up to READ_SIZE, takes
-in one trip what asyncio holds already: the event loop's time per GiB streamed went down by a quarter
-(docs/benchmarks.md). No byte waits longer (a read returns what is there, as before), but each connection has more bytes
-in flight: under many blobs at once (verify.GATHERING_BLOBS) reads stay as they were.
+client) that costs the event loop about as much whatever its size. Reading all that is buffered (up to READ_SIZE; on a
+socket asyncio holds about 384 KiB at most before it stops reading) takes in one trip what asyncio holds already: the
+event loop's time per GiB streamed went down by a quarter (docs/benchmarks.md). No byte waits longer (a read returns
+what is there, as before), but the connection has more bytes in flight: so only a connection that brings a verified
+blob reads so (streaming.Streams, when its verifier is made), and only while few blobs stream
+(verify.GATHERING_BLOBS); tunnels to storage, passed-through hosts and unchecked answers read as mitmproxy reads.
 """
 
 import asyncio
+import functools
+import logging
 
-from mitmproxy import ctx
-from mitmproxy.proxy import server_hooks
+from mitmproxy import ctx, http
 
 from .verify import few_blobs_streaming
+
+log = logging.getLogger("ocigate")
 
 READ_SIZE = 1024 * 1024
 
@@ -25,15 +30,28 @@ class _LargerReads(asyncio.StreamReader):
         return await super().read(max(n, READ_SIZE) if n > 0 and few_blobs_streaming() else n)
 
 
-class LargerReads:
-    """Every server connection mitmproxy opens is read in pieces of up to READ_SIZE."""
+def server_transport(flow: http.HTTPFlow) -> object | None:
+    """mitmproxy's transport (`ConnectionIO`: reader, writer, handler task) of the flow's connection to its host, as
+    its proxy server keeps it; None when it does not have it (not running, or changed): mitmproxy has no API for it."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    return getattr(handler, "transports", {}).get(flow.server_conn)
 
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        # Reached as streaming._cut_server_connection reaches it: mitmproxy has no option for its read size. When
-        # its proxy server is not running or changed, its reads stay as they are.
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = getattr(proxyserver, "connections", {}).get(data.client.id)
-        transport = getattr(handler, "transports", {}).get(data.server)
-        reader = getattr(transport, "reader", None)
-        if type(reader) is asyncio.StreamReader:  # a TCP connection (UDP ones are mitmproxy_rs streams)
-            reader.__class__ = _LargerReads
+
+def read_larger(flow: http.HTTPFlow) -> bool:
+    """The flow's host connection read in larger pieces from now on (it stays so for the connection's next
+    requests, which are to the same host). False, and said once, when mitmproxy's reader is not where it was."""
+    reader = getattr(server_transport(flow), "reader", None)
+    if type(reader) is asyncio.StreamReader:  # a TCP connection (UDP ones are mitmproxy_rs streams)
+        reader.__class__ = _LargerReads
+        return True
+    if isinstance(reader, _LargerReads):
+        return True
+    _not_found()
+    return False
+
+
+@functools.cache
+def _not_found() -> None:
+    """Said once a process: a mitmproxy that keeps its connections elsewhere reads blobs as it did."""
+    log.warning("ocigate: mitmproxy's host connections are not where ocigate looks: blobs are read in 64 KiB pieces")

@@ -12,7 +12,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 from mitmproxy.flow import Error
 
 from . import scrub
@@ -22,6 +22,7 @@ from .configuration import Shared
 from .hostclient import HostResponse
 from .hoststoml import Host
 from .plan import Attempt, Plan
+from .reads import read_larger, server_transport
 from .record import GATEWAY, FlowRecord
 from .redaction import Body, MaskingStream, echo_forms, mask, masked_answer
 from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
@@ -254,6 +255,7 @@ class Streams:
             return
         streamed.verifier = StreamVerifier(digest)
         response.stream = streamed.verifier
+        read_larger(flow)
         if judged.drop_encoding:
             response.headers.pop("Content-Encoding", None)
         if judged.chunked:
@@ -420,10 +422,7 @@ def _cut_server_connection(flow: http.HTTPFlow) -> bool:
     """Closes the flow's connection to its host as if the host had: the flow then fails (an incomplete body, or before
     any answer the gateway's own, see Streams.instead). False when mitmproxy's proxy server does not have it (not
     running, or changed)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    transport = getattr(handler, "transports", {}).get(flow.server_conn)
-    task = getattr(transport, "handler", None)
+    task = getattr(server_transport(flow), "handler", None)
     if task is None:
         return False
     task.cancel("ocigate: the host sent nothing in time")

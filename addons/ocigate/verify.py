@@ -25,12 +25,15 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # pieces (see hashing). Measured in docs/benchmarks.md.
 PASS_SIZE = 256 * 1024
 # ...and sooner when the host sends slowly: bytes gathered go on with the first piece that comes this long after the
-# last ones went, so a slow host's bytes reach the client as they come (one piece later, the one held back).
+# last ones went, so a host dripping its blob has it reach the client piece by piece (one piece later, the one held
+# back). A stream hook can hand bytes on only when the host sends some: what a burst left gathered goes on when the
+# host sends again after a pause (or ends the blob; a silent host is cut off, ocigate_read_timeout).
 PASS_AFTER = 0.05
 # Blobs streaming at once up to which a new one's pieces are gathered, and hosts' connections read in larger pieces
 # (reads.py). Each such blob holds up to a piece and PASS_SIZE more than mitmproxy alone would, and its connection a
-# larger read: under 200 pulls at once that took the gateway from 170 to 300 MiB (docs/benchmarks.md). Beyond it the
-# loop's time is shared between many blobs anyway, and their pieces go on as they come.
+# larger read: for every blob, under 200 pulls at once, that took the gateway from 170 to 343 MiB
+# (docs/benchmarks.md). Beyond it the loop's time is shared between many blobs anyway, and their pieces go on as they
+# come.
 GATHERING_BLOBS = 16
 # Go's and Python's names for the content codings a registry could apply to a manifest.
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}

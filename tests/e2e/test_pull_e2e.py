@@ -53,6 +53,8 @@ def test_copy_by_tag_is_served_by_b_after_a_said_404(fresh: World, tmp_path: Pat
     for blob in (fresh.app.config, *fresh.app.layers):
         assert any(f"/blobs/{blob.digest}" in u for u in b_uris), f"{blob.digest} not fetched from B"
     assert "mirror-a.test:5000/v2: 404" in fresh.gateway.log_text()
+    # Each verified blob's host connection was found where mitmproxy keeps it, and reads larger (reads.py).
+    assert "blobs are read in 64 KiB pieces" not in fresh.gateway.log_text()
 
 
 def test_every_request_that_reached_a_mirror_names_the_upstream(fresh: World, tmp_path: Path) -> None:
