@@ -9,7 +9,6 @@ Secrets are masked where they appear, byte for byte with `*`: an answer keeps it
 import base64
 import binascii
 import enum
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +22,6 @@ MIN_SECRET = 8
 _MASK = b"*"
 
 
-# Each request with ocigate's credential needs the forms of its Authorization value: the same few values (a cached
-# token, a Basic pair) over and over, so they are computed once each (a tenth of a millisecond a request otherwise).
-# The values kept are the credentials ocigate holds anyway, in its token cache and credential sources.
-_ECHO_FORMS_KEPT = 256
-
-
-@functools.lru_cache(maxsize=_ECHO_FORMS_KEPT)
 def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
     """Every form in which a host could echo the Authorization value ocigate sent it, longest first: the value, its
     credentials (a token, a Basic pair's base64) and a Basic pair decoded; each also as JSON and percent-encoding
