@@ -481,6 +481,22 @@ def test_a_body_too_large_to_look_into_is_neither_kept_nor_inflated() -> None:
     assert flow.response.raw_content.startswith(b"<redacted: the body was")
 
 
+def test_an_answer_too_large_to_keep_is_dropped_from_the_flow_even_where_mitmproxy_stored_it() -> None:
+    # store_streamed_bodies has mitmproxy keep a streamed body in the flow: past MAX_KEPT the copy ocigate looks in is
+    # let go, and the body mitmproxy kept must not stay in the flow unread.
+    redaction = Redaction()
+    flow = _passing_through()
+    redaction.requestheaders(flow)
+    body = b'{"access_token": "tok-0123456789", "pad": "' + b"x" * captures.MAX_KEPT + b'"}'
+    _answer(flow, {"Content-Type": "application/json"})
+    redaction.responseheaders(flow)
+    assert _stream(flow, body[: len(body) // 2], body[len(body) // 2 :]) == body  # the client gets it all
+    flow.response.raw_content = body  # as mitmproxy stores a streamed body
+    redaction.response(flow)
+    assert b"tok-0123456789" not in flow.response.raw_content
+    assert flow.response.raw_content.startswith(b"<redacted: the body was larger than")
+
+
 def _bodyless_redirect() -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.metadata.clear()

@@ -7,6 +7,7 @@ import string
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,10 +93,63 @@ def test_a_message_longer_than_max_message_is_cut_and_says_so_and_what_is_kept_i
     lines, stderr = _through_the_filter("mitmproxy.proxy.server", "Bad HTTP request line: %s", long_line)
     (line,) = lines
     assert line.startswith("Bad HTTP request line: GET /x?token=<redacted>&a=bbb")
-    assert line.endswith(
-        f"... ({len('Bad HTTP request line: ') + len(long_line) - MAX_MESSAGE} characters more not shown)"
-    )
+    redacted = "Bad HTTP request line: " + long_line.replace("tok-0123", "<redacted>").replace("pw-4567", "<redacted>")
+    assert line.endswith(f"... ({len(redacted) - MAX_MESSAGE} characters more not shown)")
     assert "tok-0123" not in line and "pw-4567" not in line and stderr == ""
+
+
+def test_a_url_across_the_cut_loses_its_secret_before_it_is_cut() -> None:
+    padding = "p" * (MAX_MESSAGE - 30)
+    for url in ("http://user:SECRET-PASSWORD-0123@h.test/", "http://SECRET-TOKEN-0123456789@h.test/"):
+        lines, _ = _through_the_filter("mitmproxy.proxy.server", "%s %s", padding, url)
+        assert "SECRET" not in "\n".join(lines), lines[0][-80:]
+
+
+def test_a_traceback_and_a_stack_are_scrubbed_into_the_message() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    scrubbed = ScrubbedLogs()
+    try:
+        scrubbed.running()
+        try:
+            raise ValueError("http://user:SECRET-PW-0123@h.test/x?token=SECRET-TOKEN-0123")
+        except ValueError:
+            logging.getLogger("mitmproxy.addonmanager").exception("Addon error: %s", "boom")
+        logging.getLogger("mitmproxy.proxy").warning("at http://u:SECRET-STACK@h.test/", stack_info=True)
+    finally:
+        scrubbed.done()
+        root.removeHandler(handler)
+    written = stream.getvalue()
+    assert "Addon error: boom" in written and "ValueError: http://user:<redacted>@h.test/x?token=<redacted>" in written
+    assert "Stack (most recent call last)" in written
+    assert "SECRET" not in written
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1http://u:SECRET-0123@h.test/",  # a scheme glued to what comes before it
+        "x=-http://u:SECRET-0123@h.test/",
+        "GET /x?a=1;token=SECRET-0123 HTTP/1.1",  # `;` as old Go servers read it
+        "https://app.test/cb#access_token=SECRET-0123&x=1",  # OAuth's fragment
+        "/x;password=SECRET-0123",
+    ],
+)
+def test_secrets_in_odd_but_real_shapes_are_redacted(text: str) -> None:
+    assert "SECRET" not in scrub.text_urls(text)
+
+
+def test_a_message_whose_str_raises_is_replaced_and_nothing_raises() -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    lines, stderr = _through_the_filter("mitmproxy.proxy.server", Unprintable(), "arg")
+    assert lines == ["a log message of mitmproxy's that ocigate could not look for secrets in, not shown"]
+    assert stderr == ""
 
 
 def test_fields_nested_in_field_values_are_read_without_recursion() -> None:

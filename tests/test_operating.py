@@ -81,6 +81,25 @@ async def test_a_flow_the_gateway_answered_is_logged_once_with_its_bytes_and_dur
     assert flow.metadata[METADATA_KEY]["bytes_sent"] == logged["bytes"]
 
 
+async def test_a_replayed_flow_is_logged_and_counted_again(tmp_path: Path) -> None:
+    # mitmproxy's client replay (and askagain.Playback) sends the same flow object again.
+    rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
+    log = tmp_path / "access.log"
+    with operating(rules, ocigate_access_log=str(log)) as (gw, op, _):
+        flow = started_now(flow_to("upstream.test", PING))
+        for _ in range(2):
+            await gw.requestheaders(flow)
+            op.requestheaders(flow)
+            gw.response(flow)
+            op.response(flow)
+        requests = op.metrics.registry.get_sample_value(
+            "ocigate_requests_total",
+            {"upstream": "upstream.test", "host": "gateway", "kind": "ping", "status": "200"},
+        )
+    assert [line["kind"] for line in lines(log)] == ["ping", "ping"]
+    assert requests == 2
+
+
 async def test_a_line_the_access_log_dropped_is_counted_in_the_metrics(tmp_path: Path) -> None:
     rules = write_rules(tmp_path / "rules", "upstream.test", 'server = "https://upstream.test"\n')
     with operating(rules, ocigate_access_log=str(tmp_path / "access.log")) as (gw, op, _):

@@ -72,6 +72,12 @@ async def test_without_mitmproxys_connections_it_says_so_and_reads_stay(caplog: 
         assert not read_larger(tflow.tflow())
         assert not read_larger(tflow.tflow())
     assert caplog.text.count("blobs are read in 64 KiB pieces") == 1
+    reads._not_found.cache_clear()
+    replayed = tflow.tflow()
+    replayed.is_replay = "request"
+    with taddons.context():
+        assert not read_larger(replayed)
+    assert caplog.text.count("blobs are read in 64 KiB pieces") == 1  # a replay's connection is elsewhere: unsaid
 
 
 async def test_only_a_verified_blobs_host_connection_reads_larger(tmp_path: Path) -> None:

@@ -320,6 +320,11 @@ def _redact_response(response: http.Response, kept: Passing | None, *, sent: boo
     _redact_header(response.headers, "Location", scrub.url)
     if not sent:
         return
+    if kept is not None and kept.overflowed:
+        # The copy was let go past MAX_KEPT; whatever mitmproxy kept of the body itself (store_streamed_bodies) was
+        # never looked at: dropped too.
+        _drop(response, f"larger than {MAX_KEPT} bytes, too large to look for secrets")
+        return
     data = bytes(kept.data) if kept is not None else response.raw_content
     if data:
         _redact_body(response, data, complete=complete)

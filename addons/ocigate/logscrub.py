@@ -16,34 +16,42 @@ _SCRUBBED = "ocigate_scrubbed"
 
 class UrlSecretsFilter(logging.Filter):
     """Redacts the userinfo and the secret query fields of every URL in a record of mitmproxy's loggers, before any
-    handler formats it. It never raises (an exception in a filter escapes the logging call, into mitmproxy's
-    hook), and a record it cannot read loses its arguments rather than have logging print them raw."""
+    handler formats it: its message, and the traceback or stack it carries (an addon error's last line repeats the
+    exception's text), written into the message since mitmproxy's formatter would format them unscrubbed. It never
+    raises (an exception in a filter escapes the logging call, into mitmproxy's hook), and a record it cannot read
+    loses its arguments rather than have logging print them raw."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, _SCRUBBED, False):
             return True  # by the filter of another handler: once is enough, and a message cut is not cut again
         if record.name == "mitmproxy" or record.name.startswith("mitmproxy."):
             setattr(record, _SCRUBBED, True)
-            try:
-                message = record.getMessage()
-            except Exception:
-                # Arguments that do not fit the format: logging's handleError would print the format and the
-                # arguments raw to stderr. What is left is the format alone, redacted.
-                record.msg, record.args = f"{_redacted(str(record.msg))} (its arguments could not be formatted)", None
-                return True
-            redacted = _redacted(message)
-            if redacted != message:
-                record.msg, record.args = redacted, None
+            record.msg, record.args = _scrubbed(record), None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 
-def _redacted(message: str) -> str:
-    cut = len(message) - MAX_MESSAGE
-    shown = message if cut <= 0 else f"{message[:MAX_MESSAGE]}... ({cut} characters more not shown)"
+def _scrubbed(record: logging.LogRecord) -> str:
+    """The record's whole text, redacted, then cut at MAX_MESSAGE (cut first, a URL's userinfo would lose its `@`
+    and pass whole)."""
     try:
-        return scrub.text_urls(shown)
+        try:
+            text = record.getMessage()
+        except Exception:
+            # Arguments that do not fit the format: logging's handleError would print the format and the arguments
+            # raw to stderr. What is left is the format alone.
+            text = f"{record.msg} (its arguments could not be formatted)"
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        elif record.exc_text:
+            text += "\n" + record.exc_text
+        if record.stack_info:
+            text += "\n" + record.stack_info
+        redacted = scrub.text_urls(text)
     except Exception:
         return "a log message of mitmproxy's that ocigate could not look for secrets in, not shown"
+    cut = len(redacted) - MAX_MESSAGE
+    return redacted if cut <= 0 else f"{redacted[:MAX_MESSAGE]}... ({cut} characters more not shown)"
 
 
 class ScrubbedLogs:

@@ -93,6 +93,12 @@ class Operating:
         self._note_loop()
         self._listening = True
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A replay (mitmproxy's client replay, askagain.Playback) sends the same flow again: it ends again, and is
+        # logged and counted again.
+        self.ended.discard(flow)
+        self.passing.pop(flow, None)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Around whatever stream hook the gateway gave a host's answer (streaming.Streams): what reaches the
         client is counted as it passes (passing.py)."""

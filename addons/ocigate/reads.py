@@ -40,14 +40,16 @@ def server_transport(flow: http.HTTPFlow) -> object | None:
 
 def read_larger(flow: http.HTTPFlow) -> bool:
     """The flow's host connection read in larger pieces from now on (it stays so for the connection's next
-    requests, which are to the same host). False, and said once, when mitmproxy's reader is not where it was."""
+    requests, which are to the same host; over HTTP/2, for every stream on it). False, and said once, when
+    mitmproxy's reader is not where it was (a replay's connection is not among the proxy server's: False, unsaid)."""
     reader = getattr(server_transport(flow), "reader", None)
     if type(reader) is asyncio.StreamReader:  # a TCP connection (UDP ones are mitmproxy_rs streams)
         reader.__class__ = _LargerReads
         return True
     if isinstance(reader, _LargerReads):
         return True
-    _not_found()
+    if not flow.is_replay:  # a replay's connection is not the proxy server's: nothing to say
+        _not_found()
     return False
 
 

@@ -128,16 +128,18 @@ def _netloc(parts: SplitResult) -> str:
 
 
 # scheme://userinfo@ within free text (an error message naming a URL), up to the authority's last @ as `url` reads it.
-# A scheme begins a word: without the look-behind, a long run of letters is tried from each of its letters (time
-# quadratic in the run, seconds for a client's 100 KiB request line).
-_USERINFO = r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]+)@"
-# ?name= or &name= within free text, with or without a URL around it (a request line names a path only). A name
-# holds no / : or @, so that a URL after a ? is read as one.
-_FIELD = r"(?P<separator>[?&])(?P<name>[^\s=&#?/:@]+)="
+# A scheme is read from the start of the run of scheme characters before `://` (`1http://` too, as a sloppy line may
+# glue it): without the look-behind, a long run of letters is tried from each of its letters (time quadratic in the
+# run, seconds for a client's 100 KiB request line).
+_USERINFO = r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]+)@"
+# ?name= or &name= within free text, with or without a URL around it (a request line names a path only); `;` and `#`
+# begin a field too (old Go servers split a query on `;`, OAuth answers put fields in the fragment). A name holds no
+# / : or @, so that a URL after a ? is read as one.
+_FIELD = r"(?P<separator>[?&;#])(?P<name>[^\s=&#?;/:@]+)="
 _IN_TEXT = re.compile(f"{_USERINFO}|{_FIELD}")
-# A secret field's value: to the next &, # or white space. Not to a quote: a value may hold one (a repr then quotes
-# with ").
-_VALUE = re.compile(r"[^\s&#]*")
+# A secret field's value: to the next &, ;, # or white space. Not to a quote: a value may hold one (a repr then
+# quotes with ").
+_VALUE = re.compile(r"[^\s&#;]*")
 
 
 def text_urls(text: str) -> str:
