@@ -219,6 +219,16 @@ def _written(path: Path, text: str) -> None:
     raise AssertionError(f"{path} never held {text!r}")
 
 
+def _writer_waiting(log: AccessLog) -> None:
+    """Waits until the writer thread waits for a line: it checks for a moved file once each time it wakes, so a line
+    handed to it before it waits again goes with the lines it is writing (to the file it has open)."""
+    for _ in range(500):
+        if log._lines.not_empty._waiters:  # threading.Condition's waiting threads
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the access log's writer never waited for a line")
+
+
 @pytest.mark.parametrize("rotate", ["moved", "removed"])
 def test_a_log_file_moved_or_removed_by_logrotate_is_opened_again_at_its_path(tmp_path: Path, rotate: str) -> None:
     path = tmp_path / "access.log"
@@ -226,6 +236,7 @@ def test_a_log_file_moved_or_removed_by_logrotate_is_opened_again_at_its_path(tm
     try:
         log.write("before\n")
         _written(path, "before\n")
+        _writer_waiting(log)
         if rotate == "moved":
             path.rename(tmp_path / "access.log.1")
         else:
