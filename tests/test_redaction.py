@@ -5,6 +5,7 @@ import base64
 import gzip
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from hypothesis import given
@@ -15,7 +16,7 @@ from ocigate.attempts import without_echoes
 from ocigate.auth import Authorization
 from ocigate.credentials import Credential, OcigateStore
 from ocigate.hostclient import HostResponse
-from ocigate.redaction import MIN_SECRET, Body, MaskingStream, echo_forms, mask, masked_answer
+from ocigate.redaction import MIN_SECRET, Body, MaskingStream, echo_forms, mask, masked_answer, percent_encoded
 from ocigate.tokens import basic_authorization
 from tests.support.http_host import http_host
 from tests.test_addon import flow_to, gateway, write_rules
@@ -37,6 +38,18 @@ def test_a_bearer_token_is_a_secret_and_short_fragments_are_not() -> None:
     assert b"pw" not in forms and b"bob:pw" not in forms and basic_authorization("bob", "pw").encode() in forms
     assert all(len(form) >= MIN_SECRET for form in forms)
     assert echo_forms(None) == () and echo_forms("") == ()
+
+
+@given(st.text())
+def test_the_percent_encoded_form_is_what_urllib_would_write(text: str) -> None:
+    # A host echoing a credential in a query or a form writes it as quote(value, safe="") does.
+    try:
+        expected = quote(text, safe="")
+    except UnicodeEncodeError:  # a lone surrogate: no credential a header carried
+        with pytest.raises(UnicodeEncodeError):
+            percent_encoded(text)
+        return
+    assert percent_encoded(text) == expected
 
 
 def test_masking_keeps_the_length() -> None:

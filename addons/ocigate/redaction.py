@@ -10,16 +10,17 @@ import base64
 import binascii
 import enum
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
-
 from .headers import Lines, without
 
 # A shorter form would mask ordinary text everywhere (a short user:password pair); the whole header value is still
 # masked.
 MIN_SECRET = 8
 _MASK = b"*"
+# What urllib.parse.quote(text, safe="") keeps: RFC 3986's unreserved characters.
+_ESCAPED = re.compile(rb"[^A-Za-z0-9_.~-]")
 
 
 def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
@@ -45,10 +46,16 @@ def echo_forms(authorization: str | None) -> tuple[bytes, ...]:
             secret,
             json.dumps(secret)[1:-1],
             json.dumps(secret)[1:-1].replace("/", "\\/"),
-            quote(secret, safe=""),
+            percent_encoded(secret),
         ):
             forms.add(form.encode())
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+def percent_encoded(text: str) -> str:
+    """`urllib.parse.quote(text, safe="")`, in one pass of a regex: urllib's loop over every byte took about half of
+    echo_forms' time on a token of some hundred bytes, and echo_forms runs for every request ocigate sends."""
+    return _ESCAPED.sub(lambda byte: b"%%%02X" % byte[0][0], text.encode()).decode("ascii")
 
 
 class Body(enum.Enum):
