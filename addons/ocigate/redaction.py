@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 from .headers import Lines, without
 
 # A shorter form would mask ordinary text everywhere (a short user:password pair); the whole header value is still
