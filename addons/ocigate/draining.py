@@ -12,7 +12,6 @@ PR_SET_PDEATHSIG, see worker.follow_parent) stops at once too: nothing is left t
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -74,7 +73,7 @@ class Draining:
         self._stop()
 
     def _parent_gone(self) -> bool:
-        return self.worker is not None and os.getppid() != self.worker.parent
+        return self.worker is not None and self.worker.parent_gone()
 
     def _stop(self) -> None:
         (self._shutdown or ctx.master.shutdown)()

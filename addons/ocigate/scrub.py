@@ -123,8 +123,13 @@ def _netloc(parts: SplitResult) -> str:
     userinfo, at, host = parts.netloc.rpartition("@")
     if not at:
         return parts.netloc
+    return f"{_userinfo(userinfo)}@{host}"
+
+
+def _userinfo(userinfo: str) -> str:
+    """The password of `user:password` redacted, a user alone redacted whole (it is often a token)."""
     user, colon, _ = userinfo.partition(":")
-    return f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    return f"{user}:{REDACTED}" if colon else REDACTED
 
 
 # scheme://userinfo@ within free text (an error message naming a URL), up to the authority's last @ as `url` reads it.
@@ -152,7 +157,7 @@ def text_urls(text: str) -> str:
     while (match := _IN_TEXT.search(text, position)) is not None:
         out.append(text[position : match.start()])
         if match["scheme"] is not None:
-            out.append(_redacted_userinfo(match))
+            out.append(f"{match['scheme']}{_userinfo(match['userinfo'])}@")
             position = match.end()
         elif is_secret_field(unquote_plus(match["name"])):
             value = _VALUE.match(text, match.end())  # it matches the empty string too
@@ -163,11 +168,6 @@ def text_urls(text: str) -> str:
             position = match.end()
     out.append(text[position:])
     return "".join(out)
-
-
-def _redacted_userinfo(match: re.Match[str]) -> str:
-    user, colon, _ = match["userinfo"].partition(":")
-    return f"{match['scheme']}{user}:{REDACTED}@" if colon else f"{match['scheme']}{REDACTED}@"
 
 
 def is_form(content_type: str | None) -> bool:

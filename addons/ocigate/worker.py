@@ -49,7 +49,7 @@ def follow_parent(worker: Identity) -> None:
         _say(worker, f"cannot watch the parent (pid {worker.parent}): {e}; a worker that hangs as it stops stays up")
         parent = None
     # It died before PR_SET_PDEATHSIG was set: nobody would tell this worker.
-    if os.getppid() != worker.parent:
+    if worker.parent_gone():
         raise SystemExit(f"ocigate: {worker.label} the parent (pid {worker.parent}) is gone")
     if parent is None:
         return

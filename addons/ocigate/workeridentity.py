@@ -5,6 +5,7 @@ Apart from worker.py because the parent imports it: the parent only starts and s
 mitmproxy nor the gateway (tests/test_workers.py checks), which would cost it as much memory as a worker.
 """
 
+import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -23,6 +24,10 @@ class Identity:
     index: int  # 0 .. count - 1
     count: int
     parent: int  # the parent's pid
+
+    def parent_gone(self) -> bool:
+        """Whether the parent that started this worker is gone (the worker was handed to another process)."""
+        return os.getppid() != self.parent
 
     @property
     def label(self) -> str:
