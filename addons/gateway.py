@@ -9,5 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ocigate.addon import make_addons
+from ocigate.oneentry import OneEntry
 
-addons = make_addons()
+addons = [OneEntry(make_addons())]

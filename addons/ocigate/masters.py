@@ -20,16 +20,17 @@ from .addon import make_addons
 from .askagain import Playback
 from .captures import Redaction
 from .httponly import HttpOnly
+from .oneentry import OneEntry
 from .workeridentity import Identity
 
 
 def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None) -> None:
-    ours = make_addons(worker)
-    master.addons.add(*ours)
+    ours = OneEntry(make_addons(worker))
+    master.addons.add(ours)
     # mitmproxy's client replay sends a flow through an HTTP layer of its own, which would send what the flow shows
     # (placeholders where the gateway holds its secrets): ocigate's sends it through the gateway's. Replaced before
     # the command line's options are set, so its own (client_replay, ...) take them.
-    httponly = next(addon for addon in ours if isinstance(addon, HttpOnly))
+    httponly = ours.member(HttpOnly)
     # (Not AddonManager.remove: it would run mitmproxy's async `done` outside a loop; nothing of it has started.)
     at = master.addons.chain.index(master.addons.lookup.pop("clientplayback"))
     del master.addons.chain[at]
@@ -41,8 +42,8 @@ def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None)
     # credentials never reaches a rule) and before save, dumper and mitmweb's view (which then see redacted flows,
     # and a flow's comment as soon as it is shown).
     scripts = master.addons.chain.index(master.addons.get("scriptloader"))
-    rest = [addon for addon in master.addons.chain if addon not in ours]
-    master.addons.chain = [*rest[: scripts + 1], *ours, *rest[scripts + 1 :]]
+    rest = [addon for addon in master.addons.chain if addon is not ours]
+    master.addons.chain = [*rest[: scripts + 1], ours, *rest[scripts + 1 :]]
 
 
 class OcigateMaster(DumpMaster):
@@ -59,7 +60,7 @@ class OcigateWebMaster(WebMaster):
         _add_ocigate(self)
         # mitmweb shows a flow from its request headers on, before the request is sent and its secrets can be
         # redacted in it (the Authorization ocigate adds among them): its page is sent a redacted stand-in instead.
-        redaction = next(addon for addon in self.addons.chain if isinstance(addon, Redaction))
+        redaction = self.addons.get(OneEntry.name).member(Redaction)
         web_app.flow_to_json = partial(_redacted_json, redaction)
         # The flow list shows each flow's comment, where ocigate says what it decided (a --set web_columns= wins).
         self.options.update(web_columns=[*self.options.web_columns, "comment"])
