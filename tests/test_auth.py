@@ -22,6 +22,8 @@ from ocigate.credentials import Credential, OcigateStore
 from ocigate.hostclient import HostClient, HostResponse
 from ocigate.hoststoml import Host
 from ocigate.masters import OcigateMaster
+from ocigate.redaction import echo_forms
+from ocigate.tokens import Token
 from tests.support.http_host import http_host
 from tests.test_addon import DIGEST, flow_to, gateway, write_rules
 
@@ -279,9 +281,12 @@ async def test_a_registry_token_http_cannot_carry_is_refused_naming_its_source_n
 async def test_the_ocigate_command_runs_its_addons_where_mitmdump_runs_a_script() -> None:
     master = OcigateMaster(Options())
     names = [type(addon).__name__ for addon in master.addons.chain]
-    # After proxyauth and scripts, before what shows or saves flows and before mitmproxy's TLS set-up.
-    assert names.index("ProxyAuth") < names.index("ScriptLoader") < names.index("Redaction")
-    assert names.index("Gateway") < min(names.index("Save"), names.index("Dumper"), names.index("TlsConfig"))
+    # After proxyauth and scripts, before what shows or saves flows and before mitmproxy's TLS set-up: one entry.
+    assert names.count("OneEntry") == 1
+    assert names.index("ProxyAuth") < names.index("ScriptLoader") < names.index("OneEntry")
+    assert names.index("OneEntry") < min(names.index("Save"), names.index("Dumper"), names.index("TlsConfig"))
+    members = [type(addon).__name__ for addon in master.addons.get("ocigate").members]
+    assert members.index("Gateway") < members.index("Redaction")
 
 
 @pytest.mark.parametrize("source", ["docker", "containers", "kubernetes"])
@@ -428,3 +433,15 @@ async def test_the_record_names_the_credential_its_source_and_whether_the_token_
     # A mirror is asked with ns=, and the record says so; the token and the password are nowhere in it.
     assert all(r["ns"] == "upstream.test" and r["method"] == "GET" for r in records)
     assert not any(secret in json.dumps(records) for secret in (PASSWORD, "token-0"))
+
+
+def test_the_forms_a_host_could_echo_are_the_authorizations_and_a_tokens_are_worked_out_once() -> None:
+    token = Token("tok-0123456789abcdef", expires_at=0.0)
+    with_token = Authorization(token.authorization, "ocigate credentials", "alice", token=token)
+    forms = with_token.echo_forms()
+    assert forms == echo_forms("Bearer tok-0123456789abcdef") and b"tok-0123456789abcdef" in forms
+    # Kept with the token: the next request with it gets the same forms without working them out again.
+    assert Authorization(token.authorization, token=token).echo_forms() is forms
+    basic = Authorization("Basic YWxpY2U6c2VjcmV0LXNlY3JldA==", "ocigate credentials", "alice")
+    assert basic.echo_forms() == echo_forms(basic.header) and b"alice:secret-secret" in basic.echo_forms()
+    assert Authorization().echo_forms() == ()

@@ -9,7 +9,7 @@ from .headers import HOP_BY_HOP, Lines, header_value, without
 from .health import HostHealth
 from .hostclient import HostFailed, HostResponse
 from .plan import READ_WHOLE_KINDS, Attempt, Plan, is_proxy_for, ping_target
-from .redaction import Body, echo_forms, mask, masked_answer
+from .redaction import Body, mask, masked_answer
 from .routes import RouteKind
 from .tokens import RealmURL, TokenError
 from .verify import REDIRECTS, Problem, manifest_problem
@@ -156,7 +156,7 @@ def refusal(status: int, authorization: Authorization) -> str:
 def without_echoes(response: HostResponse, authorization: Authorization | None) -> HostResponse:
     """`response` with every form of what ocigate sent as `authorization` masked where a host may echo it (see
     redaction.masked_answer)."""
-    secrets = echo_forms(authorization.header) if authorization else ()
+    secrets = authorization.echo_forms() if authorization else ()
     if not secrets:
         return response
     masked = masked_answer(response.status, response.reason, response.headers, secrets)

@@ -22,6 +22,7 @@ from .headers import Lines
 from .hostclient import HostClient, HostFailed, HostResponse
 from .hoststoml import Host
 from .plan import Access, is_proxy_for
+from .redaction import echo_forms
 from .tokens import (
     MAX_TOKEN_RESPONSE,
     Challenge,
@@ -76,6 +77,10 @@ class Authorization:
 
     def lines(self) -> Lines:
         return ((b"Authorization", self.header.encode()),) if self.header else ()
+
+    def echo_forms(self) -> tuple[bytes, ...]:
+        """The forms in which a host could echo `header` (redaction.echo_forms); a token's are the token's own."""
+        return self.token.echo_forms if self.token is not None else echo_forms(self.header)
 
 
 _ANONYMOUS = Authorization()

@@ -24,7 +24,7 @@ from .hoststoml import Host
 from .plan import Attempt, Plan
 from .reads import read_larger, server_transport
 from .record import GATEWAY, FlowRecord
-from .redaction import Body, MaskingStream, echo_forms, mask, masked_answer
+from .redaction import Body, MaskingStream, mask, masked_answer
 from .verify import BlobAnswer, StreamVerifier, judge_blob_answer
 
 log = logging.getLogger("ocigate")
@@ -58,7 +58,7 @@ class StreamedFlow:
     def echo_forms(self) -> tuple[bytes, ...]:
         """The forms of ocigate's own Authorization on this flow that the host could echo (none: it sent none)."""
         authorization = self.chosen.authorization
-        return echo_forms(authorization.header) if authorization else ()
+        return authorization.echo_forms() if authorization else ()
 
     def last_heard(self) -> float:
         """When the host last sent something: its answer's headers, or a piece of its body."""

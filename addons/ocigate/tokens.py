@@ -17,12 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import cached_property
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cachetools import TLRUCache
 
 from .credentials import Credential
 from .hoststoml import netloc, split_url
+from .redaction import echo_forms
 from .routes import DEFAULT_PORTS
 
 # When a token response says nothing about its lifetime, the distribution token spec says 60 seconds.
@@ -276,6 +278,12 @@ class Token:
     @property
     def authorization(self) -> str:
         return f"Bearer {self.value}"
+
+    @cached_property
+    def echo_forms(self) -> tuple[bytes, ...]:
+        """The forms in which a host could echo `authorization` (redaction.echo_forms), worked out once: a cached
+        token goes with every request for its lifetime, and the forms live as long as the token does."""
+        return echo_forms(self.authorization)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
