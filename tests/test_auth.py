@@ -445,3 +445,6 @@ def test_the_forms_a_host_could_echo_are_the_authorizations_and_a_tokens_are_wor
     basic = Authorization("Basic YWxpY2U6c2VjcmV0LXNlY3JldA==", "ocigate credentials", "alice")
     assert basic.echo_forms() == echo_forms(basic.header) and b"alice:secret-secret" in basic.echo_forms()
     assert Authorization().echo_forms() == ()
+    # A header that is not the token's is masked in its own forms.
+    other = Authorization("Bearer another-token-0123", token=token)
+    assert other.echo_forms() == echo_forms("Bearer another-token-0123")

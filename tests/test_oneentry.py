@@ -1,7 +1,9 @@
 """oneentry: ocigate's addons as one entry of mitmproxy's chain, each addon still apart: called in order for the
 hooks it has, its errors logged as mitmproxy logs an addon's and the next addon called all the same."""
 
+import inspect
 import logging
+import os
 
 import pytest
 from mitmproxy import exceptions, hooks
@@ -9,7 +11,9 @@ from mitmproxy.options import Options
 from mitmproxy.test import taddons, tflow
 from mitmproxy.tools.dump import DumpMaster
 
+from ocigate.addon import make_addons
 from ocigate.oneentry import OneEntry
+from ocigate.workeridentity import Identity
 
 
 class Recorder:
@@ -101,3 +105,49 @@ def test_a_member_is_found_by_its_kind() -> None:
 
 def _hook(name: str, flow: object) -> hooks.Hook:
     return hooks.all_hooks[name](flow)
+
+
+async def test_addon_halt_stops_the_later_members_and_the_later_entries_as_mitmproxy_has_it() -> None:
+    calls: list[str] = []
+    after = Recorder("after", calls)
+    entry = OneEntry([Recorder("a", calls, fails=exceptions.AddonHalt), Recorder("b", calls)])
+    with taddons.context(entry, after) as tctx:
+        calls.clear()
+        await tctx.master.addons.handle_lifecycle(_hook("request", tflow.tflow()))
+    assert calls == ["a.request"]
+
+
+async def test_a_sync_and_an_async_member_of_one_hook_both_run_in_order() -> None:
+    calls: list[str] = []
+
+    class Sync:
+        def requestheaders(self, flow: object) -> None:
+            calls.append("sync.requestheaders")
+
+    entry = OneEntry([Recorder("a", calls), Sync(), Recorder("b", calls)])
+    assert inspect.iscoroutinefunction(entry.requestheaders)  # type: ignore[attr-defined]
+    with taddons.context(entry) as tctx:
+        calls.clear()
+        await tctx.master.addons.handle_lifecycle(_hook("requestheaders", tflow.tflow()))
+    assert calls == ["a.requestheaders", "sync.requestheaders", "b.requestheaders"]
+
+
+@pytest.mark.parametrize("hook", ["load", "configure", "running", "update"])
+def test_a_member_with_an_async_hook_mitmproxy_calls_synchronously_is_refused(hook: str) -> None:
+    async def handler(*args: object) -> None:
+        pass
+
+    member = type("Member", (), {hook: lambda self, *args: handler(*args)})()
+    member_async = type("MemberAsync", (), {hook: handler})()
+    OneEntry([member])  # a plain function is fine
+    with pytest.raises(TypeError, match=f"ocigate's {hook} hooks must be synchronous"):
+        OneEntry([member_async])
+
+
+@pytest.mark.parametrize("worker", [None, Identity(0, 2, os.getpid())])
+def test_ocigates_own_addons_make_one_entry_whose_synchronous_hooks_are_synchronous(worker: Identity | None) -> None:
+    entry = OneEntry(make_addons(worker))
+    for hook in ("load", "configure", "running"):
+        assert not inspect.iscoroutinefunction(getattr(entry, hook))
+    # Every ocigate addon has a hook mitmproxy calls per request or per connection, so each is reached.
+    assert all(any(callable(getattr(member, hook, None)) for hook in vars(entry)) for member in entry.members)

@@ -79,8 +79,11 @@ class Authorization:
         return ((b"Authorization", self.header.encode()),) if self.header else ()
 
     def echo_forms(self) -> tuple[bytes, ...]:
-        """The forms in which a host could echo `header` (redaction.echo_forms); a token's are the token's own."""
-        return self.token.echo_forms if self.token is not None else echo_forms(self.header)
+        """The forms in which a host could echo `header` (redaction.echo_forms); a token's are the token's own, when
+        `header` is the token's."""
+        if self.token is not None and self.header == self.token.authorization:
+            return self.token.echo_forms
+        return echo_forms(self.header)
 
 
 _ANONYMOUS = Authorization()

@@ -3,9 +3,9 @@
 mitmproxy walks its whole chain for every hook of every flow: a request kept alive on its connection fires
 requestheaders, request, responseheaders and response, and an update after each. Each entry of the chain costs a
 traversal, a getattr, a context manager and a coroutine per hook, whether it has the hook or not, and each addon that
-has it gets the hook's arguments built anew. ocigate's ten addons as ten entries made that walk a tenth of the
-gateway's CPU for a manifest by tag, where mitmproxy's own 37 took less than ocigate's ten (docs/benchmarks.md). As
-one entry, mitmproxy walks one, and the entry calls, for each hook, just those of its addons that have it, in order.
+has it gets the hook's arguments built anew. ocigate's nine addons (ten in a worker) were nine entries more to walk;
+as one entry, mitmproxy walks one, and the entry calls, for each hook, just those of its addons that have it, in
+order (the CPU it saves on each manifest by tag: docs/benchmarks.md).
 
 Each addon stays apart as it was as an entry of its own: an error in one is logged as mitmproxy logs an addon's error
 (on mitmproxy's logger, so that logscrub's filter reads it) and the next addon still runs; AddonHalt and OptionsError
@@ -30,6 +30,9 @@ _ADDON_ERRORS = logging.getLogger(mitmproxy.addonmanager.__name__)
 # Hooks mitmproxy calls outside its safecall, whose errors stop what mitmproxy is doing: an addon that cannot load
 # must not leave a gateway running without it.
 _UNGUARDED = frozenset({"load"})
+# Hooks mitmproxy calls synchronously somewhere (AddonManager.trigger, invoke_addon_sync, the script loader): an
+# async handler among the members would make the entry's handler async, and mitmproxy would refuse it for them all.
+_SYNCHRONOUS = frozenset({"load", "configure", "running", "update"})
 
 
 class OneEntry:
@@ -46,8 +49,11 @@ class OneEntry:
                 for member in self.members
                 if callable(handler := getattr(member, hook, None)) and not isinstance(handler, types.ModuleType)
             ]
-            if handlers:
-                setattr(self, hook, _dispatcher(hook, handlers))
+            if not handlers:
+                continue
+            if hook in _SYNCHRONOUS and any(inspect.iscoroutinefunction(handler) for handler in handlers):
+                raise TypeError(f"ocigate's {hook} hooks must be synchronous: mitmproxy calls them so")
+            setattr(self, hook, _dispatcher(hook, handlers))
 
     def member(self, kind: type) -> Any:
         """The member that is a `kind`; LookupError when none is."""
@@ -96,5 +102,7 @@ def _dispatcher(hook: str, handlers: list[Callable[..., Any]]) -> Callable[..., 
 
 def _logged(error: Exception) -> None:
     """As mitmproxy's safecall logs an addon's error: its text and its traceback from the addon's hook on."""
-    traceback = error.__traceback__.tb_next if error.__traceback__ is not None else None
+    # From the handler's frame on; the dispatcher's own when the error was raised in it (a handler's arguments).
+    raised = error.__traceback__
+    traceback = (raised.tb_next or raised) if raised is not None else None
     _ADDON_ERRORS.error("Addon error: %s", error, exc_info=(type(error), error, traceback))
