@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http, tls
 
+from .addlog import AddLogWhenHeard
 from .answers import (
     error_response,
     failed_plan,
@@ -283,6 +284,8 @@ def make_addons(worker: Identity | None = None) -> list:
         # before mitmproxy's own recorders.
         redaction,
         ScrubbedLogs(),
+        # mitmproxy's deprecated add_log event only while an addon listens: else every log line walks the chain.
+        AddLogWhenHeard(),
         # A worker of `ocigate --workers N`: the proxy's address shared with the other workers.
         *([SharedListen(worker, shared)] if worker is not None else []),
     ]

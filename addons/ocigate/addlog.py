@@ -1,0 +1,48 @@
+"""mitmproxy's deprecated add_log event, sent only while an addon listens for it.
+
+mitmproxy logs with Python's logging since version 9, and still turns every record into the add_log event of the
+addons written before: a handler on the root logger (mitmproxy.log.LegacyLogEvents) formats the record, wakes the
+event loop through its self-pipe and has it walk the whole addon chain for add_log, whether any addon has that hook
+or not. The gateway logs a line for every request it handles, so each request paid for that walk
+(docs/benchmarks.md). Once the gateway runs, a filter on that handler lets a record through only while an addon in
+the chain (a script's among them) has an add_log hook: a script written for mitmproxy 8 still gets its events.
+"""
+
+import logging
+from collections.abc import Callable, Iterable
+
+from mitmproxy import ctx
+from mitmproxy.addonmanager import traverse
+from mitmproxy.log import LegacyLogEvents
+
+
+class WhileAddLogIsHeard(logging.Filter):
+    """Passes a record while an addon of `chain()` (or one under it) has an add_log hook. Asked on whatever thread
+    logs: it reads the chain, and changes nothing."""
+
+    def __init__(self, chain: Callable[[], Iterable[object]]) -> None:
+        super().__init__()
+        self.chain = chain
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return any(callable(getattr(addon, "add_log", None)) for addon in traverse(self.chain()))
+
+
+class AddLogWhenHeard:
+    """Puts the filter on mitmproxy's add_log handler once the gateway runs; takes it off when the gateway ends."""
+
+    def __init__(self) -> None:
+        self.filter: WhileAddLogIsHeard | None = None
+
+    def running(self) -> None:
+        if self.filter is None:
+            addons = ctx.master.addons
+            self.filter = WhileAddLogIsHeard(lambda: addons.chain)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, LegacyLogEvents) and self.filter not in handler.filters:
+                handler.addFilter(self.filter)
+
+    def done(self) -> None:
+        if self.filter is not None:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self.filter)
