@@ -72,8 +72,8 @@ class Destinations:
     def check_address(self, host: str, port: int, address: str) -> None:
         if not self.allowed:
             return
-        ip = ipaddress.ip_address(address)
-        if not any(ip in network for network in self.allowed):
+        ip = ip_address(address)
+        if ip is None or not any(ip in network for network in self.allowed):
             allowed = ", ".join(str(n) for n in self.allowed)
             raise DestinationError(f"{host}:{port} ({address}) is outside the allowed destinations ({allowed})")
 
