@@ -79,6 +79,7 @@ TOKEN_PULLS = 50
 
 # The ways, in the order the tables list them.
 DIRECT, MITMPROXY, MITMPROXY_TLS, OCIGATE = "direct", "mitmproxy", "mitmproxy+tls", "ocigate"
+OCIGATE_BASELINE = "ocigate baseline"  # the manifest scenario's --baseline-addons
 
 
 class BenchError(Exception):
@@ -140,10 +141,12 @@ class World:
         host_map: dict[str, str] | None = None,
         options: Sequence[str] = (),
         workers: int = 1,
+        addons: Path | None = None,
     ) -> Gateway:
         """A gateway for upstream.test (the plain registry) and auth.test (the token-auth one, with ocigate's own
         credential), or for `rules`. `workers` > 1 starts `ocigate --workers N`; BenchError("unsupported") when the
-        ocigate on the path does not know that flag."""
+        ocigate on the path does not know that flag. `addons`: another ocigate's `addons/` directory (an earlier
+        commit's, checked out elsewhere) to run instead of this one."""
         directory = self.directory(f"ocigate-{workers}w")
         if rules is None:
             rules = self.rules()
@@ -154,8 +157,9 @@ class World:
         if workers > 1:
             entry_point += ("--workers", str(workers))
         try:
+            env = {"PYTHONPATH": str(addons)} if addons is not None else {}
             return stack.enter_context(
-                running_gateway(directory, rules, {**hosts, **(host_map or {})}, options, entry_point)
+                running_gateway(directory, rules, {**hosts, **(host_map or {})}, options, entry_point, env=env)
             )
         except NotReady as e:
             if workers > 1 and "unrecognized arguments" in str(e):
@@ -346,6 +350,9 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
             proxy_way(MITMPROXY_TLS, world.repointing(world.auth_registry, stack), AUTH_UPSTREAM, token),
             proxy_way(OCIGATE, world.gateway(stack), AUTH_UPSTREAM),
         ]
+        if args.baseline_addons is not None:
+            baseline = world.gateway(stack, addons=args.baseline_addons)
+            ways.append(proxy_way(OCIGATE_BASELINE, baseline, AUTH_UPSTREAM))
         # One keep-alive connection per way for the whole scenario; its unmeasured first GETs open it and, through
         # ocigate, fill the token cache.
         sessions = {way.name: stack.enter_context(client(way)) for way in ways}
@@ -357,15 +364,20 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
         # Rounds interleave the ways (a batch each, the order reversed every other round), so that the figures of
         # one round are measured side by side, under the same state of the machine.
         batches: dict[str, list[list[float]]] = {way.name: [] for way in ways}
+        # The proxy's CPU seconds during its own batches (its processes, from /proc), over the GETs of them.
+        cpu: dict[str, float] = {way.name: 0.0 for way in ways}
         # The scenario's time limit is checked between rounds only: a round cut in the middle would leave ways
         # without a batch to pair with the others'. Each batch has a limit of its own.
         deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS * len(ways)
         for number in range(args.manifest_rounds):
             for way in alternating(ways, number):
                 batch_deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
+                processes = process_tree(way.leg.pid) if way.leg.pid is not None else []
+                cpu_before = cpu_seconds(processes)
                 batch = manifest_batch(
                     sessions[way.name], way, args.requests, SMALL_REPOSITORY, SMALL_TAG, digest, batch_deadline
                 )
+                cpu[way.name] += cpu_seconds(processes) - cpu_before
                 batches[way.name].append(batch)
                 say(
                     f"manifests round {number + 1}/{args.manifest_rounds} {way.name:<14} "
@@ -379,6 +391,7 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
     p95 = {name: percentile(values, 0.95) for name, values in every.items()}
     round_p50 = {name: [percentile(batch, 0.5) for batch in rounds] for name, rounds in batches.items()}
     round_p95 = {name: [percentile(batch, 0.95) for batch in rounds] for name, rounds in batches.items()}
+    cpu_ms = {name: cpu[name] * 1000 / len(values) for name, values in every.items()}
     rows: list[list[Cell]] = []
     for way in ways:
         measured = way.name != DIRECT
@@ -391,6 +404,8 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
                 median_of_differences(round_p95[way.name], round_p95[MITMPROXY_TLS]) if measured else None,
                 median_of_ratios(round_p50[way.name], round_p50[MITMPROXY_TLS]),
                 median_of_ratios(round_p50[way.name], round_p50[DIRECT]),
+                cpu_ms[way.name] if measured else None,
+                cpu_ms[way.name] / cpu_ms[MITMPROXY_TLS] if measured and cpu_ms[MITMPROXY_TLS] else None,
             ]
         )
     added = " ".join(
@@ -401,7 +416,17 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
         name="manifest",
         title=f"2. Manifest by tag, token cached, {rounds_done} interleaved rounds of {args.requests} sequential GETs "
         "per way, one connection per way (ms)",
-        columns=["way", "p50 ms", "p95 ms", "p50 added", "p95 added", "p50 /mitmproxy+tls", "/direct"],
+        columns=[
+            "way",
+            "p50 ms",
+            "p95 ms",
+            "p50 added",
+            "p95 added",
+            "p50 /mitmproxy+tls",
+            "/direct",
+            "proxy CPU ms/GET",
+            "CPU /mitmproxy+tls",
+        ],
         rows=rows,
         chart=Chart(
             "bar",
@@ -418,6 +443,14 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
             "p50 and p95: all rounds together; added and ratios: per round against the same round's mitmproxy+tls "
             "(or direct), the median over rounds",
             f"ocigate's p50 added per round: {added} ms",
+            "proxy CPU ms/GET: the proxy's CPU time (user and system, all its processes, from /proc) during its own "
+            "batches, over their GETs; on a machine where client, registry and proxy share the cores, each ms of it "
+            "is latency",
+            *(
+                [f"{OCIGATE_BASELINE}: ocigate {addons_label(args.baseline_addons)} (--baseline-addons), alike"]
+                if args.baseline_addons is not None
+                else []
+            ),
             "targets (issue 12): added p50 <= 1.0 ms, p95 <= 2 ms over mitmproxy+tls",
         ],
     )
@@ -833,13 +866,27 @@ def run(args: argparse.Namespace) -> Path:
         for name in args.scenarios:
             say(f"--- scenario {name}")
             scenarios.append(show(RUNNERS[name](world, args)))
-    settings = {key: value for key, value in vars(args).items() if key != "results"}
+    settings = {key: value for key, value in vars(args).items() if key not in ("results", "baseline_addons")}
+    if args.baseline_addons is not None:
+        settings["baseline_addons"] = addons_label(args.baseline_addons)
     results = Results(date=date, machine=machine, settings=settings, scenarios=scenarios)
     path = save(results, args.results)
     for chart in draw_all(results, args.results):
         say(f"chart: {chart}")
     print(f"\nresults: {path}")
     return path
+
+
+def addons_label(addons: Path) -> str:
+    """What an ocigate's `addons/` directory is, for the results: its checkout's commit (the path would name this
+    machine's directories), else the directory's name."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(addons), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return addons.name
+    return f"at commit {commit}"
 
 
 def numbers(text: str) -> list[int]:
@@ -879,6 +926,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--failover-rounds", type=int, help="fresh proxies per failover case (3; quick 2)")
     parser.add_argument("--blackhole-timeout", type=int, default=2, help="failover: ocigate_read_timeout (2 s)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIRECTORY, help="where the JSON and charts go")
+    parser.add_argument(
+        "--baseline-addons",
+        type=Path,
+        help="manifest: also measure the ocigate in this addons/ directory (an earlier commit's), as a way of its own",
+    )
     args = parser.parse_args(argv)
     defaults = {
         "blob_mib": (256, 64),

@@ -9,7 +9,9 @@ from mitmproxy.log import LogEntry
 from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
-from ocigate.addlog import AddLogWhenHeard
+from ocigate.addlog import AddLogWhenHeard, WhileAddLogIsHeard
+from ocigate.addon import make_addons
+from ocigate.oneentry import OneEntry
 
 
 class Listener:
@@ -48,16 +50,35 @@ async def test_add_log_goes_out_only_while_an_addon_listens_and_then_reaches_it(
         record = logging.LogRecord("ocigate", logging.INFO, __file__, 1, "a request", None, None)
         assert not handler.filter(record)  # nobody listens: no event, no walk of the chain
         logging.getLogger("ocigate").warning("heard by nobody")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
         assert "add_log" not in events
         listener = Listener()
         master.addons.add(Holder(listener))  # a listener under another addon, as a script's is
         assert handler.filter(record)
         logging.getLogger("ocigate").warning("heard by the listener")
-        await asyncio.sleep(0.05)  # the event is sent on the loop
+        await asyncio.sleep(0)  # the event is sent on the loop
         assert any("heard by the listener" in entry for entry in listener.entries) and "add_log" in events
         assert not any("heard by nobody" in entry for entry in listener.entries)
     finally:
         quiet.done()
         master._legacy_log_events.uninstall()
-    assert quiet.filter not in handler.filters
+    assert handler.filters == []
+
+
+def test_an_addon_the_filter_cannot_read_lets_the_record_through_and_nothing_raises() -> None:
+    class Unreadable:
+        @property
+        def add_log(self) -> object:
+            raise RuntimeError("cannot be read")
+
+    listening = WhileAddLogIsHeard(lambda: [Unreadable()])
+    record = logging.LogRecord("ocigate", logging.INFO, __file__, 1, "a request", None, None)
+    assert listening.filter(record) is True
+    assert WhileAddLogIsHeard(lambda: [Listener()]).filter(record) is True
+    assert WhileAddLogIsHeard(lambda: [Holder(object())]).filter(record) is False
+
+
+def test_the_gateways_one_entry_starts_and_stops_the_filter() -> None:
+    entry = OneEntry(make_addons())
+    quiet = entry.member(AddLogWhenHeard)
+    assert quiet.running in entry.handlers["running"] and quiet.done in entry.handlers["done"]

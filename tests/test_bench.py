@@ -270,6 +270,11 @@ def test_quick_lowers_sizes_and_a_flag_wins_over_it() -> None:
     assert (quick.requests, quick.manifest_rounds) == (50, 4)
 
 
+def test_the_manifest_scenario_measures_another_ocigate_only_when_asked(tmp_path: Path) -> None:
+    assert suite.parse_args([]).baseline_addons is None
+    assert suite.parse_args(["--baseline-addons", str(tmp_path)]).baseline_addons == tmp_path
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -284,3 +289,14 @@ def test_bad_flags_are_named(arguments: list[str], message: str, capsys: pytest.
     with pytest.raises(SystemExit):
         suite.parse_args(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_a_baseline_is_named_by_its_commit_never_by_a_path_of_this_machine(tmp_path: Path) -> None:
+    checkout = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    assert suite.addons_label(checkout / "addons") == f"at commit {commit.stdout.strip()}"
+    outside = tmp_path / "addons"
+    outside.mkdir()
+    assert suite.addons_label(outside) == "addons"

@@ -58,6 +58,7 @@ async def test_each_hook_calls_the_members_that_have_it_in_order_and_no_other_ho
     # mitmproxy finds nothing to call for a hook no member has (getattr gives None).
     assert getattr(entry, "error", None) is None and getattr(entry, "update", None) is None
     assert not hasattr(entry, "addons")  # else mitmproxy would walk the members as entries of their own
+    assert [handler.__self__ for handler in entry.handlers["response"]] == [entry.members[1]]
 
 
 @pytest.mark.parametrize("hook", ["request", "requestheaders"])

@@ -1,9 +1,11 @@
+import ipaddress
 import string
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from ocigate import routes as routes_module
 from ocigate.routes import (
     MAX_REPOSITORY_LENGTH,
     Route,
@@ -501,3 +503,14 @@ def test_normalize_upstream_raises_only_route_error(host: str, port: int | None)
         normalize_upstream(host, port)
     except RouteError as error:
         assert error.code == "NAME_INVALID"
+
+
+def test_an_address_is_remembered_only_when_short_and_read_the_same_either_way() -> None:
+    long_zone = "fe80::1%" + "a" * 100_000  # a zone of any length parses, in a realm a host could name
+    before = routes_module._remembered_ip_address.cache_info().currsize
+    parsed = routes_module.ip_address(long_zone)
+    assert isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id == "a" * 100_000
+    assert routes_module._remembered_ip_address.cache_info().currsize == before
+    assert routes_module.ip_address("127.0.0.1") == ipaddress.ip_address("127.0.0.1")
+    assert routes_module.ip_address("127.0.0.1") is routes_module.ip_address("127.0.0.1")  # remembered
+    assert routes_module.ip_address("registry.test") is None and routes_module.ip_address("") is None

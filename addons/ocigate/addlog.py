@@ -18,31 +18,38 @@ from mitmproxy.log import LegacyLogEvents
 
 class WhileAddLogIsHeard(logging.Filter):
     """Passes a record while an addon of `chain()` (or one under it) has an add_log hook. Asked on whatever thread
-    logs: it reads the chain, and changes nothing."""
+    logs: it reads the chain, and changes nothing. It never raises (logging calls a handler's filters unguarded, so an
+    error would escape every logging call): an addon it cannot read passes the record, as mitmproxy without the filter
+    would, whose own walk of the chain then reports that addon."""
 
     def __init__(self, chain: Callable[[], Iterable[object]]) -> None:
         super().__init__()
         self.chain = chain
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return any(callable(getattr(addon, "add_log", None)) for addon in traverse(self.chain()))
+        try:
+            return any(callable(getattr(addon, "add_log", None)) for addon in traverse(self.chain()))
+        except Exception:
+            return True
 
 
 class AddLogWhenHeard:
-    """Puts the filter on mitmproxy's add_log handler once the gateway runs; takes it off when the gateway ends."""
+    """Puts the filter on this master's add_log handler once the gateway runs; takes it off when the gateway ends.
+    (A listener added later gets the lines logged from then on.)"""
 
     def __init__(self) -> None:
-        self.filter: WhileAddLogIsHeard | None = None
+        self.filtered: list[tuple[LegacyLogEvents, WhileAddLogIsHeard]] = []
 
     def running(self) -> None:
-        if self.filter is None:
-            addons = ctx.master.addons
-            self.filter = WhileAddLogIsHeard(lambda: addons.chain)
+        master = ctx.master
+        filtered = [handler for handler, _ in self.filtered]
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, LegacyLogEvents) and self.filter not in handler.filters:
-                handler.addFilter(self.filter)
+            if isinstance(handler, LegacyLogEvents) and handler.master is master and handler not in filtered:
+                listening = WhileAddLogIsHeard(lambda: master.addons.chain)
+                handler.addFilter(listening)
+                self.filtered.append((handler, listening))
 
     def done(self) -> None:
-        if self.filter is not None:
-            for handler in logging.getLogger().handlers:
-                handler.removeFilter(self.filter)
+        for handler, listening in self.filtered:
+            handler.removeFilter(listening)
+        self.filtered = []

@@ -43,6 +43,8 @@ class OneEntry:
 
     def __init__(self, members: Sequence[object]) -> None:
         self.members = tuple(members)
+        # What each hook calls, in order.
+        self.handlers: dict[str, tuple[Callable[..., Any], ...]] = {}
         for hook in sorted(hooks.all_hooks):
             handlers = [
                 handler
@@ -53,6 +55,7 @@ class OneEntry:
                 continue
             if hook in _SYNCHRONOUS and any(inspect.iscoroutinefunction(handler) for handler in handlers):
                 raise TypeError(f"ocigate's {hook} hooks must be synchronous: mitmproxy calls them so")
+            self.handlers[hook] = tuple(handlers)
             setattr(self, hook, _dispatcher(hook, handlers))
 
     def member(self, kind: type) -> Any:

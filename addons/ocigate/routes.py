@@ -328,15 +328,27 @@ def split_host_port(original: str) -> tuple[str, int | None]:
     return _checked_host_name(host, original), None
 
 
-# Remembered: every request ocigate sends asks it of the host it dials (destinations.Destinations.resolve), and
-# ipaddress's parse in Python, with its exception for a name, cost 2% of the gateway's CPU for a manifest by tag.
-@functools.lru_cache(maxsize=4096)
 def ip_address(text: str) -> IPAddress | None:
     """The IP address `text` is (an IPv6 one without brackets), or None when it is a name or nothing at all."""
+    # Remembered for short texts: every request ocigate sends asks it of the host it dials
+    # (destinations.Destinations.resolve), and ipaddress's parse in Python, with its exception for a name, cost 2% of
+    # the gateway's CPU for a manifest by tag. A longer text (an IPv6 zone can be of any length, in a realm a host
+    # names) is parsed each time: the cache would keep it.
+    return _remembered_ip_address(text) if len(text) <= _REMEMBERED_LENGTH else _parsed_ip_address(text)
+
+
+# The longest IPv6 address in text is 45 characters; an interface's name as its zone is at most 15 more.
+_REMEMBERED_LENGTH = 64
+
+
+def _parsed_ip_address(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
+
+
+_remembered_ip_address = functools.lru_cache(maxsize=4096)(_parsed_ip_address)
 
 
 def _bracketed_ipv6(address: str, original: str) -> str:
