@@ -157,7 +157,7 @@ class World:
         if workers > 1:
             entry_point += ("--workers", str(workers))
         try:
-            env = {"PYTHONPATH": str(addons)} if addons is not None else {}
+            env = {"PYTHONPATH": str(addons.resolve())} if addons is not None else {}
             return stack.enter_context(
                 running_gateway(directory, rules, {**hosts, **(host_map or {})}, options, entry_point, env=env)
             )
