@@ -444,8 +444,8 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
             "(or direct), the median over rounds",
             f"ocigate's p50 added per round: {added} ms",
             "proxy CPU ms/GET: the proxy's CPU time (user and system, all its processes, from /proc) during its own "
-            "batches, over their GETs; on a machine where client, registry and proxy share the cores, each ms of it "
-            "is latency",
+            "batches, over their GETs, and its ratio: of the totals over all rounds; on a machine where client, "
+            "registry and proxy share the cores, each ms of it is latency",
             *(
                 [f"{OCIGATE_BASELINE}: ocigate {addons_label(args.baseline_addons)} (--baseline-addons), alike"]
                 if args.baseline_addons is not None
