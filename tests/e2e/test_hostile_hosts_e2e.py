@@ -250,6 +250,46 @@ def test_a_compressed_manifest_reaches_a_client_accepting_gzip_as_the_host_sent_
     assert gzip.decompress(fetched.body) == manifest.data
 
 
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("accepts_gzip", [False, True], ids=["client names no coding", "client accepts gzip"])
+def test_a_head_of_a_manifest_the_host_would_compress_names_its_coding_only_to_a_client_that_reads_it(
+    mirrors: Mirrors, manifests: dict[tuple[str, str, str], Image], framing: str, accepts_gzip: bool
+) -> None:
+    manifest = manifests[("digest", framing, "gzip, compressed")].manifest
+    mirrors.faulty.shape(manifest.digest, Shape(framing=framing, encoding="gzip", compress=True, head=True))
+    path = f"/v2/{REPOSITORY}/manifests/{manifest.digest}"
+    headers = [("Accept", OCI_MANIFEST), *([("Accept-Encoding", "gzip")] if accepts_gzip else [])]
+    shaped_before = mirrors.faulty.served("shape")
+    fetched = get_through(mirrors.gateway, UPSTREAM, path, headers, method="HEAD")
+    asked_the_faulty_host = mirrors.faulty.served("shape") == shaped_before + 1
+    compressed_length = str(len(gzip.compress(manifest.data)))
+    if accepts_gzip:
+        # As the host said it: a GET would bring these bytes.
+        as_said = fetched.header("Content-Encoding") == "gzip" and fetched.header("Content-Length") in (
+            compressed_length,
+            None,
+        )
+    else:
+        # A GET would bring the manifest decoded, whose length the host did not say: neither coding nor a length.
+        as_said = fetched.header("Content-Encoding") is None and fetched.header("Content-Length") in (
+            str(len(manifest.data)),
+            None,
+        )
+    handled = (
+        fetched.status == 200
+        and fetched.body == b""
+        and fetched.header("Docker-Content-Digest") == manifest.digest
+        and as_said
+        and asked_the_faulty_host
+    )
+    tally.record(HOSTILE_HOSTS, handled=handled)
+    assert handled, (
+        f"{describe(fetched)}, Content-Encoding {fetched.header('Content-Encoding')}, Content-Length "
+        f"{fetched.header('Content-Length')}, the faulty host asked: {asked_the_faulty_host}\n"
+        + mirrors.gateway.log_text()[-3000:]
+    )
+
+
 # A host that stops talking, before its answer or between two pieces of it, for longer than the read timeout.
 STALLS = {
     "silent after its HEAD said 200": Shape(stall=30),

@@ -22,7 +22,8 @@ the query string (the gateway appends ?ns=...):
 - shape(name, Shape(...)): a GET of the blob with digest `name` or of the manifest with reference `name` answers the
   registry's bytes reshaped as a mirror legally (or not) might: framed by Content-Length, chunked or by closing the
   connection; labelled with a Content-Encoding (and compressed, or not); with another status; corrupted or cut short;
-  dripped piece by piece. HEAD is forwarded unchanged.
+  dripped piece by piece. HEAD is forwarded unchanged, unless the Shape says `head`: then it is answered with the
+  headers the shaped GET would have (its coding, its framing, the length of its body as sent), no body.
 - refuse(): the listening socket is closed, so new connections get a real "connection refused" (TCP RST to the SYN),
   and open keep-alive connections are shut down so a pooled connection cannot slip past. accept_again() binds the same
   port again (SO_REUSEADDR; it raises OSError if something else took the port meanwhile, which on loopback with an
@@ -81,6 +82,7 @@ class Shape:
     empty: bool = False  # a 200 with no body at all
     http10: bool = False  # the answer's status line says HTTP/1.0, as an HTTP/1.0 server's does
     pieces: int = 4  # how many pieces the body is sent in
+    head: bool = False  # a HEAD too: the shaped GET's headers (its coding, framing and length), no body
 
     def __post_init__(self) -> None:
         if self.framing not in FRAMINGS:
@@ -347,7 +349,10 @@ class _FaultyHandler(ForwardingHandler):
         reference = manifest["reference"] if manifest else None
         digest = blob["digest"] if blob else None
 
-        response, upstream = self.forward()
+        shape = faults.shape_of(reference or digest)
+        # A shaped HEAD is answered from the GET's body: its length as sent depends on it.
+        shaped_head = self.command == "HEAD" and shape is not None and shape.head
+        response, upstream = self.forward(method="GET" if shaped_head else None)
         if response is None:
             upstream.close()
             return
@@ -356,10 +361,9 @@ class _FaultyHandler(ForwardingHandler):
             lie = reference is not None and reference in faults.lying_manifests and ok
             if lie:
                 faulty._count("lie_about_digest")
-            shape = faults.shape_of(reference or digest)
-            if ok and self.command == "GET" and shape is not None:
+            if ok and (self.command == "GET" or shaped_head) and shape is not None:
                 faulty._count("shape")
-                self._send_shaped(response, shape)
+                self._send_shaped(response, shape, head=shaped_head)
             elif ok and self.command == "GET" and reference in faults.corrupt_manifests:
                 faulty._count("corrupt_manifest")
                 self._send_manifest_corrupted(response, lie)
@@ -401,7 +405,7 @@ class _FaultyHandler(ForwardingHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_shaped(self, response: http.client.HTTPResponse, shape: Shape) -> None:
+    def _send_shaped(self, response: http.client.HTTPResponse, shape: Shape, *, head: bool = False) -> None:
         body = response.read()
         if (shape.stall and self.server.stopping.wait(shape.stall)) or shape.hang_up:
             self.close_connection = True
@@ -449,7 +453,7 @@ class _FaultyHandler(ForwardingHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        if not has_body:
+        if not has_body or head:
             return
         size = max(1, -(-len(body) // shape.pieces))
         for start in range(0, len(body), size):

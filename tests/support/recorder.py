@@ -182,8 +182,9 @@ class ForwardingHandler(BaseHTTPRequestHandler):
     def header_lines(self) -> tuple[tuple[str, str], ...]:
         return tuple((name, value) for name, value in self.headers.items())
 
-    def forward(self) -> tuple[http.client.HTTPResponse | None, http.client.HTTPConnection]:
-        """Sends the request on; the response, or None after answering 502 itself. The caller closes the connection."""
+    def forward(self, method: str | None = None) -> tuple[http.client.HTTPResponse | None, http.client.HTTPConnection]:
+        """Sends the request on (as `method` when given: a HEAD asked as a GET); the response, or None after answering
+        502 itself. The caller closes the connection."""
         connection_tokens = {
             token.strip().lower() for value in self.headers.get_all("Connection", []) for token in value.split(",")
         }
@@ -191,7 +192,7 @@ class ForwardingHandler(BaseHTTPRequestHandler):
         content_length = None if is_chunked else self.headers.get("Content-Length")
         upstream = self.open_target()
         try:
-            upstream.putrequest(self.command, self.origin_form(), skip_host=True, skip_accept_encoding=True)
+            upstream.putrequest(method or self.command, self.origin_form(), skip_host=True, skip_accept_encoding=True)
             host_sent = False
             for name, value in self.header_lines():
                 lowered = name.lower()
