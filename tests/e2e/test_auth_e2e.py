@@ -384,3 +384,37 @@ def test_a_mirror_that_echoes_request_headers_never_gets_ocigates_password_to_th
         ):
             assert secret not in data, f"{where} got the secret"
     assert b"*" * len(basic) in answer.body
+
+
+def test_a_token_registry_mirror_that_echoes_never_gets_ocigates_cached_token_to_the_client_the_log_or_a_capture(
+    world: AuthWorld, tmp_path: Path
+) -> None:
+    """The bearer token ocigate fetched, then sent again from its cache, echoed by the mirror in its headers and body,
+    reaches no client, no log line and no capture: masked in every form a host could echo it."""
+    with running_faulty_host(world.registry.url) as mirror:
+        mirror.echo_headers()
+        rules = tmp_path / "rules"
+        (rules / "d.test").mkdir(parents=True)
+        (rules / "d.test" / "hosts.toml").write_text('[host."http://echo.test:5000"]\n')
+        gateway_dir = tmp_path / "gateway"
+        capture = gateway_dir / "capture.flows"
+        options = ["flow_detail=4", f"save_stream_file={capture}"]
+        with running_gateway(gateway_dir, rules, {"echo.test:5000": f"127.0.0.1:{mirror.port}"}, options) as gateway:
+            store(gateway_dir).save("echo.test:5000", Credential(ALICE, ALICE_PASSWORD))
+            answers = [get_through(gateway, "d.test", "/v2/team/app/manifests/v1") for _ in range(2)]
+        outputs = gateway.log_text().encode() + capture.read_bytes()
+    sent = {value for request in mirror.requests for value in request.header_values("Authorization")}
+    tokens = {value.partition(" ")[2] for value in sent if value.startswith("Bearer ")}
+    # One token, fetched once and sent from the cache the second time; both requests echoed.
+    assert len(tokens) == 1 and mirror.served("echo_headers") >= 2, sent
+    assert world.token_requests(ALICE) == [(ALICE, ("repository:team/app:pull",))]
+    (token,) = tokens
+    for answer in answers:
+        assert answer.status == 400 and b"X-You-Sent" not in answer.body
+        assert b"*" * len(token) in answer.body
+    for form in (token, f"Bearer {token}", json.dumps(token)[1:-1]):
+        for where, data in (
+            ("the client", b"".join(answer.body + str(answer.headers).encode() for answer in answers)),
+            ("the log or the capture", outputs),
+        ):
+            assert form.encode() not in data, f"{where} got the token"
