@@ -56,6 +56,22 @@ def test_worker_0_starts_alone_and_the_others_once_it_listens() -> None:
     assert len(box.started) == 3
 
 
+def test_the_gateway_says_once_when_every_worker_listens_and_not_again_for_a_restarted_one() -> None:
+    """The point from which a worker that dies is started again: the tests' and an operator's sign of it."""
+    box = Box(3)
+    box.supervisor.start()
+    box.supervisor.listening(box.pid_of(0))
+    box.supervisor.listening(box.pid_of(2))
+    assert box.said == []
+    box.supervisor.listening(box.pid_of(1))
+    assert box.said == ["all 3 workers listen"]
+    box.now += 60
+    box.supervisor.exited(box.pid_of(1), -signal.SIGKILL)
+    box.later(FIRST_DELAY)
+    box.supervisor.listening(box.pid_of(1))
+    assert box.said[0] == "all 3 workers listen" and box.said.count("all 3 workers listen") == 1
+
+
 def test_a_worker_that_exits_before_it_listened_ends_the_gateway_with_its_status() -> None:
     box = Box(2)
     box.supervisor.start()
@@ -91,7 +107,10 @@ def test_a_worker_that_dies_after_it_listened_is_started_again_after_a_back_off_
     dead = box.pid_of(1)
     box.now += 5
     box.supervisor.exited(dead, -signal.SIGKILL)
-    assert box.said == ["worker 1 (pid 102) was killed by SIGKILL after 5 s; starting it again in 1 s"]
+    assert box.said == [
+        "all 2 workers listen",
+        "worker 1 (pid 102) was killed by SIGKILL after 5 s; starting it again in 1 s",
+    ]
     assert box.supervisor.timeout() == FIRST_DELAY
     assert box.signals == [] and not box.supervisor.done
     box.later(FIRST_DELAY / 2)
@@ -172,6 +191,7 @@ def test_a_second_stop_signal_is_passed_on_and_a_third_kills_the_workers_left() 
 def test_other_signals_and_unknown_children_change_nothing() -> None:
     box = Box(1)
     box.all_listening()
+    box.said.clear()
     box.supervisor.signalled(signal.SIGUSR2)
     box.supervisor.exited(99999, 1)
     box.supervisor.listening(99999)

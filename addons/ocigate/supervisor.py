@@ -86,6 +86,9 @@ class Supervisor:
         if slot is None or slot.ever_listened:
             return
         slot.ever_listened = True
+        if all(other.ever_listened for other in self.slots):
+            # Once: from here on a worker that dies is started again rather than ending the gateway.
+            self.say(f"all {len(self.slots)} workers listen")
         if slot.index == 0 and self.stopping is None:
             for other in self.slots[1:]:
                 if other.pid is None and other.restart_at is None:

@@ -160,7 +160,10 @@ def wait_for_workers(gateway: Gateway, count: int, restarted: Collection[int] = 
 
     def listening() -> bool:
         log = gateway.log_text()
-        return all(_listened(log, index) >= (2 if index in restarted else 1) for index in range(count))
+        # The parent's line, not only the workers' own: a worker's "listening" is logged a moment before it tells
+        # the parent, and one killed between the two ends the gateway as a worker that could not start.
+        told = f"ocigate: all {count} workers listen" in log
+        return told and all(_listened(log, index) >= (2 if index in restarted else 1) for index in range(count))
 
     wait_until(
         listening,
