@@ -19,12 +19,14 @@ from mitmproxy.tools.web.master import WebMaster
 from .addon import make_addons
 from .askagain import Playback
 from .captures import Redaction
+from .hookindex import index_hooks
 from .httponly import HttpOnly
 from .oneentry import OneEntry
 from .workeridentity import Identity
 
 
 def _add_ocigate(master: DumpMaster | WebMaster, worker: Identity | None = None) -> None:
+    index_hooks(master.addons)
     ours = OneEntry(make_addons(worker))
     master.addons.add(ours)
     # mitmproxy's client replay sends a flow through an HTTP layer of its own, which would send what the flow shows
