@@ -9,8 +9,9 @@ from mitmproxy.log import LogEntry
 from mitmproxy.options import Options
 from mitmproxy.tools.dump import DumpMaster
 
-from ocigate.addlog import AddLogWhenHeard, WhileAddLogIsHeard
+from ocigate.addlog import AddLogWhenHeard, WhileAddLogIsHeard, heard_in
 from ocigate.addon import make_addons
+from ocigate.hookindex import index_hooks
 from ocigate.oneentry import OneEntry
 
 
@@ -29,10 +30,13 @@ class Holder:
         self.addons = list(addons)
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["mitmproxy's walk", "hookindex"])
 async def test_add_log_goes_out_only_while_an_addon_listens_and_then_reaches_it(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, indexed: bool
 ) -> None:
     master = DumpMaster(Options(), with_termlog=False, with_dumper=False)
+    if indexed:
+        index_hooks(master.addons)
     quiet = AddLogWhenHeard()
     master.addons.add(quiet)
     events: list[str] = []
@@ -71,11 +75,11 @@ def test_an_addon_the_filter_cannot_read_lets_the_record_through_and_nothing_rai
         def add_log(self) -> object:
             raise RuntimeError("cannot be read")
 
-    listening = WhileAddLogIsHeard(lambda: [Unreadable()])
     record = logging.LogRecord("ocigate", logging.INFO, __file__, 1, "a request", None, None)
-    assert listening.filter(record) is True
-    assert WhileAddLogIsHeard(lambda: [Listener()]).filter(record) is True
-    assert WhileAddLogIsHeard(lambda: [Holder(object())]).filter(record) is False
+    assert WhileAddLogIsHeard(lambda: heard_in([Unreadable()])).filter(record) is True
+    assert WhileAddLogIsHeard(lambda: heard_in([Listener()])).filter(record) is True
+    assert WhileAddLogIsHeard(lambda: heard_in([Holder(object())])).filter(record) is False
+    assert WhileAddLogIsHeard(lambda: heard_in([Holder(Listener())])).filter(record) is True
 
 
 def test_the_gateways_one_entry_starts_and_stops_the_filter() -> None:

@@ -19,6 +19,7 @@ from ocigate.hookindex import IndexedAddonManager, index_hooks
 from ocigate.masters import OcigateMaster
 
 EVENTS = ("requestheaders", "request", "response")
+HANDLED = (*EVENTS, "update")  # mitmproxy follows each flow's event with an update event
 MAKE = {"requestheaders": HttpRequestHeadersHook, "request": HttpRequestHook, "response": HttpResponseHook}
 
 
@@ -28,7 +29,8 @@ class Spec:
 
     handles: tuple[str, ...]
     is_async: bool = False
-    does: str = "record"  # or "fail" (an error mitmproxy logs) or "halt" (AddonHalt: the walk ends)
+    # or "fail" (an error mitmproxy logs), "halt" (AddonHalt: the walk ends), "options" (OptionsError: raised)
+    does: str = "record"
     children: tuple["Spec", ...] | None = None  # None: no `addons` attribute
 
 
@@ -39,6 +41,8 @@ def _make(spec: Spec, label: str, calls: list[str]) -> Any:
             raise ValueError(f"{label} fails")
         if spec.does == "halt":
             raise exceptions.AddonHalt()
+        if spec.does == "options":
+            raise exceptions.OptionsError(f"{label} refuses")
 
     namespace: dict[str, Any] = {"name": label}
     for event in spec.handles:
@@ -61,9 +65,9 @@ def _make(spec: Spec, label: str, calls: list[str]) -> Any:
 def _specs(depth: int = 1) -> st.SearchStrategy[Spec]:
     leaf = st.builds(
         Spec,
-        handles=st.lists(st.sampled_from(EVENTS), unique=True).map(tuple),
+        handles=st.lists(st.sampled_from(HANDLED), unique=True).map(tuple),
         is_async=st.booleans(),
-        does=st.sampled_from(["record", "record", "record", "fail", "halt"]),
+        does=st.sampled_from(["record", "record", "record", "fail", "halt", "options"]),
     )
     if depth == 0:
         return leaf
@@ -71,7 +75,7 @@ def _specs(depth: int = 1) -> st.SearchStrategy[Spec]:
         leaf,
         st.builds(
             Spec,
-            handles=st.lists(st.sampled_from(EVENTS), unique=True).map(tuple),
+            handles=st.lists(st.sampled_from(HANDLED), unique=True).map(tuple),
             children=st.lists(_specs(depth - 1), max_size=3).map(tuple),
         ),
     )
@@ -105,7 +109,7 @@ STEPS = st.one_of(
     st.tuples(st.just("remove"), st.integers(0, 20)),
     st.tuples(st.just("move"), st.integers(0, 20)),
     st.tuples(st.just("child"), st.integers(0, 20), _specs(0)),
-    st.tuples(st.just("drop"), st.integers(0, 20), st.sampled_from(EVENTS)),
+    st.tuples(st.just("drop"), st.integers(0, 20), st.sampled_from(HANDLED)),
 )
 
 
@@ -126,7 +130,10 @@ async def _run(side: Side, chain: list[Spec], steps: list[tuple], errors: _Error
         kind, *rest = step
         entries = manager.chain
         if kind == "event":
-            await manager.handle_lifecycle(MAKE[rest[0]](flow))
+            try:
+                await manager.handle_lifecycle(MAKE[rest[0]](flow))
+            except exceptions.OptionsError as e:
+                side.calls.append(f"raised {e}")
         elif kind == "add":
             add(rest[0])
         elif kind == "remove" and entries:

@@ -10,27 +10,35 @@ the chain (a script's among them) has an add_log hook: a script written for mitm
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from mitmproxy import ctx
-from mitmproxy.addonmanager import traverse
+from mitmproxy.addonmanager import AddonManager, traverse
 from mitmproxy.log import LegacyLogEvents
+
+from .hookindex import IndexedAddonManager
 
 
 class WhileAddLogIsHeard(logging.Filter):
-    """Passes a record while an addon of `chain()` (or one under it) has an add_log hook. Asked on whatever thread
-    logs: it reads the chain, and changes nothing. It never raises (logging calls a handler's filters unguarded, so an
-    error would escape every logging call): an addon it cannot read passes the record, as mitmproxy without the filter
-    would, whose own walk of the chain then reports that addon."""
+    """Passes a record while `heard()` says an addon has an add_log hook. Asked on whatever thread logs: it reads the
+    chain, and changes nothing. It never raises (logging calls a handler's filters unguarded, so an error would escape
+    every logging call): an addon it cannot read passes the record, as mitmproxy without the filter would, whose own
+    walk of the chain then reports that addon."""
 
-    def __init__(self, chain: Callable[[], Iterable[object]]) -> None:
+    def __init__(self, heard: Callable[[], bool]) -> None:
         super().__init__()
-        self.chain = chain
+        self.heard = heard
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
-            return any(callable(getattr(addon, "add_log", None)) for addon in traverse(self.chain()))
+            return self.heard()
         except Exception:
             return True
+
+
+def heard_in(chain: Iterable[object]) -> bool:
+    """Whether an addon of `chain` (or one under it) has an add_log hook, found as mitmproxy's walk finds it."""
+    return any(callable(getattr(addon, "add_log", None)) for addon in traverse(chain))
 
 
 class AddLogWhenHeard:
@@ -45,7 +53,7 @@ class AddLogWhenHeard:
         filtered = [handler for handler, _ in self.filtered]
         for handler in logging.getLogger().handlers:
             if isinstance(handler, LegacyLogEvents) and handler.master is master and handler not in filtered:
-                listening = WhileAddLogIsHeard(lambda: master.addons.chain)
+                listening = WhileAddLogIsHeard(_heard(master.addons))
                 handler.addFilter(listening)
                 self.filtered.append((handler, listening))
 
@@ -53,3 +61,11 @@ class AddLogWhenHeard:
         for handler, listening in self.filtered:
             handler.removeFilter(listening)
         self.filtered = []
+
+
+def _heard(manager: AddonManager) -> Callable[[], bool]:
+    # The ocigate masters' manager knows which entries have the hook (hookindex.py); mitmproxy's own (`mitmdump -s
+    # addons/gateway.py`) is walked.
+    if isinstance(manager, IndexedAddonManager):
+        return partial(manager.handles, "add_log")
+    return lambda: heard_in(manager.chain)
