@@ -1,11 +1,12 @@
 """ocigate's addons as one entry of mitmproxy's addon chain.
 
-mitmproxy walks its whole chain for every hook of every flow: a request kept alive on its connection fires
-requestheaders, request, responseheaders and response, and an update after each. Each entry of the chain costs a
-traversal, a getattr, a context manager and a coroutine per hook, whether it has the hook or not, and each addon that
-has it gets the hook's arguments built anew. ocigate's nine addons (ten in a worker) were nine entries more to walk;
-as one entry, mitmproxy walks one, and the entry calls, for each hook, just those of its addons that have it, in
-order (the CPU it saves on each manifest by tag: docs/benchmarks.md).
+mitmproxy's own addon manager (under `mitmdump -s addons/gateway.py`) walks its whole chain for every hook of every
+flow: a request kept alive on its connection fires requestheaders, request, responseheaders and response, and an
+update after each. Each entry of the chain costs a traversal, a getattr, a context manager and a coroutine per hook,
+whether it has the hook or not, and each addon that has it gets the hook's arguments built anew. ocigate's nine addons
+(ten in a worker) were nine entries more to walk; as one entry, mitmproxy walks one, and the entry calls, for each
+hook, just those of its addons that have it, in order (the CPU it saves on each manifest by tag: docs/benchmarks.md).
+The `ocigate` masters' manager walks only the entries that have a hook (hookindex.py), this one among them.
 
 Each addon stays apart as it was as an entry of its own: an error in one is logged as mitmproxy logs an addon's error
 (on mitmproxy's logger, so that logscrub's filter reads it) and the next addon still runs; AddonHalt and OptionsError

@@ -86,7 +86,7 @@ class Supervisor:
         if slot is None or slot.ever_listened:
             return
         slot.ever_listened = True
-        if all(other.ever_listened for other in self.slots):
+        if self.stopping is None and all(other.ever_listened for other in self.slots):
             # Once: from here on a worker that dies is started again rather than ending the gateway.
             self.say(f"all {len(self.slots)} workers listen")
         if slot.index == 0 and self.stopping is None:
