@@ -915,7 +915,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--blob-mib", type=int, help="blob scenario: blob size (256; quick 64)")
     parser.add_argument("--rounds", type=int, help="blob GETs per way and client (3; quick 2)")
     parser.add_argument("--requests", type=int, help="manifest GETs per way and round (100; quick 50)")
-    parser.add_argument("--manifest-rounds", type=int, help="manifest: interleaved rounds (10; quick 4)")
+    parser.add_argument("--manifest-rounds", type=int, help="manifest: interleaved rounds (20; quick 4)")
     parser.add_argument("--rss-mib", type=numbers, help="rss scenario: blob sizes in MiB (256,2048; quick 64,256)")
     parser.add_argument("--concurrency", type=numbers, help="concurrent pulls (1,10,50,200)")
     parser.add_argument("--layers", type=int, default=10, help="layers of the small image (10)")
@@ -936,7 +936,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "blob_mib": (256, 64),
         "rounds": (3, 2),
         "requests": (100, 50),
-        "manifest_rounds": (10, 4),
+        "manifest_rounds": (20, 4),
         "rss_mib": ([256, 2048], [64, 256]),
         "concurrency": ([1, 10, 50, 200], [1, 10, 50, 200]),
         "layer_kib": (1024, 256),

@@ -264,7 +264,7 @@ def test_quick_lowers_sizes_and_a_flag_wins_over_it() -> None:
     full = suite.parse_args([])
     assert (full.blob_mib, full.rss_mib, full.concurrency, full.layer_kib) == (256, [256, 2048], [1, 10, 50, 200], 1024)
     assert full.scenarios == list(suite.SCENARIOS)
-    assert (full.requests, full.manifest_rounds) == (100, 10)
+    assert (full.requests, full.manifest_rounds) == (100, 20)
     quick = suite.parse_args(["--quick", "--blob-mib", "32"])
     assert (quick.blob_mib, quick.rss_mib, quick.layer_kib) == (32, [64, 256], 256)
     assert (quick.requests, quick.manifest_rounds) == (50, 4)
