@@ -94,10 +94,18 @@ def dump(results: Results) -> str:
 
 
 def save(results: Results, directory: Path) -> Path:
+    """Writes `<date>.json`, or `<date>-2.json` and on when a run of that day is there already: no run is written
+    over (a run of one scenario included)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{results.date}.json"
-    path.write_text(dump(results))
-    return path
+    path, number = directory / f"{results.date}.json", 1
+    while True:
+        try:
+            with path.open("x") as file:  # exclusive: a file there is never replaced
+                file.write(dump(results))
+            return path
+        except FileExistsError:
+            number += 1
+            path = directory / f"{results.date}-{number}.json"
 
 
 def load(path: Path) -> Results:

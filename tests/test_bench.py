@@ -144,6 +144,15 @@ def test_results_file_round_trips(tmp_path: Path) -> None:
     assert loaded.scenarios[0].chart.series["ocigate"] == [283.0, None]
 
 
+def test_a_second_run_of_the_day_is_written_beside_the_first_never_over_it(tmp_path: Path) -> None:
+    loaded = results.load(FIXED_RESULTS)
+    first = results.save(loaded, tmp_path)
+    kept = first.read_text()
+    names = [results.save(loaded, tmp_path).name for _ in range(2)]
+    assert names == ["2026-12-02-2.json", "2026-12-02-3.json"]
+    assert first.read_text() == kept
+
+
 def test_this_machine_is_described() -> None:
     machine = results.this_machine()
     assert machine.cores == os.cpu_count()
@@ -300,3 +309,26 @@ def test_a_baseline_is_named_by_its_commit_never_by_a_path_of_this_machine(tmp_p
     outside = tmp_path / "addons"
     outside.mkdir()
     assert suite.addons_label(outside) == "addons"
+
+
+def test_failover_counts_the_requests_that_asked_the_first_mirror_from_the_access_log(tmp_path: Path) -> None:
+    def line(kind: str, upstream: str, *hosts: tuple[str, str | None]) -> str:
+        tried = [{"host": f"http://{h}", "result": "x", "skipped": r is not None, "reason": r} for h, r in hosts]
+        return json.dumps({"upstream": upstream, "kind": kind, "hosts": tried})
+
+    first, registry = suite.FIRST_MIRROR, "registry.test:5000"
+    log = tmp_path / "access.log"
+    log.write_text(
+        "\n".join(
+            [
+                line("manifest", "warm.test", (registry, None)),  # the warm-up: another upstream
+                line("manifest", suite.pull.UPSTREAM, (first, "unreachable"), (registry, None)),  # dialled, refused
+                *[line("manifest", suite.pull.UPSTREAM, (first, "cooldown"), (registry, None))] * 5,
+                line("blob", suite.pull.UPSTREAM, (first, "unreachable"), (registry, None)),  # not a manifest
+                line("manifest", suite.pull.UPSTREAM, (first, "status"), (registry, None)),  # asked again: counted
+            ]
+        )
+        + "\n"
+    )
+    assert suite.first_mirror_asked(log) == 2
+    assert suite.first_mirror_asked(tmp_path / "none.log") == 0
