@@ -315,12 +315,19 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
         ]
         rows: list[list[Cell]] = []
         series: dict[str, list[float | None]] = {way.name: [] for way in ways}
+        gib = world.content.blob_size * args.rounds / (1024 * pull.MIB)
         for kind, http2, window in BLOB_CLIENTS:
             seconds: dict[str, list[float]] = {way.name: [] for way in ways}
             spoken: dict[str, str] = {}
+            client_cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of this process (the client), over the rounds
+            proxy_cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of the proxy's processes
             for number in range(1, args.rounds + 1):  # rounds interleave the ways: drift hits all alike
                 for way in ways:
+                    proxy = process_tree(way.leg.pid) if way.leg.pid is not None else []
+                    client_before, proxy_before = time.process_time(), cpu_seconds(proxy)
                     elapsed, spoken[way.name] = pull.get_blob(way.leg, world.content, http2, window)
+                    client_cpu[way.name] += time.process_time() - client_before
+                    proxy_cpu[way.name] += cpu_seconds(proxy) - proxy_before
                     seconds[way.name].append(elapsed)
                     say(f"blob {kind} round {number}/{args.rounds} {way.name:<14} {elapsed:6.2f} s")
             speeds = {name: mib_per_second(world.content.blob_size, median(values)) for name, values in seconds.items()}
@@ -329,13 +336,24 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
                 row: list[Cell] = [way.name, kind, spoken[way.name]]
                 # Throughput ratio = time ratio inverted: baseline's seconds over this way's, round by round.
                 against = [median_of_ratios(seconds[name], seconds[way.name]) for name in (MITMPROXY_TLS, DIRECT)]
-                rows.append([*row, speeds[way.name], rounds, *against])
+                cpu: list[Cell] = [client_cpu[way.name] / gib, proxy_cpu[way.name] / gib if way.leg.pid else None]
+                rows.append([*row, speeds[way.name], rounds, *against, *cpu])
                 series[way.name].append(speeds[way.name])
     return Scenario(
         name="blob",
         title=f"1. Blob throughput, one stream, {world.content.blob_size // pull.MIB} MiB blob, "
         f"median of {args.rounds} rounds",
-        columns=["way", "client", "spoken", "MiB/s", "rounds s", "/mitmproxy+tls", "/direct"],
+        columns=[
+            "way",
+            "client",
+            "spoken",
+            "MiB/s",
+            "rounds s",
+            "/mitmproxy+tls",
+            "/direct",
+            "client CPU s/GiB",
+            "proxy CPU s/GiB",
+        ],
         rows=rows,
         chart=Chart("bar", "Blob throughput, one stream", "client", "MiB/s", [k for k, _, _ in BLOB_CLIENTS], series),
         notes=[
@@ -345,6 +363,9 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
             f"{BLOB_CLIENTS[2][0]}: the same client announcing the stream window of Go's HTTP/2 transport "
             "(docker, containerd), so that the sender need not wait for a WINDOW_UPDATE every 64 KiB",
             "direct is bounded by the client itself (httpx and sha256 on the same cores)",
+            "CPU s/GiB: the CPU time (user and system) of the client (this process: httpx and its sha256) and of the "
+            "proxy's processes (from /proc) during each way's GETs, over the GiB they moved; the machine's cores are "
+            "shared by the client, the proxy and the registry",
             "MiB/s: from the median time of the rounds; ratios: per round (the ways interleave), the median of them",
         ],
     )
@@ -775,7 +796,9 @@ def failover_scenario(world: World, args: argparse.Namespace) -> Scenario:
             def start(stack: contextlib.ExitStack) -> Way:
                 rules = failover_rules(world.directory("failover-rules"), first_mirror=port is not None)
                 host_map = {FIRST_MIRROR: f"127.0.0.1:{port}"} if port is not None else {}
-                access_logs[name] = world.directory("failover-log") / "access.log"
+                logs = world.directory("failover-log")
+                logs.mkdir(parents=True)
+                access_logs[name] = logs / "access.log"
                 options = [timeout_option, f"ocigate_access_log={access_logs[name]}"]
                 return proxy_way(name, world.gateway(stack, rules=rules, host_map=host_map, options=options))
 
