@@ -40,6 +40,14 @@ def test_cookies_keep_their_names_and_attributes() -> None:
 def test_urls_lose_their_userinfo_and_secret_query_fields_only() -> None:
     assert scrub.url("https://alice:pw@storage.test/blob?x=1") == f"https://alice:{R}@storage.test/blob?x=1"
     assert scrub.url("https://ghp_TOKEN@storage.test/") == f"https://{R}@storage.test/"
+    # The user part is the credential where the password only says so (GitHub's form) or is empty.
+    assert scrub.url("https://ghp_TOKEN:x-oauth-basic@github.test/o/r") == f"https://{R}@github.test/o/r"
+    assert scrub.url("https://ghp_TOKEN:X-OAuth-Basic@github.test/") == f"https://{R}@github.test/"
+    assert scrub.url("https://ghp_TOKEN:@github.test/") == f"https://{R}@github.test/"
+    assert scrub.text_urls("cloning https://ghp_TOKEN:x-oauth-basic@github.test/o/r failed") == (
+        f"cloning https://{R}@github.test/o/r failed"
+    )
+    assert scrub.url("https://x-access-token:ghs_TOKEN@github.test/") == f"https://x-access-token:{R}@github.test/"
     assert scrub.url("/token?service=s&access_token=abc&scope=a") == f"/token?service=s&access_token={R}&scope=a"
     unchanged = "https://storage.test/blob?X-Amz-Date=20240101&sig=1"
     assert scrub.url(unchanged) is unchanged

@@ -6,6 +6,7 @@ import logging
 import string
 import subprocess
 import sys
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import given
@@ -219,3 +220,51 @@ def test_no_secret_of_a_url_survives_in_mitmproxys_lines(
     assert "SeCrEt" not in shown, shown
     for name, _ in query[: len(fields)]:
         assert f"{name}=<redacted>" in shown
+
+
+def test_a_secret_percent_encoded_in_another_fields_value_redacts_that_value_whole() -> None:
+    R = "<redacted>"
+    assert scrub.text_urls("GET /login?next=https%3A%2F%2Fu%3Apw%40h.test%2F&x=1 HTTP/1.1") == (
+        f"GET /login?next={R}&x=1 HTTP/1.1"
+    )
+    assert scrub.text_urls("?redirect=%2Fv2%2Ftoken%3Faccess_token%3Dabc%26x%3D1") == f"?redirect={R}"
+    # Encoded twice: `%253A` is `%3A` once decoded.
+    assert scrub.text_urls("?next=https%253A%252F%252Fu%253Apw%2540h") == f"?next={R}"
+    assert scrub.url("https://reg.test/login?next=https%3A%2F%2Fu%3Apw%40h.test%2F") == (
+        f"https://reg.test/login?next={R}"
+    )
+    assert scrub.form("grant=x&next=%3Ftoken%3Dabc") == f"grant=x&next={R}"
+    # What encodes no secret is kept as it was.
+    for kept in (
+        "?q=a%20b&next=%2Fv2%2Fteam%2Fapp",
+        "?next=https%3A%2F%2Fh.test%2Fv2%2F",
+        "?scope=repository%3Aa%3Apull",
+    ):
+        assert scrub.text_urls(kept) == kept
+    assert scrub.url("https://reg.test/x?next=%2Fv2%2F") == "https://reg.test/x?next=%2Fv2%2F"
+
+
+def test_nested_and_repeated_encodings_are_read_in_linear_time() -> None:
+    # Fields nested by a raw `?` and a percent sign at the end: each character is decoded at most once a level.
+    nested = "GET /?" + "a=?" * 30000 + "b=%41 HTTP/1.1"
+    assert scrub.text_urls(nested) == nested
+    # `%25` decodes to `%` level after level: only _ENCODINGS levels are read.
+    deep = "?next=%" + "25" * 50000 + "41"
+    assert scrub.text_urls(deep) == deep
+
+
+@given(
+    secret=st.text(string.ascii_letters + string.digits, min_size=6, max_size=12).map(lambda text: f"SeCrEt{text}"),
+    times=st.integers(1, 3),
+    where=st.sampled_from(["https://user:{}@h.test/", "/v2/token?access_token={}", "https://{}@h.test/"]),
+    name=st.sampled_from(["next", "redirect_uri", "state"]),
+)
+def test_a_secret_encoded_up_to_three_times_in_a_field_value_never_shows(
+    secret: str, times: int, where: str, name: str
+) -> None:
+    value = where.format(secret)
+    for _ in range(times):
+        value = quote(value, safe="")
+    line = f"GET /login?{name}={value}&x=1 HTTP/1.1"
+    assert secret not in unquote(unquote(unquote(scrub.text_urls(line))))
+    assert secret not in unquote(unquote(unquote(scrub.url(f"https://reg.test/login?{name}={value}&x=1"))))

@@ -73,9 +73,25 @@ def form(text: str) -> str:
 
 def _form_pair(pair: str) -> str:
     name, equals, value = pair.partition("=")
-    if equals and value and is_secret_field(unquote_plus(name)):
+    if equals and value and (is_secret_field(unquote_plus(name)) or _encodes_secret(value, _ENCODINGS)):
         return f"{name}={REDACTED}"
     return pair
+
+
+# How many levels of percent-encoding of one another a field's value is decoded through to find a secret (a URL in a
+# query, itself in a query, ...). Each level reads the text once more: a bound keeps a line with any nesting linear.
+_ENCODINGS = 3
+
+
+def _encodes_secret(value: str, levels: int) -> bool:
+    """Whether a field's value holds, percent-encoded, what text_urls redacts (`next=https%3A%2F%2Fu%3Apw%40h`,
+    `redirect=%2Ftoken%3Faccess_token%3D...`), within `levels` decodings: such a value is redacted whole, for its
+    parts cannot be redacted in place."""
+    if levels <= 0 or "%" not in value:
+        return False
+    decoded = unquote_plus(value)
+    # Decoded, it holds a secret as text does, or is itself a value encoded once more.
+    return decoded != value and (_text_urls(decoded, levels - 1) != decoded or _encodes_secret(decoded, levels - 1))
 
 
 def json_body(data: bytes) -> bytes | None:
@@ -126,10 +142,18 @@ def _netloc(parts: SplitResult) -> str:
     return f"{_userinfo(userinfo)}@{host}"
 
 
+# Passwords that say the user part is the credential: GitHub's `TOKEN:x-oauth-basic@`. (An empty one too: `TOKEN:@`.)
+_TOKEN_AS_USER = frozenset({"", "x-oauth-basic"})
+
+
 def _userinfo(userinfo: str) -> str:
-    """The password of `user:password` redacted, a user alone redacted whole (it is often a token)."""
-    user, colon, _ = userinfo.partition(":")
-    return f"{user}:{REDACTED}" if colon else REDACTED
+    """The password of `user:password` redacted; the user kept, to say who, unless it is the credential itself:
+    a user alone (`TOKEN@`), or one whose password is empty or only says so (`TOKEN:x-oauth-basic@`), is redacted
+    whole."""
+    user, colon, password = userinfo.partition(":")
+    if not colon or unquote_plus(password).lower() in _TOKEN_AS_USER:
+        return REDACTED
+    return f"{user}:{REDACTED}"
 
 
 # scheme://userinfo@ within free text (an error message naming a URL), up to the authority's last @ as `url` reads it.
@@ -145,13 +169,21 @@ _IN_TEXT = re.compile(f"{_USERINFO}|{_FIELD}")
 # A secret field's value: to the next &, ;, # or white space. Not to a quote: a value may hold one (a repr then
 # quotes with ").
 _VALUE = re.compile(r"[^\s&#;]*")
+# Another field's value as far as a percent-encoded secret in it goes: to the next field's separator, `?` included (a
+# field after a raw `?` is read as one), so that each character is decoded at most once a level.
+_ENCODED = re.compile(r"[^\s&#;?]*")
 
 
 def text_urls(text: str) -> str:
     """Free text (a log line, a flow's comment) with what every URL in it may carry as a secret redacted: the
-    userinfo as `url` does, and the value of each secret query field (`token=<redacted>`), whether or not a scheme
-    and host come before the query. One pass, in time linear in the text: another field's value is read on as text,
-    so that a URL within it (`?next=https://user:password@host/`) is redacted too."""
+    userinfo as `url` does, the value of each secret query field (`token=<redacted>`), whether or not a scheme
+    and host come before the query, and a value that holds either percent-encoded (redacted whole). In time linear
+    in the text: another field's value is read on as text, so that a URL within it
+    (`?next=https://user:password@host/`) is redacted too, and decoded through at most _ENCODINGS levels."""
+    return _text_urls(text, _ENCODINGS)
+
+
+def _text_urls(text: str, levels: int) -> str:
     out: list[str] = []
     position = 0
     while (match := _IN_TEXT.search(text, position)) is not None:
@@ -164,8 +196,10 @@ def text_urls(text: str) -> str:
             out.append(f"{match[0]}{REDACTED}")
             position = value.end() if value is not None else match.end()
         else:
-            out.append(match[0])
-            position = match.end()
+            encoded = _ENCODED.match(text, match.end())  # it matches the empty string too
+            secret = encoded is not None and _encodes_secret(encoded[0], levels)
+            out.append(f"{match[0]}{REDACTED}" if secret else match[0])
+            position = encoded.end() if secret and encoded is not None else match.end()
     out.append(text[position:])
     return "".join(out)
 
