@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-import httpcore
 import httpx
 import mitmproxy.version
 
@@ -189,40 +188,13 @@ def new_client(leg: Leg, http2: bool) -> httpx.Client:
     )
 
 
-@contextlib.contextmanager
-def stream_window(size: int | None) -> Iterator[None]:
-    """With `size`, httpx's HTTP/2 connections opened meanwhile announce that stream window, right after their
-    preface, before any request. httpx (httpcore) keeps HTTP/2's default of 64 KiB a stream, so that a sender must wait
-    for the client's WINDOW_UPDATE after each 64 KiB; Go's HTTP/2 transport, which docker and containerd use, opens
-    4 MiB. A measuring device for the benchmark only: it replaces a method of httpcore while it is entered."""
-    if size is None:
-        yield
-        return
-    import h2.settings
-    import httpcore._sync.http2
-
-    connection = httpcore._sync.http2.HTTP2Connection
-    opened = connection._send_connection_init
-
-    def announcing(self: httpcore._sync.http2.HTTP2Connection, request: httpcore.Request) -> None:
-        opened(self, request)
-        self._h2_state.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: size})
-        self._write_outgoing_data(request)
-
-    connection._send_connection_init = announcing  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        connection._send_connection_init = opened  # type: ignore[method-assign]
-
-
-def get_blob(leg: Leg, content: Content, http2: bool, window: int | None = None) -> tuple[float, str]:
+def get_blob(leg: Leg, content: Content, http2: bool) -> tuple[float, str]:
     """Seconds for one blob GET on a new connection, first byte of the request to last byte of the body, hashed as
-    read; and the HTTP version spoken. `window`: the HTTP/2 stream window the client announces (stream_window)."""
+    read; and the HTTP version spoken."""
     limit = BLOB_GET_SECONDS_BASE + BLOB_GET_SECONDS_PER_MIB * content.blob_size / MIB
     hasher = hashlib.sha256()
     received = 0
-    with stream_window(window), new_client(leg, http2) as client:
+    with new_client(leg, http2) as client:
         started = time.perf_counter()
         with client.stream("GET", leg.blob_url(content)) as response:
             if response.status_code != 200:

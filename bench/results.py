@@ -97,11 +97,12 @@ def save(results: Results, directory: Path) -> Path:
     """Writes `<date>.json`, or `<date>-2.json` and on when a run of that day is there already: no run is written
     over (a run of one scenario included)."""
     directory.mkdir(parents=True, exist_ok=True)
+    text = dump(results)  # before a file is made: an error leaves none behind
     path, number = directory / f"{results.date}.json", 1
     while True:
         try:
             with path.open("x") as file:  # exclusive: a file there is never replaced
-                file.write(dump(results))
+                file.write(text)
             return path
         except FileExistsError:
             number += 1

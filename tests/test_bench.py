@@ -321,43 +321,16 @@ def test_failover_counts_the_requests_that_asked_the_first_mirror_from_the_acces
     log.write_text(
         "\n".join(
             [
-                line("manifest", "warm.test", (registry, None)),  # the warm-up: another upstream
+                line("manifest", "warm.test", (first, None), (registry, None)),  # another upstream: not counted
                 line("manifest", suite.pull.UPSTREAM, (first, "unreachable"), (registry, None)),  # dialled, refused
                 *[line("manifest", suite.pull.UPSTREAM, (first, "cooldown"), (registry, None))] * 5,
                 line("blob", suite.pull.UPSTREAM, (first, "unreachable"), (registry, None)),  # not a manifest
                 line("manifest", suite.pull.UPSTREAM, (first, "status"), (registry, None)),  # asked again: counted
+                line("manifest", suite.pull.UPSTREAM, (first, None)),  # asked, and it answered: counted
             ]
         )
         + "\n"
     )
-    assert suite.first_mirror_asked(log) == 2
-    assert suite.first_mirror_asked(tmp_path / "none.log") == 0
-
-
-def test_the_stream_window_device_has_httpx_announce_it_before_any_request_and_only_while_entered() -> None:
-    import h2.config
-    import h2.connection
-    import httpcore
-
-    from bench import pull
-
-    class Written:
-        def __init__(self) -> None:
-            self.data = b""
-
-        def write(self, data: bytes, timeout: float | None = None) -> None:
-            self.data += data
-
-    def announced(window: int | None) -> int:
-        written = Written()
-        connection = httpcore._sync.http2.HTTP2Connection(httpcore.Origin(b"https", b"upstream.test", 443), written)  # type: ignore[arg-type]
-        with pull.stream_window(window):
-            connection._send_connection_init(httpcore.Request("GET", "https://upstream.test/v2/"))
-        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        server.initiate_connection()
-        server.receive_data(written.data)  # the preface and the settings frames, as a server reads them
-        return server.remote_settings.initial_window_size
-
-    assert announced(None) == 65535  # httpx's own: HTTP/2's default
-    assert announced(suite.GO_STREAM_WINDOW) == 4 * 1024 * 1024
-    assert announced(None) == 65535  # the method is httpcore's again once the device is left
+    assert suite.first_mirror_asked(log) == suite.FirstMirror(logged=8, asked=3)
+    with pytest.raises(suite.BenchError, match="access log cannot be read"):
+        suite.first_mirror_asked(tmp_path / "none.log")
