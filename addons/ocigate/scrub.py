@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit, urlunsplit
 
 REDACTED = "<redacted>"
 
@@ -73,9 +73,15 @@ def form(text: str) -> str:
 
 def _form_pair(pair: str) -> str:
     name, equals, value = pair.partition("=")
-    if equals and value and (is_secret_field(unquote_plus(name)) or _encodes_secret(value, _ENCODINGS)):
+    if equals and value and (is_secret_field(unquote_plus(name)) or _holds_secret(value)):
         return f"{name}={REDACTED}"
     return pair
+
+
+def _holds_secret(value: str) -> bool:
+    """Whether a field's value holds what text_urls redacts, as it is (`next=https://user:pw@host/`) or
+    percent-encoded: such a value is redacted whole, for a form's pair is redacted whole or kept."""
+    return _text_urls(value, _ENCODINGS) != value or _encodes_secret(value, _ENCODINGS)
 
 
 # How many levels of percent-encoding of one another a field's value is decoded through to find a secret (a URL in a
@@ -89,7 +95,8 @@ def _encodes_secret(value: str, levels: int) -> bool:
     parts cannot be redacted in place."""
     if levels <= 0 or "%" not in value:
         return False
-    decoded = unquote_plus(value)
+    # Not unquote_plus: a `+` kept as it is stays within a password (`ab+cd`), where a space would end the userinfo.
+    decoded = unquote(value)
     # Decoded, it holds a secret as text does, or is itself a value encoded once more.
     return decoded != value and (_text_urls(decoded, levels - 1) != decoded or _encodes_secret(decoded, levels - 1))
 
@@ -169,9 +176,6 @@ _IN_TEXT = re.compile(f"{_USERINFO}|{_FIELD}")
 # A secret field's value: to the next &, ;, # or white space. Not to a quote: a value may hold one (a repr then
 # quotes with ").
 _VALUE = re.compile(r"[^\s&#;]*")
-# Another field's value as far as a percent-encoded secret in it goes: to the next field's separator, `?` included (a
-# field after a raw `?` is read as one), so that each character is decoded at most once a level.
-_ENCODED = re.compile(r"[^\s&#;?]*")
 
 
 def text_urls(text: str) -> str:
@@ -186,6 +190,9 @@ def text_urls(text: str) -> str:
 def _text_urls(text: str, levels: int) -> str:
     out: list[str] = []
     position = 0
+    # Where the last value decoded whole ends: a field within it (after a raw `?`) was decoded with it, and is not
+    # decoded again, so that each character is decoded at most once a level.
+    decoded_to = 0
     while (match := _IN_TEXT.search(text, position)) is not None:
         out.append(text[position : match.start()])
         if match["scheme"] is not None:
@@ -195,11 +202,16 @@ def _text_urls(text: str, levels: int) -> str:
             value = _VALUE.match(text, match.end())  # it matches the empty string too
             out.append(f"{match[0]}{REDACTED}")
             position = value.end() if value is not None else match.end()
+        elif match.start() >= decoded_to and (value := _VALUE.match(text, match.end())) is not None:
+            if _encodes_secret(value[0], levels):
+                out.append(f"{match[0]}{REDACTED}")
+                position = value.end()
+            else:
+                out.append(match[0])
+                position, decoded_to = match.end(), value.end()
         else:
-            encoded = _ENCODED.match(text, match.end())  # it matches the empty string too
-            secret = encoded is not None and _encodes_secret(encoded[0], levels)
-            out.append(f"{match[0]}{REDACTED}" if secret else match[0])
-            position = encoded.end() if secret and encoded is not None else match.end()
+            out.append(match[0])
+            position = match.end()
     out.append(text[position:])
     return "".join(out)
 
