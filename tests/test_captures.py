@@ -48,6 +48,13 @@ def test_urls_lose_their_userinfo_and_secret_query_fields_only() -> None:
         f"cloning https://{R}@github.test/o/r failed"
     )
     assert scrub.url("https://x-access-token:ghs_TOKEN@github.test/") == f"https://x-access-token:{R}@github.test/"
+    # A fragment's fields (OAuth's implicit flow answers with one) and pairs split on `;` too.
+    assert (
+        scrub.url("https://app.test/cb#access_token=SECRET&state=s") == f"https://app.test/cb#access_token={R}&state=s"
+    )
+    assert scrub.url("https://app.test/doc#section-2") == "https://app.test/doc#section-2"
+    assert scrub.url("https://reg.test/x?a=1;access_token=SECRET") == f"https://reg.test/x?a=1;access_token={R}"
+    assert scrub.form("a=1;b=2&c=3") == "a=1;b=2&c=3"
     assert scrub.url("/token?service=s&access_token=abc&scope=a") == f"/token?service=s&access_token={R}&scope=a"
     unchanged = "https://storage.test/blob?X-Amz-Date=20240101&sig=1"
     assert scrub.url(unchanged) is unchanged

@@ -67,8 +67,13 @@ def _cookie_pair(pair: str) -> str:
 
 def form(text: str) -> str:
     """An application/x-www-form-urlencoded body or a query string: the value of each secret field redacted
-    (`password=<redacted>`); every other pair, and the separators, kept as they were."""
-    return "&".join(_form_pair(pair) for pair in text.split("&"))
+    (`password=<redacted>`); every other pair, and the separators, kept as they were. Pairs are split on `;` too,
+    as text_urls reads them (old Go servers split a query on `;`)."""
+    pieces = _PAIR_SEPARATOR.split(text)  # pairs at even places, their separators between
+    return "".join(piece if at % 2 else _form_pair(piece) for at, piece in enumerate(pieces))
+
+
+_PAIR_SEPARATOR = re.compile(r"([&;])")
 
 
 def _form_pair(pair: str) -> str:
@@ -130,16 +135,18 @@ def _redact_json(value: Any) -> tuple[Any, bool]:
 
 def url(value: str) -> str:
     """A URL (a request's, a Location): the password of its userinfo redacted (a user alone is redacted whole: it
-    is often a token), and the secret fields of its query."""
+    is often a token), and the secret fields of its query and of its fragment (where OAuth's implicit flow puts
+    `access_token`)."""
     try:
         parts = urlsplit(value)
         netloc = _netloc(parts)
     except ValueError:
         return text_urls(value)
     query = form(parts.query) if parts.query else parts.query
-    if netloc == parts.netloc and query == parts.query:
+    fragment = form(parts.fragment) if parts.fragment else parts.fragment
+    if netloc == parts.netloc and query == parts.query and fragment == parts.fragment:
         return value
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))
 
 
 def _netloc(parts: SplitResult) -> str:
