@@ -16,7 +16,7 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import AddonManager, traverse
 from mitmproxy.log import LegacyLogEvents
 
-from .hookindex import IndexedAddonManager
+from .hookindex import IndexedAddonManager, has_handler
 
 
 class WhileAddLogIsHeard(logging.Filter):
@@ -38,7 +38,7 @@ class WhileAddLogIsHeard(logging.Filter):
 
 def heard_in(chain: Iterable[object]) -> bool:
     """Whether an addon of `chain` (or one under it) has an add_log hook, found as mitmproxy's walk finds it."""
-    return any(callable(getattr(addon, "add_log", None)) for addon in traverse(chain))
+    return has_handler(traverse(chain), "add_log")
 
 
 class AddLogWhenHeard:

@@ -20,7 +20,7 @@ one that is replaced or lost is followed).
 import dataclasses
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks
@@ -85,11 +85,10 @@ class IndexedAddonManager(addonmanager.AddonManager):
     def handles(self, name: str) -> bool:
         """Whether an addon of the chain, or one under an entry, has a callable handler for the event `name` (what
         mitmproxy's walk would call)."""
-        for entry, whole in self._entries(name):
-            addons = addonmanager.traverse([entry]) if whole else (entry,)
-            if any(callable(getattr(addon, name, None)) for addon in addons):
-                return True
-        return False
+        return any(
+            has_handler(addonmanager.traverse([entry]) if whole else (entry,), name)
+            for entry, whole in self._entries(name)
+        )
 
     def _entries(self, name: str) -> list[tuple[Any, bool]]:
         seen, ids, index = self._indexed
@@ -114,6 +113,11 @@ def _walked_whole(entry: Any, name: str) -> bool | None:
         return False if handler and not isinstance(handler, types.ModuleType) else None
     except Exception:
         return True
+
+
+def has_handler(addons: Iterable[Any], name: str) -> bool:
+    """Whether one of `addons` has a callable handler for the event `name` (what mitmproxy's walk would call)."""
+    return any(callable(getattr(addon, name, None)) for addon in addons)
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
