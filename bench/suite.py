@@ -54,6 +54,7 @@ from bench.stats import (
 )
 from bench.tables import Cell, format_table
 from ocigate.credentials import Credential, OcigateStore
+from ocigate.metrics import Reason
 from tests.support.gateway import Gateway, running_gateway
 from tests.support.images import OCI_MANIFEST, Blob, Image, make_image, push_image
 from tests.support.processes import NotReady
@@ -109,6 +110,10 @@ class Way:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def processes(self) -> list[int]:
+        """The proxy's processes (a gateway's workers too) as they are now; none for a way without a proxy."""
+        return process_tree(self.leg.pid) if self.leg.pid is not None else []
 
 
 @dataclass
@@ -314,11 +319,11 @@ def blob_scenario(world: World, args: argparse.Namespace) -> Scenario:
         for kind, http2 in BLOB_CLIENTS:
             seconds: dict[str, list[float]] = {way.name: [] for way in ways}
             spoken: dict[str, str] = {}
-            client_cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of this process (the client), over the rounds
+            client_cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of the client's thread, over the rounds
             proxy_cpu = dict.fromkeys(seconds, 0.0)  # CPU seconds of the proxy's processes
             for number in range(1, args.rounds + 1):  # rounds interleave the ways: drift hits all alike
                 for way in ways:
-                    proxy = process_tree(way.leg.pid) if way.leg.pid is not None else []
+                    proxy = way.processes()
                     # httpx (sync) and its sha256 run on this thread: the token server's thread is not counted.
                     client_before, proxy_before = time.thread_time(), cpu_seconds(proxy)
                     elapsed, spoken[way.name] = pull.get_blob(way.leg, world.content, http2)
@@ -400,7 +405,7 @@ def manifest_scenario(world: World, args: argparse.Namespace) -> Scenario:
         for number in range(args.manifest_rounds):
             for way in alternating(ways, number):
                 batch_deadline = time.monotonic() + pull.MANIFEST_LEG_SECONDS
-                processes = process_tree(way.leg.pid) if way.leg.pid is not None else []
+                processes = way.processes()
                 cpu_before = cpu_seconds(processes)
                 batch = manifest_batch(
                     sessions[way.name], way, args.requests, SMALL_REPOSITORY, SMALL_TAG, digest, batch_deadline
@@ -598,7 +603,7 @@ def concurrency_scenario(world: World, args: argparse.Namespace) -> Scenario:
             proxy_cpu: dict[str, list[float]] = {way.name: [] for way in ways}
             for number in range(1, args.load_rounds + 1):
                 for way in ways:
-                    pids = process_tree(way.leg.pid) if way.leg.pid else []
+                    pids = way.processes()
                     cpu_before = cpu_seconds(pids)
                     outcome = load(world, way, pulls, level)
                     proxy_cpu[way.name].append((cpu_seconds(pids) - cpu_before) / outcome.wall_seconds)
@@ -785,7 +790,7 @@ def first_mirror_asked(access_log: Path) -> FirstMirror:
         if line["upstream"] == pull.UPSTREAM and line["kind"] == "manifest":
             logged += 1
             first = [host for host in line["hosts"] if FIRST_MIRROR in host["host"]]
-            asked += sum(1 for host in first if host["reason"] != "cooldown")
+            asked += sum(1 for host in first if host["reason"] != Reason.COOLDOWN)
     return FirstMirror(logged, asked)
 
 
